@@ -1,0 +1,137 @@
+"""The embedded task suite: four generated "code the X word" tasks that need no files.
+
+Design (what makes the suite useful as a small continual-learning benchmark):
+
+* **One input distribution.** Every input is four common words in random order, one from each
+  category (colour, animal, fruit, object), e.g. ``"dog red pen apple"``. All tasks draw inputs
+  from this same distribution, so a model cannot tell the tasks apart from the input alone.
+* **One label vocabulary.** Every task answers with the same four arbitrary code words
+  (:data:`CODES`: ``vex nar lux zig``), each a single token for the SmolLM2/GPT-2 style BPE
+  tokenizers. The mapping from words to codes is random (seeded) and never stated, so no model
+  can solve a task zero-shot (accuracy ~0, the model does not even produce code words).
+* **Different rules.** Task ``emb_<category>`` labels an input by the code of its word of that
+  category. For a given input the four tasks give independent labels, so a model that learned
+  task 2 and forgot the instruction of task 1 scores chance (25 %) on task 1: sequential LoRA
+  fine-tuning visibly forgets. Each task has its own instruction naming the category, so a model
+  *can* keep all tasks apart (multi-task training solves all four).
+* **Short and learnable.** A whole example (prompt + answer + EOS) is ~20 tokens, and the rule is
+  a lexical look-up that LoRA (r=8 on q, v) picks up in ~100-150 steps of batch 16.
+* **Balanced and clean.** Labels are exactly balanced in each split (sizes divisible by 4; otherwise
+  the first labels get one example more), test inputs never occur in the same task's train split,
+  and everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .errors import DataError
+from .tasks import Example, Task
+
+__all__ = [
+    "CATEGORIES",
+    "CODES",
+    "EMBEDDED_DEFAULT",
+    "EMBEDDED_SEED",
+    "embedded_task",
+    "embedded_task_names",
+]
+
+#: Label words shared by all embedded tasks (arbitrary codes; single tokens for SmolLM2).
+CODES: tuple[str, ...] = ("vex", "nar", "lux", "zig")
+
+#: Word lists per category; each task maps the words of its category onto :data:`CODES`.
+#: Lengths are multiples of len(CODES) so every code owns the same number of words.
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "color": ("red", "blue", "green", "black"),
+    "animal": ("cat", "dog", "horse", "bird"),
+    "fruit": ("apple", "lemon", "grape", "pear"),
+    "object": ("cup", "hat", "box", "pen"),
+}
+
+#: Names of the embedded tasks in their default training order.
+EMBEDDED_DEFAULT: tuple[str, ...] = tuple(f"emb_{c}" for c in CATEGORIES)
+
+#: Seed the suite is generated from (fixed, so the embedded benchmark is the same in every run;
+#: the run seed only drives sub-sampling and batch order).
+EMBEDDED_SEED = 1234
+
+DEFAULT_TRAIN = 2000
+DEFAULT_TEST = 200
+
+
+def embedded_task_names() -> tuple[str, ...]:
+    """All embedded task names (same as :data:`EMBEDDED_DEFAULT`)."""
+    return EMBEDDED_DEFAULT
+
+
+def _instruction(category: str) -> str:
+    return f"Code the {category}."
+
+
+def _code_map(category: str, seed: int) -> dict[str, str]:
+    """Random, balanced map word -> code for one category (each code owns the same number of words)."""
+    words = list(CATEGORIES[category])
+    rng = random.Random(f"embedded-map:{seed}:{category}")
+    rng.shuffle(words)
+    return {w: CODES[i % len(CODES)] for i, w in enumerate(words)}
+
+
+def _label_sequence(n: int, rng: random.Random) -> list[str]:
+    labels = [CODES[i % len(CODES)] for i in range(n)]
+    rng.shuffle(labels)
+    return labels
+
+
+def _draw_input(category: str, word: str, rng: random.Random) -> str:
+    words = [word if c == category else rng.choice(vals) for c, vals in CATEGORIES.items()]
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def _input_space_size() -> int:
+    size = 1
+    for i, vals in enumerate(CATEGORIES.values(), start=1):
+        size *= len(vals) * i  # choices of word times orderings (4! overall)
+    return size
+
+
+def embedded_task(
+    name: str, seed: int = EMBEDDED_SEED, n_train: int = DEFAULT_TRAIN, n_test: int = DEFAULT_TEST
+) -> Task:
+    """Generate embedded task ``name`` (one of :data:`EMBEDDED_DEFAULT`) deterministically from ``seed``."""
+    if name not in EMBEDDED_DEFAULT:
+        raise DataError(
+            f"unknown embedded task {name!r}; available: {', '.join(EMBEDDED_DEFAULT)}"
+        )
+    if n_train < 1 or n_test < 1:
+        raise DataError(f"embedded task {name}: n_train and n_test must be >= 1 (got {n_train}, {n_test})")
+    per_task_space = _input_space_size()
+    if n_train + n_test > per_task_space // 2:
+        raise DataError(
+            f"embedded task {name}: {n_train}+{n_test} examples requested but only {per_task_space} "
+            f"distinct inputs exist; ask for at most {per_task_space // 2} in total"
+        )
+    category = name[len("emb_") :]
+    code_map = _code_map(category, seed)
+    words_for = {code: [w for w, c in code_map.items() if c == code] for code in CODES}
+    rng = random.Random(f"embedded-data:{seed}:{name}")
+    seen: set[str] = set()
+    splits: list[list[Example]] = []
+    for n in (n_train, n_test):
+        examples = []
+        for label in _label_sequence(n, rng):
+            while True:  # rejection keeps inputs unique within the task (train/test disjoint)
+                text = _draw_input(category, rng.choice(words_for[label]), rng)
+                if text not in seen:
+                    break
+            seen.add(text)
+            examples.append(Example(text=text, label=label))
+        splits.append(examples)
+    return Task(
+        name=name,
+        labels=CODES,
+        instruction=_instruction(category),
+        train=splits[0],
+        test=splits[1],
+    )

@@ -1,0 +1,184 @@
+"""Tasks from any ``datasets`` source with ``sentence``/``label`` columns: ``"hf:<spec>"``.
+
+Spec grammar (no hub access is assumed; everything stays generic)::
+
+    hf:<dir>[?options]                 a directory written by save_to_disk (a DatasetDict with
+                                       train/test splits) or a folder of data files that
+                                       datasets.load_dataset(<dir>) understands (train.json, test.csv, ...)
+    hf:<builder>?train=<files>&test=<files>[&options]
+                                       datasets.load_dataset(<builder>, data_files={"train": [...],
+                                       "test": [...]}), e.g. hf:json?train=a/train.json&test=a/test.json
+
+Files are comma-separated; relative paths are resolved against ``data_dir`` when that exists, else
+the working directory. Options: ``name`` (task name; default: the directory name), ``text`` and
+``label`` (column names, default ``sentence``/``label``), ``train_split``/``test_split`` (default
+``train``/``test``), ``labels`` (label words separated by ``|``). Label words come from
+``labels``, else a ``ClassLabel`` feature, else a ``labels.json`` next to the data, else the sorted
+distinct labels of the data. Integer labels without names become their decimal strings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from .errors import DataError
+from .tasks import Example, Task
+from .templates import instruction_for
+from .tokenize import normalize_answer
+
+__all__ = ["HF_PREFIX", "load_hf_task"]
+
+HF_PREFIX = "hf:"
+_OPTIONS = ("train", "test", "name", "text", "label", "train_split", "test_split", "labels")
+
+
+def _parse(spec: str) -> tuple[str, dict[str, str]]:
+    body = spec[len(HF_PREFIX) :] if spec.startswith(HF_PREFIX) else spec
+    source, _, query = body.partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise DataError(f"task {spec!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(_OPTIONS)}")
+    if not source.strip():
+        raise DataError(f"task {spec!r}: nothing after 'hf:'; give a directory or a builder, e.g. hf:json?train=...&test=...")
+    return source.strip(), options
+
+
+def _resolve(path: str, data_dir: str | None) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_absolute() and data_dir is not None and (Path(data_dir) / p).exists():
+        return Path(data_dir) / p
+    return p
+
+
+def _load(spec: str, source: str, opts: dict[str, str], data_dir: str | None) -> tuple[Any, Path | None]:
+    """The DatasetDict-like object and the folder the data lives in (for labels.json / the name)."""
+    import datasets  # lazy: importing datasets costs a second or two
+
+    try:
+        if "train" in opts or "test" in opts:
+            files = {
+                split: [str(_resolve(f, data_dir)) for f in opts[split].split(",") if f.strip()]
+                for split in ("train", "test")
+                if opts.get(split)
+            }
+            for paths in files.values():
+                for f in paths:
+                    if not Path(f).is_file():
+                        raise DataError(f"task {spec!r}: data file {f} does not exist; fix the path")
+            folder = Path(next(iter(files.values()))[0]).parent
+            return datasets.load_dataset(source, data_files=files), folder
+        folder = _resolve(source, data_dir)
+        if not folder.is_dir():
+            raise DataError(
+                f"task {spec!r}: {folder} is not a directory; point hf: at a save_to_disk folder or a "
+                f"folder of data files, or use hf:<builder>?train=<files>&test=<files>"
+            )
+        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+            return datasets.load_from_disk(str(folder)), folder
+        return datasets.load_dataset(str(folder)), folder
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types; report them all the same way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"task {spec!r}: datasets could not load it ({type(e).__name__}: {first})") from e
+
+
+def _split(spec: str, dd: Any, split: str, option: str) -> Any:
+    if not hasattr(dd, "keys"):
+        raise DataError(
+            f"task {spec!r}: the source is a single Dataset without splits; save a DatasetDict with "
+            f"'train' and 'test' splits (or pass train=/test= files)"
+        )
+    if split not in dd:
+        raise DataError(
+            f"task {spec!r}: no {split!r} split (has: {', '.join(dd.keys())}); add it or set {option}=<split>"
+        )
+    return dd[split]
+
+
+def _label_names(ds: Any, column: str) -> list[str] | None:
+    feature = ds.features.get(column)
+    names = getattr(feature, "names", None)
+    return list(names) if names else None
+
+
+def _examples(spec: str, ds: Any, split: str, text_col: str, label_col: str) -> list[Example]:
+    for col in (text_col, label_col):
+        if col not in ds.column_names:
+            raise DataError(
+                f"task {spec!r}: split {split!r} lacks column {col!r} (has: {', '.join(ds.column_names)}); "
+                f"rename it or set {'text' if col == text_col else 'label'}=<column>"
+            )
+    names = _label_names(ds, label_col)
+    out = []
+    for i, (text, label) in enumerate(zip(ds[text_col], ds[label_col])):
+        if not isinstance(text, str):
+            raise DataError(f"task {spec!r}: split {split!r} example {i} column {text_col!r} is {text!r}, not a string")
+        if isinstance(label, int) and not isinstance(label, bool):
+            label = names[label] if names and 0 <= label < len(names) else str(label)
+        if not isinstance(label, str):
+            raise DataError(
+                f"task {spec!r}: split {split!r} example {i} column {label_col!r} is {label!r}; "
+                f"labels must be strings or class ids"
+            )
+        out.append(Example(text=text, label=label))
+    return out
+
+
+def _labels(spec: str, opts: dict[str, str], ds: Any, label_col: str, folder: Path | None,
+            examples: list[Example]) -> tuple[tuple[str, ...], str]:
+    if opts.get("labels"):
+        return tuple(x for x in opts["labels"].split("|") if x), "the labels= option"
+    names = _label_names(ds, label_col)
+    if names:
+        return tuple(names), f"the ClassLabel of column {label_col!r}"
+    if folder is not None and (folder / "labels.json").is_file():
+        path = folder / "labels.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e}); fix it or pass labels=a|b|c") from e
+        if not isinstance(data, list) or not data or not all(isinstance(x, str) for x in data):
+            raise DataError(f'{path}: expected a non-empty JSON list of label strings, e.g. ["Good", "Bad"]')
+        return tuple(data), str(path)
+    return tuple(sorted({e.label for e in examples})), "the data"
+
+
+def load_hf_task(spec: str, data_dir: str | None = None) -> Task:
+    """Load and validate the task described by ``spec`` (``"hf:..."``)."""
+    source, opts = _parse(spec)
+    dd, folder = _load(spec, source, opts, data_dir)
+    text_col, label_col = opts.get("text") or "sentence", opts.get("label") or "label"
+    splits: dict[str, list[Example]] = {}
+    first = None
+    for split, option in (("train", "train_split"), ("test", "test_split")):
+        name = opts.get(option) or split
+        ds = _split(spec, dd, name, option)
+        first = first if first is not None else ds
+        splits[split] = _examples(spec, ds, name, text_col, label_col)
+        if not splits[split]:
+            raise DataError(f"task {spec!r}: split {name!r} has no examples; add some or choose another split")
+    labels, origin = _labels(spec, opts, first, label_col, folder, splits["train"] + splits["test"])
+    norms = [normalize_answer(x) for x in labels]
+    if not all(norms) or len(set(norms)) != len(norms):
+        raise DataError(f"task {spec!r}: label words {labels} from {origin} are empty or not distinct after normalisation")
+    allowed = set(labels)
+    for split, examples in splits.items():
+        for i, e in enumerate(examples):
+            if e.label not in allowed:
+                raise DataError(
+                    f"task {spec!r}: {split} example {i} has label {e.label!r}, not in {origin} "
+                    f"({', '.join(labels)}); fix the example or the label list"
+                )
+    task_name = opts.get("name") or (folder.name if folder is not None and folder.name else source)
+    return Task(
+        name=task_name,
+        labels=labels,
+        instruction=instruction_for(task_name, labels),
+        train=splits["train"],
+        test=splits["test"],
+    )

@@ -1,0 +1,116 @@
+"""Resolve a :class:`DataConfig` into a validated task sequence.
+
+Task specs are resolved in this order: ``"hf:..."`` -> :mod:`hf_source`; an embedded name
+(``emb_*``) -> :mod:`embedded`; anything else -> a CL_Benchmark folder under ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from .cl_benchmark import available_tasks, find_task_dir, load_cl_task
+from .config import DataConfig
+from .embedded import EMBEDDED_DEFAULT, embedded_task
+from .errors import DataError
+from .hf_source import HF_PREFIX, load_hf_task
+from .tasks import Task
+
+__all__ = ["EMBEDDED_DEFAULT", "ORDERS", "load_task_sequence", "resolve_task"]
+
+#: Named CL_Benchmark orders (MEASURE.md, "The quality benchmark"; yelp stands in for yahoo).
+ORDERS: dict[str, tuple[str, ...]] = {
+    "A": ("dbpedia", "amazon", "yelp", "agnews"),
+    "B": ("agnews", "yelp", "amazon", "dbpedia"),
+    "C": ("yelp", "dbpedia", "agnews", "amazon"),
+}
+
+
+def _unknown(spec: str, data_dir: str | None) -> DataError:
+    known = list(EMBEDDED_DEFAULT)
+    where = "the embedded suite"
+    if data_dir is not None:
+        known += available_tasks(data_dir)
+        where += f" and {data_dir}"
+    return DataError(
+        f"unknown task {spec!r}; available in {where}: {', '.join(known)} "
+        f"(or use hf:<path> for a datasets source)"
+    )
+
+
+def resolve_task(spec: str, data_dir: str | None) -> Task:
+    """Load one task from its spec (see module docstring); raises :class:`DataError`."""
+    spec = spec.strip()
+    if spec.startswith(HF_PREFIX):
+        return load_hf_task(spec, data_dir)
+    if spec in EMBEDDED_DEFAULT:
+        return embedded_task(spec)
+    if data_dir is None:
+        raise _unknown(spec, None)
+    folder = find_task_dir(data_dir, spec)
+    if folder is None:
+        raise _unknown(spec, data_dir)
+    return load_cl_task(folder)
+
+
+def _sample(items: list, cap: int | None, key: str) -> list:
+    """A deterministic subset of at most ``cap`` items, in their original order."""
+    if cap is None or len(items) <= cap:
+        return items
+    keep = sorted(random.Random(key).sample(range(len(items)), cap))
+    return [items[i] for i in keep]
+
+
+def _specs(cfg: DataConfig) -> list[str]:
+    if cfg.order is not None:
+        key = cfg.order.strip().upper()
+        if key not in ORDERS:
+            raise DataError(
+                f"unknown order {cfg.order!r}; known orders: "
+                + "; ".join(f"{k} = {' -> '.join(v)}" for k, v in ORDERS.items())
+                + " (or list data.tasks for a custom sequence)"
+            )
+        if cfg.data_dir is None:
+            raise DataError(
+                f"order {key} uses the CL_Benchmark tasks, but data.data_dir is not set; "
+                f"point it at a CL_Benchmark folder (e.g. ../shared/cl_benchmark)"
+            )
+        return list(ORDERS[key])
+    if cfg.tasks is not None:
+        return list(cfg.tasks)
+    if cfg.data_dir is None:
+        return list(EMBEDDED_DEFAULT)
+    raise DataError(
+        f"data.data_dir={cfg.data_dir!r} is set but neither data.order nor data.tasks; "
+        f"set order to A, B or C, or list the tasks"
+    )
+
+
+def load_task_sequence(cfg: DataConfig) -> list[Task]:
+    """The validated task sequence described by ``cfg`` (caps applied); raises :class:`DataError`.
+
+    With neither ``data_dir`` nor ``tasks`` nor ``order`` this is the embedded suite in
+    :data:`EMBEDDED_DEFAULT` order.
+    """
+    cfg.validate()
+    if cfg.data_dir is not None:
+        root = Path(cfg.data_dir).expanduser()
+        if not root.is_dir():
+            raise DataError(
+                f"data.data_dir {cfg.data_dir!r} {'is not a directory' if root.exists() else 'does not exist'}; "
+                f"fix the path (or leave it null for the embedded suite)"
+            )
+    tasks: list[Task] = []
+    names: dict[str, str] = {}
+    for spec in _specs(cfg):
+        task = resolve_task(spec, cfg.data_dir)
+        if task.name in names:
+            raise DataError(
+                f"tasks {names[task.name]!r} and {spec!r} both load a task named {task.name!r}; "
+                f"each task may appear once per sequence (use hf:...&name=<other> to rename)"
+            )
+        names[task.name] = spec
+        task.train = _sample(task.train, cfg.max_train_per_task, f"train:{cfg.seed}:{task.name}")
+        task.test = _sample(task.test, cfg.eval_samples, f"eval:{task.name}")
+        tasks.append(task)
+    return tasks

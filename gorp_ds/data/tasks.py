@@ -1,0 +1,49 @@
+"""Task and example records shared by every data source (embedded, CL_Benchmark, ``datasets``).
+
+A task is a classification problem phrased as generation: the model reads
+``prompt(example)`` and must generate ``target(example)`` (a space followed by the label word).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Example", "Task", "INPUT_MARK", "ANSWER_MARK"]
+
+#: Text placed between the instruction and the input, and the answer cue that ends every prompt.
+#: ``gorp_ds.data.tokenize`` relies on these markers to truncate only the input text.
+INPUT_MARK = "\nInput: "
+ANSWER_MARK = "\nAnswer:"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input text and its label word."""
+
+    text: str
+    label: str
+
+
+@dataclass
+class Task:
+    """A named classification task with an instruction, label words and train/test examples."""
+
+    name: str
+    labels: tuple[str, ...]
+    instruction: str
+    train: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+
+    def prompt(self, example: Example) -> str:
+        """Full prompt up to and including the answer cue (no trailing space)."""
+        return f"{self.instruction}{INPUT_MARK}{example.text}{ANSWER_MARK}"
+
+    def target(self, example: Example) -> str:
+        """Text the model must generate right after :meth:`prompt` (EOS is added by the tokenizer code)."""
+        return " " + example.label
+
+    def __repr__(self) -> str:  # the example lists are long; keep reprs readable in logs
+        return (
+            f"Task(name={self.name!r}, labels={self.labels!r}, train={len(self.train)}, "
+            f"test={len(self.test)})"
+        )

@@ -1,0 +1,173 @@
+"""Tokenisation for training (prompt masked from the loss) and for greedy-generation evaluation.
+
+Prompt and target are tokenised separately and the ids concatenated, so the loss mask boundary is
+exact: ``labels`` is -100 on every prompt token and equals ``input_ids`` on the answer tokens and
+the final EOS. Over-long examples lose tokens from the left of the *input text* only; the
+instruction, the answer cue and the answer are never cut.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from typing import Any
+
+import torch
+
+from .errors import DataError
+from .tasks import ANSWER_MARK, INPUT_MARK, Example, Task
+
+__all__ = [
+    "IGNORE_INDEX",
+    "collate_training",
+    "encode_for_training",
+    "encode_prompts",
+    "fit_prompt",
+    "is_correct",
+    "normalize_answer",
+]
+
+IGNORE_INDEX = -100
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    return getattr(tokenizer, "bos_token", None) is not None
+
+
+def _encode_prompt_text(tokenizer: Any, prompt: str) -> list[int]:
+    ids = list(tokenizer(prompt, add_special_tokens=_adds_bos(tokenizer))["input_ids"])
+    eos = tokenizer.eos_token_id
+    # Some tokenizers also append EOS with add_special_tokens=True; a prompt must not end the text.
+    if ids and eos is not None and ids[-1] == eos and eos != tokenizer.bos_token_id:
+        ids.pop()
+    return ids
+
+
+def _drop_leading_tokens(tokenizer: Any, text: str, k: int) -> str:
+    """``text`` without its first ``k`` tokens (cut at a token boundary of the text alone)."""
+    if k <= 0:
+        return text
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if k >= len(offsets):
+            return ""
+        return text[offsets[k][0] :]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[k:]) if k < len(ids) else ""
+
+
+def fit_prompt(tokenizer: Any, prompt: str, budget: int) -> list[int]:
+    """Token ids of ``prompt`` using at most ``budget`` tokens.
+
+    If the prompt is too long, tokens are removed from the left of the input text (between
+    ``INPUT_MARK`` and the final ``ANSWER_MARK``) until it fits; the instruction and answer cue are
+    kept. Raises :class:`DataError` if even an empty input does not fit.
+    """
+    ids = _encode_prompt_text(tokenizer, prompt)
+    if len(ids) <= budget:
+        return ids
+    start, end = prompt.find(INPUT_MARK), prompt.rfind(ANSWER_MARK)
+    if start < 0 or end < start + len(INPUT_MARK):
+        # Not one of our prompts: keep the end (answer cue) and drop from the left.
+        return ids[len(ids) - budget :] if budget > 0 else []
+    head, text, tail = prompt[: start + len(INPUT_MARK)], prompt[start + len(INPUT_MARK) : end], prompt[end:]
+    drop = len(ids) - budget
+    while text:
+        text = _drop_leading_tokens(tokenizer, text, drop)
+        ids = _encode_prompt_text(tokenizer, head + text + tail)
+        if len(ids) <= budget:
+            return ids
+        drop = max(1, len(ids) - budget)  # token merges at the cut can differ by a token or two
+    raise DataError(
+        f"max_length too small: the prompt without its input text needs {len(ids)} tokens but only "
+        f"{budget} are available (prompt starts {prompt[:40]!r}); raise max_length"
+    )
+
+
+def encode_for_training(tokenizer: Any, task: Task, example: Example, max_length: int) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` for one example; ``labels`` is -100 on the prompt tokens.
+
+    target ids = ``tokenizer(task.target(example), add_special_tokens=False)`` + ``[eos_token_id]``,
+    all supervised. The prompt gets the tokenizer's own BOS handling (special tokens are added only
+    if the tokenizer has a BOS token).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("tokenizer has no eos_token_id; set tokenizer.eos_token before encoding")
+    target_ids = list(tokenizer(task.target(example), add_special_tokens=False)["input_ids"]) + [eos]
+    budget = max_length - len(target_ids)
+    if budget < 1:
+        raise DataError(
+            f"max_length={max_length} leaves no room for the prompt of task {task.name} "
+            f"(answer {example.label!r} needs {len(target_ids)} tokens); raise max_length"
+        )
+    prompt_ids = fit_prompt(tokenizer, task.prompt(example), budget)
+    return {
+        "input_ids": prompt_ids + target_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
+    }
+
+
+def collate_training(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of :func:`encode_for_training` outputs into ``input_ids``, ``attention_mask``
+    and ``labels`` tensors (labels -100 on padding)."""
+    if not batch:
+        raise ValueError("collate_training needs at least one example")
+    width = max(len(b["input_ids"]) for b in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        if len(b["labels"]) != n:
+            raise ValueError(f"example {i}: input_ids and labels differ in length ({n} vs {len(b['labels'])})")
+        input_ids[i, :n] = torch.tensor(b["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.tensor(b["labels"], dtype=torch.long)
+        mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` for greedy generation.
+
+    Each prompt is fitted into ``max_length`` tokens like the training prompts (the input text is
+    cut from the left). The pad id is the tokenizer's pad token, else its EOS.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("tokenizer has neither pad_token_id nor eos_token_id; set one before evaluation")
+    if not prompts:
+        raise ValueError("encode_prompts needs at least one prompt")
+    rows = [fit_prompt(tokenizer, p, max_length) for p in prompts]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+_SPACES = re.compile(r"\s+")
+_ASCII_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Normalise a generation or label for exact-match scoring.
+
+    Leading white space is dropped and the text is cut at the first newline (the model may go on
+    after its answer); then lower case, punctuation (ASCII and Unicode) removed, white space collapsed.
+    """
+    text = text.lstrip().split("\n", 1)[0].lower()
+    text = "".join(
+        ch for ch in text if ch not in _ASCII_PUNCT and not unicodedata.category(ch).startswith("P")
+    )
+    return _SPACES.sub(" ", text).strip()
+
+
+def is_correct(generated: str, label: str) -> bool:
+    """Exact match of the normalised generation against the normalised label word."""
+    return normalize_answer(generated) == normalize_answer(label)

@@ -1,0 +1,92 @@
+"""The gradient shared space S (GORP.md §3): what protects earlier tasks.
+
+Each protected tensor has an orthonormal basis ``S`` (``d × s``) on its long side. New gradients
+(or low-rank gradients) are projected off it; at the end of a task it is extended from the Adam
+first moment by GPM's threshold-and-expand rule.
+
+Pure tensor functions: no distributed code, no optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+SharedSide = Literal["output", "input"]
+
+# Which side of the tensor S lives on, per role and projection side (GORP.md §3, table).
+#   full, right projection (m >= n): moment M is m × k, S on the output side (m × s)
+#   full, left projection (m < n):   moment M is k × n, S on the input side  (n × s)
+#   lora_a (r × n):                  S on the input side  (n × s)
+#   lora_b (m × r):                  S on the output side (m × s)
+
+
+def shared_side(role: str, shape: tuple[int, int] | torch.Size) -> SharedSide:
+    """The side of ``S`` for a tensor of this role and shape."""
+    if role == "lora_a":
+        return "input"
+    if role == "lora_b":
+        return "output"
+    if role == "full":
+        m, n = shape
+        return "output" if m >= n else "input"
+    raise ValueError(f"role {role!r} has no shared space")
+
+
+def project_off(x: Tensor, basis: Tensor | None, side: SharedSide) -> Tensor:
+    """Remove from ``x`` its component in span(S).
+
+    ``side == "output"``: ``x`` is ``d × c`` with S's side as rows, result ``x − S (Sᵀ x)``.
+    ``side == "input"``: ``x`` is ``c × d`` with S's side as columns, result ``x − (x S) Sᵀ``.
+    """
+    if basis is None or basis.shape[1] == 0:
+        return x
+    if side == "output":
+        return x - basis @ (basis.mT @ x)
+    return x - (x @ basis) @ basis.mT
+
+
+def oriented_moment(moment: Tensor, side: SharedSide) -> Tensor:
+    """The moment with S's side as the row dimension (``d × c``)."""
+    return moment if side == "output" else moment.mT
+
+
+def _leading_count(energies: Tensor, needed: float) -> int:
+    """Smallest ``j`` with ``sum(energies[:j]) >= needed`` (all of them if never reached)."""
+    cumulative = torch.cumsum(energies, dim=0)
+    reached = torch.nonzero(cumulative >= needed)
+    return int(reached[0]) + 1 if reached.numel() else int(energies.numel())
+
+
+def extend_shared_space(basis: Tensor | None, x: Tensor, threshold: float) -> Tensor | None:
+    """GPM's threshold-and-expand rule applied to a moment ``x`` (``d × c``, S's side as rows).
+
+    - ``basis`` empty: keep the fewest leading left singular vectors of ``x`` whose energy reaches
+      ``threshold · ‖x‖²``.
+    - otherwise: if span(S) already captures that much of ``x``'s energy, nothing is added; else
+      leading left singular vectors of the residual ``x − S Sᵀ x`` are appended until it does.
+    The result is re-orthonormalised (QR) and capped at ``d − 1`` columns so that some plasticity is
+    always left. A zero or non-finite ``x`` leaves ``basis`` unchanged. Returns ``None`` for empty.
+    """
+    d = x.shape[0]
+    x = x.to(torch.float32)
+    total = float(x.square().sum())
+    if not torch.isfinite(torch.tensor(total)) or total == 0.0 or threshold <= 0.0:
+        return basis
+    needed = threshold * total
+    if basis is None or basis.shape[1] == 0:
+        u, sigma, _ = torch.linalg.svd(x, full_matrices=False)
+        count = _leading_count(sigma.square(), needed)
+        new_basis = u[:, :count]
+    else:
+        residual = x - basis @ (basis.mT @ x)
+        captured = total - float(residual.square().sum())
+        if captured >= needed:
+            return basis
+        u, sigma, _ = torch.linalg.svd(residual, full_matrices=False)
+        count = _leading_count(sigma.square(), needed - captured)
+        new_basis, _ = torch.linalg.qr(torch.cat([basis, u[:, :count]], dim=1))
+    new_basis = new_basis[:, : d - 1]
+    return new_basis.contiguous() if new_basis.shape[1] > 0 else None

@@ -1,0 +1,223 @@
+"""The one module that knows DeepSpeed ZeRO internals.
+
+``initialize`` is a drop-in for ``deepspeed.initialize`` with a ``GORP`` optimizer. It refuses, at
+start-up and with a message naming the config field and the fix, every setup whose math it does
+not guarantee, then installs a :class:`~gorp_ds.zero.driver.ZeroDriver` built from the ZeRO
+optimizer's partition geometry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor
+
+from ..log import get_logger
+from ..optim.gorp import GORP, LocalDriver
+from .driver import ZeroDriver
+from .layout import FlatTensor, GroupLayout
+
+log = get_logger(__name__)
+
+
+class UnsupportedSetupError(ValueError):
+    """A DeepSpeed configuration that GORP cannot run correctly."""
+
+
+def load_ds_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config as a dict; a path must name a readable JSON file."""
+    if isinstance(config, dict):
+        return dict(config)
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise UnsupportedSetupError(f"DeepSpeed config {path}: file not found (pass --ds_config <file.json>)")
+    try:
+        with open(path) as handle:
+            loaded = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise UnsupportedSetupError(f"DeepSpeed config {path}: not valid JSON ({err})") from None
+    if not isinstance(loaded, dict):
+        raise UnsupportedSetupError(f"DeepSpeed config {path}: the top level must be a JSON object")
+    return loaded
+
+
+def _enabled(section: Any) -> bool:
+    return isinstance(section, dict) and bool(section.get("enabled", False))
+
+
+def check_supported(config: dict[str, Any], source: str = "DeepSpeed config") -> int:
+    """Raise :class:`UnsupportedSetupError` for setups GORP does not support; return the ZeRO stage."""
+    zero = config.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    where = f"{source}"
+
+    def refuse(field: str, why: str, fix: str) -> None:
+        raise UnsupportedSetupError(f"{where}: '{field}' {why}; {fix}")
+
+    if stage == 3:
+        refuse("zero_optimization.stage", "is 3, which partitions parameters and is not supported by GORP yet",
+               "use stage 1 or 2")
+    if stage not in (0, 1, 2):
+        refuse("zero_optimization.stage", f"is {stage}", "use stage 1 or 2")
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
+        if device not in (None, "none"):
+            refuse(f"zero_optimization.{key}", f"offloads to {device!r}; GORP's low-rank state and projectors "
+                   "run on the accelerator", f"remove zero_optimization.{key}")
+    if zero.get("cpu_offload"):
+        refuse("zero_optimization.cpu_offload", "is set", "remove it (optimizer offload is not supported with GORP)")
+    if _enabled(config.get("fp16")):
+        refuse("fp16.enabled", "is true; fp16 loss scaling is not supported with GORP", "use \"bf16\": {\"enabled\": true}")
+    if _enabled(config.get("torch_autocast")):
+        refuse("torch_autocast.enabled", "is true", "use \"bf16\": {\"enabled\": true} instead")
+    if "optimizer" in config:
+        refuse("optimizer", "is set, but the optimizer is GORP (given in code)", "remove the \"optimizer\" section")
+    if zero.get("zenflow"):
+        refuse("zero_optimization.zenflow", "is set", "remove it")
+    if stage == 0 and (_enabled(config.get("bf16")) or _enabled(config.get("bfloat16"))):
+        refuse("zero_optimization.stage", "is 0 with bf16 (DeepSpeed then flattens parameters in its BF16 optimizer)",
+               "use ZeRO stage 1 or 2")
+    return stage
+
+
+def _group_layout(zero_optimizer: Any, group_index: int, names_by_id: dict[int, str]) -> GroupLayout:
+    """Partition geometry of one group, read off DeepSpeedZeroOptimizer (stage 1 and 2)."""
+    params = zero_optimizer.round_robin_bit16_groups[group_index]
+    offsets = zero_optimizer.round_robin_bit16_offsets[group_index]
+    metas = zero_optimizer.round_robin_bit16_meta[group_index]
+    tensors = tuple(
+        FlatTensor(names_by_id[id(p)], tuple(meta.shape), int(offset)) for p, meta, offset in zip(params, metas, offsets)
+    )
+    world = torch_dist.get_world_size(group=zero_optimizer.real_dp_process_group[group_index])
+    return GroupLayout(tensors, int(zero_optimizer.partition_size[group_index]), world)
+
+
+class ZeroHandle:
+    """What the rest of the project needs from a GORP-under-ZeRO engine, without DeepSpeed internals."""
+
+    def __init__(self, engine: Any, optimizer: GORP, params_by_name: dict[str, torch.nn.Parameter]) -> None:
+        self.engine = engine
+        self.optimizer = optimizer
+        self.params_by_name = params_by_name
+        self.sharded = isinstance(optimizer.driver, ZeroDriver)
+
+    @property
+    def driver(self) -> ZeroDriver:
+        assert isinstance(self.optimizer.driver, ZeroDriver)
+        return self.optimizer.driver
+
+    @property
+    def dp_group(self):
+        return self.engine.optimizer.real_dp_process_group[0] if self.sharded else None
+
+    def held_masters(self) -> dict[str, tuple[int, int, Tensor]]:
+        """``{name: (elem_start, elem_end, flat fp32 master view)}`` for what this rank updates: its
+        partition's pieces under ZeRO, whole parameters otherwise."""
+        if self.sharded:
+            return {
+                name: (piece.elem_start, piece.elem_end, master)
+                for name, (piece, master) in self.driver.master_pieces(self.optimizer).items()
+            }
+        return {name: (0, p.numel(), p.data.view(-1)) for name, p in self.params_by_name.items()}
+
+    @torch.no_grad()
+    def masters_from_model(self, names: Iterable[str]) -> None:
+        """After the model's trainable tensors ``names`` were changed in place identically on every
+        rank (LoRA merge and re-init), copy them into the fp32 master partitions."""
+        if not self.sharded:
+            return
+        masters = self.held_masters()
+        for name in names:
+            if name in masters:
+                start, end, master = masters[name]
+                master.copy_(self.params_by_name[name].data.reshape(-1)[start:end])
+
+    def barrier(self) -> None:
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            torch_dist.barrier()
+
+    @property
+    def rank(self) -> int:
+        return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        return torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
+
+    @torch.no_grad()
+    def model_from_masters(self) -> None:
+        """Push fp32 masters into the (bf16) model weights on every rank after loading masters."""
+        if self.sharded:
+            self.engine.optimizer.update_lp_params()
+
+
+def initialize(
+    model: torch.nn.Module,
+    optimizer: GORP,
+    config: str | os.PathLike | dict[str, Any],
+    **kwargs: Any,
+):
+    """``deepspeed.initialize`` for a ``GORP`` optimizer; returns the same tuple
+    ``(engine, optimizer, dataloader, lr_scheduler)``. ``engine.gorp`` is a :class:`ZeroHandle`."""
+    import deepspeed
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, GORP):
+        raise TypeError(f"gorp_ds.initialize needs a gorp_ds.GORP optimizer, got {type(optimizer).__name__}")
+    for key in ("mpu", "mesh_param"):
+        if kwargs.get(key) is not None:
+            raise UnsupportedSetupError(f"gorp_ds.initialize: '{key}' (model/pipeline parallelism) is not supported")
+    source = config if isinstance(config, (str, os.PathLike)) else "DeepSpeed config"
+    ds_config = load_ds_config(config)
+    stage = check_supported(ds_config, str(source))
+    ds_config["zero_allow_untested_optimizer"] = True
+    params_by_name: dict[str, torch.nn.Parameter] = {}
+    for group in optimizer.param_groups:
+        for param, name in zip(group["params"], group["names"]):
+            if not param.requires_grad:
+                raise UnsupportedSetupError(f"GORP tensor {name!r} has requires_grad=False; remove it from the optimizer")
+            params_by_name[name] = param
+    names_by_id = {id(p): name for name, p in params_by_name.items()}
+
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, **kwargs
+    )
+    if stage in (1, 2):
+        if type(engine.optimizer) is not DeepSpeedZeroOptimizer or engine.optimizer.optimizer is not optimizer:
+            raise UnsupportedSetupError(
+                f"{source}: DeepSpeed built {type(engine.optimizer).__name__} around GORP; only the plain ZeRO-1/2 "
+                "optimizer is supported"
+            )
+        zero_optimizer = engine.optimizer
+        if stage == 1 and engine.zero_overlap_comm() and engine.gradient_accumulation_steps() > 1:
+            # Measured with DeepSpeed 0.19.8: ZeRO-1 + overlap_comm + accumulation drifts from the
+            # single-process trajectory even with torch AdamW (2e-2 relative after one step).
+            raise UnsupportedSetupError(
+                f"{source}: 'zero_optimization.overlap_comm' is true with ZeRO stage 1 and "
+                f"gradient_accumulation_steps={engine.gradient_accumulation_steps()}; DeepSpeed then accumulates "
+                "gradients incorrectly. Set overlap_comm to false or use stage 2"
+            )
+        if getattr(zero_optimizer, "cpu_offload", False):
+            raise UnsupportedSetupError(f"{source}: optimizer offload is active; remove zero_optimization.offload_optimizer")
+        layouts = [_group_layout(zero_optimizer, i, names_by_id) for i in range(len(optimizer.param_groups))]
+        group = zero_optimizer.real_dp_process_group[0]
+        rank = torch_dist.get_rank(group=group)
+
+        def all_reduce(tensor: Tensor) -> None:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=group)
+
+        optimizer.driver = ZeroDriver(layouts, rank, all_reduce)
+        cut = sum(len(layout.cut_tensors()) for layout in layouts)
+        log.info(f"GORP under ZeRO-{stage}: {len(params_by_name)} tensors in {len(layouts)} groups, "
+                 f"{cut} cut by partition boundaries, world size {layouts[0].world_size}")
+    else:
+        if engine.optimizer is not optimizer:
+            raise UnsupportedSetupError(f"{source}: DeepSpeed wrapped GORP in {type(engine.optimizer).__name__}; use ZeRO 1 or 2")
+        optimizer.driver = LocalDriver()
+    engine.gorp = ZeroHandle(engine, optimizer, params_by_name)
+    return engine, ds_optimizer, loader, scheduler
