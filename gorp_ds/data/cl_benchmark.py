@@ -24,14 +24,14 @@ _ENTRY_FORMAT = 'each entry must be {"sentence": "<text>", "label": "<label word
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise DataError(
-            f"{path}: file missing; a CL_Benchmark task folder needs {', '.join(TASK_FILES)}"
-        )
+        raise DataError(f"{path}: file missing; a CL_Benchmark task folder needs {', '.join(TASK_FILES)}")
     try:
         with path.open(encoding="utf-8") as fh:
             return json.load(fh)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8 JSON") from e
+        raise DataError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8 JSON"
+        ) from e
     except json.JSONDecodeError as e:
         raise DataError(
             f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix or re-export the file"
@@ -59,7 +59,9 @@ def _load_labels(path: Path) -> tuple[str, ...]:
 def _load_examples(path: Path, labels: tuple[str, ...], labels_path: Path) -> list[Example]:
     data = _read_json(path)
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of examples, got a JSON {type(data).__name__}; {_ENTRY_FORMAT}")
+        raise DataError(
+            f"{path}: expected a JSON list of examples, got a JSON {type(data).__name__}; {_ENTRY_FORMAT}"
+        )
     allowed = set(labels)
     examples: list[Example] = []
     for i, entry in enumerate(data):
@@ -93,7 +95,9 @@ def load_cl_task(folder: str | Path, name: str | None = None) -> Task:
         path = folder / f"{split}.json"
         splits[split] = _load_examples(path, labels, labels_path)
         if not splits[split]:
-            raise DataError(f"{path}: task {name} has no {split} examples; add some (the file is an empty list)")
+            raise DataError(
+                f"{path}: task {name} has no {split} examples; add some (the file is an empty list)"
+            )
     return Task(
         name=name,
         labels=labels,
@@ -133,7 +137,10 @@ def find_task_dir(data_dir: str | Path, spec: str) -> Path | None:
     if "/" in spec:
         return None
     tasks = available_tasks(root)
-    for match in (lambda t: t.rsplit("/", 1)[-1] == spec, lambda t: t.rsplit("/", 1)[-1].lower() == spec.lower()):
+    for match in (
+        lambda t: t.rsplit("/", 1)[-1] == spec,
+        lambda t: t.rsplit("/", 1)[-1].lower() == spec.lower(),
+    ):
         hits = [t for t in tasks if match(t)]
         if len(hits) > 1:
             raise DataError(

@@ -42,7 +42,9 @@ class DataConfig:
             raise DataError(f"data.data_dir must be a path string or null, got {self.data_dir!r}")
         if self.tasks is not None:
             if isinstance(self.tasks, str) or not isinstance(self.tasks, (list, tuple)):
-                raise DataError(f"data.tasks must be a list of task names, got {self.tasks!r}; e.g. [\"dbpedia\", \"amazon\"]")
+                raise DataError(
+                    f'data.tasks must be a list of task names, got {self.tasks!r}; e.g. ["dbpedia", "amazon"]'
+                )
             if not self.tasks:
                 raise DataError("data.tasks is an empty list; name at least one task or leave it null")
             bad = [t for t in self.tasks if not isinstance(t, str) or not t.strip()]

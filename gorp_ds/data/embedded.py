@@ -101,9 +101,7 @@ def embedded_task(
 ) -> Task:
     """Generate embedded task ``name`` (one of :data:`EMBEDDED_DEFAULT`) deterministically from ``seed``."""
     if name not in EMBEDDED_DEFAULT:
-        raise DataError(
-            f"unknown embedded task {name!r}; available: {', '.join(EMBEDDED_DEFAULT)}"
-        )
+        raise DataError(f"unknown embedded task {name!r}; available: {', '.join(EMBEDDED_DEFAULT)}")
     if n_train < 1 or n_test < 1:
         raise DataError(f"embedded task {name}: n_train and n_test must be >= 1 (got {n_train}, {n_test})")
     per_task_space = _input_space_size()

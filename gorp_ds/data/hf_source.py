@@ -41,9 +41,13 @@ def _parse(spec: str) -> tuple[str, dict[str, str]]:
     options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
-        raise DataError(f"task {spec!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(_OPTIONS)}")
+        raise DataError(
+            f"task {spec!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(_OPTIONS)}"
+        )
     if not source.strip():
-        raise DataError(f"task {spec!r}: nothing after 'hf:'; give a directory or a builder, e.g. hf:json?train=...&test=...")
+        raise DataError(
+            f"task {spec!r}: nothing after 'hf:'; give a directory or a builder, e.g. hf:json?train=...&test=..."
+        )
     return source.strip(), options
 
 
@@ -115,9 +119,11 @@ def _examples(spec: str, ds: Any, split: str, text_col: str, label_col: str) -> 
             )
     names = _label_names(ds, label_col)
     out = []
-    for i, (text, label) in enumerate(zip(ds[text_col], ds[label_col])):
+    for i, (text, label) in enumerate(zip(ds[text_col], ds[label_col], strict=True)):
         if not isinstance(text, str):
-            raise DataError(f"task {spec!r}: split {split!r} example {i} column {text_col!r} is {text!r}, not a string")
+            raise DataError(
+                f"task {spec!r}: split {split!r} example {i} column {text_col!r} is {text!r}, not a string"
+            )
         if isinstance(label, int) and not isinstance(label, bool):
             label = names[label] if names and 0 <= label < len(names) else str(label)
         if not isinstance(label, str):
@@ -129,8 +135,9 @@ def _examples(spec: str, ds: Any, split: str, text_col: str, label_col: str) -> 
     return out
 
 
-def _labels(spec: str, opts: dict[str, str], ds: Any, label_col: str, folder: Path | None,
-            examples: list[Example]) -> tuple[tuple[str, ...], str]:
+def _labels(
+    spec: str, opts: dict[str, str], ds: Any, label_col: str, folder: Path | None, examples: list[Example]
+) -> tuple[tuple[str, ...], str]:
     if opts.get("labels"):
         return tuple(x for x in opts["labels"].split("|") if x), "the labels= option"
     names = _label_names(ds, label_col)
@@ -161,11 +168,15 @@ def load_hf_task(spec: str, data_dir: str | None = None) -> Task:
         first = first if first is not None else ds
         splits[split] = _examples(spec, ds, name, text_col, label_col)
         if not splits[split]:
-            raise DataError(f"task {spec!r}: split {name!r} has no examples; add some or choose another split")
+            raise DataError(
+                f"task {spec!r}: split {name!r} has no examples; add some or choose another split"
+            )
     labels, origin = _labels(spec, opts, first, label_col, folder, splits["train"] + splits["test"])
     norms = [normalize_answer(x) for x in labels]
     if not all(norms) or len(set(norms)) != len(norms):
-        raise DataError(f"task {spec!r}: label words {labels} from {origin} are empty or not distinct after normalisation")
+        raise DataError(
+            f"task {spec!r}: label words {labels} from {origin} are empty or not distinct after normalisation"
+        )
     allowed = set(labels)
     for split, examples in splits.items():
         for i, e in enumerate(examples):

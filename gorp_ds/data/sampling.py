@@ -16,7 +16,9 @@ __all__ = ["epoch_permutation", "global_batch_order", "rank_slice", "split_micro
 
 def _positive(name: str, value: int, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise DataError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+        raise DataError(
+            f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}"
+        )
 
 
 def epoch_permutation(num_examples: int, seed: int, task_index: int, epoch: int) -> list[int]:

@@ -51,11 +51,11 @@ def _drop_leading_tokens(tokenizer: Any, text: str, k: int) -> str:
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
-        if k >= len(offsets):
-            return ""
-        return text[offsets[k][0] :]
+        # Byte-fallback pieces of one character share its offsets: cut at the next real boundary.
+        starts = [start for start, _ in offsets[k:] if start > 0]
+        return text[starts[0] :].lstrip() if starts else ""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer.decode(ids[k:]) if k < len(ids) else ""
+    return tokenizer.decode(ids[k:]).lstrip() if k < len(ids) else ""
 
 
 def fit_prompt(tokenizer: Any, prompt: str, budget: int) -> list[int]:
@@ -75,7 +75,8 @@ def fit_prompt(tokenizer: Any, prompt: str, budget: int) -> list[int]:
     head, text, tail = prompt[: start + len(INPUT_MARK)], prompt[start + len(INPUT_MARK) : end], prompt[end:]
     drop = len(ids) - budget
     while text:
-        text = _drop_leading_tokens(tokenizer, text, drop)
+        shorter = _drop_leading_tokens(tokenizer, text, drop)
+        text = shorter if len(shorter) < len(text) else text[1:]  # always make progress
         ids = _encode_prompt_text(tokenizer, head + text + tail)
         if len(ids) <= budget:
             return ids
@@ -86,7 +87,9 @@ def fit_prompt(tokenizer: Any, prompt: str, budget: int) -> list[int]:
     )
 
 
-def encode_for_training(tokenizer: Any, task: Task, example: Example, max_length: int) -> dict[str, list[int]]:
+def encode_for_training(
+    tokenizer: Any, task: Task, example: Example, max_length: int
+) -> dict[str, list[int]]:
     """``input_ids`` and ``labels`` for one example; ``labels`` is -100 on the prompt tokens.
 
     target ids = ``tokenizer(task.target(example), add_special_tokens=False)`` + ``[eos_token_id]``,
@@ -122,7 +125,9 @@ def collate_training(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     for i, b in enumerate(batch):
         n = len(b["input_ids"])
         if len(b["labels"]) != n:
-            raise ValueError(f"example {i}: input_ids and labels differ in length ({n} vs {len(b['labels'])})")
+            raise ValueError(
+                f"example {i}: input_ids and labels differ in length ({n} vs {len(b['labels'])})"
+            )
         input_ids[i, :n] = torch.tensor(b["input_ids"], dtype=torch.long)
         labels[i, :n] = torch.tensor(b["labels"], dtype=torch.long)
         mask[i, :n] = 1

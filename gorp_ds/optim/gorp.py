@@ -23,8 +23,6 @@ from .update import PROTECTED_ROLES, ROLES, TensorUpdate, UpdateConfig, apply_up
 
 log = get_logger(__name__)
 
-_GROUP_DEFAULT_KEYS = ("rank", "update_gap", "scale", "projector", "oversample", "power_iters", "shared_threshold")
-
 
 class StepDriver(Protocol):
     """Runs one optimizer step for one param group (single process, ZeRO partition, …)."""
@@ -53,6 +51,10 @@ class GORP(torch.optim.Optimizer):
     ``names`` (one module name per tensor); ``full`` groups also ``rank``, ``update_gap``,
     ``scale``, ``projector`` (``"randomized"`` or ``"exact"``), ``oversample``, ``power_iters``.
     ``shared_threshold`` (ε_S) may be set per group; 0 disables the shared space (GaLore).
+    ``scale`` only affects ``full`` tensors. ``align_projector`` (default on, ours) rotates each
+    refreshed projector within its span to the basis closest to the previous one, so that the
+    Adam moments kept across refreshes stay in consistent coordinates; off gives GORP.md §2 as
+    written (raw singular vectors).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class GORP(torch.optim.Optimizer):
         projector: str = "randomized",
         oversample: int = 8,
         power_iters: int = 2,
+        align_projector: bool = True,
     ) -> None:
         groups = list(params)
         if not groups or not all(isinstance(g, dict) for g in groups):
@@ -77,14 +80,12 @@ class GORP(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, shared_threshold=shared_threshold,
             rank=rank, update_gap=update_gap, scale=scale, projector=projector, oversample=oversample,
-            power_iters=power_iters,
+            power_iters=power_iters, align_projector=align_projector,
         )
-        super().__init__(groups, defaults)
-        # Derived, never stored: name -> (role, shape, group index). Recorded before any wrapper
-        # (DeepSpeed) replaces the groups' params with flat partitions.
+        # Derived, never stored: name -> (role, shape, group index). Recorded (by add_param_group)
+        # before any wrapper (DeepSpeed) replaces the groups' params with flat partitions.
         self.tensor_meta: dict[str, tuple[str, tuple[int, ...], int]] = {}
-        for index, group in enumerate(self.param_groups):
-            self._validate_group(index, group)
+        super().__init__(groups, defaults)
         self.shared: dict[str, Tensor] = {}
         self.tasks_completed = torch.zeros((), dtype=torch.int64)
         self.driver: StepDriver = LocalDriver()
@@ -93,12 +94,24 @@ class GORP(torch.optim.Optimizer):
         self.time_refreshes = False
 
     # ------------------------------------------------------------------ validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group`` plus GORP's validation and name registration."""
+        index = len(self.param_groups)
+        super().add_param_group(param_group)
+        try:
+            self._validate_group(index, self.param_groups[index])
+        except ValueError:
+            self.param_groups.pop()
+            for name in [n for n, meta in self.tensor_meta.items() if meta[2] == index]:
+                del self.tensor_meta[name]
+            raise
+
     def _validate_group(self, index: int, group: dict[str, Any]) -> None:
         params = group["params"]
         names = group.get("names")
         where = f"GORP param group {index}"
         if names is None or isinstance(names, str) or len(names) != len(params):
-            got = "missing" if names is None else f"{1 if isinstance(names, str) else len(names)} names"
+            got = "missing" if names is None else f"{1 if isinstance(names, str) else len(names)} names: {names!r}"
             raise ValueError(f"{where}: 'names' must list one module name per tensor ({len(params)} tensors, {got})")
         label = f"{where} ({names[0]!r}{', …' if len(names) > 1 else ''})"
         role = group.get("role")
@@ -115,8 +128,6 @@ class GORP(torch.optim.Optimizer):
             raise ValueError(f"{label}: betas must be two numbers in [0, 1), got {betas}")
         if not 0.0 <= group["shared_threshold"] <= 1.0:
             raise ValueError(f"{label}: shared_threshold must be in [0, 1], got {group['shared_threshold']}")
-        if role != "full" and group["scale"] != 1.0:
-            raise ValueError(f"{label}: 'scale' applies to role 'full' only, got {group['scale']} for role {role!r}")
         if role == "full":
             if group["projector"] not in PROJECTOR_METHODS:
                 raise ValueError(f"{label}: projector must be one of {PROJECTOR_METHODS}, got {group['projector']!r}")

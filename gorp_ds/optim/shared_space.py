@@ -53,11 +53,20 @@ def oriented_moment(moment: Tensor, side: SharedSide) -> Tensor:
     return moment if side == "output" else moment.mT
 
 
-def _leading_count(energies: Tensor, needed: float) -> int:
-    """Smallest ``j`` with ``sum(energies[:j]) >= needed`` (all of them if never reached)."""
-    cumulative = torch.cumsum(energies, dim=0)
-    reached = torch.nonzero(cumulative >= needed)
-    return int(reached[0]) + 1 if reached.numel() else int(energies.numel())
+def _leading_count(sigma: Tensor, needed: float, shape: tuple[int, int]) -> int:
+    """Smallest ``j`` with ``sum(σ[:j]²) >= needed``, never counting numerically-null directions.
+
+    With ε_S close to 1 the float32 sum can fall just short of the target; a tolerance of 1e-6 on
+    the target and a rank cut-off (σ ≤ σ_max·max(d, c)·eps) keep directions that no gradient used
+    out of S."""
+    if sigma.numel() == 0:
+        return 0
+    cutoff = float(sigma[0]) * max(shape) * torch.finfo(sigma.dtype).eps
+    numerical_rank = int((sigma > cutoff).sum())
+    cumulative = torch.cumsum(sigma.square(), dim=0)
+    reached = torch.nonzero(cumulative >= needed * (1.0 - 1e-6))
+    count = int(reached[0]) + 1 if reached.numel() else int(sigma.numel())
+    return min(count, numerical_rank)
 
 
 def extend_shared_space(basis: Tensor | None, x: Tensor, threshold: float) -> Tensor | None:
@@ -78,7 +87,7 @@ def extend_shared_space(basis: Tensor | None, x: Tensor, threshold: float) -> Te
     needed = threshold * total
     if basis is None or basis.shape[1] == 0:
         u, sigma, _ = torch.linalg.svd(x, full_matrices=False)
-        count = _leading_count(sigma.square(), needed)
+        count = _leading_count(sigma, needed, tuple(x.shape))
         new_basis = u[:, :count]
     else:
         residual = x - basis @ (basis.mT @ x)
@@ -86,7 +95,7 @@ def extend_shared_space(basis: Tensor | None, x: Tensor, threshold: float) -> Te
         if captured >= needed:
             return basis
         u, sigma, _ = torch.linalg.svd(residual, full_matrices=False)
-        count = _leading_count(sigma.square(), needed - captured)
+        count = _leading_count(sigma, needed - captured, tuple(residual.shape))
         new_basis, _ = torch.linalg.qr(torch.cat([basis, u[:, :count]], dim=1))
     new_basis = new_basis[:, : d - 1]
     return new_basis.contiguous() if new_basis.shape[1] > 0 else None

