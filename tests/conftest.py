@@ -16,3 +16,11 @@ def _single_thread_for_optim_tests(request):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random LLaMA + BPE tokenizer directory (shared by the runner tests)."""
+    from tests.tiny_model import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"))

@@ -69,6 +69,8 @@ def _load(spec: str, source: str, opts: dict[str, str], data_dir: str | None) ->
                 for split in ("train", "test")
                 if opts.get(split)
             }
+            if not files:
+                raise DataError(f"task {spec!r}: train= and test= name no files; give comma-separated paths")
             for paths in files.values():
                 for f in paths:
                     if not Path(f).is_file():

@@ -1,0 +1,9 @@
+"""The continual-learning runner: task sequences, the accuracy matrix R and its metrics."""
+
+from .config import ConfigError, RunConfig, add_arguments, build_run_config
+from .metrics import all_metrics, average_accuracy, backward_transfer, forgetting, forward_transfer
+
+__all__ = [
+    "ConfigError", "RunConfig", "add_arguments", "build_run_config", "all_metrics", "average_accuracy",
+    "backward_transfer", "forward_transfer", "forgetting",
+]

@@ -1,0 +1,248 @@
+"""The run configuration: defaults < model profile < ``--config`` file < command-line flags.
+
+Run settings (what to train, how long, learning rates, outputs) live here; systems settings
+(ZeRO stage, precision, buckets, TensorBoard) live in the DeepSpeed JSON. The few settings both
+could express (batch sizes, precision) are filled into the DeepSpeed config when it leaves them
+out, and a value that contradicts it is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..models.roles import METHODS
+
+EMBEDDED_METHODS = ["gorp", "seq-lora"]
+
+
+class ConfigError(ValueError):
+    """Bad run configuration; the launcher prints the message and exits with status 2."""
+
+
+@dataclass
+class RunConfig:
+    # what to train
+    model: str = "embedded"
+    data_dir: str | None = None
+    tasks: list[str] | None = None
+    order: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["gorp"])
+    # budget
+    max_steps_per_task: int | None = None  # None: `epochs` passes over each task's train split
+    epochs: float = 1.0
+    global_batch_size: int = 16
+    micro_batch_size: int = 1
+    max_train_per_task: int | None = None
+    eval_samples: int | None = 500
+    eval_batch_size: int = 32
+    max_length: int = 256
+    # model
+    dtype: str = "bf16"
+    gradient_checkpointing: bool = True
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # optimizer (GORP.md §5 defaults for LLaMA-2-7B)
+    full_targets: list[str] = field(default_factory=lambda: ["mlp.gate_proj"])
+    rank: int = 8
+    update_gap: int = 20
+    scale: float = 0.25
+    projector: str = "randomized"
+    shared_threshold: float = 0.9
+    lr_lora: float = 2e-4
+    lr_full: float = 1e-6
+    lr_plain: float = 1e-5
+    weight_decay: float = 0.0
+    olora_lambda: float = 0.5
+    # run
+    output_dir: str = "runs/gorp_ds"
+    resume: bool = False
+    save_every: int = 100  # optimizer steps between mid-task checkpoints (0: task boundaries only)
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+# The embedded default (SmolLM2-135M on the generated suite) trains a few hundred steps on a CPU,
+# so it uses larger learning rates and a shorter refresh gap than the 7B recipe of GORP.md §5.
+EMBEDDED_PROFILE: dict[str, Any] = {
+    "methods": EMBEDDED_METHODS,
+    "max_steps_per_task": 80,
+    "global_batch_size": 16,
+    "micro_batch_size": 8,
+    "eval_samples": 40,
+    "max_length": 64,
+    "lr_lora": 2e-3,
+    "lr_full": 2e-4,
+    "update_gap": 10,
+    "scale": 1.0,
+    "save_every": 40,
+    "output_dir": "runs/embedded",
+}
+
+_LIST_FIELDS = {"tasks", "methods", "lora_targets", "full_targets"}
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Type-check one setting from a file or the command line."""
+    default = getattr(RunConfig(), key)
+    if value is None:
+        return None
+    if key in _LIST_FIELDS:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: '{key}' must be a list of strings or a comma-separated string")
+        return value
+    kind = type(default) if default is not None else None
+    if key in ("max_steps_per_task", "max_train_per_task", "eval_samples"):
+        kind = int
+    if key in ("data_dir", "order"):
+        kind = str
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value) if kind is not None else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: '{key}' must be of type {kind.__name__}, got {value!r}") from None
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A JSON or YAML run file: a flat mapping of RunConfig fields (dashes or underscores)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    text = file.read_text()
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # json.JSONDecodeError / yaml.YAMLError
+        raise ConfigError(f"--config {path}: cannot parse ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping of settings")
+    result = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key == "method":
+            key = "methods"
+        if key not in FIELDS:
+            raise ConfigError(f"--config {path}: unknown setting '{raw_key}' (known: {', '.join(sorted(FIELDS))})")
+        result[key] = _coerce(key, value, f"--config {path}")
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every RunConfig field as a flag (defaults None, so only explicit flags override)."""
+    parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=None,
+                        help="DeepSpeed JSON with systems settings (ZeRO stage, precision, TensorBoard)")
+    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--config", default=None, help="JSON/YAML run file; flags override it")
+    parser.add_argument("--method", dest="methods", default=None,
+                        help=f"comma-separated methods to run one after another: {', '.join(METHODS)}")
+    parser.add_argument("--resume", action="store_true", default=None,
+                        help="continue each method from its last checkpoint in --output-dir")
+    help_text = {
+        "model": "'embedded' (SmolLM2-135M-Instruct), a local HF directory, a .gguf file, or a hub name",
+        "data_dir": "CL_Benchmark-layout directory (<type>/<task>/{train,test,labels}.json); none: embedded tasks",
+        "tasks": "comma-separated task folders or paths relative to --data-dir, or hf:<dataset>",
+        "order": "named CL_Benchmark order: A, B or C",
+        "max_steps_per_task": "optimizer steps per task (default: --epochs over the train split)",
+        "eval_samples": "test examples per task used for R",
+        "output_dir": "where results, TensorBoard events and checkpoints go",
+    }
+    for name in FIELDS:
+        if name in ("methods", "resume"):
+            continue
+        # Parsed as text and type-checked by _coerce, like values from a config file.
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name))
+
+
+def build_run_config(args: argparse.Namespace) -> RunConfig:
+    """Merge defaults, the embedded profile, the config file and explicit flags; validate."""
+    from_file = read_config_file(args.config) if args.config else {}
+    from_cli = {k: _coerce(k, v, f"--{k.replace('_', '-')}") for k, v in vars(args).items()
+                if k in FIELDS and v is not None}
+    explicit = {**from_file, **from_cli}
+    model = explicit.get("model", "embedded")
+    on_embedded = model == "embedded" and not explicit.get("data_dir") and not explicit.get("tasks")
+    settings = {**(EMBEDDED_PROFILE if on_embedded else {}), **explicit}
+    cfg = RunConfig(**settings)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    for method in cfg.methods:
+        if method not in METHODS:
+            raise ConfigError(f"--method: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if not cfg.methods:
+        raise ConfigError("--method: at least one method is needed")
+    if cfg.tasks and cfg.order:
+        raise ConfigError("--tasks and --order are mutually exclusive: give one of them")
+    positive = ("global_batch_size", "micro_batch_size", "eval_batch_size", "max_length", "lora_r", "rank",
+                "update_gap", "keep_checkpoints")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("max_steps_per_task", "eval_samples", "max_train_per_task"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    if cfg.epochs <= 0:
+        raise ConfigError(f"--epochs must be > 0, got {cfg.epochs}")
+    if cfg.dtype not in ("bf16", "fp32"):
+        raise ConfigError(f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
+    if cfg.projector not in ("randomized", "exact"):
+        raise ConfigError(f"--projector must be randomized or exact, got {cfg.projector!r}")
+    if not 0.0 <= cfg.shared_threshold <= 1.0:
+        raise ConfigError(f"--shared-threshold must be in [0, 1], got {cfg.shared_threshold}")
+    if cfg.save_every < 0:
+        raise ConfigError(f"--save-every must be >= 0, got {cfg.save_every}")
+    for key in ("lr_lora", "lr_full", "lr_plain", "weight_decay", "olora_lambda"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
+
+
+def reconcile_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str) -> dict[str, Any]:
+    """Fill batch sizes and precision into the DeepSpeed config, or fail on a contradiction."""
+    ds = json.loads(json.dumps(ds))
+    if cfg.global_batch_size % (cfg.micro_batch_size * world_size):
+        raise ConfigError(
+            f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
+            f"{cfg.micro_batch_size} × {world_size} ranks"
+        )
+    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
+    wanted = {"train_batch_size": cfg.global_batch_size, "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+              "gradient_accumulation_steps": accumulation}
+    for key, value in wanted.items():
+        if key in ds and ds[key] not in ("auto", value):
+            raise ConfigError(f"{source}: '{key}' is {ds[key]} but the run needs {value} "
+                              f"(global batch {cfg.global_batch_size}, micro batch {cfg.micro_batch_size}, "
+                              f"{world_size} ranks); remove it from the DeepSpeed config or change the run")
+        ds[key] = value
+    bf16 = bool((ds.get("bf16") or {}).get("enabled", False))
+    if "bf16" in ds and bf16 != (cfg.dtype == "bf16"):
+        raise ConfigError(f"{source}: 'bf16.enabled' is {str(bf16).lower()} but the run's --dtype is {cfg.dtype}; "
+                          "make them agree")
+    if cfg.dtype == "bf16":
+        ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": True}
+    tensorboard = ds.get("tensorboard")
+    if isinstance(tensorboard, dict) and tensorboard.get("enabled") and not tensorboard.get("output_path"):
+        tensorboard["output_path"] = str(Path(cfg.output_dir) / "tensorboard")
+    return ds

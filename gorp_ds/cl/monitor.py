@@ -1,0 +1,48 @@
+"""Scalars for TensorBoard through DeepSpeed's monitor (rank 0 writes; no-op when disabled)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Monitor:
+    def __init__(self, engine: Any) -> None:
+        monitor = getattr(engine, "monitor", None)
+        self._monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._monitor is not None
+
+    def write(self, events: list[tuple[str, float, int]]) -> None:
+        if self._monitor is not None and events:
+            self._monitor.write_events([(tag, float(value), int(step)) for tag, value, step in events])
+
+    def train_step(self, step: int, loss: float, optimizer: Any, engine: Any, *, tokens_per_s: float,
+                   refresh_ms: float, step_seconds: float) -> None:
+        if self._monitor is None:
+            return
+        events = [("train/loss", loss, step), ("train/tokens_per_s", tokens_per_s, step),
+                  ("train/step_seconds", step_seconds, step)]
+        for group in optimizer.param_groups:
+            events.append((f"train/lr/{group['role']}", group["lr"], step))
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            events.append(("train/grad_norm", float(norm), step))
+        if refresh_ms > 0:
+            events.append(("gorp/projector_refresh_ms", refresh_ms, step))
+        events.append(("gorp/projector_failures", optimizer.stats["projector_failures"], step))
+        self.write(events)
+
+    def shared_space(self, step: int, sizes: dict[str, int]) -> None:
+        """Columns of S per module (and their mean) after a task boundary."""
+        events = [(f"gorp/S_columns/{name}", size, step) for name, size in sorted(sizes.items())]
+        if sizes:
+            events.append(("gorp/S_columns_mean", sum(sizes.values()) / len(sizes), step))
+        self.write(events)
+
+    def accuracy_row(self, row_index: int, task_names: list[str], row: list[float]) -> None:
+        self.write([(f"R/{j + 1:02d}_{name}", value, row_index) for j, (name, value) in enumerate(zip(task_names, row))])
+
+    def metrics(self, metrics: dict[str, float | None], step: int) -> None:
+        self.write([(f"metrics/{k}", v, step) for k, v in metrics.items() if v is not None])

@@ -1,0 +1,32 @@
+"""Check every method's trainable set on a weightless copy of the model before any training, so that
+a LoRA or full-rank target that matches nothing, or a rank larger than a matrix, fails at start-up
+even when it concerns the third method of a launch."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import LoraSettings, ModelConfig, RoleConfig, add_lora, build_param_groups
+from ..models.loading import resolve_model_source
+from ..models.roles import LORA_METHODS, RoleError
+from .config import RunConfig
+
+
+def preflight(cfg: RunConfig) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, extra = resolve_model_source(ModelConfig(cfg.model, cfg.dtype, False))
+    config = AutoConfig.from_pretrained(source, **extra)
+    roles = RoleConfig(list(cfg.full_targets), cfg.rank, cfg.update_gap, cfg.scale, cfg.projector,
+                       cfg.shared_threshold, cfg.lr_lora, cfg.lr_full, cfg.lr_plain, cfg.weight_decay)
+    for method in cfg.methods:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        if method in LORA_METHODS:
+            try:
+                model = add_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, list(cfg.lora_targets)))
+            except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
+                raise RoleError(f"--lora-targets {','.join(cfg.lora_targets)}: {str(err).splitlines()[0]}") from None
+        build_param_groups(model, method, roles)
+        if method in LORA_METHODS and cfg.lora_r > min(config.hidden_size, getattr(config, "intermediate_size", 10**9)):
+            raise RoleError(f"--lora-r {cfg.lora_r} is larger than the model's hidden size {config.hidden_size}")

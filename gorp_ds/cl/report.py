@@ -1,0 +1,84 @@
+"""Result files: ``results.json``, a markdown table, a heatmap of R, and the methods summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def r_matrix(rows: dict[int, list[float]], tasks: int) -> list[list[float] | None]:
+    """(T+1)×T list of lists; rows that were not measured are ``None``."""
+    return [rows.get(i) for i in range(tasks + 1)]
+
+
+def markdown_table(method: str, task_names: list[str], r: list[list[float] | None], metrics: dict[str, Any]) -> str:
+    header = "| after \\ on | " + " | ".join(task_names) + " |"
+    lines = [f"## {method}", "", header, "|" + "---|" * (len(task_names) + 1)]
+    for i, row in enumerate(r):
+        label = "before training" if i == 0 else f"task {i} ({task_names[i - 1]})"
+        cells = " | ".join(_fmt(v) for v in row) if row is not None else " | ".join("–" for _ in task_names)
+        lines.append(f"| {label} | {cells} |")
+    lines += ["", "| AA | BWT | FWT | forgetting |", "|---|---|---|---|",
+              f"| {_fmt(metrics['AA'])} | {_fmt(metrics['BWT'])} | {_fmt(metrics['FWT'])} | {_fmt(metrics['forgetting'])} |"]
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(path: str, method: str, task_names: list[str], r: list[list[float] | None]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.array([[np.nan] * len(task_names) if row is None else row for row in r], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(task_names), 1.0 + 0.6 * len(r)))
+    image = ax.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(task_names)), task_names, rotation=30, ha="right")
+    ax.set_yticks(range(len(r)), ["before"] + [f"after {i}" for i in range(1, len(r))])
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if not np.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center",
+                        color="white" if values[i, j] < 60 else "black", fontsize=8)
+    ax.set_title(f"R (accuracy %) — {method}")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_method_results(out_dir: str, result: dict[str, Any]) -> None:
+    """``results.json``, ``results.md``, ``R.png`` in ``out_dir`` (atomic JSON write)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, "results.json.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(result, handle, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "results.json"))
+    with open(os.path.join(out_dir, "results.md"), "w") as handle:
+        handle.write(markdown_table(result["method"], result["tasks"], result["R"], result["metrics"]))
+    heatmap(os.path.join(out_dir, "R.png"), result["method"], result["tasks"], result["R"])
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| method | AA | BWT | FWT | forgetting | train s | peak memory GiB |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r["metrics"]
+        lines.append(f"| {r['method']} | {_fmt(m['AA'])} | {_fmt(m['BWT'])} | {_fmt(m['FWT'])} | "
+                     f"{_fmt(m['forgetting'])} | {r['timings']['train_s']:.0f} | {r['peak_memory_gib']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir: str, results: list[dict[str, Any]]) -> str:
+    table = summary_table(results)
+    with open(os.path.join(out_dir, "summary.md"), "w") as handle:
+        handle.write("# Methods compared\n\n" + table + "\n")
+        for r in results:
+            handle.write("\n" + markdown_table(r["method"], r["tasks"], r["R"], r["metrics"]))
+    with open(os.path.join(out_dir, "summary.json"), "w") as handle:
+        json.dump({r["method"]: r["metrics"] for r in results}, handle, indent=2)
+    return table

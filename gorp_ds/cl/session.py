@@ -1,0 +1,224 @@
+"""One method's model, optimizer and DeepSpeed engine, and the operations the runner composes:
+train a task, evaluate all tasks, close a task, checkpoint, resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
+from ..data.tasks import Example, Task
+from ..data.tokenize import collate_training, encode_for_training
+from ..log import get_logger
+from ..models import (
+    LoraSettings,
+    ModelConfig,
+    RoleConfig,
+    add_lora,
+    build_param_groups,
+    load_model_and_tokenizer,
+    merge_and_reinit_,
+    trainable_summary,
+)
+from ..models.lora import lora_a_weights, orthogonality_loss
+from ..models.roles import LORA_METHODS
+from ..optim import GORP
+from ..zero import initialize, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .evaluate import evaluate_tasks
+from .monitor import Monitor
+
+log = get_logger(__name__)
+FAULT_ENV = "GORP_DS_FAULT_AT"  # "task,step": SIGKILL this process there (crash/resume tests)
+
+
+@dataclass
+class Progress:
+    """Where a method's run stands; stored in every checkpoint (JSON-able)."""
+
+    task: int = 0  # next task to train (index into the schedule)
+    step: int = 0  # next step within that task
+    rows: dict[int, list[float]] = field(default_factory=dict)  # R rows measured so far
+    timings: dict[str, float] = field(default_factory=dict)
+    global_step: int = 0
+
+    def to_state(self) -> dict[str, Any]:
+        return {"task": self.task, "step": self.step, "rows": {str(k): v for k, v in self.rows.items()},
+                "timings": self.timings, "global_step": self.global_step}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Progress:
+        return cls(state["task"], state["step"], {int(k): v for k, v in state["rows"].items()},
+                   dict(state["timings"]), state["global_step"])
+
+
+class MethodSession:
+    def __init__(self, method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[str, Any], out_dir: str):
+        self.method, self.tasks, self.cfg, self.out_dir = method, tasks, cfg, out_dir
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.checkpoint_dir = os.path.join(out_dir, "checkpoints")
+        model, self.tokenizer = load_model_and_tokenizer(
+            ModelConfig(cfg.model, cfg.dtype, cfg.gradient_checkpointing)
+        )
+        if method in LORA_METHODS:
+            model = add_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, list(cfg.lora_targets)))
+        roles = RoleConfig(list(cfg.full_targets), cfg.rank, cfg.update_gap, cfg.scale, cfg.projector,
+                           cfg.shared_threshold, cfg.lr_lora, cfg.lr_full, cfg.lr_plain, cfg.weight_decay)
+        groups = build_param_groups(model, method, roles)
+        log.info(f"[{method}] trainable: {trainable_summary(groups)}")
+        self.optimizer = GORP(groups)
+        self.optimizer.time_refreshes = True
+        ds_config = {**ds_config}
+        if isinstance(ds_config.get("tensorboard"), dict):
+            ds_config["tensorboard"] = {**ds_config["tensorboard"], "job_name": method}
+        self.engine, _, _, _ = initialize(model=model, optimizer=self.optimizer, config=ds_config)
+        self.monitor = Monitor(self.engine)
+        self.micro = cfg.micro_batch_size
+        self.accumulation = self.engine.gradient_accumulation_steps()
+        self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A of every finished task
+        self.device = next(self.engine.module.parameters()).device
+
+    # ------------------------------------------------------------------ schedule
+    def steps_for(self, task: Task) -> int:
+        if self.cfg.max_steps_per_task:
+            return self.cfg.max_steps_per_task
+        return max(1, math.ceil(self.cfg.epochs * len(task.train) / self.cfg.global_batch_size))
+
+    # ------------------------------------------------------------------ training
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy on the answer tokens only; the LM head runs on those positions alone
+        (the vocabulary projection of every prompt position is most of a small model's cost)."""
+        module = self.engine.module
+        core = module.get_base_model() if hasattr(module, "get_base_model") else module
+        hidden = core.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100  # position p predicts token p+1
+        logits = core.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+        if self.method == "o-lora" and self.old_lora_a and self.cfg.olora_lambda > 0:
+            loss = loss + self.cfg.olora_lambda * orthogonality_loss(module, self.old_lora_a)
+        return loss
+
+    def _micro_batches(self, task: Task, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        mine = rank_slice(indices, self.rank, self.world, self.accumulation)
+        batches = []
+        for micro in split_micro_batches(mine, self.accumulation):
+            encoded = [encode_for_training(self.tokenizer, task, task.train[i], self.cfg.max_length) for i in micro]
+            batch = collate_training(encoded, self.tokenizer.pad_token_id)
+            batches.append({k: v.to(self.device) for k, v in batch.items()})
+        return batches
+
+    def train_task(self, task_index: int, task: Task, progress: Progress, on_checkpoint, total_tasks: int) -> None:
+        steps = self.steps_for(task)
+        order = global_batch_order(len(task.train), self.cfg.global_batch_size, steps, self.cfg.seed, task_index)
+        fault = os.environ.get(FAULT_ENV)
+        bar = tqdm(total=steps, initial=progress.step, desc=f"[{self.method}] task {task_index + 1}/{total_tasks} {task.name}",
+                   disable=self.rank != 0, dynamic_ncols=True, mininterval=1.0)
+        self.engine.module.train()
+        start = time.perf_counter()
+        tokens = 0
+        while progress.step < steps:
+            step_start = time.perf_counter()
+            refresh_before = self.optimizer.stats["refresh_seconds"]
+            losses = []
+            for batch in self._micro_batches(task, order[progress.step]):
+                loss = self._loss(batch)
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(loss.detach().float())
+                tokens += int(batch["attention_mask"].sum()) * self.world
+            progress.step += 1
+            progress.global_step += 1
+            seconds = time.perf_counter() - step_start
+            loss_value = float(torch.stack(losses).mean())
+            self.monitor.train_step(progress.global_step, loss_value, self.optimizer, self.engine,
+                                    tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9),
+                                    refresh_ms=1000 * (self.optimizer.stats["refresh_seconds"] - refresh_before),
+                                    step_seconds=seconds)
+            bar.set_postfix(loss=f"{loss_value:.3f}", refreshes=self.optimizer.stats["refreshes"])
+            bar.update(1)
+            if fault == f"{task_index},{progress.step}":
+                os.kill(os.getpid(), 9)
+            if self.cfg.save_every and progress.step % self.cfg.save_every == 0 and progress.step < steps:
+                on_checkpoint(progress)
+        bar.close()
+        elapsed = time.perf_counter() - start
+        progress.timings[f"train_s/{task_index}"] = progress.timings.get(f"train_s/{task_index}", 0.0) + elapsed
+        progress.timings[f"tokens/{task_index}"] = progress.timings.get(f"tokens/{task_index}", 0.0) + tokens
+
+    # ------------------------------------------------------------------ evaluation and task boundary
+    def evaluate(self) -> tuple[list[float], float]:
+        start = time.perf_counter()
+        row = evaluate_tasks(self.engine.module, self.tokenizer, self.tasks, eval_samples=None,
+                             batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
+                             rank=self.rank, world=self.world)
+        return row, time.perf_counter() - start
+
+    def end_task(self, task_index: int) -> dict[str, int]:
+        """GORP.md §4: extend S from the moments and reset the optimizer, merge LoRA into the base
+        weights and re-initialise it (O-LoRA first remembers the finished task's A)."""
+        if self.method == "o-lora":
+            for name, a in lora_a_weights(self.engine.module).items():
+                self.old_lora_a.setdefault(name, []).append(a.cpu())
+        sizes = self.optimizer.end_task()
+        if self.method in LORA_METHODS:
+            changed = merge_and_reinit_(self.engine.module, self.cfg.seed, task_index)
+            self.engine.gorp.masters_from_model(changed)
+        return sizes
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, progress: Progress) -> str:
+        tag = f"task{progress.task:02d}_step{progress.step:06d}"
+        client = {"progress": progress.to_state(), "old_lora_a": self.old_lora_a, "method": self.method}
+        save_checkpoint(self.engine, self.checkpoint_dir, tag, client)
+        if self.rank == 0:
+            self._prune(keep=self.cfg.keep_checkpoints, newest=tag)
+        self.engine.gorp.barrier()
+        return tag
+
+    def _prune(self, keep: int, newest: str) -> None:
+        tags = sorted(d for d in os.listdir(self.checkpoint_dir)
+                      if os.path.isdir(os.path.join(self.checkpoint_dir, d)) and d.startswith("task"))
+        for tag in tags[:-keep]:
+            if tag != newest:
+                shutil.rmtree(os.path.join(self.checkpoint_dir, tag), ignore_errors=True)
+
+    def has_checkpoint(self) -> bool:
+        return os.path.isfile(os.path.join(self.checkpoint_dir, "latest"))
+
+    def resume(self) -> Progress:
+        client = load_checkpoint(self.engine, self.checkpoint_dir)
+        self.old_lora_a = client.get("old_lora_a", {})
+        progress = Progress.from_state(client["progress"])
+        log.info(f"[{self.method}] resumed at task {progress.task + 1}, step {progress.step}")
+        return progress
+
+    def close(self) -> None:
+        self.engine.destroy()
+        del self.engine
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class PromptedTask(Task):
+    """A task whose examples already hold their full prompt (instruction included)."""
+
+    def prompt(self, example: Example) -> str:
+        return example.text
+
+
+def mixed_task(tasks: list[Task]) -> Task:
+    """Multi-task learning: every task's training examples, each with its own task's prompt."""
+    train = [Example(task.prompt(ex), ex.label) for task in tasks for ex in task.train]
+    labels = tuple(sorted({label for task in tasks for label in task.labels}))
+    return PromptedTask(name="all-tasks", labels=labels, instruction="", train=train, test=[])

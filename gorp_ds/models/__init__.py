@@ -1,0 +1,11 @@
+"""Model loading, LoRA through PEFT, and role assignment by module-name patterns."""
+
+from .loading import EMBEDDED, ModelConfig, ModelError, embedded_gguf_path, load_model_and_tokenizer
+from .lora import LoraSettings, add_lora, canonical_name, lora_factor_names, merge_and_reinit_
+from .roles import METHODS, RoleConfig, RoleError, build_param_groups, trainable_summary
+
+__all__ = [
+    "EMBEDDED", "ModelConfig", "ModelError", "embedded_gguf_path", "load_model_and_tokenizer", "LoraSettings",
+    "add_lora", "canonical_name", "lora_factor_names", "merge_and_reinit_", "METHODS", "RoleConfig", "RoleError",
+    "build_param_groups", "trainable_summary",
+]

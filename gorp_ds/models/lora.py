@@ -1,0 +1,109 @@
+"""LoRA through PEFT: injection, canonical module names, and the task-boundary merge + re-init.
+
+GORP keys its shared spaces by module name (GORP.md §3), and LoRA factors are re-initialised at
+every task, so names must not depend on PEFT's wrapping: ``base_model.model.model.layers.3.
+self_attn.q_proj.lora_A.default.weight`` is called ``model.layers.3.self_attn.q_proj.lora_A``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def canonical_name(parameter_name: str) -> str:
+    """Module name of a parameter, independent of PEFT's wrapping and adapter name."""
+    name = parameter_name.removeprefix(_PEFT_PREFIX)
+    name = name.replace(".default.weight", "").replace(".base_layer.weight", ".weight")
+    return name.removesuffix(".weight")
+
+
+def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap ``model`` with PEFT LoRA on modules whose name ends with one of ``settings.targets``."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, target_modules=list(settings.targets),
+                        lora_dropout=0.0, bias="none")
+    return get_peft_model(model, config)
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{canonical module name: PEFT LoRA layer}`` (e.g. ``model.layers.0.self_attn.q_proj``)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name.removeprefix(_PEFT_PREFIX): module for name, module in model.named_modules()
+            if isinstance(module, LoraLayer)}
+
+
+def lora_factor_names(model: nn.Module) -> list[str]:
+    """Canonical names of every LoRA A and B factor."""
+    names = []
+    for name in lora_layers(model):
+        names += [f"{name}.lora_A", f"{name}.lora_B"]
+    return names
+
+
+def _seeded_kaiming_(weight: torch.Tensor, seed: int) -> None:
+    """PEFT's default A init (kaiming uniform, a=√5), from a generator so all ranks agree."""
+    generator = torch.Generator().manual_seed(seed)
+    fan_in = weight.shape[1]
+    bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a=√5 gives gain·√(3/fan_in) = 1/√fan_in
+    values = torch.empty(weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+    weight.data.copy_(values.to(weight.dtype))
+
+
+@torch.no_grad()
+def merge_and_reinit_(model: nn.Module, seed: int, task_index: int) -> list[str]:
+    """GORP.md §4 step 2: ``W ← W + (α/r) B A`` for every LoRA layer, then A re-drawn and B zeroed
+    (equivalent to freezing the old adapter, as O-LoRA does). Deterministic per (seed, task, name),
+    identical on every rank. Returns the canonical names of the re-initialised factors."""
+    changed = []
+    for name, layer in lora_layers(model).items():
+        for adapter in layer.lora_A:
+            a = layer.lora_A[adapter].weight
+            b = layer.lora_B[adapter].weight
+            base = layer.get_base_layer().weight
+            delta = (b.float() @ a.float()) * float(layer.scaling[adapter])
+            base.data.copy_((base.float() + delta).to(base.dtype))
+            _seeded_kaiming_(a, zlib.crc32(f"{seed}/{task_index}/{name}".encode()))
+            b.data.zero_()
+            changed += [f"{name}.lora_A", f"{name}.lora_B"]
+    return changed
+
+
+def lora_a_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{layer name: A (r × n)}`` detached copies, for O-LoRA's orthogonality loss."""
+    result = {}
+    for name, layer in lora_layers(model).items():
+        for adapter in layer.lora_A:
+            result[name] = layer.lora_A[adapter].weight.detach().clone()
+    return result
+
+
+def orthogonality_loss(model: nn.Module, old_a: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    """O-LoRA's λ-free term ``Σ_layers Σ_old |A_new A_oldᵀ|₁`` (sum of absolute entries)."""
+    total = None
+    for name, layer in lora_layers(model).items():
+        previous = old_a.get(name)
+        if not previous:
+            continue
+        a = next(iter(layer.lora_A.values())).weight
+        stacked = torch.cat([p.to(a.device, a.dtype) for p in previous], dim=0)  # (tasks·r) × n
+        term = (a @ stacked.mT).abs().sum()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return total

@@ -1,0 +1,107 @@
+"""Which tensors train, with which GORP role: built from module-name patterns per method.
+
+| method                    | LoRA factors (targets)     | full-rank targets        | everything else |
+|---------------------------|----------------------------|--------------------------|-----------------|
+| gorp                      | lora_a / lora_b (S on)     | full, projected (S on)   | frozen          |
+| galore                    | lora_a / lora_b (no S)     | full, projected (no S)   | frozen          |
+| seq-lora, o-lora, mtl     | plain AdamW                | frozen                   | frozen          |
+| seq-ft                    | (no LoRA)                  | plain AdamW, all tensors | plain AdamW     |
+
+``galore`` is GORP with ε_S = 0: the same parameters and projected Adam, without the shared
+space, so comparing it with ``gorp`` isolates what S protects.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .lora import canonical_name
+
+METHODS = ("gorp", "galore", "seq-lora", "o-lora", "mtl", "seq-ft")
+LORA_METHODS = ("gorp", "galore", "seq-lora", "o-lora", "mtl")
+FULL_RANK_METHODS = ("gorp", "galore")
+
+
+class RoleError(ValueError):
+    """Targets that match nothing, ranks larger than a matrix, unknown methods."""
+
+
+@dataclass
+class RoleConfig:
+    full_targets: list[str] = field(default_factory=lambda: ["mlp.gate_proj"])
+    rank: int = 8  # k of the projected Adam
+    update_gap: int = 20  # T
+    scale: float = 0.25  # s
+    projector: str = "randomized"
+    shared_threshold: float = 0.9  # ε_S
+    lr_lora: float = 2e-4
+    lr_full: float = 1e-6
+    lr_plain: float = 1e-5  # seq-ft
+    weight_decay: float = 0.0
+
+
+def _matches(module_name: str, pattern: str) -> bool:
+    """A pattern matches a module name at a dot boundary (``mlp.gate_proj`` matches
+    ``model.layers.3.mlp.gate_proj``); patterns starting with ``re:`` are regular expressions."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], module_name) is not None
+    return module_name == pattern or module_name.endswith("." + pattern)
+
+
+def build_param_groups(model: nn.Module, method: str, cfg: RoleConfig) -> list[dict[str, Any]]:
+    """GORP param groups for ``method`` on a (PEFT-wrapped, for LoRA methods) model; sets
+    ``requires_grad`` so that exactly the grouped tensors train."""
+    if method not in METHODS:
+        raise RoleError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    raw = list(model.named_parameters())
+    named = [(canonical_name(n), p) for n, p in raw]
+    weights = {canonical_name(n) for n, _ in raw if n.endswith(".weight")}  # canonical names drop ".weight"
+    for _, param in named:
+        param.requires_grad_(False)
+    if method == "seq-ft":
+        params = [(n, p) for n, p in named]
+        for _, p in params:
+            p.requires_grad_(True)
+        return [{"params": [p for _, p in params], "names": [n for n, _ in params], "role": "plain",
+                 "lr": cfg.lr_plain, "weight_decay": cfg.weight_decay}]
+
+    lora_a = [(n, p) for n, p in named if n.endswith(".lora_A")]
+    lora_b = [(n, p) for n, p in named if n.endswith(".lora_B")]
+    if not lora_a:
+        raise RoleError("no LoRA factors found: the LoRA target modules match nothing in this model")
+    protected = method in FULL_RANK_METHODS
+    threshold = cfg.shared_threshold if method == "gorp" else 0.0
+    groups: list[dict[str, Any]] = []
+    for role, members in (("lora_a", lora_a), ("lora_b", lora_b)):
+        groups.append({"params": [p for _, p in members], "names": [n for n, _ in members],
+                       "role": role if protected else "plain", "lr": cfg.lr_lora,
+                       "weight_decay": cfg.weight_decay, "shared_threshold": threshold})
+    if protected and cfg.full_targets:
+        full = [(n, p) for n, p in named
+                if n in weights and p.dim() == 2 and ".lora_" not in n and any(_matches(n, t) for t in cfg.full_targets)]
+        if not full:
+            raise RoleError(f"full-rank targets {cfg.full_targets} match no 2-D weight in this model")
+        for name, param in full:
+            if cfg.rank > min(param.shape):
+                raise RoleError(f"--rank {cfg.rank} is larger than {name} ({tuple(param.shape)}); use at most {min(param.shape)}")
+        groups.append({"params": [p for _, p in full], "names": [n for n, _ in full], "role": "full",
+                       "lr": cfg.lr_full, "weight_decay": cfg.weight_decay, "rank": cfg.rank,
+                       "update_gap": cfg.update_gap, "scale": cfg.scale, "projector": cfg.projector,
+                       "shared_threshold": threshold})
+    for group in groups:
+        for param in group["params"]:
+            param.requires_grad_(True)
+    return groups
+
+
+def trainable_summary(groups: list[dict[str, Any]]) -> str:
+    """``"lora_a 60 tensors 276k, full 30 tensors 26.5M"``: one line for the logs."""
+    parts = []
+    for group in groups:
+        count = sum(p.numel() for p in group["params"])
+        parts.append(f"{group['role']} {len(group['params'])} tensors {count / 1e6:.2f}M")
+    return ", ".join(parts)

@@ -1,0 +1,46 @@
+"""gorp_ds main job: a whole continual-learning task sequence in one launch.
+
+    deepspeed launch/train.py --ds_config ds_configs/zero2.json            # embedded default
+    deepspeed launch/train.py --ds_config ds_configs/zero2.json --config my_run.yaml --method gorp,o-lora
+
+Bad input (missing data, unknown task or method, targets that match nothing, a DeepSpeed config
+that contradicts the run) stops every rank before training with a one-line message and status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable from a checkout without installing the package
+    sys.path.insert(0, str(REPO))
+DEFAULT_DS_CONFIG = REPO / "ds_configs" / "zero2.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gorp_ds.cl import ConfigError, add_arguments, build_run_config
+    from gorp_ds.data.errors import DataError
+    from gorp_ds.models import ModelError, RoleError
+    from gorp_ds.zero import CheckpointError, UnsupportedSetupError
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    user_errors = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError)
+    try:
+        cfg = build_run_config(args)
+        from gorp_ds.cl.runner import run
+
+        run(cfg, args.ds_config or str(DEFAULT_DS_CONFIG))
+    except user_errors as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"gorp_ds: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
