@@ -23,8 +23,13 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     "${pip[@]}" torch
   else
     echo "install: no GPU: installing the CPU build of torch==$TORCH_VERSION"
-    "${pip[@]}" --no-index "torch==$TORCH_VERSION" 2>/dev/null \
-      || "${pip[@]}" "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+    probe=$(mktemp -d)
+    if "$py" -m pip download -q --no-index --no-deps "torch==$TORCH_VERSION" -d "$probe" >/dev/null 2>&1; then
+      "${pip[@]}" "torch==$TORCH_VERSION"  # a local CPU wheel (pip's find-links) is preferred
+    else
+      "${pip[@]}" "torch==$TORCH_VERSION" --extra-index-url https://download.pytorch.org/whl/cpu
+    fi
+    rm -rf "$probe"
   fi
 fi
 "${pip[@]}" setuptools wheel numpy packaging
