@@ -27,7 +27,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     if "$py" -m pip download -q --no-index --no-deps "torch==$TORCH_VERSION" -d "$probe" >/dev/null 2>&1; then
       "${pip[@]}" "torch==$TORCH_VERSION"  # a local CPU wheel (pip's find-links) is preferred
     else
-      "${pip[@]}" "torch==$TORCH_VERSION" --extra-index-url https://download.pytorch.org/whl/cpu
+      "${pip[@]}" "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
     fi
     rm -rf "$probe"
   fi

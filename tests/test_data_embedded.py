@@ -107,5 +107,10 @@ def test_token_budget_with_smollm2(suite) -> None:
         ]
         assert max(lengths) <= 24, (t.name, max(lengths))
         # every code is one token, so the supervised part is exactly code + EOS
-        enc = encode_for_training(tok, t, t.test[0], 256)
-        assert sum(x != -100 for x in enc["labels"]) == 2
+        ex = t.test[0]
+        enc = encode_for_training(tok, t, ex, 256)
+        supervised = [x for x in enc["labels"] if x != -100]
+        assert len(supervised) == 2
+        assert tok.decode(supervised) == t.target(ex) + tok.eos_token
+        n_prompt = len(enc["labels"]) - 2
+        assert tok.decode(enc["input_ids"][:n_prompt]) == t.prompt(ex)

@@ -80,6 +80,10 @@ def test_hf_errors(tmp_path: Path) -> None:
     assert "not a directory" in _error(f"hf:{tmp_path / 'missing_dir'}")
     assert "unknown option(s) bogus" in _error(f"hf:{wrong_cols}?bogus=1")
     assert "not in the labels= option" in _error(f"hf:{wrong_cols}?text=text&labels=a|b")
+    single = tmp_path / "single"
+    datasets.Dataset.from_list(rows(3)).save_to_disk(str(single))
+    assert "single Dataset without splits" in _error(f"hf:{single}")
+    assert "name no files" in _error("hf:json?train=&test=")
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "ok.json").write_text(json.dumps(rows(2)))
     assert "datasets could not load it" in _error(

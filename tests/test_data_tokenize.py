@@ -98,6 +98,14 @@ def test_truncation_cuts_only_the_left_of_the_input(tok) -> None:
         encode_for_training(tok, TASK, ex, max_length=12)
 
 
+def test_truncation_with_multibyte_text(tok) -> None:
+    ex = Example("héllo wörld ☃ 🙂 " * 40 + "end", "Good")
+    enc = encode_for_training(tok, TASK, ex, max_length=48)
+    assert len(enc["input_ids"]) <= 48
+    n_prompt = enc["labels"].count(-100)
+    assert tok.decode(enc["input_ids"][:n_prompt], skip_special_tokens=True).endswith(" end\nAnswer:")
+
+
 def test_collate_right_pads(tok) -> None:
     batch = [encode_for_training(tok, TASK, Example(t, "Bad"), 256) for t in ("a bad film", "bad")]
     pad = tok.pad_token_id
