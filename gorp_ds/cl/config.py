@@ -59,11 +59,13 @@ class RunConfig:
     lr_plain: float = 1e-5
     weight_decay: float = 0.0
     olora_lambda: float = 0.5
+    lora_init_off_shared: bool = True  # gorp: new adapters' A starts orthogonal to the shared space
     # run
     output_dir: str = "runs/gorp_ds"
     resume: bool = False
     save_every: int = 100  # optimizer steps between mid-task checkpoints (0: task boundaries only)
     keep_checkpoints: int = 2
+    checkpoints: bool = True  # false: write no checkpoints at all (benchmarks; --resume then impossible)
     seed: int = 0
 
 

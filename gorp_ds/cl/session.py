@@ -29,7 +29,7 @@ from ..models import (
     merge_and_reinit_,
     trainable_summary,
 )
-from ..models.lora import lora_a_weights, orthogonality_loss
+from ..models.lora import init_lora_, lora_a_weights, orthogonality_loss, project_lora_a_off_
 from ..models.roles import LORA_METHODS
 from ..optim import GORP
 from ..zero import initialize, load_checkpoint, save_checkpoint
@@ -70,8 +70,10 @@ class MethodSession:
         model, self.tokenizer = load_model_and_tokenizer(
             ModelConfig(cfg.model, cfg.dtype, cfg.gradient_checkpointing)
         )
+        torch.manual_seed(cfg.seed)
         if method in LORA_METHODS:
             model = add_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, list(cfg.lora_targets)))
+            init_lora_(model, cfg.seed, 0)
         roles = RoleConfig(list(cfg.full_targets), cfg.rank, cfg.update_gap, cfg.scale, cfg.projector,
                            cfg.shared_threshold, cfg.lr_lora, cfg.lr_full, cfg.lr_plain, cfg.weight_decay)
         groups = build_param_groups(model, method, roles)
@@ -173,11 +175,24 @@ class MethodSession:
         sizes = self.optimizer.end_task()
         if self.method in LORA_METHODS:
             changed = merge_and_reinit_(self.engine.module, self.cfg.seed, task_index)
+            if self.method == "gorp" and self.cfg.lora_init_off_shared:
+                project_lora_a_off_(self.engine.module, self._all_shared_spaces(".lora_A"))
             self.engine.gorp.masters_from_model(changed)
         return sizes
 
+    def _all_shared_spaces(self, suffix: str) -> dict[str, torch.Tensor]:
+        """S of every tensor whose name ends with ``suffix``, from whichever rank holds it."""
+        local = {n: s.cpu() for n, s in self.optimizer.shared.items() if n.endswith(suffix)}
+        if self.world == 1:
+            return local
+        gathered: list[dict[str, torch.Tensor]] = [{} for _ in range(self.world)]
+        dist.all_gather_object(gathered, local)
+        return {n: s for part in gathered for n, s in part.items()}
+
     # ------------------------------------------------------------------ checkpoints
-    def save(self, progress: Progress) -> str:
+    def save(self, progress: Progress) -> str | None:
+        if not self.cfg.checkpoints:
+            return None
         tag = f"task{progress.task:02d}_step{progress.step:06d}"
         client = {"progress": progress.to_state(), "old_lora_a": self.old_lora_a, "method": self.method}
         save_checkpoint(self.engine, self.checkpoint_dir, tag, client)

@@ -66,21 +66,49 @@ def _seeded_kaiming_(weight: torch.Tensor, seed: int) -> None:
 
 
 @torch.no_grad()
+def init_lora_(model: nn.Module, seed: int, task_index: int) -> list[str]:
+    """A from a generator seeded by (seed, task, layer name), B zero: the same on every rank and
+    in every run with the same seed (PEFT's own init draws from torch's global generator)."""
+    changed = []
+    for name, layer in lora_layers(model).items():
+        for adapter in layer.lora_A:
+            _seeded_kaiming_(layer.lora_A[adapter].weight, zlib.crc32(f"{seed}/{task_index}/{name}".encode()))
+            layer.lora_B[adapter].weight.data.zero_()
+            changed += [f"{name}.lora_A", f"{name}.lora_B"]
+    return changed
+
+
+@torch.no_grad()
 def merge_and_reinit_(model: nn.Module, seed: int, task_index: int) -> list[str]:
     """GORP.md §4 step 2: ``W ← W + (α/r) B A`` for every LoRA layer, then A re-drawn and B zeroed
     (equivalent to freezing the old adapter, as O-LoRA does). Deterministic per (seed, task, name),
     identical on every rank. Returns the canonical names of the re-initialised factors."""
-    changed = []
-    for name, layer in lora_layers(model).items():
+    for layer in lora_layers(model).values():
         for adapter in layer.lora_A:
             a = layer.lora_A[adapter].weight
             b = layer.lora_B[adapter].weight
             base = layer.get_base_layer().weight
             delta = (b.float() @ a.float()) * float(layer.scaling[adapter])
             base.data.copy_((base.float() + delta).to(base.dtype))
-            _seeded_kaiming_(a, zlib.crc32(f"{seed}/{task_index}/{name}".encode()))
-            b.data.zero_()
-            changed += [f"{name}.lora_A", f"{name}.lora_B"]
+    return init_lora_(model, seed, task_index + 1)
+
+
+@torch.no_grad()
+def project_lora_a_off_(model: nn.Module, bases: dict[str, torch.Tensor]) -> list[str]:
+    """Start each new adapter outside the old tasks' input space: ``A ← A − (A S) Sᵀ`` with S
+    (``n × s``, orthonormal) the shared space of that layer's ``lora_A``. GORP keeps A's gradients
+    out of span(S); a random A would still read those inputs from its first step (ours)."""
+    changed = []
+    for name, layer in lora_layers(model).items():
+        basis = bases.get(f"{name}.lora_A")
+        if basis is None:
+            continue
+        for adapter in layer.lora_A:
+            a = layer.lora_A[adapter].weight
+            s = basis.to(a.device, torch.float32)
+            a32 = a.float()
+            a.data.copy_((a32 - (a32 @ s) @ s.mT).to(a.dtype))
+            changed.append(f"{name}.lora_A")
     return changed
 
 

@@ -67,8 +67,9 @@ def check_supported(config: dict[str, Any], source: str = "DeepSpeed config") ->
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
         if device not in (None, "none"):
-            refuse(f"zero_optimization.{key}", f"offloads to {device!r}; GORP's low-rank state and projectors "
-                   "run on the accelerator", f"remove zero_optimization.{key}")
+            refuse(f"zero_optimization.{key}", f"offloads to {device!r}, which GORP does not support (DeepSpeed's "
+                   "offload path expects its own CPU Adam, and GORP's projector refreshes would run on the CPU)",
+                   f"remove zero_optimization.{key}")
     if zero.get("cpu_offload"):
         refuse("zero_optimization.cpu_offload", "is set", "remove it (optimizer offload is not supported with GORP)")
     if _enabled(config.get("fp16")):

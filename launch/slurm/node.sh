@@ -1,0 +1,55 @@
+#!/bin/bash
+# Runs on every node of a SLURM job (one srun task per node, started by train.sbatch): starts
+# that node's launcher, which starts one training process per GPU.
+#
+#   bash launch/slurm/node.sh [launch/train.py flags...]
+#
+# Reads from the environment: SLURM_NODEID, SLURM_JOB_NUM_NODES (or SLURM_NNODES),
+# SLURM_JOB_NODELIST (set by srun), MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE and LAUNCHER
+# (deepspeed or torchrun; set by train.sbatch).
+set -euo pipefail
+
+NODE_RANK=${SLURM_NODEID:?node.sh runs inside srun (SLURM_NODEID is not set)}
+NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:?SLURM_NNODES is not set}}
+: "${MASTER_ADDR:?}" "${MASTER_PORT:?}" "${GPUS_PER_NODE:?}"
+LAUNCHER=${LAUNCHER:-deepspeed}
+TRAIN=launch/train.py
+
+echo "[$(date '+%F %T')] node $NODE_RANK/$NNODES ($(hostname)): $LAUNCHER, $GPUS_PER_NODE GPU(s)," \
+     "master $MASTER_ADDR:$MASTER_PORT"
+
+# The launchers number this node's GPUs 0..GPUS_PER_NODE-1 (the usual case with whole nodes or
+# with SLURM's cgroup device isolation); say so when SLURM handed out other device numbers.
+if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    expected=$(seq -s, 0 $((GPUS_PER_NODE - 1)))
+    if [[ "$CUDA_VISIBLE_DEVICES" != "$expected" ]]; then
+        echo "warning: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES, but the launcher uses devices $expected;" \
+             "request whole nodes (--exclusive) or enable ConstrainDevices in SLURM's cgroup.conf" >&2
+    fi
+fi
+
+case "$LAUNCHER" in
+deepspeed)
+    # `deepspeed --no_ssh` starts only this node's processes. It still needs a hostfile naming
+    # every node: without one it knows only "localhost", refuses --num_nodes > 1 and would
+    # replace --master_addr with 127.0.0.1. Only the number of hosts and their slots matter.
+    HOSTFILE=$(mktemp "${TMPDIR:-/tmp}/gorp-hostfile.XXXXXX")
+    trap 'rm -f "$HOSTFILE"' EXIT
+    scontrol show hostnames "$SLURM_JOB_NODELIST" | while read -r host; do
+        echo "$host slots=$GPUS_PER_NODE"
+    done > "$HOSTFILE"
+    deepspeed --hostfile="$HOSTFILE" --no_ssh \
+        --node_rank="$NODE_RANK" --num_nodes="$NNODES" --num_gpus="$GPUS_PER_NODE" \
+        --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+        "$TRAIN" "$@"
+    ;;
+torchrun)
+    torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS_PER_NODE" \
+        --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+        "$TRAIN" "$@"
+    ;;
+*)
+    echo "node.sh: unknown LAUNCHER '$LAUNCHER' (deepspeed or torchrun)" >&2
+    exit 2
+    ;;
+esac
