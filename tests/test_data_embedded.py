@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from gorp_ds.data import EMBEDDED_DEFAULT, DataConfig, DataError, load_task_sequence
-from gorp_ds.data.embedded import CATEGORIES, CODES, embedded_task
+from gorp_ds.data.embedded import CATEGORIES, CODES, FILLERS, embedded_task
 
 
 @pytest.fixture(scope="module")
@@ -44,40 +44,26 @@ def test_balanced_and_disjoint(suite) -> None:
         assert not train_inputs & {e.text for e in t.test}
 
 
-def test_shared_inputs_and_conflicting_rules(suite) -> None:
-    vocab = {w for words in CATEGORIES.values() for w in words}
-    for t in suite:
-        for e in t.train[:200]:
-            words = e.text.split()
-            assert len(words) == len(CATEGORIES) and set(words) <= vocab
-    # Each task's label is a function of its own category word; on the same input the tasks disagree.
-    rules = []
+def test_own_key_words_in_shared_context(suite) -> None:
+    """Each input holds exactly one key word of its task's category among shared filler words, and
+    the label is a balanced function of that key word (4 words onto 4 codes)."""
     for t, category in zip(suite, CATEGORIES, strict=True):
         rule = {}
-        for e in t.train:
-            (word,) = [w for w in e.text.split() if w in CATEGORIES[category]]
-            assert rule.setdefault(word, e.label) == e.label
-        assert sorted(Counter(rule.values()).values()) == [len(CATEGORIES[category]) // len(CODES)] * len(
-            CODES
-        )
-        rules.append((category, rule))
-    probe = suite[0].test[:100]
-    agreement = [
-        sum(
-            r1[next(w for w in e.text.split() if w in CATEGORIES[c1])]
-            == r2[next(w for w in e.text.split() if w in CATEGORIES[c2])]
-            for e in probe
-        )
-        / len(probe)
-        for i, (c1, r1) in enumerate(rules)
-        for c2, r2 in rules[i + 1 :]
-    ]
-    assert max(agreement) < 0.5  # about chance (1/4): learning one task's rule is wrong for another
+        for e in t.train + t.test:
+            words = e.text.split()
+            keys = [w for w in words if w in CATEGORIES[category]]
+            assert len(keys) == 1 and len(words) == 4
+            assert set(words) - set(keys) <= set(FILLERS)
+            assert rule.setdefault(keys[0], e.label) == e.label
+        assert sorted(rule.values()) == sorted(CODES)
+    # The tasks share the context (fillers) and the answers (codes), not the key words.
+    contexts = [{w for e in t.train for w in e.text.split() if w in FILLERS} for t in suite]
+    assert all(c == set(FILLERS) for c in contexts)
 
 
 def test_bad_sizes() -> None:
     with pytest.raises(DataError, match="distinct inputs"):
-        embedded_task("emb_color", n_train=10_000)
+        embedded_task("emb_color", n_train=20_000)
     with pytest.raises(DataError, match="available: emb_color"):
         embedded_task("emb_nope")
 

@@ -2,20 +2,22 @@
 
 Design (what makes the suite useful as a small continual-learning benchmark):
 
-* **One input distribution.** Every input is four common words in random order, one from each
-  category (colour, animal, fruit, object), e.g. ``"dog red pen apple"``. All tasks draw inputs
-  from this same distribution, so a model cannot tell the tasks apart from the input alone.
+* **Own key words, shared context.** An input is one word of the task's category (colour,
+  animal, fruit or object) among three filler words shared by all tasks, in random order, e.g.
+  ``"old dog the big"`` for ``emb_animal``. Tasks therefore rely on different input features
+  (their key words) inside a common context, like the domains of a real task sequence.
 * **One label vocabulary.** Every task answers with the same four arbitrary code words
   (:data:`CODES`: ``vex nar lux zig``), each a single token for the SmolLM2/GPT-2 style BPE
-  tokenizers. The mapping from words to codes is random (seeded) and never stated, so no model
+  tokenizers. Each task's word-to-code mapping is random (seeded) and never stated, so no model
   can solve a task zero-shot (accuracy ~0, the model does not even produce code words).
-* **Different rules.** Task ``emb_<category>`` labels an input by the code of its word of that
-  category. For a given input the four tasks give independent labels, so a model that learned
-  task 2 and forgot the instruction of task 1 scores chance (25 %) on task 1: sequential LoRA
-  fine-tuning visibly forgets. Each task has its own instruction naming the category, so a model
-  *can* keep all tasks apart (multi-task training solves all four).
-* **Short and learnable.** A whole example (prompt + answer + EOS) is ~20 tokens, and the rule is
-  a lexical look-up that LoRA (r=8 on q, v) picks up in ~100-150 steps of batch 16.
+* **Interference through the shared answer mechanism.** Every task pushes the same answer
+  position towards the same four code tokens, so unconstrained sequential fine-tuning of one
+  adapter overwrites how earlier key words map to codes: ``seq-lora`` forgets (measured on
+  SmolLM2-135M, 40 steps per task: task 1 falls from 100 % to ~55 % after three more tasks), while
+  a method that keeps new updates out of the directions earlier tasks used can keep them
+  (``gorp`` stays at ~90 %).
+* **Short and learnable.** A whole example (prompt + answer + EOS) is ~16 tokens, and the rule is
+  a lexical look-up that LoRA (r=8 on q, v) learns in ~30–40 steps of batch 16 at lr 1e-3.
 * **Balanced and clean.** Labels are exactly balanced in each split (sizes divisible by 4; otherwise
   the first labels get one example more), test inputs never occur in the same task's train split,
   and everything is a pure function of the seed.
@@ -31,6 +33,7 @@ from .tasks import Example, Task
 __all__ = [
     "CATEGORIES",
     "CODES",
+    "FILLERS",
     "EMBEDDED_DEFAULT",
     "EMBEDDED_SEED",
     "embedded_task",
@@ -83,17 +86,20 @@ def _label_sequence(n: int, rng: random.Random) -> list[str]:
     return labels
 
 
+#: Context words shared by every task's inputs (never key words of any category).
+FILLERS: tuple[str, ...] = ("the", "and", "very", "some", "two", "big", "old", "new", "this", "that", "one", "my")
+FILLERS_PER_INPUT = 3
+
+
 def _draw_input(category: str, word: str, rng: random.Random) -> str:
-    words = [word if c == category else rng.choice(vals) for c, vals in CATEGORIES.items()]
+    words = [word] + [rng.choice(FILLERS) for _ in range(FILLERS_PER_INPUT)]
     rng.shuffle(words)
     return " ".join(words)
 
 
 def _input_space_size() -> int:
-    size = 1
-    for i, vals in enumerate(CATEGORIES.values(), start=1):
-        size *= len(vals) * i  # choices of word times orderings (4! overall)
-    return size
+    """Distinct inputs per task: key word × filler sequence × key position."""
+    return len(next(iter(CATEGORIES.values()))) * len(FILLERS) ** FILLERS_PER_INPUT * (FILLERS_PER_INPUT + 1)
 
 
 def embedded_task(
