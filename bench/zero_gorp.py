@@ -8,7 +8,7 @@ Configurations, side by side in one launch on the same model shape, batch and Ze
 
 Reported per configuration (median of timed steps after warm-up, torch.cuda.synchronize around
 each step): seconds per step, tokens/s per GPU, ratio to lora, MFU (8·N·tokens/s: 6N plus the
-recomputed forward under checkpointing, against 766 TFLOP/s bf16), peak memory per GPU, and for
+recomputed forward under checkpointing, 6·N·tokens/s without it, against 766 TFLOP/s bf16), peak memory per GPU, and for
 gorp the refresh-step overhead (a step that recomputes the 32 projectors minus the median step).
 
     deepspeed --num_gpus 2 bench/zero_gorp.py --out bench/results/zero_gorp_h200x2.md
@@ -121,7 +121,8 @@ def run_config(name: str, args, device) -> dict:
         "config": name, "world_size": dist.get_world_size(), "layers": engine.module.config.num_hidden_layers,
         "seq": args.seq, "micro_batch": args.micro, "params_b": n_params / 1e9, "median_step_s": median,
         "tokens_per_s_per_gpu": tokens / median,
-        "mfu": 8 * n_params * tokens / median / (PEAK_TFLOPS * 1e12),
+        # 6·N·tokens, plus 2·N·tokens for the recomputed forward under gradient checkpointing
+        "mfu": (6 if name == "gorp-nockpt" else 8) * n_params * tokens / median / (PEAK_TFLOPS * 1e12),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan"),
         "timed_steps": len(plain),
         "refresh_overhead_s": (statistics.median([times[i] for i in refresh_steps]) - median) if refresh_steps else None,
@@ -164,7 +165,9 @@ def main() -> None:
     import deepspeed
 
     deepspeed.init_distributed()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(args.local_rank)
+    device = torch.device("cuda", args.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     results = []
     for name in args.configs.split(","):
         result = run_config(name, args, device)

@@ -36,10 +36,10 @@ class RunConfig:
     max_steps_per_task: int | None = None  # None: `epochs` passes over each task's train split
     epochs: float = 1.0
     global_batch_size: int = 16
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1  # 0: the whole global batch in one micro-batch per rank (no accumulation)
     max_train_per_task: int | None = None
     eval_samples: int | None = 500
-    eval_batch_size: int = 32
+    eval_batch_size: int = 64
     max_length: int = 256
     # model
     dtype: str = "bf16"
@@ -69,19 +69,25 @@ class RunConfig:
     seed: int = 0
 
 
-# The embedded default (SmolLM2-135M on the generated suite) trains a few hundred steps on a CPU,
-# so it uses a larger learning rate and a shorter refresh gap than the 7B recipe of GORP.md §5.
-EMBEDDED_PROFILE: dict[str, Any] = {
+# The embedded model (SmolLM2-135M) learns in tens of steps where the 7B recipe of GORP.md §5 needs
+# thousands: a larger learning rate (the paper's 200:1 LoRA to full-rank ratio kept), a shorter refresh
+# gap and larger micro-batches. Applied whenever --model is the embedded default.
+EMBEDDED_MODEL_PROFILE: dict[str, Any] = {
+    "micro_batch_size": 0,
+    "gradient_checkpointing": False,  # 16-token prompts on 135M parameters: recomputation only costs time
+    "lr_lora": 1e-3,
+    "lr_full": 5e-6,
+    "update_gap": 10,
+    "max_length": 64,
+}
+# The embedded model on the embedded task suite (no data flags): the main job's default, sized to
+# finish in minutes on two CPU processes.
+EMBEDDED_SUITE_PROFILE: dict[str, Any] = {
     "methods": EMBEDDED_METHODS,
     "max_steps_per_task": 40,
     "global_batch_size": 16,
-    "micro_batch_size": 8,
     "eval_samples": 100,
-    "max_length": 64,
-    "lr_lora": 1e-3,
-    "lr_full": 5e-6,  # the paper's 200:1 ratio of LoRA to full-rank learning rates
-    "update_gap": 10,
-    "save_every": 20,
+    "save_every": 0,  # task boundaries only: a task takes seconds on a GPU, about a minute on a CPU
     "output_dir": "runs/embedded",
 }
 
@@ -180,9 +186,12 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     from_cli = {k: _coerce(k, v, f"--{k.replace('_', '-')}") for k, v in vars(args).items()
                 if k in FIELDS and v is not None}
     explicit = {**from_file, **from_cli}
-    model = explicit.get("model", "embedded")
-    on_embedded = model == "embedded" and not explicit.get("data_dir") and not explicit.get("tasks")
-    settings = {**(EMBEDDED_PROFILE if on_embedded else {}), **explicit}
+    profile: dict[str, Any] = {}
+    if explicit.get("model", "embedded") == "embedded":
+        profile.update(EMBEDDED_MODEL_PROFILE)
+        if not explicit.get("data_dir") and not explicit.get("tasks"):
+            profile.update(EMBEDDED_SUITE_PROFILE)
+    settings = {**profile, **explicit}
     cfg = RunConfig(**settings)
     validate(cfg)
     return cfg
@@ -196,7 +205,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--method: at least one method is needed")
     if cfg.tasks and cfg.order:
         raise ConfigError("--tasks and --order are mutually exclusive: give one of them")
-    positive = ("global_batch_size", "micro_batch_size", "eval_batch_size", "max_length", "lora_r", "rank",
+    if cfg.micro_batch_size < 0:
+        raise ConfigError(f"--micro-batch-size must be >= 0 (0: whole global batch per rank), got {cfg.micro_batch_size}")
+    positive = ("global_batch_size", "eval_batch_size", "max_length", "lora_r", "rank",
                 "update_gap", "keep_checkpoints")
     for key in positive:
         if getattr(cfg, key) < 1:
@@ -223,18 +234,19 @@ def validate(cfg: RunConfig) -> None:
 def reconcile_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str) -> dict[str, Any]:
     """Fill batch sizes and precision into the DeepSpeed config, or fail on a contradiction."""
     ds = json.loads(json.dumps(ds))
-    if cfg.global_batch_size % (cfg.micro_batch_size * world_size):
+    micro = cfg.micro_batch_size or cfg.global_batch_size // world_size
+    if micro < 1 or cfg.global_batch_size % (micro * world_size):
         raise ConfigError(
             f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
-            f"{cfg.micro_batch_size} × {world_size} ranks"
+            f"{micro} × {world_size} ranks"
         )
-    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
-    wanted = {"train_batch_size": cfg.global_batch_size, "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+    accumulation = cfg.global_batch_size // (micro * world_size)
+    wanted = {"train_batch_size": cfg.global_batch_size, "train_micro_batch_size_per_gpu": micro,
               "gradient_accumulation_steps": accumulation}
     for key, value in wanted.items():
         if key in ds and ds[key] not in ("auto", value):
             raise ConfigError(f"{source}: '{key}' is {ds[key]} but the run needs {value} "
-                              f"(global batch {cfg.global_batch_size}, micro batch {cfg.micro_batch_size}, "
+                              f"(global batch {cfg.global_batch_size}, micro batch {micro}, "
                               f"{world_size} ranks); remove it from the DeepSpeed config or change the run")
         ds[key] = value
     bf16 = bool((ds.get("bf16") or {}).get("enabled", False))

@@ -67,7 +67,7 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
         raise ConfigError(str(err)) from None
     preflight(cfg)
     log.info(f"{len(tasks)} tasks: {' → '.join(t.name for t in tasks)}; methods: {', '.join(cfg.methods)}; "
-             f"{_world()} ranks, global batch {cfg.global_batch_size}")
+             f"{_world()} ranks, global batch {cfg.global_batch_size}, {torch.get_num_threads()} CPU threads per rank")
     return tasks, ds_config
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,28 @@ class Progress:
                    dict(state["timings"]), state["global_step"])
 
 
+class PhaseTimer:
+    """Wall time per phase of a training step, device-synchronised at phase boundaries so that
+    asynchronous GPU work is charged to the phase that launched it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def summary(self) -> str:
+        return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.seconds.items())
+
+
 class MethodSession:
     def __init__(self, method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[str, Any], out_dir: str):
         self.method, self.tasks, self.cfg, self.out_dir = method, tasks, cfg, out_dir
@@ -85,7 +108,6 @@ class MethodSession:
             ds_config["tensorboard"] = {**ds_config["tensorboard"], "job_name": method}
         self.engine, _, _, _ = initialize(model=model, optimizer=self.optimizer, config=ds_config)
         self.monitor = Monitor(self.engine)
-        self.micro = cfg.micro_batch_size
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A of every finished task
         self.device = next(self.engine.module.parameters()).device
@@ -129,32 +151,42 @@ class MethodSession:
         self.engine.module.train()
         start = time.perf_counter()
         tokens = 0
+        phases = PhaseTimer(self.device)
         while progress.step < steps:
             step_start = time.perf_counter()
             refresh_before = self.optimizer.stats["refresh_seconds"]
             losses = []
-            for batch in self._micro_batches(task, order[progress.step]):
-                loss = self._loss(batch)
-                self.engine.backward(loss)
-                self.engine.step()
+            with phases("data"):
+                batches = self._micro_batches(task, order[progress.step])
+            for batch in batches:
+                with phases("forward"):
+                    loss = self._loss(batch)
+                with phases("backward"):
+                    self.engine.backward(loss)
+                with phases("optimizer"):
+                    self.engine.step()
                 losses.append(loss.detach().float())
                 tokens += int(batch["attention_mask"].sum()) * self.world
             progress.step += 1
             progress.global_step += 1
-            seconds = time.perf_counter() - step_start
-            loss_value = float(torch.stack(losses).mean())
-            self.monitor.train_step(progress.global_step, loss_value, self.optimizer, self.engine,
-                                    tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9),
-                                    refresh_ms=1000 * (self.optimizer.stats["refresh_seconds"] - refresh_before),
-                                    step_seconds=seconds)
-            bar.set_postfix(loss=f"{loss_value:.3f}", refreshes=self.optimizer.stats["refreshes"])
-            bar.update(1)
+            with phases("logging"):
+                loss_value = float(torch.stack(losses).mean())
+                self.monitor.train_step(progress.global_step, loss_value, self.optimizer, self.engine,
+                                        tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9),
+                                        refresh_ms=1000 * (self.optimizer.stats["refresh_seconds"] - refresh_before),
+                                        step_seconds=time.perf_counter() - step_start)
+                bar.set_postfix(loss=f"{loss_value:.3f}", refreshes=self.optimizer.stats["refreshes"])
+                bar.update(1)
             if fault == f"{task_index},{progress.step}":
                 os.kill(os.getpid(), 9)
             if self.cfg.save_every and progress.step % self.cfg.save_every == 0 and progress.step < steps:
-                on_checkpoint(progress)
+                with phases("checkpoints"):
+                    on_checkpoint(progress)
         bar.close()
         elapsed = time.perf_counter() - start
+        log.info(f"[{self.method}] task {task_index + 1}: {steps} steps in {elapsed:.1f} s "
+                 f"({phases.summary()}; refreshes {1000 * self.optimizer.stats['refresh_seconds']:.0f} ms so far), "
+                 f"{tokens / elapsed:,.0f} tokens/s")
         progress.timings[f"train_s/{task_index}"] = progress.timings.get(f"train_s/{task_index}", 0.0) + elapsed
         progress.timings[f"tokens/{task_index}"] = progress.timings.get(f"tokens/{task_index}", 0.0) + tokens
 

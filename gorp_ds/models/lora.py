@@ -8,6 +8,7 @@ self_attn.q_proj.lora_A.default.weight`` is called ``model.layers.3.self_attn.q_
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -27,7 +28,8 @@ class LoraSettings:
 def canonical_name(parameter_name: str) -> str:
     """Module name of a parameter, independent of PEFT's wrapping and adapter name."""
     name = parameter_name.removeprefix(_PEFT_PREFIX)
-    name = name.replace(".default.weight", "").replace(".base_layer.weight", ".weight")
+    name = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1", name)  # ….lora_A.<adapter>.weight
+    name = name.replace(".base_layer.weight", ".weight")
     return name.removesuffix(".weight")
 
 

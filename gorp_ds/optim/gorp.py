@@ -10,7 +10,8 @@ name and holds tensors only, so ``state_dict`` is independent of parameter objec
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -169,24 +170,27 @@ class GORP(torch.optim.Optimizer):
         the full fp32 gradient (``lora_*``/``full``) or any slice (``plain``)."""
         state = self.state[name]
         failures_before = int(state["projector_failures"]) if "projector_failures" in state else 0
-        start = self._clock(grad) if self.time_refreshes else 0.0
         update = tensor_update(
-            grad, state, cfg, shared=self.shared.get(name), name=name, task_index=int(self.tasks_completed)
+            grad, state, cfg, shared=self.shared.get(name), name=name, task_index=int(self.tasks_completed),
+            refresh_timer=self._refresh_timer if self.time_refreshes else nullcontext,
         )
         if update is not None and update.refreshed:
             self.stats["refreshes"] += 1
-            if self.time_refreshes:
-                self.stats["refresh_seconds"] += self._clock(grad) - start
         if "projector_failures" in state and int(state["projector_failures"]) > failures_before:
             self.stats["projector_failures"] += 1
             log.warning(f"projector for {name} failed (non-finite gradient or decomposition); kept the previous one")
         return update
 
-    @staticmethod
-    def _clock(tensor: Tensor) -> float:
-        if tensor.is_cuda:
-            torch.cuda.synchronize(tensor.device)
-        return time.perf_counter()
+    @contextmanager
+    def _refresh_timer(self) -> Iterator[None]:
+        """Wall time of projector computations, device-synchronised (only when timing is on)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stats["refresh_seconds"] += time.perf_counter() - start
 
     # ------------------------------------------------------------------ tasks
     @torch.no_grad()

@@ -15,6 +15,8 @@ Pure tensor functions: no distributed code.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -106,14 +108,16 @@ def _full_update(
     cfg: UpdateConfig,
     name: str,
     task_index: int,
+    refresh_timer: Callable[[], AbstractContextManager],
 ) -> TensorUpdate | None:
     step_before = int(state["step"])
     refreshed = False
     if step_before % cfg.update_gap == 0 or "projector" not in state:
         seed = projector_seed(name, task_index, step_before // cfg.update_gap)
-        projector = compute_projector(
-            grad, cfg.rank, cfg.projector, seed=seed, oversample=cfg.oversample, power_iters=cfg.power_iters
-        )
+        with refresh_timer():
+            projector = compute_projector(
+                grad, cfg.rank, cfg.projector, seed=seed, oversample=cfg.oversample, power_iters=cfg.power_iters
+            )
         if projector is None:
             state["projector_failures"] += 1
             if "projector" not in state:
@@ -143,14 +147,16 @@ def tensor_update(
     shared: Tensor | None = None,
     name: str = "",
     task_index: int = 0,
+    refresh_timer: Callable[[], AbstractContextManager] = nullcontext,
 ) -> TensorUpdate | None:
     """Advance ``state`` by one optimizer step on ``grad`` (fp32, the tensor's full gradient for
     ``lora_*``/``full``; any slice for ``plain``) and return the update, or ``None`` if this
-    tensor's step had to be skipped (a ``full`` tensor whose very first projector failed)."""
+    tensor's step had to be skipped (a ``full`` tensor whose very first projector failed).
+    ``refresh_timer`` wraps projector computations (the caller's instrumentation)."""
     if not state:
         init_state(state, grad, cfg)
     if cfg.role == "full":
-        return _full_update(grad, state, shared, cfg, name, task_index)
+        return _full_update(grad, state, shared, cfg, name, task_index, refresh_timer)
     if cfg.role in ("lora_a", "lora_b"):
         grad = project_off(grad, shared, shared_side(cfg.role, grad.shape))
     state["step"] += 1

@@ -1,0 +1,98 @@
+"""Crash and resume: a launch killed mid-task and one killed right after a task-boundary checkpoint,
+each relaunched with --resume, must end exactly where the uninterrupted launch ends.
+
+The uninterrupted reference is the six-method launch of ``test_cl_end_to_end.py`` (same arguments,
+made once per session). The crashes are real: ``GORP_DS_FAULT_AT`` makes every rank SIGKILL itself.
+With 4 steps per task and a checkpoint every 2 steps:
+
+1. fault "1,3": gorp dies after step 3 of task 2; its last checkpoint is mid-task (task 2, step 2);
+2. --resume, fault "3,1": gorp resumes there, closes tasks 2 and 3 and dies after the first step of
+   task 4, i.e. right after the task-boundary checkpoint (task 4, step 0);
+3. --resume: gorp resumes at the boundary, then galore, seq-lora, o-lora, mtl and seq-ft run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_cl_end_to_end import METHODS, launch, six_method_run
+
+pytestmark = pytest.mark.slow
+
+
+def _latest(out: Path, method: str) -> str | None:
+    latest = out / method / "checkpoints" / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir) -> dict:
+    reference = six_method_run(tmp_path_factory, tiny_model_dir)
+    out = tmp_path_factory.mktemp("resumed")
+    record: dict = {"reference": reference, "out": out, "launches": []}
+    for extra, fault in (((), "1,3"), (("--resume",), "3,1"), (("--resume",), None)):
+        proc = launch(tiny_model_dir, out, *extra, fault=fault)
+        record["launches"].append({
+            "returncode": proc.returncode, "output": proc.stdout + proc.stderr,
+            "gorp_latest": _latest(out, "gorp"), "gorp_done": (out / "gorp" / "results.json").is_file(),
+            "started": sorted(m for m in METHODS if (out / m).is_dir()),
+        })
+    return record
+
+
+def test_crashes_are_real_and_resume_where_they_left_off(runs) -> None:
+    first, second, third = runs["launches"]
+    assert first["returncode"] != 0, first["output"][-3000:]
+    assert not first["gorp_done"] and first["started"] == ["gorp"]
+    assert first["gorp_latest"] == "task01_step000002"  # mid task 2 (0-based index 1), step 2
+
+    assert second["returncode"] != 0, second["output"][-3000:]
+    assert "[gorp] resumed at task 2, step 2" in second["output"], second["output"][-3000:]
+    assert not second["gorp_done"] and second["started"] == ["gorp"]
+    assert second["gorp_latest"] == "task03_step000000"  # the boundary before task 4
+
+    assert third["returncode"] == 0, third["output"][-6000:]
+    assert "[gorp] resumed at task 4, step 0" in third["output"], third["output"][-3000:]
+    assert third["gorp_done"] and third["started"] == sorted(METHODS)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_results_equal_uninterrupted(runs, method) -> None:
+    resumed = json.loads((runs["out"] / method / "results.json").read_text())
+    reference = json.loads((runs["reference"] / method / "results.json").read_text())
+    assert resumed["R"] == reference["R"]
+    assert resumed["metrics"] == reference["metrics"]
+    summary = json.loads((runs["out"] / "summary.json").read_text())
+    assert summary[method] == reference["metrics"]
+
+
+def _final_state(run: Path, method: str) -> tuple[str, dict, list[dict]]:
+    folder = run / method / "checkpoints"
+    tag = (folder / "latest").read_text().strip()
+    module = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    ranks = [torch.load(folder / tag / "gorp_state" / f"rank_{r:05d}.pt", map_location="cpu", weights_only=True)
+             for r in range(2)]
+    return tag, module, ranks
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_final_weights_and_shared_spaces_equal_uninterrupted(runs, method) -> None:
+    """Stronger than R (the tiny model scores 0 on most tasks): the last checkpoint's weights, fp32
+    masters and shared spaces are bit-identical to the uninterrupted launch's."""
+    tag, module, ranks = _final_state(runs["out"], method)
+    ref_tag, ref_module, ref_ranks = _final_state(runs["reference"], method)
+    assert tag == ref_tag
+    assert sorted(module) == sorted(ref_module)
+    differing = [k for k in module if not torch.equal(module[k], ref_module[k])]
+    assert not differing, f"model tensors differ from the uninterrupted run: {differing}"
+    for rank, (state, ref) in enumerate(zip(ranks, ref_ranks)):
+        assert sorted(state["pieces"]) == sorted(ref["pieces"])
+        masters = [n for n in state["pieces"] if not torch.equal(state["pieces"][n]["master"], ref["pieces"][n]["master"])]
+        assert not masters, f"rank {rank}: fp32 masters differ: {masters}"
+        assert sorted(state["shared"]) == sorted(ref["shared"])
+        shared = [n for n in state["shared"] if not torch.equal(state["shared"][n], ref["shared"][n])]
+        assert not shared, f"rank {rank}: shared spaces differ: {shared}"
