@@ -114,6 +114,9 @@ class MethodSession:
 
     # ------------------------------------------------------------------ schedule
     def steps_for(self, task: Task) -> int:
+        """Optimizer steps for a task; multi-task training gets the sum of all tasks' budgets."""
+        if self.method == "mtl" and task not in self.tasks:
+            return sum(self.steps_for(t) for t in self.tasks)
         if self.cfg.max_steps_per_task:
             return self.cfg.max_steps_per_task
         return max(1, math.ceil(self.cfg.epochs * len(task.train) / self.cfg.global_batch_size))
