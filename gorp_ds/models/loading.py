@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import importlib.metadata
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,14 +58,23 @@ def _cache_root(cfg: ModelConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("GORP_DS_CACHE", Path.home() / ".cache" / "gorp_ds"))
 
 
+def _is_complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file() and any(
+        path.glob("*.safetensors")
+    )
+
+
 def _converted_embedded(cfg: ModelConfig) -> Path:
-    """A safetensors copy of the embedded GGUF, made once under a file lock."""
+    """A safetensors copy of the embedded GGUF, made once under a file lock (every rank of a
+    launch asks at once) in a private directory renamed into place when complete, so that an
+    interrupted conversion is redone rather than read."""
     gguf = embedded_gguf_path()
     target = _cache_root(cfg) / f"{gguf.stem}-hf"
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{gguf.stem}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").is_file():
+        if not _is_complete(target):
+            shutil.rmtree(target, ignore_errors=True)
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             log.info(f"converting the embedded model {gguf.name} to {target} (once, ~30 s on a CPU)")
@@ -74,7 +84,8 @@ def _converted_embedded(cfg: ModelConfig) -> Path:
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-            tmp = target.with_suffix(".tmp")
+            tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             os.replace(tmp, target)

@@ -18,7 +18,7 @@ import torch.distributed as torch_dist
 from torch import Tensor
 
 from ..log import get_logger
-from ..optim.gorp import GORP, LocalDriver
+from ..optim.gorp import GORP
 from .driver import ZeroDriver
 from .layout import FlatTensor, GroupLayout
 
@@ -62,8 +62,8 @@ def check_supported(config: dict[str, Any], source: str = "DeepSpeed config") ->
     if stage == 3:
         refuse("zero_optimization.stage", "is 3, which partitions parameters and is not supported by GORP yet",
                "use stage 1 or 2")
-    if stage not in (0, 1, 2):
-        refuse("zero_optimization.stage", f"is {stage}", "use stage 1 or 2")
+    if stage not in (1, 2):
+        refuse("zero_optimization.stage", f"is {stage}", "use stage 1 or 2 (on one GPU, stage 2 costs nothing)")
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
         if device not in (None, "none"):
@@ -80,9 +80,6 @@ def check_supported(config: dict[str, Any], source: str = "DeepSpeed config") ->
         refuse("optimizer", "is set, but the optimizer is GORP (given in code)", "remove the \"optimizer\" section")
     if zero.get("zenflow"):
         refuse("zero_optimization.zenflow", "is set", "remove it")
-    if stage == 0 and (_enabled(config.get("bf16")) or _enabled(config.get("bfloat16"))):
-        refuse("zero_optimization.stage", "is 0 with bf16 (DeepSpeed then flattens parameters in its BF16 optimizer)",
-               "use ZeRO stage 1 or 2")
     return stage
 
 
@@ -188,37 +185,32 @@ def initialize(
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, **kwargs
     )
-    if stage in (1, 2):
-        if type(engine.optimizer) is not DeepSpeedZeroOptimizer or engine.optimizer.optimizer is not optimizer:
-            raise UnsupportedSetupError(
-                f"{source}: DeepSpeed built {type(engine.optimizer).__name__} around GORP; only the plain ZeRO-1/2 "
-                "optimizer is supported"
-            )
-        zero_optimizer = engine.optimizer
-        if stage == 1 and engine.zero_overlap_comm() and engine.gradient_accumulation_steps() > 1:
-            # Measured with DeepSpeed 0.19.8: ZeRO-1 + overlap_comm + accumulation drifts from the
-            # single-process trajectory even with torch AdamW (2e-2 relative after one step).
-            raise UnsupportedSetupError(
-                f"{source}: 'zero_optimization.overlap_comm' is true with ZeRO stage 1 and "
-                f"gradient_accumulation_steps={engine.gradient_accumulation_steps()}; DeepSpeed then accumulates "
-                "gradients incorrectly. Set overlap_comm to false or use stage 2"
-            )
-        if getattr(zero_optimizer, "cpu_offload", False):
-            raise UnsupportedSetupError(f"{source}: optimizer offload is active; remove zero_optimization.offload_optimizer")
-        layouts = [_group_layout(zero_optimizer, i, names_by_id) for i in range(len(optimizer.param_groups))]
-        group = zero_optimizer.real_dp_process_group[0]
-        rank = torch_dist.get_rank(group=group)
+    if type(engine.optimizer) is not DeepSpeedZeroOptimizer or engine.optimizer.optimizer is not optimizer:
+        raise UnsupportedSetupError(
+            f"{source}: DeepSpeed built {type(engine.optimizer).__name__} around GORP; only the plain ZeRO-1/2 "
+            "optimizer is supported"
+        )
+    zero_optimizer = engine.optimizer
+    if stage == 1 and engine.zero_overlap_comm() and engine.gradient_accumulation_steps() > 1:
+        # Measured with DeepSpeed 0.19.8: ZeRO-1 + overlap_comm + accumulation drifts from the
+        # single-process trajectory even with torch AdamW (2e-2 relative after one step).
+        raise UnsupportedSetupError(
+            f"{source}: 'zero_optimization.overlap_comm' is true with ZeRO stage 1 and "
+            f"gradient_accumulation_steps={engine.gradient_accumulation_steps()}; DeepSpeed then accumulates "
+            "gradients incorrectly. Set overlap_comm to false or use stage 2"
+        )
+    if getattr(zero_optimizer, "cpu_offload", False):
+        raise UnsupportedSetupError(f"{source}: optimizer offload is active; remove zero_optimization.offload_optimizer")
+    layouts = [_group_layout(zero_optimizer, i, names_by_id) for i in range(len(optimizer.param_groups))]
+    group = zero_optimizer.real_dp_process_group[0]
+    rank = torch_dist.get_rank(group=group)
 
-        def all_reduce(tensor: Tensor) -> None:
-            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=group)
+    def all_reduce(tensor: Tensor) -> None:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=group)
 
-        optimizer.driver = ZeroDriver(layouts, rank, all_reduce)
-        cut = sum(len(layout.cut_tensors()) for layout in layouts)
-        log.info(f"GORP under ZeRO-{stage}: {len(params_by_name)} tensors in {len(layouts)} groups, "
-                 f"{cut} cut by partition boundaries, world size {layouts[0].world_size}")
-    else:
-        if engine.optimizer is not optimizer:
-            raise UnsupportedSetupError(f"{source}: DeepSpeed wrapped GORP in {type(engine.optimizer).__name__}; use ZeRO 1 or 2")
-        optimizer.driver = LocalDriver()
+    optimizer.driver = ZeroDriver(layouts, rank, all_reduce)
+    cut = sum(len(layout.cut_tensors()) for layout in layouts)
+    log.info(f"GORP under ZeRO-{stage}: {len(params_by_name)} tensors in {len(layouts)} groups, "
+             f"{cut} cut by partition boundaries, world size {layouts[0].world_size}")
     engine.gorp = ZeroHandle(engine, optimizer, params_by_name)
     return engine, ds_optimizer, loader, scheduler
