@@ -75,6 +75,7 @@ def _converted_embedded(cfg: ModelConfig) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_complete(target):
             shutil.rmtree(target, ignore_errors=True)
+            from safetensors.torch import save_model
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             log.info(f"converting the embedded model {gguf.name} to {target} (once, ~30 s on a CPU)")
@@ -86,8 +87,15 @@ def _converted_embedded(cfg: ModelConfig) -> Path:
                 del model.config.quantization_config
             tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
+            tmp.mkdir()
+            # Written directly: transformers' save_pretrained writes weights only on rank 0 of an
+            # initialised process group, and any rank may be the one converting here.
+            model.config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             tokenizer.save_pretrained(tmp)
+            if not _is_complete(tmp):
+                raise ModelError(f"converting {gguf} into {tmp} left an incomplete directory")
             os.replace(tmp, target)
     return target
 
