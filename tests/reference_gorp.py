@@ -103,8 +103,8 @@ def projector_matrix(basis: torch.Tensor | None, d: int) -> torch.Tensor:
 
 def procrustes(new: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """The orthonormal basis of span(new) closest to ``previous``: new · U Vᵀ, U Σ Vᵀ = svd(newᵀ previous).
-    NOT in GORP.md; used only by the ``refresh_alignment="procrustes"`` variant of the reference,
-    to check the rest of an implementation that aligns its refreshes this way."""
+    Not part of GORP.md §2 as written; the ``refresh_alignment="procrustes"`` variant of the reference
+    applies it to check the optimizer's ``align_projector=True`` (default) mode."""
     u, _, vh = torch.linalg.svd(new.mT @ previous)
     return new @ (u @ vh)
 

@@ -1,5 +1,5 @@
 """The SentencePiece path of LLaMA-2-style checkpoints, offline: a ``tokenizer.model`` trained here
-(unk 0, bos 1, eos 2, as LLaMA-2's) next to a tiny random LlamaForCausalLM, loaded by the project's
+(unk 0, bos 1, eos 2 and byte fallback, as LLaMA-2's) next to a tiny random LlamaForCausalLM, loaded by the project's
 loader and used for training encodings and greedy evaluation."""
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ def llama2_style_dir(tmp_path_factory):
     corpus = path / "corpus.txt"
     corpus.write_text("\n".join(t.prompt(e) + t.target(e) for t in tasks for e in t.train))
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(path / "tokenizer"), vocab_size=160, model_type="bpe",
+        input=str(corpus), model_prefix=str(path / "tokenizer"), vocab_size=400, model_type="bpe",
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
     )
-    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    # As LLaMA-2 checkpoints ship it: BOS added to every encoding, EOS not.
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False})
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=160, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(path)
     return path, tasks

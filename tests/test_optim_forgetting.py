@@ -12,10 +12,9 @@ task 2 and forget. With S, GORP removes the A-directions that S holds from task 
 gradient: it cannot fit task 2 on A (by design, the conflict is total) but still learns the
 non-conflicting B part.
 
-Findings while designing (reported, not tuned away): at the default ε_S = 0.9 the end-of-task
-moment yields an S of only 2–3 of A's 4 dimensions, so protection is partial. Task-1 loss after
-task 2, GORP/AdamW, 4 seeds aggregated: 0.15–0.24 (depending on the projector and on whether
-refreshes are Procrustes-aligned, which the code started doing while this was written), per seed
+Measured behaviour (not tuned away): at the default ε_S = 0.9 the end-of-task moment yields an S
+of only 2–3 of A's 4 dimensions, so protection is partial. Task-1 loss after task 2, GORP/AdamW,
+4 seeds aggregated: 0.15–0.24 (depending on the projector and on projector alignment), per seed
 up to 0.44; GaLore/AdamW 0.8–0.9. With isotropic task-1 inputs (SCALES = 1) it is weaker:
 aggregated 0.24–0.44, per seed up to 0.67. The anisotropic design is kept because it is the GPM
 premise (directions carrying more gradient energy matter more to the loss). With ε_S = 0.999, S

@@ -8,6 +8,8 @@ normalised label (GORP.md §7).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,6 +31,8 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = core.get_decoder(), core.get_output_embeddings()
+    # Newer transformers name the cache argument `cache`; older ones `past_key_values`.
+    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # B × L, left padding aware
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
     mask, position = attention_mask, positions[:, -1:]
@@ -43,8 +47,8 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = decoder(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                      past_key_values=out.past_key_values, use_cache=True)
+        out = decoder(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                      **{cache_arg: out.past_key_values})
     return torch.stack(tokens, dim=1)
 
 
