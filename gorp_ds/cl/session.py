@@ -136,14 +136,17 @@ class MethodSession:
             loss = loss + self.cfg.olora_lambda * orthogonality_loss(module, self.old_lora_a)
         return loss
 
-    def _micro_batches(self, task: Task, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+    def _micro_batches(self, task: Task, indices: list[int]) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """This rank's micro-batches on the device, and the tokens of the whole step (all ranks,
+        counted on the host so that logging needs no device sync)."""
         mine = rank_slice(indices, self.rank, self.world, self.accumulation)
-        batches = []
+        batches, tokens = [], 0
         for micro in split_micro_batches(mine, self.accumulation):
             encoded = [encode_for_training(self.tokenizer, task, task.train[i], self.cfg.max_length) for i in micro]
             batch = collate_training(encoded, self.tokenizer.pad_token_id)
+            tokens += int(batch["attention_mask"].sum()) * self.world
             batches.append({k: v.to(self.device) for k, v in batch.items()})
-        return batches
+        return batches, tokens
 
     def train_task(self, task_index: int, task: Task, progress: Progress, on_checkpoint, total_tasks: int) -> None:
         steps = self.steps_for(task)
@@ -160,7 +163,8 @@ class MethodSession:
             refresh_before = self.optimizer.stats["refresh_seconds"]
             losses = []
             with phases("data"):
-                batches = self._micro_batches(task, order[progress.step])
+                batches, step_tokens = self._micro_batches(task, order[progress.step])
+            tokens += step_tokens
             for batch in batches:
                 with phases("forward"):
                     loss = self._loss(batch)
@@ -169,7 +173,6 @@ class MethodSession:
                 with phases("optimizer"):
                     self.engine.step()
                 losses.append(loss.detach().float())
-                tokens += int(batch["attention_mask"].sum()) * self.world
             progress.step += 1
             progress.global_step += 1
             with phases("logging"):

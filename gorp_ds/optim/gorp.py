@@ -25,6 +25,11 @@ from .update import PROTECTED_ROLES, ROLES, TensorUpdate, UpdateConfig, apply_up
 log = get_logger(__name__)
 
 
+def restore_tensor_state(state: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Copy of a saved per-tensor state: counters stay on the CPU, everything else on ``device``."""
+    return {k: v.clone() if k in ("step", "projector_failures") else v.to(device, copy=True) for k, v in state.items()}
+
+
 class StepDriver(Protocol):
     """Runs one optimizer step for one param group (single process, ZeRO partition, …)."""
 
@@ -244,10 +249,7 @@ class GORP(torch.optim.Optimizer):
         for name, st in state_dict["state"].items():
             if name not in self.tensor_meta:
                 raise ValueError(f"GORP.load_state_dict: state for unknown tensor {name!r}")
-            self.state[name] = {
-                k: (v.clone() if k in ("step", "projector_failures") else v.to(devices[name], copy=True))
-                for k, v in st.items()
-            }
+            self.state[name] = restore_tensor_state(st, devices[name])
         self.shared = {name: s.to(devices[name], copy=True) for name, s in state_dict["shared"].items()}
         self.tasks_completed = state_dict["tasks_completed"].clone()
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..optim.gorp import restore_tensor_state
 from ..optim.update import PROTECTED_ROLES
 from .deepspeed_bridge import ZeroHandle
 
@@ -153,10 +154,7 @@ def load_gorp_state(handle: ZeroHandle, directory: str) -> None:
                 opt.state[name] = state
         elif role in PROTECTED_ROLES:
             if name in low_rank:
-                opt.state[name] = {
-                    k: v.clone() if k in ("step", "projector_failures") else v.to(device, copy=True)
-                    for k, v in low_rank[name].items()
-                }
+                opt.state[name] = restore_tensor_state(low_rank[name], device)
             if name in shared:
                 opt.shared[name] = shared[name].to(device, copy=True)
     opt.tasks_completed = loaded[0]["tasks_completed"].clone()

@@ -109,10 +109,6 @@ class ZeroHandle:
         assert isinstance(self.optimizer.driver, ZeroDriver)
         return self.optimizer.driver
 
-    @property
-    def dp_group(self):
-        return self.engine.optimizer.real_dp_process_group[0] if self.sharded else None
-
     def held_masters(self) -> dict[str, tuple[int, int, Tensor]]:
         """``{name: (elem_start, elem_end, flat fp32 master view)}`` for what this rank updates: its
         partition's pieces under ZeRO, whole parameters otherwise."""
