@@ -1,0 +1,117 @@
+"""The golden trajectory: per-step training loss of one tiny GORP run, committed, compared on every CI run.
+
+A 2-rank ZeRO-2 launch (CPU, gloo, fp32) of ``gorp`` on a tiny LLaMA over two embedded tasks, with gradient
+accumulation 2, gradient clipping, projector refreshes every 4 steps (steps 1 and 5 of each task) and a task
+boundary (S extended from the moments, LoRA merged and re-initialised), so that every part of the numerics
+(LoRA and ``full`` roles, projection off S, the ZeRO partition mapping, the merge) shapes the losses of task 2.
+
+The model's weights are drawn from torch's own generator, not from transformers' initialisers, so the
+golden file does not move when a library changes how it initialises a model.
+
+Regenerate (only for an intended numerics change, and say so in the commit):
+    GORP_DS_REGENERATE_GOLDEN=1 DS_ACCELERATOR=cpu python -m pytest -q tests/test_golden_trajectory.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_cl_end_to_end import _scalars, _free_port
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden" / "gorp_tiny_zero2_2ranks.json"
+# Relative tolerance per step. Re-running the same code reproduces the losses bit for bit; a change in
+# reduction order (batched kernels, another bucket size) moves them by ~1e-7. A change of the update rule
+# moves them by far more (a 1 % change of --lr-full or --scale alone moves some step's loss by 2e-4, of --lr-lora by 1e-3).
+RTOL = 2e-5
+RUN_ARGS = [
+    "--method", "gorp", "--tasks", "emb_color,emb_animal", "--max-steps-per-task", "6", "--update-gap", "4",
+    "--global-batch-size", "8", "--micro-batch-size", "2", "--max-train-per-task", "64", "--eval-samples", "8",
+    "--lr-lora", "1e-2", "--lr-full", "1e-2", "--scale", "0.25", "--dtype", "fp32", "--checkpoints", "false",
+    "--seed", "3",
+]
+DS_CONFIG = {
+    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
+                          "reduce_bucket_size": 5000, "allgather_bucket_size": 5000},
+    "gradient_clipping": 0.5,
+    "steps_per_print": 1000000,
+    "tensorboard": {"enabled": True, "job_name": "gorp"},
+}
+
+pytestmark = pytest.mark.slow
+
+
+def make_model_dir(path: Path) -> Path:
+    """A tiny LLaMA (hidden 32, 2 layers, gate_proj 72×32: right projection) with generator-drawn weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny_model import make_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.08)
+    model.save_pretrained(path)
+    return path
+
+
+def run_losses(tmp_path: Path) -> list[float]:
+    import subprocess
+    import sys
+
+    model_dir = make_model_dir(tmp_path / "model")
+    ds_config = tmp_path / "ds_config.json"
+    ds_config.write_text(json.dumps(DS_CONFIG))
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GORP_DS_FAULT_AT")}
+    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    beside = Path(sys.executable).parent / "deepspeed"
+    command = [str(beside) if beside.is_file() else "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+               str(REPO / "launch" / "train.py"), "--ds_config", str(ds_config), "--model", str(model_dir),
+               *RUN_ARGS, "--output-dir", str(out)]
+    proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    events = _scalars(out, "gorp")["train/loss"]
+    assert [step for step, _ in events] == list(range(1, 13)), events
+    return [value for _, value in events]
+
+
+def test_losses_match_the_golden_trajectory(tmp_path) -> None:
+    losses = run_losses(tmp_path)
+    assert all(math.isfinite(v) for v in losses)
+    if os.environ.get("GORP_DS_REGENERATE_GOLDEN"):
+        import transformers
+
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps({
+            "what": "per-step train/loss of tests/test_golden_trajectory.py (2 CPU ranks, ZeRO-2, fp32)",
+            "args": RUN_ARGS, "ds_config": DS_CONFIG, "rtol": RTOL,
+            "recorded_with": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "losses": losses,
+        }, indent=2) + "\n")
+        pytest.skip(f"golden trajectory regenerated: {GOLDEN}")
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["args"] == RUN_ARGS and golden["ds_config"] == DS_CONFIG, "the run differs from the recorded one"
+    expected = golden["losses"]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, expected))
+    table = "\n".join(f"  step {i + 1:2d}: {a:.7f} (golden {b:.7f})" for i, (a, b) in enumerate(zip(losses, expected)))
+    assert worst <= RTOL, (
+        f"per-step losses left the golden trajectory (worst relative difference {worst:.2e} > {RTOL:.0e}):\n{table}\n"
+        f"golden recorded with {golden['recorded_with']}; regenerate only for an intended numerics change"
+    )
