@@ -122,7 +122,7 @@ class LocalDriver:
             held = [i for i, p in enumerate(params) if p.grad is not None]
             grads = [params[i].grad if params[i].grad.dtype == torch.float32 else params[i].grad.float() for i in held]
             for update in optimizer.update_batch([names[i] for i in held], grads, cfg):
-                update.apply_([params[held[j]].data for j in update.index], cfg)
+                update.apply_([params[held[j]] for j in update.index], cfg)
             return
         index = optimizer.tensor_meta[names[0]][2]
         for positions in self._shape_batches(optimizer, index, group):
@@ -131,7 +131,7 @@ class LocalDriver:
                 continue
             grads = torch.stack([params[i].grad for i in held]).float()  # (B, m, n) fp32
             for update in optimizer.update_batch([names[i] for i in held], grads, cfg):
-                update.apply_([params[held[j]].data for j in update.index], cfg)
+                update.apply_([params[held[j]] for j in update.index], cfg)
 
 
 class GORP(torch.optim.Optimizer):

@@ -104,7 +104,16 @@ def randomized_range_basis(a: Tensor, k: int, oversample: int, power_iters: int,
     finite = finite & finite_members(small)
     small = torch.where(finite[:, None, None], small, 0.0)
     result = basis @ _top_left_vectors(small, k)  # (B, d, k)
-    return torch.where(finite[:, None, None], result, float("nan"))
+    return torch.where(finite[:, None, None], canonical_signs(result), float("nan"))
+
+
+def canonical_signs(basis: Tensor) -> Tensor:
+    """Flip each column so that its largest-magnitude entry is positive. The sketch's own basis is
+    only defined up to a rotation (the orthonormalisation picks one by rounding), so without a
+    fixed gauge the signs of the returned singular vectors would depend on rounding noise."""
+    pivot = basis.abs().argmax(dim=-2, keepdim=True)  # (B, 1, k)
+    signs = torch.where(basis.gather(-2, pivot) < 0, -1.0, 1.0)
+    return basis * signs
 
 
 def exact_basis(a: Tensor, k: int) -> Tensor:
