@@ -23,6 +23,9 @@ synchronisations of the first step of the task (first refresh: reads one success
 torch's eigh/svd check their errors), of a non-refresh step (expected: 0) and of a later refresh
 step; the non-refresh step is also timed.
 
+Part 3, projection off S with members of different S widths: S zero-padded to the widest (what
+the optimizer does) against one call per width (stacks grouped by width), on the lora_A stack.
+
 Output: one JSON line per measurement on stdout and appended to ``--out/refresh.jsonl`` as it
 goes, and a markdown table in ``--out/refresh.md`` (rewritten after every measurement).
 
@@ -54,6 +57,7 @@ if str(REPO) not in sys.path:  # runnable from a checkout without installing the
 
 from gorp_ds.optim import GORP  # noqa: E402
 from gorp_ds.optim.projector import compute_projectors, projection_side, projector_seed  # noqa: E402
+from gorp_ds.optim.shared_space import project_off, stack_bases  # noqa: E402
 from gorp_ds.optim.update import UpdateConfig, refresh_projectors  # noqa: E402
 
 SHAPES = {  # (gate_proj shape, layers, hidden, batch of gate_proj)
@@ -263,6 +267,32 @@ def bench_step_syncs(report: Report, device: torch.device, mode: str, warmup: in
                 notes=note + "; eigh/svd error checks only")
 
 
+# ----------------------------------------------------------------------------- part 3
+
+
+def bench_shared_padding(report: Report, device: torch.device, mode: str, warmup: int, reps: int) -> None:
+    """Projection off S of a lora_A stack whose members' S widths differ: one call on S zero-padded
+    to the widest member (what the optimizer does) against one call per distinct width on stacks
+    pre-grouped by width (the best case for grouping: no gather counted)."""
+    _, layers, hidden, _ = SHAPES[mode]
+    batch, max_width = 2 * layers, hidden // 32
+    gen = torch.Generator(device=device)
+    gen.manual_seed(2)
+    x = torch.randn(batch, 8, hidden, generator=gen, device=device)  # lora_A gradients, S on the input side
+    widths = torch.randint(1, max_width + 1, (batch,), generator=gen, device=device).tolist()
+    bases = [torch.linalg.qr(torch.randn(hidden, w, generator=gen, device=device))[0] for w in widths]
+    padded = stack_bases(bases)
+    groups = {}
+    for i, w in enumerate(widths):
+        groups.setdefault(w, []).append(i)
+    grouped = [(x[idx].clone(), torch.stack([bases[i] for i in idx])) for idx in groups.values()]
+    note = f"{batch} lora_A 8×{hidden}, S widths 1..{max_width} ({len(groups)} distinct)"
+    t = timed(lambda: project_off(x, padded, "input"), device, warmup, reps)
+    report.emit(name="shared_padded", what="X − (X S) Sᵀ, S zero-padded, one batched call", **stats(t), notes=note)
+    t = timed(lambda: [project_off(xs, ss, "input") for xs, ss in grouped], device, warmup, reps)
+    report.emit(name="shared_grouped", what="X − (X S) Sᵀ, one call per S width", **stats(t), notes=note)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory for refresh.jsonl and refresh.md")
@@ -271,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--skip-legacy", action="store_true", help="do not time the pre-batching baseline")
-    parser.add_argument("--part", choices=["all", "refresh", "syncs"], default="all")
+    parser.add_argument("--part", choices=["all", "refresh", "syncs", "shared"], default="all")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mode = "tiny" if args.tiny else "7b"
@@ -286,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()  # the 5.8 GB gradient stack went out of scope
         if args.part in ("all", "syncs"):
             bench_step_syncs(report, device, mode, args.warmup, args.reps)
+        if args.part in ("all", "shared"):
+            bench_shared_padding(report, device, mode, args.warmup, args.reps)
     print("\n" + (Path(args.out) / "refresh.md").read_text())
     return 0
 

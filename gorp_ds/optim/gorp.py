@@ -143,6 +143,10 @@ class GORP(torch.optim.Optimizer):
     refreshed projector within its span to the basis closest to the previous one, so that the
     Adam moments kept across refreshes stay in consistent coordinates; off gives GORP.md §2 as
     written (raw singular vectors).
+
+    ``stats`` (refreshes attempted, refresh seconds, projector failures) synchronises with the
+    device and logs new projector failures: read it at logging intervals. ``time_refreshes = True``
+    (profiling) times each refresh between device syncs instead of with CUDA events.
     """
 
     def __init__(
