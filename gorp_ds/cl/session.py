@@ -134,14 +134,15 @@ class MethodSession:
     # ------------------------------------------------------------------ training
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy on the answer tokens only; the LM head runs on those positions alone
-        (the vocabulary projection of every prompt position is most of a small model's cost)."""
+        (the vocabulary projection of every prompt position is most of a small model's cost).
+        The positions were found on the host (``_micro_batches``): a boolean mask on the device
+        would need a sync to size its result."""
         module = self.engine.module
         core = module.get_base_model() if hasattr(module, "get_base_model") else module
         hidden = core.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        targets = batch["labels"][:, 1:]
-        keep = targets != -100  # position p predicts token p+1
-        logits = core.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+        rows, cols = batch["answer_positions"].unbind(1)  # position p predicts token p+1
+        logits = core.get_output_embeddings()(hidden[rows, cols])
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch["answer_targets"])
         if self.method == "o-lora" and self.old_lora_a and self.cfg.olora_lambda > 0:
             loss = loss + self.cfg.olora_lambda * orthogonality_loss(module, self.old_lora_a)
         return loss
@@ -155,8 +156,18 @@ class MethodSession:
             encoded = [encode_for_training(self.tokenizer, task, task.train[i], self.cfg.max_length) for i in micro]
             batch = collate_training(encoded, self.tokenizer.pad_token_id)
             tokens += int(batch["attention_mask"].sum()) * self.world
-            batches.append({k: v.to(self.device) for k, v in batch.items()})
+            targets = batch["labels"][:, 1:]  # CPU: position p predicts token p+1
+            keep = targets != -100
+            batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                     "answer_positions": keep.nonzero(), "answer_targets": targets[keep]}
+            batches.append({k: self._to_device(v) for k, v in batch.items()})
         return batches, tokens
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host-to-device copy without a sync: a copy from pageable memory waits for the stream."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def train_task(self, task_index: int, task: Task, progress: Progress, on_checkpoint, total_tasks: int) -> None:
         steps = self.steps_for(task)
