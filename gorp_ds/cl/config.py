@@ -67,6 +67,9 @@ class RunConfig:
     keep_checkpoints: int = 2
     checkpoints: bool = True  # false: write no checkpoints at all (benchmarks; --resume then impossible)
     seed: int = 0
+    # profiling: device-synchronised wall time per training phase and per projector refresh (costs
+    # several syncs per micro-batch; off, a step reads the device once, for its loss)
+    profile: bool = False
 
 
 # The embedded model (SmolLM2-135M) learns in tens of steps where the 7B recipe of GORP.md §5 needs
@@ -172,12 +175,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "max_steps_per_task": "optimizer steps per task (default: --epochs over the train split)",
         "eval_samples": "test examples per task used for R",
         "output_dir": "where results, TensorBoard events and checkpoints go",
+        "profile": "time every training phase and projector refresh with device syncs (slower; off by default)",
     }
     for name in FIELDS:
         if name in ("methods", "resume"):
             continue
-        # Parsed as text and type-checked by _coerce, like values from a config file.
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name))
+        # Parsed as text and type-checked by _coerce, like values from a config file. A boolean
+        # flag given without a value means true (``--profile``); ``--profile false`` also works.
+        extra = {"nargs": "?", "const": "true"} if isinstance(getattr(RunConfig(), name), bool) else {}
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name), **extra)
 
 
 def build_run_config(args: argparse.Namespace) -> RunConfig:

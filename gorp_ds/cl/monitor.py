@@ -18,20 +18,25 @@ class Monitor:
         if self._monitor is not None and events:
             self._monitor.write_events([(tag, float(value), int(step)) for tag, value, step in events])
 
-    def train_step(self, step: int, loss: float, optimizer: Any, engine: Any, *, tokens_per_s: float,
-                   refresh_ms: float, step_seconds: float) -> None:
+    def train_step(self, step: int, loss: float, optimizer: Any, *, grad_norm: float | None, tokens_per_s: float,
+                   step_seconds: float) -> None:
+        """Per-step scalars; all host values (the caller read loss and norm in one device read)."""
         if self._monitor is None:
             return
         events = [("train/loss", loss, step), ("train/tokens_per_s", tokens_per_s, step),
                   ("train/step_seconds", step_seconds, step)]
         for group in optimizer.param_groups:
             events.append((f"train/lr/{group['role']}", group["lr"], step))
-        norm = engine.get_global_grad_norm()
-        if norm is not None:
-            events.append(("train/grad_norm", float(norm), step))
+        if grad_norm is not None:
+            events.append(("train/grad_norm", grad_norm, step))
+        self.write(events)
+
+    def optimizer_stats(self, step: int, *, refresh_ms: float, projector_failures: int) -> None:
+        """GORP's device statistics, written at logging intervals: projector refresh time since the
+        previous interval and projector failures so far."""
+        events = [("gorp/projector_failures", projector_failures, step)]
         if refresh_ms > 0:
             events.append(("gorp/projector_refresh_ms", refresh_ms, step))
-        events.append(("gorp/projector_failures", optimizer.stats["projector_failures"], step))
         self.write(events)
 
     def shared_space(self, step: int, sizes: dict[str, int]) -> None:

@@ -62,16 +62,24 @@ class Progress:
                    dict(state["timings"]), state["global_step"])
 
 
+STATS_EVERY = 10  # optimizer steps between reads of the optimizer's device statistics
+
+
 class PhaseTimer:
     """Wall time per phase of a training step, device-synchronised at phase boundaries so that
-    asynchronous GPU work is charged to the phase that launched it."""
+    asynchronous GPU work is charged to the phase that launched it. Only when ``enabled``
+    (``--profile``): the syncs (five per micro-batch) stall the GPU's queue; disabled, it times nothing."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, enabled: bool) -> None:
         self.cuda = device.type == "cuda"
+        self.enabled = enabled
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, phase: str):
+        if not self.enabled:
+            yield
+            return
         if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -81,6 +89,8 @@ class PhaseTimer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def summary(self) -> str:
+        if not self.enabled:
+            return "phase times: pass --profile"
         return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.seconds.items())
 
 
@@ -102,7 +112,7 @@ class MethodSession:
         groups = build_param_groups(model, method, roles)
         log.info(f"[{method}] trainable: {trainable_summary(groups)}")
         self.optimizer = GORP(groups)
-        self.optimizer.time_refreshes = True
+        self.optimizer.time_refreshes = cfg.profile  # synchronised refresh timing only when profiling
         ds_config = {**ds_config}
         if isinstance(ds_config.get("tensorboard"), dict):
             ds_config["tensorboard"] = {**ds_config["tensorboard"], "job_name": method}
@@ -124,14 +134,15 @@ class MethodSession:
     # ------------------------------------------------------------------ training
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy on the answer tokens only; the LM head runs on those positions alone
-        (the vocabulary projection of every prompt position is most of a small model's cost)."""
+        (the vocabulary projection of every prompt position is most of a small model's cost).
+        The positions were found on the host (``_micro_batches``): a boolean mask on the device
+        would need a sync to size its result."""
         module = self.engine.module
         core = module.get_base_model() if hasattr(module, "get_base_model") else module
         hidden = core.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        targets = batch["labels"][:, 1:]
-        keep = targets != -100  # position p predicts token p+1
-        logits = core.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+        rows, cols = batch["answer_positions"].unbind(1)  # position p predicts token p+1
+        logits = core.get_output_embeddings()(hidden[rows, cols])
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch["answer_targets"])
         if self.method == "o-lora" and self.old_lora_a and self.cfg.olora_lambda > 0:
             loss = loss + self.cfg.olora_lambda * orthogonality_loss(module, self.old_lora_a)
         return loss
@@ -145,8 +156,18 @@ class MethodSession:
             encoded = [encode_for_training(self.tokenizer, task, task.train[i], self.cfg.max_length) for i in micro]
             batch = collate_training(encoded, self.tokenizer.pad_token_id)
             tokens += int(batch["attention_mask"].sum()) * self.world
-            batches.append({k: v.to(self.device) for k, v in batch.items()})
+            targets = batch["labels"][:, 1:]  # CPU: position p predicts token p+1
+            keep = targets != -100
+            batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                     "answer_positions": keep.nonzero(), "answer_targets": targets[keep]}
+            batches.append({k: self._to_device(v) for k, v in batch.items()})
         return batches, tokens
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host-to-device copy without a sync: a copy from pageable memory waits for the stream."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def train_task(self, task_index: int, task: Task, progress: Progress, on_checkpoint, total_tasks: int) -> None:
         steps = self.steps_for(task)
@@ -157,10 +178,10 @@ class MethodSession:
         self.engine.module.train()
         start = time.perf_counter()
         tokens = 0
-        phases = PhaseTimer(self.device)
+        phases = PhaseTimer(self.device, self.cfg.profile)
+        stats = self.optimizer.stats  # device statistics are read every STATS_EVERY steps
         while progress.step < steps:
             step_start = time.perf_counter()
-            refresh_before = self.optimizer.stats["refresh_seconds"]
             losses = []
             with phases("data"):
                 batches, step_tokens = self._micro_batches(task, order[progress.step])
@@ -176,12 +197,14 @@ class MethodSession:
             progress.step += 1
             progress.global_step += 1
             with phases("logging"):
-                loss_value = float(torch.stack(losses).mean())
-                self.monitor.train_step(progress.global_step, loss_value, self.optimizer, self.engine,
+                # The step's one device read (loss, and the gradient norm for TensorBoard), at its end.
+                loss_value, grad_norm = self._read_step_scalars(losses)
+                self.monitor.train_step(progress.global_step, loss_value, self.optimizer, grad_norm=grad_norm,
                                         tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9),
-                                        refresh_ms=1000 * (self.optimizer.stats["refresh_seconds"] - refresh_before),
                                         step_seconds=time.perf_counter() - step_start)
-                bar.set_postfix(loss=f"{loss_value:.3f}", refreshes=self.optimizer.stats["refreshes"])
+                if progress.step % STATS_EVERY == 0 or progress.step == steps:
+                    stats = self._optimizer_stats(progress.global_step, stats)
+                bar.set_postfix(loss=f"{loss_value:.3f}", refreshes=self.optimizer.refresh_count)
                 bar.update(1)
             if fault == f"{task_index},{progress.step}":
                 os.kill(os.getpid(), 9)
@@ -191,10 +214,28 @@ class MethodSession:
         bar.close()
         elapsed = time.perf_counter() - start
         log.info(f"[{self.method}] task {task_index + 1}: {steps} steps in {elapsed:.1f} s "
-                 f"({phases.summary()}; refreshes {1000 * self.optimizer.stats['refresh_seconds']:.0f} ms so far), "
+                 f"({phases.summary()}; refreshes {1000 * stats['refresh_seconds']:.0f} ms so far), "
                  f"{tokens / elapsed:,.0f} tokens/s")
         progress.timings[f"train_s/{task_index}"] = progress.timings.get(f"train_s/{task_index}", 0.0) + elapsed
         progress.timings[f"tokens/{task_index}"] = progress.timings.get(f"tokens/{task_index}", 0.0) + tokens
+
+    def _read_step_scalars(self, losses: list[torch.Tensor]) -> tuple[float, float | None]:
+        """Mean loss of the step's micro-batches and, when TensorBoard is on, the gradient norm:
+        one device-to-host read for both (the only per-step synchronisation of training)."""
+        values = [torch.stack(losses).mean()]
+        norm = self.engine.get_global_grad_norm() if self.monitor.enabled else None
+        if isinstance(norm, torch.Tensor):
+            values.append(norm.detach().float().reshape(()).to(values[0].device))
+        read = torch.stack(values).tolist()
+        return read[0], (read[1] if len(read) > 1 else (float(norm) if norm is not None else None))
+
+    def _optimizer_stats(self, step: int, previous: dict[str, float | int]) -> dict[str, float | int]:
+        """Read the optimizer's device statistics (refresh time, projector failures; warns about
+        new failures) and write them to TensorBoard; every STATS_EVERY steps and at a task's end."""
+        stats = self.optimizer.stats
+        self.monitor.optimizer_stats(step, refresh_ms=1000 * (stats["refresh_seconds"] - previous["refresh_seconds"]),
+                                     projector_failures=stats["projector_failures"])
+        return stats
 
     # ------------------------------------------------------------------ evaluation and task boundary
     def evaluate(self) -> tuple[list[float], float]:

@@ -1,33 +1,94 @@
 """``GORP``: the ``torch.optim.Optimizer`` of GORP.md §8.
 
-The optimizer is thin: per tensor it calls :func:`gorp_ds.optim.update.tensor_update` (the one
-implementation of the math) and applies the result. *Where* tensors live is a driver's business:
-the default driver below updates whole parameters in one process; the ZeRO layer
-(``gorp_ds.zero``) installs a driver that updates the slices a rank owns. State is keyed by module
-name and holds tensors only, so ``state_dict`` is independent of parameter objects and world size.
+The optimizer is thin: per batch of same-role, same-shape tensors it calls the stacked update
+functions of :mod:`gorp_ds.optim.update` (the one implementation of the math; a single tensor is a
+batch of one) and hands the result back to a driver, which applies it. *Where* tensors live is the
+driver's business: the default driver below updates whole parameters in one process; the ZeRO
+layer (``gorp_ds.zero``) installs a driver that updates the slices a rank owns. State is keyed by
+module name and holds tensors only (per-name views into stacked buffers, :mod:`.stacks`), so
+``state_dict`` is independent of parameter objects, batching and world size.
+
+No host-device synchronisation on the step path, with two exceptions: the first projector refresh
+of a task reads one success flag per batch back (it decides whether a ``full`` tensor can step at
+all), and torch's ``eigh``/``svd`` check their own errors on refresh steps. Projector failures are
+counted on the device and read when ``stats`` is asked for (logging intervals).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from ..log import get_logger
-from .projector import PROJECTOR_METHODS
+from .projector import PROJECTOR_METHODS, project_gradient, projector_seed
 from .shared_space import extend_shared_space, oriented_moment, shared_side
-from .update import PROTECTED_ROLES, ROLES, TensorUpdate, UpdateConfig, apply_update_, tensor_update
+from .stacks import StateStack, select, store
+from .update import (
+    PROTECTED_ROLES,
+    ROLES,
+    BatchUpdate,
+    UpdateConfig,
+    adam_step_,
+    low_rank_step_,
+    protected_dense_step_,
+    refresh_projectors,
+)
 
 log = get_logger(__name__)
 
 
 def restore_tensor_state(state: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """Copy of a saved per-tensor state: counters stay on the CPU, everything else on ``device``."""
-    return {k: v.clone() if k in ("step", "projector_failures") else v.to(device, copy=True) for k, v in state.items()}
+    """Copy of a saved per-tensor state: the step counter stays on the CPU, everything else
+    (the projector failure counter included) goes to ``device``."""
+    return {k: v.clone() if k == "step" else v.to(device, copy=True) for k, v in state.items()}
+
+
+def partition_by_step(steps: list[int]) -> list[tuple[int, list[int]]]:
+    """``[(step, member positions)]``: members whose counters agree step together (normally all)."""
+    parts: dict[int, list[int]] = {}
+    for i, step in enumerate(steps):
+        parts.setdefault(step, []).append(i)
+    return list(parts.items())
+
+
+class RefreshTimer:
+    """Time spent computing projectors. With ``synchronize`` (profiling) it is wall time between
+    device synchronisations; otherwise CUDA events, read only when :meth:`seconds` is called (at
+    logging intervals), or plain wall time on the CPU."""
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+        self._events: list[tuple[Any, Any]] = []
+
+    @contextmanager
+    def __call__(self, device: torch.device, synchronize: bool) -> Iterator[None]:
+        cuda = device.type == "cuda"
+        if cuda and not synchronize:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+            return
+        if cuda:
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize(device)
+        self._seconds += time.perf_counter() - began
+
+    def seconds(self) -> float:
+        for start, end in self._events:
+            end.synchronize()
+            self._seconds += start.elapsed_time(end) / 1000.0
+        self._events.clear()
+        return self._seconds
 
 
 class StepDriver(Protocol):
@@ -37,19 +98,40 @@ class StepDriver(Protocol):
 
 
 class LocalDriver:
-    """Whole parameters in one process: the reference path."""
+    """Whole parameters in one process: the reference path. Protected tensors of one shape are
+    stacked (one copy of their gradients) and updated as one batch; ``plain`` tensors as lists."""
+
+    def __init__(self) -> None:
+        self._batches: dict[int, list[list[int]]] = {}  # group index -> positions of same-shape tensors
+
+    def _shape_batches(self, optimizer: GORP, index: int, group: dict[str, Any]) -> list[list[int]]:
+        if index not in self._batches:
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for position, name in enumerate(group["names"]):
+                by_shape.setdefault(optimizer.tensor_meta[name][1], []).append(position)
+            self._batches[index] = list(by_shape.values())
+        return self._batches[index]
 
     def step_group(self, optimizer: GORP, group: dict[str, Any]) -> None:
         cfg = UpdateConfig.from_group(group)
-        for param, name in zip(group["params"], group["names"]):
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
+        params, names = group["params"], group["names"]
+        for param, name in zip(params, names):
+            if param.grad is not None and param.grad.is_sparse:
                 raise ValueError(f"GORP: sparse gradient for {name!r} is not supported")
-            grad = param.grad if param.grad.dtype == torch.float32 else param.grad.float()
-            update = optimizer.update_tensor(name, grad, cfg)
-            if update is not None:
-                apply_update_(param.data, update, cfg)
+        if cfg.role == "plain":
+            held = [i for i, p in enumerate(params) if p.grad is not None]
+            grads = [params[i].grad if params[i].grad.dtype == torch.float32 else params[i].grad.float() for i in held]
+            for update in optimizer.update_batch([names[i] for i in held], grads, cfg):
+                update.apply_([params[held[j]] for j in update.index], cfg)
+            return
+        index = optimizer.tensor_meta[names[0]][2]
+        for positions in self._shape_batches(optimizer, index, group):
+            held = [i for i in positions if params[i].grad is not None]
+            if not held:
+                continue
+            grads = torch.stack([params[i].grad for i in held]).float()  # (B, m, n) fp32
+            for update in optimizer.update_batch([names[i] for i in held], grads, cfg):
+                update.apply_([params[held[j]] for j in update.index], cfg)
 
 
 class GORP(torch.optim.Optimizer):
@@ -61,6 +143,10 @@ class GORP(torch.optim.Optimizer):
     refreshed projector within its span to the basis closest to the previous one, so that the
     Adam moments kept across refreshes stay in consistent coordinates; off gives GORP.md §2 as
     written (raw singular vectors).
+
+    ``stats`` (refreshes attempted, refresh seconds, projector failures) synchronises with the
+    device and logs new projector failures: read it at logging intervals. ``time_refreshes = True``
+    (profiling) times each refresh between device syncs instead of with CUDA events.
     """
 
     def __init__(
@@ -95,9 +181,15 @@ class GORP(torch.optim.Optimizer):
         self.shared: dict[str, Tensor] = {}
         self.tasks_completed = torch.zeros((), dtype=torch.int64)
         self.driver: StepDriver = LocalDriver()
-        # Run statistics (not state): refreshes done, their wall time, projector failures.
-        self.stats = {"refreshes": 0, "refresh_seconds": 0.0, "projector_failures": 0}
+        # Run statistics (not state). ``time_refreshes``: time refreshes between device syncs
+        # (profiling); otherwise CUDA events are used, read only when ``stats`` is asked for.
         self.time_refreshes = False
+        self.refresh_count = 0  # member refreshes attempted (host counter, free to read)
+        self._refresh_timer = RefreshTimer()
+        self._failures: dict[torch.device, Tensor] = {}  # failed refreshes this run, per device
+        self._failures_reported = 0
+        # Derived, never stored: stacked state of each batch of same-shape tensors (``stacks.py``).
+        self._stacks: dict[tuple[str, ...], StateStack] = {}
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -170,32 +262,139 @@ class GORP(torch.optim.Optimizer):
             self.driver.step_group(self, group)
         return loss
 
-    def update_tensor(self, name: str, grad: Tensor, cfg: UpdateConfig) -> TensorUpdate | None:
-        """One tensor's step through the single update implementation; drivers call this with
-        the full fp32 gradient (``lora_*``/``full``) or any slice (``plain``)."""
-        state = self.state[name]
-        failures_before = int(state["projector_failures"]) if "projector_failures" in state else 0
-        update = tensor_update(
-            grad, state, cfg, shared=self.shared.get(name), name=name, task_index=int(self.tasks_completed),
-            refresh_timer=self._refresh_timer if self.time_refreshes else nullcontext,
-        )
-        if update is not None and update.refreshed:
-            self.stats["refreshes"] += 1
-        if "projector_failures" in state and int(state["projector_failures"]) > failures_before:
-            self.stats["projector_failures"] += 1
-            log.warning(f"projector for {name} failed (non-finite gradient or decomposition); kept the previous one")
-        return update
+    def update_batch(self, names: list[str], grads: Tensor | list[Tensor], cfg: UpdateConfig) -> list[BatchUpdate]:
+        """One step of a batch of tensors of one param group, through the stacked update functions.
 
-    @contextmanager
-    def _refresh_timer(self) -> Iterator[None]:
-        """Wall time of projector computations, device-synchronised (only when timing is on)."""
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        yield
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.stats["refresh_seconds"] += time.perf_counter() - start
+        ``lora_*``/``full``: ``names`` share a shape and ``grads`` is their full fp32 gradients as
+        one ``(B, m, n)`` stack (any strides: a view of a flat ZeRO partition works). ``plain``:
+        ``grads`` is a list of fp32 gradients (or slices) of any shapes. Returns what to apply,
+        usually one update for every member; members whose step counters differ are updated in
+        separate partitions, and a ``full`` member whose first projector of the task failed is
+        left out (its step is skipped)."""
+        if cfg.role == "plain":
+            return self._plain_batch(names, grads, cfg)
+        assert isinstance(grads, Tensor) and grads.dim() == 3, "protected roles take a (B, m, n) gradient stack"
+        stack = self._stack(tuple(names), cfg)
+        stack.bind(self.state, grads.device)
+        shared_all = stack.shared_stack(self.shared)
+        side = shared_side(cfg.role, stack.shape)
+        batch, updates = len(names), []
+        for step, index in partition_by_step(stack.steps()):
+            grad = select(grads, index, batch)
+            shared = select(shared_all, index, batch) if shared_all is not None else None
+            if cfg.role == "full":
+                update = self._full_partition(stack, grad, shared, step, index, cfg)
+                if update is not None:
+                    updates.append(update)
+                continue
+            exp_avg = select(stack.buffers["exp_avg"], index, batch)
+            exp_avg_sq = select(stack.buffers["exp_avg_sq"], index, batch)
+            adam = protected_dense_step_(grad, exp_avg, exp_avg_sq, shared, side, step + 1, cfg)
+            store(stack.buffers["exp_avg"], index, exp_avg)
+            store(stack.buffers["exp_avg_sq"], index, exp_avg_sq)
+            self._advance(stack, index)
+            updates.append(BatchUpdate(index, adam))
+        return updates
+
+    def _plain_batch(self, names: list[str], grads: list[Tensor], cfg: UpdateConfig) -> list[BatchUpdate]:
+        states = []
+        for name, grad in zip(names, grads):
+            state = self.state[name]
+            if not state:  # step counters live on the CPU: reading them needs no device sync
+                state["step"] = torch.zeros((), dtype=torch.int64)
+                state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+            states.append(state)
+        updates = []
+        for step, index in partition_by_step([int(st["step"]) for st in states]):
+            members = [states[i] for i in index]
+            torch._foreach_add_([st["step"] for st in members], 1)
+            adam = adam_step_([grads[i] for i in index], [st["exp_avg"] for st in members],
+                              [st["exp_avg_sq"] for st in members], step + 1, cfg)
+            updates.append(BatchUpdate(index, adam))
+        return updates
+
+    def _full_partition(self, stack: StateStack, grad: Tensor, shared: Tensor | None, step: int,
+                        index: list[int], cfg: UpdateConfig) -> BatchUpdate | None:
+        """``full`` members ``index`` (all at ``step``): refresh if due, then the low-rank step."""
+        batch, buffers = len(stack.names), stack.buffers
+        previous = select(buffers["projector"], index, batch) if step > 0 else None
+        projector = previous
+        if step % cfg.update_gap == 0:
+            task = int(self.tasks_completed)  # CPU tensor
+            seeds = [projector_seed(stack.names[i], task, step // cfg.update_gap) for i in index]
+            with self._refresh_timer(grad.device, self.time_refreshes):
+                projector, ok = refresh_projectors(grad, previous, cfg, seeds)
+            self.refresh_count += len(index)
+            failed = ok.logical_not()
+            failures = select(buffers["projector_failures"], index, batch)
+            failures.add_(failed)
+            store(buffers["projector_failures"], index, failures)
+            total = self._failures.get(grad.device)
+            if total is None:
+                total = self._failures[grad.device] = torch.zeros((), dtype=torch.int64, device=grad.device)
+            total.add_(failed.sum())
+            if previous is None:
+                # First refresh of the task: there is no projector to fall back on, so the host must
+                # know which members have one at all (one read per batch and task).
+                good = [j for j, flag in enumerate(ok.tolist()) if flag]
+                if not good:
+                    return None
+                if len(good) < len(index):
+                    grad, projector = select(grad, good, len(index)), select(projector, good, len(index))
+                    shared = select(shared, good, len(index)) if shared is not None else None
+                    index = [index[j] for j in good]
+                stack.attach_low_rank(self.state, index)
+            store(buffers["projector"], index, projector)
+        assert projector is not None
+        exp_avg = select(buffers["exp_avg"], index, batch)
+        exp_avg_sq = select(buffers["exp_avg_sq"], index, batch)
+        low_rank = project_gradient(grad, projector)  # (B, m, k) right or (B, k, n) left
+        update = low_rank_step_(low_rank, exp_avg, exp_avg_sq, projector, shared, shared_side("full", stack.shape),
+                                step + 1, cfg, stack.shape)
+        store(buffers["exp_avg"], index, exp_avg)
+        store(buffers["exp_avg_sq"], index, exp_avg_sq)
+        self._advance(stack, index)
+        return BatchUpdate(index, update)
+
+    @staticmethod
+    def _advance(stack: StateStack, index: list[int]) -> None:
+        steps = stack.buffers["step"]  # CPU
+        if len(index) == len(stack.names):
+            steps += 1
+        else:
+            for i in index:
+                steps[i] += 1
+
+    def _stack(self, names: tuple[str, ...], cfg: UpdateConfig) -> StateStack:
+        stack = self._stacks.get(names)
+        if stack is None or stack.rank != cfg.rank:
+            members = set(names)
+            for key in [k for k in self._stacks if members.intersection(k)]:
+                del self._stacks[key]  # a tensor belongs to one batch at a time
+            stack = self._stacks[names] = StateStack(names, cfg.role, self.tensor_meta[names[0]][1], cfg.rank)
+        return stack
+
+    # ------------------------------------------------------------------ statistics
+    @property
+    def stats(self) -> dict[str, float | int]:
+        """Refreshes attempted, their time in seconds and the projector failures of this run.
+        Reading it synchronises with the device (events, counters): do it at logging intervals."""
+        return {"refreshes": self.refresh_count, "refresh_seconds": self._refresh_timer.seconds(),
+                "projector_failures": self.poll_failures()}
+
+    def poll_failures(self) -> int:
+        """Projector failures of this run so far (a device read); logs a warning naming the tensors
+        when there are new ones since the last call."""
+        total = sum(int(count) for count in self._failures.values())
+        if total > self._failures_reported:
+            failing = [name for name, state in self._named_states()
+                       if "projector_failures" in state and int(state["projector_failures"]) > 0]
+            log.warning(f"{total - self._failures_reported} projector refresh(es) failed (non-finite gradient or "
+                        f"decomposition); the previous projectors were kept. Tensors with failures this task: "
+                        f"{', '.join(failing) or 'none held'}")
+            self._failures_reported = total
+        return total
 
     # ------------------------------------------------------------------ tasks
     @torch.no_grad()
@@ -213,6 +412,7 @@ class GORP(torch.optim.Optimizer):
             if basis is not None:
                 self.shared[name] = basis
         self.state.clear()
+        self._stacks.clear()
         self.tasks_completed += 1
         return {name: basis.shape[1] for name, basis in self.shared.items()}
 
@@ -246,6 +446,7 @@ class GORP(torch.optim.Optimizer):
             group.update({k: v for k, v in saved.items() if k != "names"})
         devices = {name: self._device_of(name) for name in self.tensor_meta}
         self.state.clear()
+        self._stacks.clear()
         for name, st in state_dict["state"].items():
             if name not in self.tensor_meta:
                 raise ValueError(f"GORP.load_state_dict: state for unknown tensor {name!r}")

@@ -1,16 +1,22 @@
-"""Low-rank gradient projectors for ``full`` tensors (GORP.md §2).
+"""Low-rank gradient projectors for ``full`` tensors (GORP.md §2), over stacks of same-shape matrices.
 
 A weight ``W`` is ``m × n``. For ``m >= n`` the projector is ``Q`` (``n × k``, top-k right singular
 vectors of the gradient) and the low-rank gradient is ``R = G Q`` (``m × k``); for ``m < n`` it is
 ``P`` (``m × k``, top-k left singular vectors) and ``R = Pᵀ G`` (``k × n``). Projecting on the
 shorter side keeps ``R`` and the Adam moments as small as possible.
 
-Pure tensor functions: no distributed code, no optimizer state.
+Every function takes a stack: ``B`` matrices of one shape as a ``(B, m, n)`` tensor (a single matrix
+is ``B = 1``; the matmul-based helpers also accept plain 2-D tensors). Members of a stack never mix:
+a non-finite gradient in one member leaves the others' results as if it were absent.
+
+Pure tensor functions: no distributed code, no optimizer state, no host-device synchronisation
+except inside torch's own error checks of ``eigh``/``svd`` (refresh steps only).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -18,11 +24,16 @@ from torch import Tensor
 
 Side = Literal["right", "left"]
 PROJECTOR_METHODS = ("randomized", "exact")
+# Sketch directions whose squared norm falls below this fraction of the largest one are dropped
+# (zeroed) by the orthonormalisation; the Gram matrices are formed in float64, so directions down
+# to ~1e-6 of the largest singular value survive with orthonormality error ~1e-10.
+_DROP = 1e-12
 
 
-def projection_side(shape: tuple[int, int] | torch.Size) -> Side:
-    """``right`` (``Q``, n×k) for tall-or-square matrices, ``left`` (``P``, m×k) for wide ones."""
-    m, n = shape
+def projection_side(shape: tuple[int, ...] | torch.Size) -> Side:
+    """``right`` (``Q``, n×k) for tall-or-square matrices, ``left`` (``P``, m×k) for wide ones.
+    ``shape`` may carry leading batch dimensions."""
+    m, n = shape[-2:]
     return "right" if m >= n else "left"
 
 
@@ -32,77 +43,136 @@ def projector_seed(name: str, task_index: int, refresh_index: int) -> int:
     return (zlib.crc32(name.encode()) << 24) ^ (task_index << 16) ^ refresh_index
 
 
-def randomized_range_basis(
-    a: Tensor, k: int, oversample: int, power_iters: int, generator: torch.Generator | None
-) -> Tensor:
-    """Orthonormal ``d × k`` basis approximating the top-k left singular subspace of ``a`` (``d × c``).
+def finite_members(x: Tensor) -> Tensor:
+    """``(B,)`` bool: which members of a ``(B, …)`` stack are entirely finite (on the device)."""
+    return torch.isfinite(x).flatten(1).all(1)
 
-    Randomized subspace iteration (Halko, Martinsson, Tropp 2011, Alg. 4.4): sketch
-    ``Y = A Ω`` with ``l = k + oversample`` Gaussian columns, refine with ``power_iters`` rounds of
-    ``Y ← A (Aᵀ Y)`` (re-orthonormalised each half-step for stability), then rotate the sketch
-    basis to singular vectors with an SVD of the small ``l × c`` matrix ``Yᵀ A``.
+
+def orthonormalize(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Orthonormal basis of the column span of each ``(d, l)`` member of ``y`` (``(B, d, l)``, fp32),
+    and which members were finite.
+
+    Batched and synchronisation-free, unlike a Householder QR (which GPUs run one small matrix at a
+    time): the ``l × l`` Gram matrix ``YᵀY = V Λ Vᵀ`` is decomposed in float64 and
+    ``Y V Λ^{-1/2}`` is formed twice (the second pass removes the first's rounding). Directions with
+    ``λ ≤ 1e-12 λ_max`` are zeroed instead of being blown up, so a rank-deficient member gets zero
+    columns, not noise. Non-finite members are computed on zeros (their result is discarded by the
+    caller) so that they cannot make the batched decomposition fail for the others.
     """
-    d, c = a.shape
+    finite = finite_members(y)
+    basis = torch.where(finite[:, None, None], y, 0.0).double()
+    for _ in range(2):
+        gram = basis.mT @ basis  # (B, l, l)
+        eigenvalues, vectors = torch.linalg.eigh(gram)
+        keep = eigenvalues > _DROP * eigenvalues[:, -1:].clamp_min(torch.finfo(torch.float64).tiny)
+        scale = torch.where(keep, eigenvalues.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
+        basis = basis @ (vectors * scale[:, None, :])  # (B, d, l); only the span matters to callers
+    return basis.to(y.dtype), finite
+
+
+def _top_left_vectors(small: Tensor, k: int) -> Tensor:
+    """Top-k left singular vectors (``(B, l, k)``) of each ``(l, c)`` member of ``small``, from the
+    float64 eigendecomposition of ``small smallᵀ`` (an ``l × l`` problem, batched on the device)."""
+    s64 = small.double()
+    _, vectors = torch.linalg.eigh(s64 @ s64.mT)  # ascending
+    return vectors.flip(-1)[..., :k].to(small.dtype)
+
+
+def randomized_range_basis(a: Tensor, k: int, oversample: int, power_iters: int, seeds: Sequence[int]) -> Tensor:
+    """Orthonormal ``(B, d, k)`` bases approximating the top-k left singular subspace of each
+    ``(d, c)`` member of ``a`` (``(B, d, c)``); member ``b`` draws its test matrix from ``seeds[b]``.
+
+    Randomized subspace iteration (Halko, Martinsson, Tropp 2011, Alg. 4.4): sketch ``Y = A Ω`` with
+    ``l = k + oversample`` Gaussian columns, refine with ``power_iters`` rounds of ``Y ← A (Aᵀ Y)``
+    (re-orthonormalised each half-step for stability), then rotate the sketch basis to singular
+    vectors (Rayleigh–Ritz on ``Yᵀ A``). Non-finite members give non-finite or zero bases.
+    """
+    batch, d, c = a.shape
     sketch = min(k + oversample, d, c)
-    omega = torch.randn(c, sketch, generator=generator, device=a.device, dtype=a.dtype)
-    basis, _ = torch.linalg.qr(a @ omega)  # d × l
+    omegas = []
+    for seed in seeds:  # one generator per member: the same projector on every rank that holds it
+        generator = torch.Generator(device=a.device)
+        generator.manual_seed(int(seed))
+        omegas.append(torch.randn(c, sketch, generator=generator, device=a.device, dtype=a.dtype))
+    omega = torch.stack(omegas) if batch > 1 else omegas[0].unsqueeze(0)  # (B, c, l)
+    basis, finite = orthonormalize(a @ omega)  # (B, d, l)
     for _ in range(power_iters):
-        back, _ = torch.linalg.qr(a.mT @ basis)  # c × l
-        basis, _ = torch.linalg.qr(a @ back)  # d × l
-    small = basis.mT @ a  # l × c
-    u_small, _, _ = torch.linalg.svd(small, full_matrices=False)  # l × l
-    return basis @ u_small[:, :k]  # d × k
+        back, ok = orthonormalize(a.mT @ basis)  # (B, c, l)
+        basis, ok2 = orthonormalize(a @ back)  # (B, d, l)
+        finite = finite & ok & ok2
+    small = basis.mT @ a  # (B, l, c)
+    finite = finite & finite_members(small)
+    small = torch.where(finite[:, None, None], small, 0.0)
+    result = basis @ _top_left_vectors(small, k)  # (B, d, k)
+    return torch.where(finite[:, None, None], canonical_signs(result), float("nan"))
+
+
+def canonical_signs(basis: Tensor) -> Tensor:
+    """Flip each column so that its largest-magnitude entry is positive. The sketch's own basis is
+    only defined up to a rotation (the orthonormalisation picks one by rounding), so without a
+    fixed gauge the signs of the returned singular vectors would depend on rounding noise."""
+    pivot = basis.abs().argmax(dim=-2, keepdim=True)  # (B, 1, k)
+    signs = torch.where(basis.gather(-2, pivot) < 0, -1.0, 1.0)
+    return basis * signs
 
 
 def exact_basis(a: Tensor, k: int) -> Tensor:
-    """Top-k left singular vectors of ``a`` by a full SVD (reference method)."""
-    u, _, _ = torch.linalg.svd(a, full_matrices=False)
-    return u[:, :k].contiguous()
+    """Top-k left singular vectors of each member of ``a`` (``(B, d, c)``) by a full SVD
+    (reference method). Non-finite members give NaN bases."""
+    finite = finite_members(a)
+    u, _, _ = torch.linalg.svd(torch.where(finite[:, None, None], a, 0.0), full_matrices=False)
+    return torch.where(finite[:, None, None], u[..., :k], float("nan"))
 
 
-def compute_projector(
-    grad: Tensor,
+def compute_projectors(
+    grads: Tensor,
     rank: int,
     method: str = "randomized",
     *,
-    seed: int = 0,
+    seeds: Sequence[int] | None = None,
     oversample: int = 8,
     power_iters: int = 2,
-) -> Tensor | None:
-    """The projector of an ``m × n`` fp32 gradient: ``Q`` (n×k) if ``m >= n`` else ``P`` (m×k).
-
-    Returns ``None`` when the gradient or the decomposition is not finite, or the decomposition
-    fails; the caller keeps its previous projector then (GORP.md §2).
-    """
-    if not bool(torch.isfinite(grad).all()):
-        return None
+) -> tuple[Tensor, Tensor]:
+    """Projectors of a ``(B, m, n)`` fp32 gradient stack: ``Q`` (``(B, n, k)``) if ``m >= n`` else
+    ``P`` (``(B, m, k)``), and a ``(B,)`` bool tensor saying which members succeeded. A member whose
+    gradient or decomposition is not finite is marked failed (its projector is garbage; the caller
+    keeps the previous one, GORP.md §2). Nothing is read back to the host; a decomposition that
+    raises fails every member."""
+    batch = grads.shape[0]
     # Right projection needs the right singular vectors of G = left singular vectors of Gᵀ.
-    a = grad.mT if projection_side(grad.shape) == "right" else grad
+    a = grads.mT if projection_side(grads.shape) == "right" else grads  # (B, d, c)
+    if method not in PROJECTOR_METHODS:
+        raise ValueError(f"unknown projector method {method!r}; expected one of {PROJECTOR_METHODS}")
     try:
         if method == "exact":
             basis = exact_basis(a, rank)
-        elif method == "randomized":
-            generator = torch.Generator(device=a.device)
-            generator.manual_seed(seed)
-            basis = randomized_range_basis(a, rank, oversample, power_iters, generator)
         else:
-            raise ValueError(f"unknown projector method {method!r}; expected one of {PROJECTOR_METHODS}")
+            basis = randomized_range_basis(a, rank, oversample, power_iters, seeds if seeds is not None else [0] * batch)
     except torch.linalg.LinAlgError:
-        return None
-    if not bool(torch.isfinite(basis).all()):
-        return None
-    return basis.contiguous()
+        nan = torch.full((batch, a.shape[1], rank), float("nan"), dtype=grads.dtype, device=grads.device)
+        return nan, torch.zeros(batch, dtype=torch.bool, device=grads.device)
+    return basis.contiguous(), finite_members(basis)
+
+
+def compute_projector(grad: Tensor, rank: int, method: str = "randomized", *, seed: int = 0,
+                      oversample: int = 8, power_iters: int = 2) -> Tensor | None:
+    """One matrix (``B = 1`` of :func:`compute_projectors`), ``None`` on failure. Reads the success
+    flag back to the host: for tests and benchmarks, not for the optimizer's step."""
+    basis, ok = compute_projectors(grad.unsqueeze(0), rank, method, seeds=[seed], oversample=oversample,
+                                   power_iters=power_iters)
+    return basis[0] if bool(ok[0]) else None
 
 
 def align_basis(new: Tensor, previous: Tensor) -> Tensor:
-    """The orthonormal basis of span(``new``) closest to ``previous`` (orthogonal Procrustes).
+    """The orthonormal basis of span(``new``) closest to ``previous`` (orthogonal Procrustes), per member.
 
     Adam moments are kept across projector refreshes (GORP.md §2) and are expressed in the
     coordinates of the previous basis. A decomposition returns the top-k subspace with an arbitrary
     sign (and, for near-equal singular values, rotation) of each basis vector, so without alignment
     the moments' coordinates would be scrambled at refreshes, discontinuously in the gradient.
     Rotating the new basis by ``U Vᵀ`` from the SVD of the ``k × k`` matrix ``newᵀ previous`` keeps
-    the subspace and makes the coordinates consistent (ours).
+    the subspace and makes the coordinates consistent (ours). Non-finite members of ``new`` must
+    have been replaced by finite values by the caller (they would make the batched SVD fail).
     """
     u, _, vh = torch.linalg.svd(new.mT @ previous)
     return new @ (u @ vh)
@@ -115,7 +185,7 @@ def project_gradient(grad: Tensor, projector: Tensor) -> Tensor:
     return projector.mT @ grad
 
 
-def back_project(low_rank: Tensor, projector: Tensor, shape: tuple[int, int] | torch.Size) -> Tensor:
+def back_project(low_rank: Tensor, projector: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     """Full-size update from a low-rank one: ``U_r Qᵀ`` (right) or ``P U_r`` (left)."""
     if projection_side(shape) == "right":
         return low_rank @ projector.mT

@@ -1,7 +1,7 @@
 """The gradient shared space S (GORP.md §3): what protects earlier tasks.
 
 Each protected tensor has an orthonormal basis ``S`` (``d × s``) on its long side. New gradients
-(or low-rank gradients) are projected off it; at the end of a task it is extended from the Adam
+(or low-rank gradients) are projected off it, a stack of same-shape tensors at once; at the end of a task it is extended from the Adam
 first moment by GPM's threshold-and-expand rule.
 
 Pure tensor functions: no distributed code, no optimizer state.
@@ -36,16 +36,34 @@ def shared_side(role: str, shape: tuple[int, int] | torch.Size) -> SharedSide:
 
 
 def project_off(x: Tensor, basis: Tensor | None, side: SharedSide) -> Tensor:
-    """Remove from ``x`` its component in span(S).
+    """Remove from ``x`` its component in span(S), per member of a stack.
 
-    ``side == "output"``: ``x`` is ``d × c`` with S's side as rows, result ``x − S (Sᵀ x)``.
-    ``side == "input"``: ``x`` is ``c × d`` with S's side as columns, result ``x − (x S) Sᵀ``.
+    ``side == "output"``: ``x`` is ``(B, d, c)`` with S's side as rows, result ``x − S (Sᵀ x)``.
+    ``side == "input"``: ``x`` is ``(B, c, d)`` with S's side as columns, result ``x − (x S) Sᵀ``.
+    ``basis`` is ``(B, d, s)``; members with smaller S are padded with zero columns
+    (:func:`stack_bases`), which changes nothing: a zero column contributes zero to both products.
+    2-D ``x`` and ``basis`` (one matrix) work too.
     """
-    if basis is None or basis.shape[1] == 0:
+    if basis is None or basis.shape[-1] == 0:
         return x
+    fused = torch.baddbmm if x.dim() == 3 else torch.addmm  # x − product in one kernel
     if side == "output":
-        return x - basis @ (basis.mT @ x)
-    return x - (x @ basis) @ basis.mT
+        return fused(x, basis, basis.mT @ x, alpha=-1.0)
+    return fused(x, x @ basis, basis.mT, alpha=-1.0)
+
+
+def stack_bases(bases: list[Tensor | None]) -> Tensor | None:
+    """``(B, d, s_max)`` stack of per-member bases (``d × s_b`` or ``None``), zero-padded to the
+    largest ``s_b``; ``None`` if every member's S is empty."""
+    present = [b for b in bases if b is not None and b.shape[1] > 0]
+    if not present:
+        return None
+    d, width = present[0].shape[0], max(b.shape[1] for b in present)
+    stacked = present[0].new_zeros(len(bases), d, width)
+    for i, b in enumerate(bases):
+        if b is not None and b.shape[1] > 0:
+            stacked[i, :, : b.shape[1]].copy_(b)
+    return stacked
 
 
 def oriented_moment(moment: Tensor, side: SharedSide) -> Tensor:

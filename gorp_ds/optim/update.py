@@ -1,29 +1,34 @@
-"""The GORP update of one tensor: the single implementation every execution path calls.
+"""The GORP update over stacks of tensors: the single implementation every execution path calls.
 
-``tensor_update`` takes the full gradient of one tensor (fp32) and its state, advances the state
-(moments, projector, step), and returns the update direction and step size; the caller applies
-``W ← W (1 − lr·wd) − step_size · direction`` to whatever part of ``W`` it holds (the whole
-tensor in one process, the rank's slice under ZeRO). Roles (GORP.md §1):
+Tensors of one role and shape are updated together as a ``(B, m, n)`` stack (one tensor is
+``B = 1``); elementwise parts that stacking cannot serve (``plain`` tensors of any shapes, lists of
+separate parameters) use ``torch._foreach_*`` over lists. Roles (GORP.md §1):
 
-- ``plain``: AdamW, elementwise (``grad`` may be any shape, e.g. a flat slice).
-- ``lora_a`` / ``lora_b``: gradient projected off S, then Adam on the whole tensor.
-- ``full``: projected Adam in a rank-k gradient space (§2), low-rank gradient projected off S.
+- ``plain``: AdamW, elementwise (any shapes, e.g. flat ZeRO slices).
+- ``lora_a`` / ``lora_b``: gradient projected off S (:func:`project_off`), then Adam on the whole tensor.
+- ``full``: projected Adam in a rank-k gradient space (§2), in two pieces: :func:`refresh_projectors`
+  (projector from the gradient ``G``, every ``update_gap`` steps) and :func:`low_rank_step` (from the
+  low-rank gradient ``R``, however it was computed), so that ``R`` may come from elsewhere.
 
-Pure tensor functions: no distributed code.
+The results are applied with ``W ← (1 − lr·wd) W − step_size · direction`` by :func:`apply_adam_`,
+:func:`apply_low_rank_` or :func:`apply_direction_`, to whatever part of ``W`` the caller holds
+(whole parameters, a stacked view of a ZeRO partition, a slice). Low-precision targets get fp32
+arithmetic and one rounding.
+
+Pure tensor functions: no distributed code, no optimizer state, no host-device synchronisation.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .projector import align_basis, back_project, compute_projector, project_gradient, projector_seed
-from .shared_space import project_off, shared_side
+from .projector import align_basis, back_project, compute_projectors, projection_side
+from .shared_space import SharedSide, project_off
 
 ROLES = ("lora_a", "lora_b", "full", "plain")
 PROTECTED_ROLES = ("lora_a", "lora_b", "full")
@@ -31,7 +36,7 @@ PROTECTED_ROLES = ("lora_a", "lora_b", "full")
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    """Hyperparameters of one tensor's update, read from its param group."""
+    """Hyperparameters of one param group's update."""
 
     role: str
     lr: float
@@ -67,109 +72,163 @@ class UpdateConfig:
         )
 
 
-@dataclass
-class TensorUpdate:
-    """``W ← W (1 − lr·wd) − step_size · direction``; ``direction`` has the gradient's shape."""
-
-    direction: Tensor
-    step_size: float
-    refreshed: bool = False
+# ----------------------------------------------------------------------------- Adam pieces
 
 
-def init_state(state: dict[str, Tensor], grad: Tensor, cfg: UpdateConfig) -> None:
-    """Fill an empty state. Step counters live on the CPU (no device sync to read them)."""
-    state["step"] = torch.zeros((), dtype=torch.int64)
-    if cfg.role == "full":
-        state["projector_failures"] = torch.zeros((), dtype=torch.int64)
-        # Moments are allocated at the first successful projector refresh (they have R's shape).
-    else:
-        state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
-        state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
-
-
-def adam_moments_(state: dict[str, Tensor], grad: Tensor, cfg: UpdateConfig) -> None:
+def adam_moments_(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], grads: list[Tensor], cfg: UpdateConfig) -> None:
     """``M ← β1 M + (1−β1) g``, ``V ← β2 V + (1−β2) g²`` in place (the op order of torch AdamW)."""
-    state["exp_avg"].lerp_(grad, 1.0 - cfg.beta1)
-    state["exp_avg_sq"].mul_(cfg.beta2).addcmul_(grad, grad, value=1.0 - cfg.beta2)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - cfg.beta1)
+    torch._foreach_mul_(exp_avg_sqs, cfg.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - cfg.beta2)
 
 
-def adam_normalised(state: dict[str, Tensor], step: int, cfg: UpdateConfig) -> tuple[Tensor, float]:
-    """``M / (√V̂ + ε)`` and the first-moment bias correction ``1 − β1^t`` it still needs."""
-    bias1 = 1.0 - cfg.beta1**step
-    bias2_sqrt = math.sqrt(1.0 - cfg.beta2**step)
-    denom = (state["exp_avg_sq"].sqrt() / bias2_sqrt).add_(cfg.eps)
-    return state["exp_avg"] / denom, bias1
+def adam_denominators(exp_avg_sqs: list[Tensor], step: int, cfg: UpdateConfig) -> list[Tensor]:
+    """``√V̂ + ε = √V / √(1 − β2^t) + ε`` for the step count ``t`` after this step."""
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denominators, math.sqrt(1.0 - cfg.beta2**step))
+    torch._foreach_add_(denominators, cfg.eps)
+    return denominators
 
 
-def _full_update(
-    grad: Tensor,
-    state: dict[str, Tensor],
-    shared: Tensor | None,
-    cfg: UpdateConfig,
-    name: str,
-    task_index: int,
-    refresh_timer: Callable[[], AbstractContextManager],
-) -> TensorUpdate | None:
-    step_before = int(state["step"])
-    refreshed = False
-    if step_before % cfg.update_gap == 0 or "projector" not in state:
-        seed = projector_seed(name, task_index, step_before // cfg.update_gap)
-        with refresh_timer():
-            projector = compute_projector(
-                grad, cfg.rank, cfg.projector, seed=seed, oversample=cfg.oversample, power_iters=cfg.power_iters
-            )
-        if projector is None:
-            state["projector_failures"] += 1
-            if "projector" not in state:
-                return None  # nothing to project with yet: skip this tensor's step entirely
-        else:
-            if cfg.align_projector and "projector" in state:
-                projector = align_basis(projector, state["projector"])
-            state["projector"] = projector
-            refreshed = True
-    low_rank = project_gradient(grad, state["projector"])  # m×k (right) or k×n (left)
-    low_rank = project_off(low_rank, shared, shared_side("full", grad.shape))
-    if "exp_avg" not in state:
-        state["exp_avg"] = torch.zeros_like(low_rank)
-        state["exp_avg_sq"] = torch.zeros_like(low_rank)
-    state["step"] += 1
-    adam_moments_(state, low_rank, cfg)
-    normalised, bias1 = adam_normalised(state, step_before + 1, cfg)
-    direction = back_project(normalised, state["projector"], grad.shape)
-    return TensorUpdate(direction, cfg.lr * cfg.scale / bias1, refreshed)
+def bias_correction1(step: int, cfg: UpdateConfig) -> float:
+    return 1.0 - cfg.beta1**step
 
 
-def tensor_update(
-    grad: Tensor,
-    state: dict[str, Tensor],
-    cfg: UpdateConfig,
-    *,
-    shared: Tensor | None = None,
-    name: str = "",
-    task_index: int = 0,
-    refresh_timer: Callable[[], AbstractContextManager] = nullcontext,
-) -> TensorUpdate | None:
-    """Advance ``state`` by one optimizer step on ``grad`` (fp32, the tensor's full gradient for
-    ``lora_*``/``full``; any slice for ``plain``) and return the update, or ``None`` if this
-    tensor's step had to be skipped (a ``full`` tensor whose very first projector failed).
-    ``refresh_timer`` wraps projector computations (the caller's instrumentation)."""
-    if not state:
-        init_state(state, grad, cfg)
-    if cfg.role == "full":
-        return _full_update(grad, state, shared, cfg, name, task_index, refresh_timer)
-    if cfg.role in ("lora_a", "lora_b"):
-        grad = project_off(grad, shared, shared_side(cfg.role, grad.shape))
-    state["step"] += 1
-    adam_moments_(state, grad, cfg)
-    normalised, bias1 = adam_normalised(state, int(state["step"]), cfg)
-    return TensorUpdate(normalised, cfg.lr / bias1)
+@dataclass
+class AdamStep:
+    """``W ← (1 − lr·wd) W − step_size · exp_avg / denominator`` per list entry (``lora_*``, ``plain``)."""
+
+    exp_avgs: list[Tensor]
+    denominators: list[Tensor]
+    step_size: float
 
 
-def apply_update_(param: Tensor, update: TensorUpdate, cfg: UpdateConfig) -> None:
-    """``W ← W (1 − lr·wd) − step_size · direction`` in place (decoupled weight decay)."""
-    target = param if param.dtype == torch.float32 else param.float()
+def adam_step_(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], step: int,
+               cfg: UpdateConfig) -> AdamStep:
+    """One Adam step on lists (tensors or stacks) whose step counters all read ``step - 1``."""
+    adam_moments_(exp_avgs, exp_avg_sqs, grads, cfg)
+    return AdamStep(exp_avgs, adam_denominators(exp_avg_sqs, step, cfg), cfg.lr / bias_correction1(step, cfg))
+
+
+def protected_dense_step_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, shared: Tensor | None,
+                          side: SharedSide, step: int, cfg: UpdateConfig) -> AdamStep:
+    """``lora_*`` role on a ``(B, m, n)`` stack: the gradient projected off S (``(B, d, s)``,
+    zero-padded), then Adam. ``grad`` is not modified."""
+    return adam_step_([project_off(grad, shared, side)], [exp_avg], [exp_avg_sq], step, cfg)
+
+
+# ----------------------------------------------------------------------------- full role
+
+
+def refresh_projectors(grads: Tensor, previous: Tensor | None, cfg: UpdateConfig,
+                       seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """New projectors for a ``(B, m, n)`` gradient stack and a ``(B,)`` bool success mask, on the device.
+
+    A member whose gradient or decomposition is not finite keeps its ``previous`` projector
+    (``torch.where``; GORP.md §2); with ``previous=None`` (first refresh of a task) its returned
+    projector is garbage and the caller must not use it. With ``cfg.align_projector`` successful
+    members are rotated towards their previous basis (:func:`align_basis`).
+    """
+    new, ok = compute_projectors(grads, cfg.rank, cfg.projector, seeds=seeds, oversample=cfg.oversample,
+                                 power_iters=cfg.power_iters)
+    if previous is None:
+        return new, ok
+    keep = ok[:, None, None]
+    candidate = torch.where(keep, new, previous)  # finite everywhere: the batched SVD cannot fail on it
+    if cfg.align_projector:
+        candidate = align_basis(candidate, previous)
+    return torch.where(keep, candidate, previous), ok
+
+
+@dataclass
+class LowRankStep:
+    """``W ← (1 − lr·wd) W − step_size · backproject(normalised, projector)`` (``full`` role)."""
+
+    normalised: Tensor  # (B, m, k) or (B, k, n): M̂ / (√V̂ + ε) without the bias correction of M
+    projector: Tensor  # (B, n, k) or (B, m, k)
+    step_size: float
+    shape: tuple[int, int]  # (m, n) of each member
+
+    def direction(self) -> Tensor:
+        """The dense ``(B, m, n)`` update direction (needed only for slices of a tensor)."""
+        return back_project(self.normalised, self.projector, self.shape)
+
+
+def low_rank_step_(low_rank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, projector: Tensor,
+                   shared: Tensor | None, side: SharedSide, step: int, cfg: UpdateConfig,
+                   shape: tuple[int, int]) -> LowRankStep:
+    """Projected Adam from the low-rank gradient ``R`` (``(B, m, k)`` or ``(B, k, n)``): ``R`` off S,
+    moments of ``R`` in place, normalised update in the projector's coordinates."""
+    low_rank = project_off(low_rank, shared, side)
+    adam = adam_step_([low_rank], [exp_avg], [exp_avg_sq], step, cfg)
+    normalised = exp_avg / adam.denominators[0]
+    return LowRankStep(normalised, projector, cfg.lr * cfg.scale / bias_correction1(step, cfg), shape)
+
+
+# ----------------------------------------------------------------------------- applying updates
+
+
+def _fp32_work(targets: list[Tensor]) -> list[Tensor]:
+    return targets if all(t.dtype == torch.float32 for t in targets) else [t.float() for t in targets]
+
+
+def _finish(targets: list[Tensor], work: list[Tensor]) -> None:
+    if work is not targets:  # low-precision parameters: the arithmetic was fp32, round once
+        torch._foreach_copy_(targets, work)
+
+
+def apply_adam_(targets: list[Tensor], update: AdamStep, cfg: UpdateConfig) -> None:
+    """``W ← (1 − lr·wd) W − step_size · M / denominator``. ``targets`` pairs with the update's
+    lists, or, for an update on one ``(B, …)`` stack, lists its ``B`` members."""
+    exp_avgs, denominators = update.exp_avgs, update.denominators
+    if len(exp_avgs) == 1 and exp_avgs[0].dim() == targets[0].dim() + 1:  # one stack, its members listed
+        (exp_avg,), (denominator,) = exp_avgs, denominators
+        exp_avgs, denominators = list(exp_avg.unbind(0)), list(denominator.unbind(0))
+    work = _fp32_work(targets)
     if cfg.weight_decay != 0.0:
-        target.mul_(1.0 - cfg.lr * cfg.weight_decay)
-    target.add_(update.direction, alpha=-update.step_size)
-    if target is not param:  # low-precision parameter: do the arithmetic in fp32, round once
-        param.copy_(target)
+        torch._foreach_mul_(work, 1.0 - cfg.lr * cfg.weight_decay)
+    torch._foreach_addcdiv_(work, exp_avgs, denominators, value=-update.step_size)
+    _finish(targets, work)
+
+
+def apply_direction_(targets: list[Tensor], directions: list[Tensor], step_size: float, cfg: UpdateConfig) -> None:
+    """``W ← (1 − lr·wd) W − step_size · direction`` elementwise over lists."""
+    work = _fp32_work(targets)
+    if cfg.weight_decay != 0.0:
+        torch._foreach_mul_(work, 1.0 - cfg.lr * cfg.weight_decay)
+    torch._foreach_add_(work, directions, alpha=-step_size)
+    _finish(targets, work)
+
+
+@dataclass
+class BatchUpdate:
+    """One step of members ``index`` (positions in the batch given to the optimizer; usually all)."""
+
+    index: list[int]
+    step: AdamStep | LowRankStep
+
+    def apply_(self, targets: Tensor | list[Tensor], cfg: UpdateConfig) -> None:
+        """Apply to the members' parameters: a ``(len(index), …)`` stack or a list of them."""
+        if isinstance(self.step, LowRankStep):
+            apply_low_rank_(targets, self.step, cfg)
+        else:
+            apply_adam_(targets if isinstance(targets, list) else [targets], self.step, cfg)
+
+
+def apply_low_rank_(targets: Tensor | list[Tensor], update: LowRankStep, cfg: UpdateConfig) -> None:
+    """``W ← (1 − lr·wd) W − step_size · backproject(N, P)`` on a ``(B, m, n)`` fp32 stack (one fused
+    batched GEMM, no dense temporary) or a list of ``B`` matrices (one fused GEMM each when fp32)."""
+    decay = 1.0 - cfg.lr * cfg.weight_decay
+    if projection_side(update.shape) == "right":
+        left, right = update.normalised, update.projector.mT  # U_r Qᵀ
+    else:
+        left, right = update.projector, update.normalised  # P U_r
+    if isinstance(targets, Tensor) and targets.dtype == torch.float32:
+        targets.baddbmm_(left, right, beta=decay, alpha=-update.step_size)
+        return
+    members = list(targets.unbind(0)) if isinstance(targets, Tensor) else targets
+    if all(t.dtype == torch.float32 for t in members):
+        for target, a, b in zip(members, left.unbind(0), right.unbind(0), strict=True):
+            target.addmm_(a, b, beta=decay, alpha=-update.step_size)
+        return
+    apply_direction_(members, list(update.direction().unbind(0)), update.step_size, cfg)

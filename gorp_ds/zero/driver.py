@@ -2,30 +2,75 @@
 
 DeepSpeed hands the optimizer, per param group, one flat fp32 master partition with its averaged
 (and clipped) gradient. This driver maps it back to per-tensor pieces (``layout.py``) and runs the
-single update implementation (``GORP.update_tensor``) on them:
+single batched update implementation (``GORP.update_batch``) on them:
 
-- ``plain`` pieces are elementwise: each rank updates its slice with state for that slice only.
-- ``lora_*``/``full`` tensors wholly inside the partition are viewed in their 2-D shape and updated
-  in place; their low-rank state (projector, moments, S) exists only on this rank.
+- ``plain`` pieces are elementwise: each rank updates its slices (one list, ``torch._foreach_*``)
+  with state for those slices only.
+- ``lora_*``/``full`` tensors wholly inside the partition are grouped by shape; a group whose
+  tensors sit at equally spaced offsets (consecutive same-shape tensors, or every other tensor of
+  alternating shapes) is one zero-copy ``(B, m, n)`` strided view of the flat gradient and of the
+  flat master weights, updated in place. Their low-rank state (projector, moments, S) exists only
+  on this rank.
 - tensors cut by a partition boundary (mid-row too) need their full gradient on every co-owner:
   the owners' slices are summed into one buffer per group with a single all-reduce, each co-owner
   computes the same update (randomized projectors are seeded by name and refresh index, so they
   agree) and applies its own slice.
+
+The batches are derived from the layout once, at start-up; nothing of them is stored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..optim.gorp import GORP
-from ..optim.update import TensorUpdate, UpdateConfig, apply_update_
+from ..optim.update import BatchUpdate, LowRankStep, UpdateConfig, apply_direction_
 from .layout import GroupLayout, Piece
 
 AllReduce = Callable[[Tensor], None]
+
+
+@dataclass(frozen=True)
+class WholeBatch:
+    """Same-shape pieces held whole, at local offsets ``start + i · period`` of the partition."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    start: int
+    period: int
+
+    def view(self, flat: Tensor) -> Tensor:
+        """``(B, *shape)`` strided view of a flat partition (gradient or master weights)."""
+        inner = [1] * len(self.shape)
+        for axis in range(len(self.shape) - 2, -1, -1):
+            inner[axis] = inner[axis + 1] * self.shape[axis + 1]
+        return flat.as_strided((len(self.names), *self.shape), (self.period, *inner),
+                               flat.storage_offset() + self.start)
+
+
+def whole_batches(pieces: list[Piece]) -> list[WholeBatch]:
+    """Group whole 2-D pieces by shape into runs of equally spaced offsets (flat-buffer order)."""
+    by_shape: dict[tuple[int, ...], list[Piece]] = {}
+    for piece in pieces:
+        if piece.is_whole:
+            by_shape.setdefault(piece.shape, []).append(piece)
+    batches = []
+    for shape, members in by_shape.items():
+        run: list[Piece] = []
+        for piece in members + [None]:  # type: ignore[list-item]
+            if piece is not None and (len(run) < 2 or piece.local_start - run[-1].local_start == run[1].local_start - run[0].local_start):
+                run.append(piece)
+                continue
+            if run:
+                period = run[1].local_start - run[0].local_start if len(run) > 1 else run[0].local_end - run[0].local_start
+                batches.append(WholeBatch(tuple(p.name for p in run), shape, run[0].local_start, period))
+            run = [piece] if piece is not None else []
+    return batches
 
 
 class ZeroDriver:
@@ -38,6 +83,7 @@ class ZeroDriver:
         self.all_reduce = all_reduce
         self.pieces: list[list[Piece]] = [layout.pieces(rank) for layout in layouts]
         self.cut: list[list] = [layout.cut_tensors() for layout in layouts]
+        self.whole: list[list[WholeBatch]] = [whole_batches(pieces) for pieces in self.pieces]
 
     def group_index(self, optimizer: GORP, group: dict[str, Any]) -> int:
         return optimizer.tensor_meta[group["names"][0]][2]
@@ -49,23 +95,38 @@ class ZeroDriver:
         if flat_grad is None:
             raise RuntimeError(f"GORP/ZeRO: no gradient partition for param group {index} at step time")
         cfg = UpdateConfig.from_group(group)
-        full_grads = self._full_gradients(index, flat_grad) if cfg.role != "plain" else {}
-        for piece in self.pieces[index]:
-            local_param = flat_param.narrow(0, piece.local_start, piece.local_end - piece.local_start)
-            local_grad = flat_grad.narrow(0, piece.local_start, piece.local_end - piece.local_start)
-            if cfg.role == "plain":
-                update = optimizer.update_tensor(piece.name, local_grad, cfg)
-                apply_update_(local_param, update, cfg)
+        pieces = self.pieces[index]
+
+        def local(flat: Tensor, piece: Piece) -> Tensor:
+            return flat.narrow(0, piece.local_start, piece.local_end - piece.local_start)
+
+        if cfg.role == "plain":
+            names = [p.name for p in pieces]
+            for update in optimizer.update_batch(names, [local(flat_grad, p) for p in pieces], cfg):
+                update.apply_([local(flat_param, pieces[i]) for i in update.index], cfg)
+            return
+        for batch in self.whole[index]:
+            params = batch.view(flat_param)
+            for update in optimizer.update_batch(list(batch.names), batch.view(flat_grad), cfg):
+                targets = params if len(update.index) == len(batch.names) else [params[i] for i in update.index]
+                update.apply_(targets, cfg)
+        full_grads = self._full_gradients(index, flat_grad)
+        for piece in pieces:
+            if piece.name not in full_grads:
                 continue
-            grad = full_grads[piece.name] if piece.name in full_grads else local_grad.view(piece.shape)
-            update = optimizer.update_tensor(piece.name, grad, cfg)
-            if update is None:
-                continue
-            if piece.is_whole:
-                apply_update_(local_param.view(piece.shape), update, cfg)
-            else:
-                own = update.direction.reshape(-1)[piece.elem_start : piece.elem_end]
-                apply_update_(local_param, TensorUpdate(own, update.step_size, update.refreshed), cfg)
+            for update in optimizer.update_batch([piece.name], full_grads[piece.name].unsqueeze(0), cfg):
+                self._apply_slice(update, local(flat_param, piece), piece, cfg)
+
+    @staticmethod
+    def _apply_slice(update: BatchUpdate, target: Tensor, piece: Piece, cfg: UpdateConfig) -> None:
+        """This rank's elements of a cut tensor's update."""
+        step = update.step
+        if isinstance(step, LowRankStep):
+            direction = step.direction()[0]
+        else:
+            direction = step.exp_avgs[0][0] / step.denominators[0][0]
+        own = direction.reshape(-1)[piece.elem_start : piece.elem_end]
+        apply_direction_([target], [own], step.step_size, cfg)
 
     def _full_gradients(self, index: int, flat_grad: Tensor) -> dict[str, Tensor]:
         """Full gradients of the group's cut tensors: every rank writes the slices it holds into
