@@ -99,15 +99,32 @@ def _write_metadata(core: nn.Module, tokenizer: Any, dtype: torch.dtype, directo
     tokenizer.save_pretrained(directory)
 
 
+def _move_into(tmp: str, out_dir: str) -> None:
+    """Replace the files of ``out_dir`` by those of ``tmp``. Sub-directories of ``out_dir`` stay
+    (the per-task exports ``export/task_XX/`` live inside the final ``export/``)."""
+    if not os.path.isdir(out_dir):
+        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+        os.replace(tmp, out_dir)
+        return
+    for name in os.listdir(out_dir):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
 def _disk_bytes(directory: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
+    """Bytes of the files directly in ``directory`` (not the per-task exports below it)."""
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+               if os.path.isfile(os.path.join(directory, f)))
 
 
 @torch.no_grad()
 def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.dtype, out_dir: str, *,
                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, desc: str = "export") -> ExportInfo | None:
-    """Write ``module`` (PEFT-wrapped or plain) with its LoRA merged to ``out_dir`` (replaced
-    atomically). ``handle`` is the engine's :class:`~gorp_ds.zero.ZeroHandle` (the masters).
+    """Write ``module`` (PEFT-wrapped or plain) with its LoRA merged to ``out_dir`` (written into a
+    temporary sibling first, then moved in, so an interrupted export never looks complete). ``handle`` is the engine's :class:`~gorp_ds.zero.ZeroHandle` (the masters).
     Returns what rank 0 wrote, ``None`` on the other ranks."""
     from safetensors.torch import save_file
 
@@ -159,11 +176,9 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
         with open(os.path.join(tmp, INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
     _write_metadata(core, tokenizer, dtype, tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    os.replace(tmp, out_dir)
+    _move_into(tmp, out_dir)
     info = ExportInfo(out_dir, time.perf_counter() - start, _disk_bytes(out_dir))
-    log.info(f"exported {out_dir}: {info.bytes / 2**30:.3f} GiB on disk, {len(shards)} weight file(s), "
+    log.info(f"exported {out_dir}: {info.bytes / 2**20:,.1f} MiB on disk, {len(shards)} weight file(s), "
              f"{info.seconds:.1f} s")
     handle.barrier()
     return info
