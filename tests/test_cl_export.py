@@ -53,7 +53,7 @@ def run(tmp_path_factory, tiny_model_dir) -> dict:
 
 def _eval_only(run: dict, model: Path, name: str, tiny_model_dir) -> Path:
     out = run["root"] / name
-    proc = launch(tiny_model_dir, out, "--ds_config", str(run["ds"]), *ARGS, "--eval-only", "true",
+    proc = launch(tiny_model_dir, out, "--ds_config", str(run["ds"]), *ARGS, "--eval-only",
                   "--model", str(model))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return out / "eval"

@@ -78,3 +78,22 @@ def test_tokenizer_without_chat_template_is_a_clear_error(tmp_path) -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="--prompt-format 'xml'"):
         PromptFormat("xml")
+
+
+@pytest.mark.slow
+def test_launch_with_chat_format_and_no_template_exits_2(tiny_model_dir) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(30500 + os.getpid() % 1000))
+    proc = subprocess.run([sys.executable, str(repo / "launch" / "train.py"), "--model", str(tiny_model_dir),
+                           "--prompt-format", "chat"], env=env, cwd=repo, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gorp_ds: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "no chat template" in errors[0]

@@ -198,8 +198,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in FIELDS:
         if name in ("methods", "resume"):
             continue
-        # Parsed as text and type-checked by _coerce, like values from a config file.
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name))
+        # Parsed as text and type-checked by _coerce, like values from a config file. A bare
+        # boolean flag (`--eval-only`) means true.
+        extra = {"nargs": "?", "const": "true"} if isinstance(FIELDS[name].default, bool) else {}
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name), **extra)
 
 
 def build_run_config(args: argparse.Namespace) -> RunConfig:
