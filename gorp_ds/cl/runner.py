@@ -21,9 +21,9 @@ from ..data.tasks import Task
 from ..log import get_logger
 from ..zero import check_supported, load_ds_config
 from .config import ConfigError, RunConfig, reconcile_ds_config
+from .evaluate import Evaluation
 from .metrics import all_metrics
 from .preflight import preflight
-from .evaluate import Evaluation
 from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
 from .session import MethodSession, Progress, mixed_task
 

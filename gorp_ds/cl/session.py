@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
 from ..data.prompting import PromptFormat
+from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
 from ..data.tasks import Example, Task
 from ..data.tokenize import collate_training, encode_for_training
+from ..export.hf_dir import ExportInfo, export_hf_dir
 from ..log import get_logger
 from ..models import (
     LoraSettings,
@@ -32,7 +33,6 @@ from ..models import (
     merge_and_reinit_,
     trainable_summary,
 )
-from ..export.hf_dir import ExportInfo, export_hf_dir
 from ..models.loading import DTYPES
 from ..models.lora import (
     init_lora_,
