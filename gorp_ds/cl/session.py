@@ -231,9 +231,13 @@ class MethodSession:
         if self.method == "o-lora":
             for name, a in lora_a_weights(module).items():
                 self.old_lora_a.setdefault(name, []).append(a.cpu())
-        masters = self.engine.gorp.gather_masters(lora_factor_names(module))
+        masters = self.engine.gorp.gather_masters(lora_factor_names(module) + self._trained_lora_bases())
         changed = merge_and_reinit_(module, self.cfg.seed, task_index, masters)
-        self.engine.gorp.masters_from_model(changed)
+        # A base weight that is itself trained (a full-rank target under a LoRA) has a master too.
+        self.engine.gorp.masters_from_model(changed + self._trained_lora_bases())
+
+    def _trained_lora_bases(self) -> list[str]:
+        return [name for name in lora_layers(self.engine.module) if name in self.engine.gorp.params_by_name]
 
     def end_task(self, task_index: int) -> dict[str, int]:
         """GORP.md §3–4 after the row of R: extend S from the moments and reset the optimizer;
@@ -250,13 +254,14 @@ class MethodSession:
         if self.method not in LORA_METHODS:
             return
         module = self.engine.module
-        masters = self.engine.gorp.gather_masters(lora_factor_names(module))
+        masters = self.engine.gorp.gather_masters(lora_factor_names(module) + self._trained_lora_bases())
         for name, layer in lora_layers(module).items():
             layer.get_base_layer().weight.data.copy_(
-                merged_base_weight(layer, masters[f"{name}.lora_A"], masters[f"{name}.lora_B"]))
+                merged_base_weight(layer, masters[f"{name}.lora_A"], masters[f"{name}.lora_B"], masters.get(name)))
             for adapter in layer.lora_B:
                 layer.lora_B[adapter].weight.data.zero_()
-        self.engine.gorp.masters_from_model([n for n in lora_factor_names(module) if n.endswith(".lora_B")])
+        self.engine.gorp.masters_from_model([n for n in lora_factor_names(module) if n.endswith(".lora_B")]
+                                            + self._trained_lora_bases())
 
     def export(self, directory: str) -> ExportInfo | None:
         """The model as a Hugging Face directory with every LoRA merged (all ranks call; rank 0 writes)."""

@@ -153,21 +153,24 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
     for key, tensor in bar:
         name = canonical_name(key)
         target = dtype if tensor.is_floating_point() else tensor.dtype
+        # Collective: a trained tensor's master, reduced to rank 0 (every rank takes part).
+        master = handle.gather_masters([name], to_rank=0).get(name) if name in trained else None
+        if rank != 0:
+            continue
         if name in layers:  # a LoRA target: its base weight with the adapter merged in fp32
-            value = merged_base_weight(layers[name], factors[f"{name}.lora_A"], factors[f"{name}.lora_B"]).to(target)
-        elif name in trained:  # collective: this tensor's master, reduced to rank 0
-            gathered = handle.gather_masters([name], to_rank=0)
-            value = gathered[name].to(target) if rank == 0 else None
+            value = merged_base_weight(layers[name], factors[f"{name}.lora_A"], factors[f"{name}.lora_B"],
+                                       master).to(target)
+        elif master is not None:
+            value = master.to(target)
         else:
             value = tensor.detach().to(target)
-        if rank == 0:
-            pending[key] = value.contiguous().cpu()
-            total_bytes += value.numel() * value.element_size()
-            index = shard_of[key]
-            if key == shards[index][-1]:  # shard complete: write it and free it
-                save_file(pending, os.path.join(tmp, names[index]), metadata={"format": "pt"})
-                weight_map.update({k: names[index] for k in pending})
-                pending = {}
+        pending[key] = value.contiguous().cpu()
+        total_bytes += value.numel() * value.element_size()
+        index = shard_of[key]
+        if key == shards[index][-1]:  # shard complete: write it and free it
+            save_file(pending, os.path.join(tmp, names[index]), metadata={"format": "pt"})
+            weight_map.update({k: names[index] for k in pending})
+            pending = {}
     bar.close()
     if rank != 0:
         handle.barrier()
