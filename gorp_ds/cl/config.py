@@ -70,6 +70,15 @@ class RunConfig:
     # profiling: device-synchronised wall time per training phase and per projector refresh (costs
     # several syncs per micro-batch; off, a step reads the device once, for its loss)
     profile: bool = False
+    # --- issue 10: export, predictions, evaluation only, the papers' orders, prompt format ------------
+    export: bool = True  # <output-dir>/<method>/export/: a Hugging Face directory, every LoRA merged
+    export_every_task: bool = False  # also <output-dir>/<method>/export/task_XX/ after every task
+    predictions: bool = True  # <output-dir>/<method>/predictions/R<i>_<j>_<task>.jsonl for every R entry
+    eval_only: bool = False  # evaluate --model (an exported directory or a checkpoint) on the task list
+    prompt_format: str = "plain"  # "chat": prompts through the tokenizer's chat template
+    max_source_length: int | None = None  # prompt tokens (None: max_length minus the answer)
+    max_target_length: int | None = None  # answer / generated tokens (None: the longest label + 1)
+    # ----------------------------------------------------------------------------------------------
 
 
 # The embedded model (SmolLM2-135M) learns in tens of steps where the 7B recipe of GORP.md §5 needs
@@ -94,6 +103,11 @@ EMBEDDED_SUITE_PROFILE: dict[str, Any] = {
     "output_dir": "runs/embedded",
 }
 
+# The O-LoRA / GORP papers' orders (gorp_ds.data.registry.PAPER_ORDERS) use 512 source and 50
+# target tokens.
+PAPER_ORDERS = ("1", "2", "3", "4", "5", "6")
+PAPER_LENGTHS: dict[str, Any] = {"max_source_length": 512, "max_target_length": 50}
+
 _LIST_FIELDS = {"tasks", "methods", "lora_targets", "full_targets"}
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
@@ -110,7 +124,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a list of strings or a comma-separated string")
         return value
     kind = type(default) if default is not None else None
-    if key in ("max_steps_per_task", "max_train_per_task", "eval_samples"):
+    if key in ("max_steps_per_task", "max_train_per_task", "eval_samples", "max_source_length", "max_target_length"):
         kind = int
     if key in ("data_dir", "order"):
         kind = str
@@ -171,7 +185,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model": "'embedded' (SmolLM2-135M-Instruct), a local HF directory, a .gguf file, or a hub name",
         "data_dir": "CL_Benchmark-layout directory (<type>/<task>/{train,test,labels}.json); none: embedded tasks",
         "tasks": "comma-separated task folders or paths relative to --data-dir, or hf:<dataset>",
-        "order": "named CL_Benchmark order: A, B or C",
+        "order": "named order: 1-3 (the papers' 4-task orders), 4-6 (their 15-task orders), or A, B, C "
+                 "(4-task substitutes from the tasks at hand)",
+        "export": "write <output-dir>/<method>/export/ (Hugging Face directory, LoRA merged; true/false)",
+        "export_every_task": "also write export/task_XX/ after every task (true/false)",
+        "predictions": "write every evaluation's generations as JSONL under <method>/predictions/ (true/false)",
+        "eval_only": "evaluate --model (an exported directory or a checkpoint) on the task list; no training",
+        "prompt_format": "plain (default) or chat (the tokenizer's chat template)",
+        "max_source_length": "prompt tokens (default: max_length minus the answer; 512 for orders 1-6)",
+        "max_target_length": "answer and generation tokens (default: longest label + 1; 50 for orders 1-6)",
         "max_steps_per_task": "optimizer steps per task (default: --epochs over the train split)",
         "eval_samples": "test examples per task used for R",
         "output_dir": "where results, TensorBoard events and checkpoints go",
@@ -180,9 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in FIELDS:
         if name in ("methods", "resume"):
             continue
-        # Parsed as text and type-checked by _coerce, like values from a config file. A boolean
-        # flag given without a value means true (``--profile``); ``--profile false`` also works.
-        extra = {"nargs": "?", "const": "true"} if isinstance(getattr(RunConfig(), name), bool) else {}
+        # Parsed as text and type-checked by _coerce, like values from a config file. A bare
+        # boolean flag (`--eval-only`, `--profile`) means true; `--profile false` also works.
+        extra = {"nargs": "?", "const": "true"} if isinstance(FIELDS[name].default, bool) else {}
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name), **extra)
 
 
@@ -197,6 +219,8 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
         profile.update(EMBEDDED_MODEL_PROFILE)
         if not explicit.get("data_dir") and not explicit.get("tasks"):
             profile.update(EMBEDDED_SUITE_PROFILE)
+    if str(explicit.get("order") or "").strip() in PAPER_ORDERS:
+        profile.update(PAPER_LENGTHS)  # the papers' source/target lengths, unless set explicitly
     settings = {**profile, **explicit}
     cfg = RunConfig(**settings)
     validate(cfg)
@@ -222,6 +246,12 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    if cfg.prompt_format not in ("plain", "chat"):
+        raise ConfigError(f"--prompt-format must be plain or chat, got {cfg.prompt_format!r}")
+    if cfg.max_source_length is not None and cfg.max_source_length < 8:
+        raise ConfigError(f"--max-source-length must be >= 8 tokens, got {cfg.max_source_length}")
+    if cfg.max_target_length is not None and cfg.max_target_length < 1:
+        raise ConfigError(f"--max-target-length must be >= 1, got {cfg.max_target_length}")
     if cfg.epochs <= 0:
         raise ConfigError(f"--epochs must be > 0, got {cfg.epochs}")
     if cfg.dtype not in ("bf16", "fp32"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.prompting import PromptFormat
 from ..models import LoraSettings, ModelConfig, RoleConfig, add_lora, build_param_groups
 from ..models.loading import resolve_model_source
 from ..models.roles import LORA_METHODS, RoleError
@@ -17,6 +18,10 @@ def preflight(cfg: RunConfig) -> None:
 
     source, extra = resolve_model_source(ModelConfig(cfg.model, cfg.dtype, False))
     config = AutoConfig.from_pretrained(source, **extra)
+    if cfg.prompt_format != "plain":  # a chat format needs the tokenizer's chat template
+        from transformers import AutoTokenizer
+
+        PromptFormat(cfg.prompt_format).check(AutoTokenizer.from_pretrained(source, **extra))
     roles = RoleConfig(list(cfg.full_targets), cfg.rank, cfg.update_gap, cfg.scale, cfg.projector,
                        cfg.shared_threshold, cfg.lr_lora, cfg.lr_full, cfg.lr_plain, cfg.weight_decay)
     for method in cfg.methods:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 
@@ -16,11 +17,18 @@ def r_matrix(rows: dict[int, list[float]], tasks: int) -> list[list[float] | Non
     return [rows.get(i) for i in range(tasks + 1)]
 
 
-def markdown_table(method: str, task_names: list[str], r: list[list[float] | None], metrics: dict[str, Any]) -> str:
+def _row_label(i: int, task_names: list[str], eval_only: bool) -> str:
+    if eval_only:
+        return "evaluated"
+    return "before training" if i == 0 else f"task {i} ({task_names[i - 1]})"
+
+
+def markdown_table(method: str, task_names: list[str], r: list[list[float] | None], metrics: dict[str, Any],
+                   eval_only: bool = False) -> str:
     header = "| after \\ on | " + " | ".join(task_names) + " |"
     lines = [f"## {method}", "", header, "|" + "---|" * (len(task_names) + 1)]
     for i, row in enumerate(r):
-        label = "before training" if i == 0 else f"task {i} ({task_names[i - 1]})"
+        label = _row_label(i, task_names, eval_only)
         cells = " | ".join(_fmt(v) for v in row) if row is not None else " | ".join("–" for _ in task_names)
         lines.append(f"| {label} | {cells} |")
     lines += ["", "| AA | BWT | FWT | forgetting |", "|---|---|---|---|",
@@ -28,7 +36,7 @@ def markdown_table(method: str, task_names: list[str], r: list[list[float] | Non
     return "\n".join(lines) + "\n"
 
 
-def heatmap(path: str, method: str, task_names: list[str], r: list[list[float] | None]) -> None:
+def heatmap(path: str, method: str, task_names: list[str], r: list[list[float] | None], eval_only: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +47,7 @@ def heatmap(path: str, method: str, task_names: list[str], r: list[list[float] |
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(task_names), 1.0 + 0.6 * len(r)))
     image = ax.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(task_names)), task_names, rotation=30, ha="right")
-    ax.set_yticks(range(len(r)), ["before"] + [f"after {i}" for i in range(1, len(r))])
+    ax.set_yticks(range(len(r)), ["evaluated"] if eval_only else ["before"] + [f"after {i}" for i in range(1, len(r))])
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             if not np.isnan(values[i, j]):
@@ -60,8 +68,34 @@ def write_method_results(out_dir: str, result: dict[str, Any]) -> None:
         json.dump(result, handle, indent=2)
     os.replace(tmp, os.path.join(out_dir, "results.json"))
     with open(os.path.join(out_dir, "results.md"), "w") as handle:
-        handle.write(markdown_table(result["method"], result["tasks"], result["R"], result["metrics"]))
-    heatmap(os.path.join(out_dir, "R.png"), result["method"], result["tasks"], result["R"])
+        handle.write(markdown_table(result["method"], result["tasks"], result["R"], result["metrics"],
+                                    eval_only=bool(result.get("eval_only"))))
+    heatmap(os.path.join(out_dir, "R.png"), result["method"], result["tasks"], result["R"],
+            eval_only=bool(result.get("eval_only")))
+
+
+def predictions_file(row: int | str, column: int, task: str) -> str:
+    """Where R[row][column]'s predictions go, relative to the method's directory."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", task)
+    prefix = f"R{row:02d}" if isinstance(row, int) else row
+    return f"predictions/{prefix}_{column + 1:02d}_{safe}.jsonl"
+
+
+def write_predictions(out_dir: str, row: int | str, task_names: list[str],
+                      predictions: list[list[dict[str, Any]]]) -> list[str]:
+    """One JSONL per task (one line per test example, in test-set order), written atomically;
+    returns the relative paths."""
+    paths = []
+    for column, (task, records) in enumerate(zip(task_names, predictions)):
+        relative = predictions_file(row, column, task)
+        path = os.path.join(out_dir, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(f"{path}.tmp", path)
+        paths.append(relative)
+    return paths
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:

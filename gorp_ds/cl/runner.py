@@ -21,9 +21,10 @@ from ..data.tasks import Task
 from ..log import get_logger
 from ..zero import check_supported, load_ds_config
 from .config import ConfigError, RunConfig, reconcile_ds_config
+from .evaluate import Evaluation
 from .metrics import all_metrics
 from .preflight import preflight
-from .report import r_matrix, write_method_results, write_summary
+from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
 from .session import MethodSession, Progress, mixed_task
 
 log = get_logger(__name__)
@@ -31,6 +32,10 @@ log = get_logger(__name__)
 
 def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
     """Run every configured method over the task sequence; returns each method's results."""
+    if cfg.eval_only:
+        from .eval_only import run_eval_only
+
+        return [run_eval_only(cfg)]
     tasks, ds_config = prepare(cfg, ds_config_path)
     results = []
     for method in cfg.methods:
@@ -77,18 +82,25 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
     session = MethodSession(method, tasks, cfg, ds_config, out_dir)
     progress = session.resume() if cfg.resume and session.has_checkpoint() else Progress()
     if 0 not in progress.rows:
-        progress.rows[0], progress.timings["eval_s/0"] = session.evaluate()
-        record_row(session, progress, 0)
+        evaluation, progress.timings["eval_s/0"] = session.evaluate()
+        record_row(session, progress, 0, evaluation)
     for t in range(progress.task, len(schedule)):
         session.train_task(t, schedule[t], progress, on_checkpoint=session.save, total_tasks=len(schedule))
+        # The LoRA merge (fp32, from the masters) comes before the row: R[row] is measured on
+        # exactly the weights an export after this task writes.
+        session.close_adapters(t)
         row = len(tasks) if method == "mtl" else t + 1
-        progress.rows[row], progress.timings[f"eval_s/{row}"] = session.evaluate()
-        record_row(session, progress, row)
+        evaluation, progress.timings[f"eval_s/{row}"] = session.evaluate()
+        record_row(session, progress, row, evaluation)
         sizes = gather_sizes(session.end_task(t))
         session.monitor.shared_space(progress.global_step, sizes)
         progress.task, progress.step = t + 1, 0
+        if cfg.export_every_task:
+            export(session, progress, f"task_{t + 1:02d}")
         session.save(progress)
         log_eta(method, progress, len(schedule))
+    if cfg.export:
+        export(session, progress, "final")
     result = assemble(method, tasks, cfg, progress, time.perf_counter() - started)
     session.monitor.metrics(result["metrics"], progress.global_step)
     if session.rank == 0:
@@ -97,8 +109,20 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
     return result
 
 
-def record_row(session: MethodSession, progress: Progress, row: int) -> None:
+def export(session: MethodSession, progress: Progress, label: str) -> None:
+    """``export/`` (label "final") or ``export/<label>/``; size and time kept with the timings."""
+    directory = os.path.join(session.out_dir, "export", "" if label == "final" else label).rstrip("/")
+    info = session.export(directory)
+    if info is not None:
+        progress.timings[f"export_s/{label}"] = info.seconds
+        progress.timings[f"export_bytes/{label}"] = float(info.bytes)
+
+
+def record_row(session: MethodSession, progress: Progress, row: int, evaluation: Evaluation) -> None:
     names = [t.name for t in session.tasks]
+    progress.rows[row] = evaluation.row
+    if session.cfg.predictions and session.rank == 0:
+        write_predictions(session.out_dir, row, names, evaluation.predictions or [])
     session.monitor.accuracy_row(row, names, progress.rows[row])
     cells = ", ".join(f"{n} {v:.1f}" for n, v in zip(names, progress.rows[row]))
     log.info(f"[{session.method}] R[{row}] ({'before training' if row == 0 else f'after task {row}'}): {cells}")
@@ -128,11 +152,19 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
     r = r_matrix(progress.rows, len(tasks))
     train_s = sum(v for k, v in progress.timings.items() if k.startswith("train_s/"))
     tokens = sum(v for k, v in progress.timings.items() if k.startswith("tokens/"))
+    names = [t.name for t in tasks]
+    exports = {k.split("/", 1)[1]: {"path": "export" if k.endswith("/final") else f"export/{k.split('/', 1)[1]}",
+                                    "seconds": v, "bytes": int(progress.timings[f"export_bytes/{k.split('/', 1)[1]}"])}
+               for k, v in progress.timings.items() if k.startswith("export_s/")}
     return {
         "method": method,
-        "tasks": [t.name for t in tasks],
+        "tasks": names,
         "R": r,
         "metrics": all_metrics(r),
+        # predictions[i][j]: the JSONL of R[i][j], relative to this directory (None: row not measured)
+        "predictions": [[predictions_file(i, j, n) for j, n in enumerate(names)] if row is not None and cfg.predictions
+                        else None for i, row in enumerate(r)],
+        "exports": exports,
         "timings": {"wall_s": wall_s, "train_s": train_s,
                     "eval_s": sum(v for k, v in progress.timings.items() if k.startswith("eval_s/")),
                     "tokens_per_s": tokens / train_s if train_s else 0.0},

@@ -4,6 +4,7 @@ train a task, evaluate all tasks, close a task, checkpoint, resume.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -16,9 +17,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..data.prompting import PromptFormat
 from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
 from ..data.tasks import Example, Task
 from ..data.tokenize import collate_training, encode_for_training
+from ..export.hf_dir import ExportInfo, export_hf_dir
 from ..log import get_logger
 from ..models import (
     LoraSettings,
@@ -30,12 +33,21 @@ from ..models import (
     merge_and_reinit_,
     trainable_summary,
 )
-from ..models.lora import init_lora_, lora_a_weights, orthogonality_loss, project_lora_a_off_
+from ..models.loading import DTYPES
+from ..models.lora import (
+    init_lora_,
+    lora_a_weights,
+    lora_factor_names,
+    lora_layers,
+    merged_base_weight,
+    orthogonality_loss,
+    project_lora_a_off_,
+)
 from ..models.roles import LORA_METHODS
 from ..optim import GORP
 from ..zero import initialize, load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .evaluate import evaluate_tasks
+from .evaluate import Evaluation, evaluate_row
 from .monitor import Monitor
 
 log = get_logger(__name__)
@@ -121,6 +133,8 @@ class MethodSession:
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A of every finished task
         self.device = next(self.engine.module.parameters()).device
+        self.prompt_format = PromptFormat(cfg.prompt_format)
+        self.prompt_format.check(self.tokenizer)
 
     # ------------------------------------------------------------------ schedule
     def steps_for(self, task: Task) -> int:
@@ -153,7 +167,9 @@ class MethodSession:
         mine = rank_slice(indices, self.rank, self.world, self.accumulation)
         batches, tokens = [], 0
         for micro in split_micro_batches(mine, self.accumulation):
-            encoded = [encode_for_training(self.tokenizer, task, task.train[i], self.cfg.max_length) for i in micro]
+            encoded = [encode_for_training(self.tokenizer, task, task.train[i], self.cfg.max_length,
+                                           prompt_format=self.prompt_format, max_source_length=self.cfg.max_source_length,
+                                           max_target_length=self.cfg.max_target_length) for i in micro]
             batch = collate_training(encoded, self.tokenizer.pad_token_id)
             tokens += int(batch["attention_mask"].sum()) * self.world
             targets = batch["labels"][:, 1:]  # CPU: position p predicts token p+1
@@ -238,26 +254,60 @@ class MethodSession:
         return stats
 
     # ------------------------------------------------------------------ evaluation and task boundary
-    def evaluate(self) -> tuple[list[float], float]:
+    def evaluate(self) -> tuple[Evaluation, float]:
+        """One row of R (and, on rank 0, the predictions when they are written)."""
         start = time.perf_counter()
-        row = evaluate_tasks(self.engine.module, self.tokenizer, self.tasks, eval_samples=None,
-                             batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
-                             rank=self.rank, world=self.world)
-        return row, time.perf_counter() - start
+        result = evaluate_row(self.engine.module, self.tokenizer, self.tasks, **evaluation_settings(self.cfg),
+                              rank=self.rank, world=self.world)
+        return result, time.perf_counter() - start
+
+    def close_adapters(self, task_index: int) -> None:
+        """GORP.md §4 step 2, before the task's row of R is measured: merge every LoRA into its base
+        weight in fp32 from the fp32 masters (rounded into W once) and re-initialise it (B = 0, so
+        the adapter adds exactly nothing). The row is then measured on exactly the weights an
+        export writes. O-LoRA first remembers the finished task's A."""
+        if self.method not in LORA_METHODS:
+            return
+        module = self.engine.module
+        if self.method == "o-lora":
+            for name, a in lora_a_weights(module).items():
+                self.old_lora_a.setdefault(name, []).append(a.cpu())
+        masters = self.engine.gorp.gather_masters(lora_factor_names(module) + self._trained_lora_bases())
+        changed = merge_and_reinit_(module, self.cfg.seed, task_index, masters)
+        # A base weight that is itself trained (a full-rank target under a LoRA) has a master too.
+        self.engine.gorp.masters_from_model(changed + self._trained_lora_bases())
+
+    def _trained_lora_bases(self) -> list[str]:
+        return [name for name in lora_layers(self.engine.module) if name in self.engine.gorp.params_by_name]
 
     def end_task(self, task_index: int) -> dict[str, int]:
-        """GORP.md §4: extend S from the moments and reset the optimizer, merge LoRA into the base
-        weights and re-initialise it (O-LoRA first remembers the finished task's A)."""
-        if self.method == "o-lora":
-            for name, a in lora_a_weights(self.engine.module).items():
-                self.old_lora_a.setdefault(name, []).append(a.cpu())
+        """GORP.md §3–4 after the row of R: extend S from the moments and reset the optimizer;
+        gorp then starts the new adapters' A off the shared space."""
         sizes = self.optimizer.end_task()
-        if self.method in LORA_METHODS:
-            changed = merge_and_reinit_(self.engine.module, self.cfg.seed, task_index)
-            if self.method == "gorp" and self.cfg.lora_init_off_shared:
-                project_lora_a_off_(self.engine.module, self._all_shared_spaces(".lora_A"))
+        if self.method == "gorp" and self.cfg.lora_init_off_shared:
+            changed = project_lora_a_off_(self.engine.module, self._all_shared_spaces(".lora_A"))
             self.engine.gorp.masters_from_model(changed)
         return sizes
+
+    def merge_in_place(self) -> None:
+        """Merge the current adapters into the base weights in fp32 from the masters without
+        re-initialising them for training (evaluation of a mid-task checkpoint): B is zeroed."""
+        if self.method not in LORA_METHODS:
+            return
+        module = self.engine.module
+        masters = self.engine.gorp.gather_masters(lora_factor_names(module) + self._trained_lora_bases())
+        for name, layer in lora_layers(module).items():
+            layer.get_base_layer().weight.data.copy_(
+                merged_base_weight(layer, masters[f"{name}.lora_A"], masters[f"{name}.lora_B"], masters.get(name)))
+            for adapter in layer.lora_B:
+                layer.lora_B[adapter].weight.data.zero_()
+        self.engine.gorp.masters_from_model([n for n in lora_factor_names(module) if n.endswith(".lora_B")]
+                                            + self._trained_lora_bases())
+
+    def export(self, directory: str) -> ExportInfo | None:
+        """The model as a Hugging Face directory with every LoRA merged (all ranks call; rank 0 writes)."""
+        return export_hf_dir(self.engine.module, self.engine.gorp, self.tokenizer, DTYPES[self.cfg.dtype], directory,
+                             desc=f"[{self.method}] export {os.path.basename(directory)}")
 
     def _all_shared_spaces(self, suffix: str) -> dict[str, torch.Tensor]:
         """S of every tensor whose name ends with ``suffix``, from whichever rank holds it."""
@@ -273,7 +323,8 @@ class MethodSession:
         if not self.cfg.checkpoints:
             return None
         tag = f"task{progress.task:02d}_step{progress.step:06d}"
-        client = {"progress": progress.to_state(), "old_lora_a": self.old_lora_a, "method": self.method}
+        client = {"progress": progress.to_state(), "old_lora_a": self.old_lora_a, "method": self.method,
+                  "run_config": dataclasses.asdict(self.cfg)}  # what `python -m gorp_ds.export` rebuilds from
         save_checkpoint(self.engine, self.checkpoint_dir, tag, client)
         if self.rank == 0:
             self._prune(keep=self.cfg.keep_checkpoints, newest=tag)
@@ -290,8 +341,8 @@ class MethodSession:
     def has_checkpoint(self) -> bool:
         return os.path.isfile(os.path.join(self.checkpoint_dir, "latest"))
 
-    def resume(self) -> Progress:
-        client = load_checkpoint(self.engine, self.checkpoint_dir)
+    def resume(self, load_dir: str | None = None, tag: str | None = None) -> Progress:
+        client = load_checkpoint(self.engine, load_dir or self.checkpoint_dir, tag)
         self.old_lora_a = client.get("old_lora_a", {})
         progress = Progress.from_state(client["progress"])
         log.info(f"[{self.method}] resumed at task {progress.task + 1}, step {progress.step}")
@@ -302,6 +353,13 @@ class MethodSession:
         del self.engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def evaluation_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`evaluate_row` a run's settings give (shared with --eval-only)."""
+    return {"eval_samples": None, "batch_size": cfg.eval_batch_size,
+            "max_length": cfg.max_source_length or cfg.max_length, "prompt_format": PromptFormat(cfg.prompt_format),
+            "max_new_tokens": cfg.max_target_length, "predictions": cfg.predictions}
 
 
 class PromptedTask(Task):

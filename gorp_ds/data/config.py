@@ -18,8 +18,8 @@ class DataConfig:
     * ``tasks``: a custom sequence: embedded names (``"emb_color"``), CL_Benchmark folder names
       (``"dbpedia"``, ``"TC/dbpedia"``) or paths relative to ``data_dir``, or ``"hf:<spec>"`` for any
       ``datasets`` source with ``sentence``/``label`` columns (see :mod:`gorp_ds.data.hf_source`).
-    * ``order``: a named CL_Benchmark order ``"A"``, ``"B"`` or ``"C"`` (needs ``data_dir``; not
-      together with ``tasks``).
+    * ``order``: a named CL_Benchmark order: ``"1"`` … ``"6"`` (the O-LoRA / GORP papers' orders) or
+      the substitutes ``"A"``, ``"B"``, ``"C"`` (needs ``data_dir``; not together with ``tasks``).
     * ``max_train_per_task`` / ``eval_samples``: caps, applied by deterministic sampling (train with
       ``seed``; the evaluation subset is fixed across seeds so runs compare on the same examples).
     * ``max_length``: token budget per example; long inputs are cut from the left of the input text.
@@ -51,7 +51,7 @@ class DataConfig:
             if bad:
                 raise DataError(f"data.tasks entries must be non-empty strings, got {bad[0]!r}")
         if self.order is not None and not isinstance(self.order, str):
-            raise DataError(f"data.order must be one of A, B, C or null, got {self.order!r}")
+            raise DataError(f"data.order must be one of 1-6, A, B, C or null, got {self.order!r}")
         if self.order is not None and self.tasks is not None:
             raise DataError(
                 f"data.order={self.order!r} and data.tasks={self.tasks!r} are mutually exclusive; set only one"

@@ -16,14 +16,32 @@ from .errors import DataError
 from .hf_source import HF_PREFIX, load_hf_task
 from .tasks import Task
 
-__all__ = ["EMBEDDED_DEFAULT", "ORDERS", "load_task_sequence", "resolve_task"]
+__all__ = ["EMBEDDED_DEFAULT", "ORDERS", "PAPER_ORDERS", "SUBSTITUTE_ORDERS", "load_task_sequence", "resolve_task"]
 
-#: Named CL_Benchmark orders (MEASURE.md, "The quality benchmark"; yelp stands in for yahoo).
-ORDERS: dict[str, tuple[str, ...]] = {
+#: The O-LoRA / GORP papers' standard orders as CL_Benchmark paths (``<type>/<task>``): 1-3 are the
+#: 4-task text-classification orders, 4-6 the 15-task orders of the long benchmark.
+PAPER_ORDERS: dict[str, tuple[str, ...]] = {
+    "1": ("TC/dbpedia", "SC/amazon", "TC/yahoo", "TC/agnews"),
+    "2": ("TC/dbpedia", "SC/amazon", "TC/agnews", "TC/yahoo"),
+    "3": ("TC/yahoo", "SC/amazon", "TC/agnews", "TC/dbpedia"),
+    "4": ("NLI/MNLI", "NLI/CB", "WiC/WiC", "COPA/COPA", "QQP/QQP", "BoolQA/BoolQA", "NLI/RTE", "SC/IMDB",
+          "SC/yelp", "SC/amazon", "SC/SST-2", "TC/dbpedia", "TC/agnews", "MultiRC/MultiRC", "TC/yahoo"),
+    "5": ("MultiRC/MultiRC", "BoolQA/BoolQA", "WiC/WiC", "NLI/MNLI", "NLI/CB", "COPA/COPA", "QQP/QQP", "NLI/RTE",
+          "SC/IMDB", "SC/SST-2", "TC/dbpedia", "TC/agnews", "SC/yelp", "SC/amazon", "TC/yahoo"),
+    "6": ("SC/yelp", "SC/amazon", "NLI/MNLI", "NLI/CB", "COPA/COPA", "QQP/QQP", "NLI/RTE", "SC/IMDB", "SC/SST-2",
+          "TC/dbpedia", "TC/agnews", "TC/yahoo", "MultiRC/MultiRC", "BoolQA/BoolQA", "WiC/WiC"),
+}
+
+#: Substitutes for the 4-task orders built from the tasks available here (yelp stands in for
+#: yahoo, which this project's data lacks): not the papers' orders.
+SUBSTITUTE_ORDERS: dict[str, tuple[str, ...]] = {
     "A": ("dbpedia", "amazon", "yelp", "agnews"),
     "B": ("agnews", "yelp", "amazon", "dbpedia"),
     "C": ("yelp", "dbpedia", "agnews", "amazon"),
 }
+
+#: Every named order: ``--order 1`` … ``--order 6`` and ``--order A|B|C``.
+ORDERS: dict[str, tuple[str, ...]] = {**SUBSTITUTE_ORDERS, **PAPER_ORDERS}
 
 
 def _unknown(spec: str, data_dir: str | None) -> DataError:
@@ -61,13 +79,27 @@ def _sample(items: list, cap: int | None, key: str) -> list:
     return [items[i] for i in keep]
 
 
+def _check_paper_order(key: str, data_dir: str) -> None:
+    """Every task of a paper order must be at its CL_Benchmark path; name the first that is not."""
+    root = Path(data_dir).expanduser()
+    for path in PAPER_ORDERS[key]:
+        folder = root / path
+        if not (folder / "labels.json").is_file():
+            raise DataError(
+                f"order {key}: task {path.rsplit('/', 1)[-1]} is missing from --data-dir: expected "
+                f"{folder}/{{train,test,labels}}.json (order {key} = {' -> '.join(p.rsplit('/', 1)[-1] for p in PAPER_ORDERS[key])})"
+            )
+
+
 def _specs(cfg: DataConfig) -> list[str]:
     if cfg.order is not None:
         key = cfg.order.strip().upper()
         if key not in ORDERS:
             raise DataError(
-                f"unknown order {cfg.order!r}; known orders: "
-                + "; ".join(f"{k} = {' -> '.join(v)}" for k, v in ORDERS.items())
+                f"unknown order {cfg.order!r}; known orders: 1-6 (the papers' orders: "
+                + "; ".join(f"{k} = {' -> '.join(p.rsplit('/', 1)[-1] for p in v)}" for k, v in PAPER_ORDERS.items() if k < "4")
+                + "; 4-6 have 15 tasks), substitutes "
+                + "; ".join(f"{k} = {' -> '.join(v)}" for k, v in SUBSTITUTE_ORDERS.items())
                 + " (or list data.tasks for a custom sequence)"
             )
         if cfg.data_dir is None:
@@ -75,6 +107,8 @@ def _specs(cfg: DataConfig) -> list[str]:
                 f"order {key} uses the CL_Benchmark tasks, but data.data_dir is not set; "
                 f"point it at a CL_Benchmark folder (e.g. ../shared/cl_benchmark)"
             )
+        if key in PAPER_ORDERS:
+            _check_paper_order(key, cfg.data_dir)
         return list(ORDERS[key])
     if cfg.tasks is not None:
         return list(cfg.tasks)
@@ -82,7 +116,7 @@ def _specs(cfg: DataConfig) -> list[str]:
         return list(EMBEDDED_DEFAULT)
     raise DataError(
         f"data.data_dir={cfg.data_dir!r} is set but neither data.order nor data.tasks; "
-        f"set order to A, B or C, or list the tasks"
+        f"set order to 1-6 or A, B, C, or list the tasks"
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import DataError
+from .prompting import PromptFormat
 from .tasks import ANSWER_MARK, INPUT_MARK, Example, Task
 
 __all__ = [
@@ -35,8 +36,9 @@ def _adds_bos(tokenizer: Any) -> bool:
     return getattr(tokenizer, "bos_token", None) is not None
 
 
-def _encode_prompt_text(tokenizer: Any, prompt: str) -> list[int]:
-    ids = list(tokenizer(prompt, add_special_tokens=_adds_bos(tokenizer))["input_ids"])
+def _encode_prompt_text(tokenizer: Any, prompt: str, add_special_tokens: bool | None = None) -> list[int]:
+    special = _adds_bos(tokenizer) if add_special_tokens is None else add_special_tokens
+    ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
     eos = tokenizer.eos_token_id
     # Some tokenizers also append EOS with add_special_tokens=True; a prompt must not end the text.
     if ids and eos is not None and ids[-1] == eos and eos != tokenizer.bos_token_id:
@@ -58,14 +60,15 @@ def _drop_leading_tokens(tokenizer: Any, text: str, k: int) -> str:
     return tokenizer.decode(ids[k:]).lstrip() if k < len(ids) else ""
 
 
-def fit_prompt(tokenizer: Any, prompt: str, budget: int) -> list[int]:
+def fit_prompt(tokenizer: Any, prompt: str, budget: int, add_special_tokens: bool | None = None) -> list[int]:
     """Token ids of ``prompt`` using at most ``budget`` tokens.
 
     If the prompt is too long, tokens are removed from the left of the input text (between
     ``INPUT_MARK`` and the final ``ANSWER_MARK``) until it fits; the instruction and answer cue are
-    kept. Raises :class:`DataError` if even an empty input does not fit.
+    kept. Raises :class:`DataError` if even an empty input does not fit. ``add_special_tokens``
+    ``None`` adds the tokenizer's special tokens only if it has a BOS token (chat templates: False).
     """
-    ids = _encode_prompt_text(tokenizer, prompt)
+    ids = _encode_prompt_text(tokenizer, prompt, add_special_tokens)
     if len(ids) <= budget:
         return ids
     start, end = prompt.find(INPUT_MARK), prompt.rfind(ANSWER_MARK)
@@ -77,7 +80,7 @@ def fit_prompt(tokenizer: Any, prompt: str, budget: int) -> list[int]:
     while text:
         shorter = _drop_leading_tokens(tokenizer, text, drop)
         text = shorter if len(shorter) < len(text) else text[1:]  # always make progress
-        ids = _encode_prompt_text(tokenizer, head + text + tail)
+        ids = _encode_prompt_text(tokenizer, head + text + tail, add_special_tokens)
         if len(ids) <= budget:
             return ids
         drop = max(1, len(ids) - budget)  # token merges at the cut can differ by a token or two
@@ -88,25 +91,33 @@ def fit_prompt(tokenizer: Any, prompt: str, budget: int) -> list[int]:
 
 
 def encode_for_training(
-    tokenizer: Any, task: Task, example: Example, max_length: int
+    tokenizer: Any, task: Task, example: Example, max_length: int, *, prompt_format: PromptFormat | None = None,
+    max_source_length: int | None = None, max_target_length: int | None = None,
 ) -> dict[str, list[int]]:
     """``input_ids`` and ``labels`` for one example; ``labels`` is -100 on the prompt tokens.
 
     target ids = ``tokenizer(task.target(example), add_special_tokens=False)`` + ``[eos_token_id]``,
     all supervised. The prompt gets the tokenizer's own BOS handling (special tokens are added only
-    if the tokenizer has a BOS token).
+    if the tokenizer has a BOS token). ``prompt_format`` (default plain) renders prompt and answer.
+
+    Lengths: by default prompt + answer fit ``max_length``. With ``max_source_length`` the prompt
+    alone gets that many tokens and the answer at most ``max_target_length`` (the papers' separate
+    source/target budgets).
     """
+    fmt = prompt_format or PromptFormat()
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("tokenizer has no eos_token_id; set tokenizer.eos_token before encoding")
-    target_ids = list(tokenizer(task.target(example), add_special_tokens=False)["input_ids"]) + [eos]
-    budget = max_length - len(target_ids)
+    target_ids = list(tokenizer(fmt.target(task, example), add_special_tokens=False)["input_ids"]) + [eos]
+    if max_target_length is not None:
+        target_ids = target_ids[:max_target_length]
+    budget = max_source_length if max_source_length is not None else max_length - len(target_ids)
     if budget < 1:
         raise DataError(
             f"max_length={max_length} leaves no room for the prompt of task {task.name} "
             f"(answer {example.label!r} needs {len(target_ids)} tokens); raise max_length"
         )
-    prompt_ids = fit_prompt(tokenizer, task.prompt(example), budget)
+    prompt_ids = fit_prompt(tokenizer, fmt.prompt(tokenizer, task, example), budget, fmt.add_special_tokens)
     return {
         "input_ids": prompt_ids + target_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
@@ -134,7 +145,8 @@ def collate_training(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def encode_prompts(tokenizer: Any, prompts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+def encode_prompts(tokenizer: Any, prompts: list[str], max_length: int,
+                   add_special_tokens: bool | None = None) -> dict[str, torch.Tensor]:
     """Left-padded ``input_ids`` and ``attention_mask`` for greedy generation.
 
     Each prompt is fitted into ``max_length`` tokens like the training prompts (the input text is
@@ -145,7 +157,7 @@ def encode_prompts(tokenizer: Any, prompts: list[str], max_length: int) -> dict[
         raise DataError("tokenizer has neither pad_token_id nor eos_token_id; set one before evaluation")
     if not prompts:
         raise ValueError("encode_prompts needs at least one prompt")
-    rows = [fit_prompt(tokenizer, p, max_length) for p in prompts]
+    rows = [fit_prompt(tokenizer, p, max_length, add_special_tokens) for p in prompts]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

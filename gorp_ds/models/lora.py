@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -81,17 +82,34 @@ def init_lora_(model: nn.Module, seed: int, task_index: int) -> list[str]:
 
 
 @torch.no_grad()
-def merge_and_reinit_(model: nn.Module, seed: int, task_index: int) -> list[str]:
+def merged_base_weight(layer: nn.Module, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                       base: torch.Tensor | None = None) -> torch.Tensor:
+    """``W + (α/r) B A`` of one PEFT LoRA layer, computed in fp32 and rounded once to W's dtype.
+    ``a`` (``r × n``) and ``b`` (``m × r``) are the fp32 masters of the factors, ``base`` (``m × n``)
+    W's own master when W is trained too; without them the layer's (possibly bf16) tensors are used."""
+    adapter = next(iter(layer.lora_A))
+    a = layer.lora_A[adapter].weight if a is None else a
+    b = layer.lora_B[adapter].weight if b is None else b
+    weight = layer.get_base_layer().weight
+    base = weight if base is None else base
+    delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * float(layer.scaling[adapter])
+    return (base.to(weight.device, torch.float32) + delta).to(weight.dtype)
+
+
+@torch.no_grad()
+def merge_and_reinit_(model: nn.Module, seed: int, task_index: int,
+                      masters: Mapping[str, torch.Tensor] | None = None) -> list[str]:
     """GORP.md §4 step 2: ``W ← W + (α/r) B A`` for every LoRA layer, then A re-drawn and B zeroed
-    (equivalent to freezing the old adapter, as O-LoRA does). Deterministic per (seed, task, name),
-    identical on every rank. Returns the canonical names of the re-initialised factors."""
-    for layer in lora_layers(model).values():
-        for adapter in layer.lora_A:
-            a = layer.lora_A[adapter].weight
-            b = layer.lora_B[adapter].weight
-            base = layer.get_base_layer().weight
-            delta = (b.float() @ a.float()) * float(layer.scaling[adapter])
-            base.data.copy_((base.float() + delta).to(base.dtype))
+    (equivalent to freezing the old adapter, as O-LoRA does). ``masters`` (``{canonical factor
+    name: fp32 tensor}``) gives the factors' fp32 master values (and W's, under its module name,
+    when W is trained as well): the merge is then computed in fp32 from them and rounded into W
+    once, so a bf16 run loses nothing of the adapter but W's own rounding. Deterministic per (seed, task, name), identical on every rank. Returns the canonical
+    names of the re-initialised factors."""
+    for name, layer in lora_layers(model).items():
+        a = masters.get(f"{name}.lora_A") if masters else None
+        b = masters.get(f"{name}.lora_B") if masters else None
+        base = masters.get(name) if masters else None
+        layer.get_base_layer().weight.data.copy_(merged_base_weight(layer, a, b, base))
     return init_lora_(model, seed, task_index + 1)
 
 

@@ -191,3 +191,28 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None) -> dict[
         raise CheckpointError(f"{load_dir}: DeepSpeed could not load checkpoint {tag!r}")
     load_gorp_state(engine.gorp, os.path.join(load_dir, tag))
     return client_state or {}
+
+
+# DeepSpeed's own entries of its model-states file; everything else there is the client state.
+_DEEPSPEED_KEYS = frozenset({
+    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+    "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
+})
+
+
+def read_client_state(load_dir: str, tag: str | None = None) -> dict[str, Any]:
+    """The client state given to :func:`save_checkpoint`, read without an engine (e.g. the run
+    configuration needed to rebuild one). ``tag`` None: the one named by ``latest``."""
+    if tag is None:
+        latest = os.path.join(load_dir, "latest")
+        if not os.path.isfile(latest):
+            raise CheckpointError(f"{load_dir}: no 'latest' file; pass the checkpoint tag explicitly")
+        with open(latest) as handle:
+            tag = handle.read().strip()
+    path = os.path.join(load_dir, tag, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{load_dir}: checkpoint {tag!r} has no mp_rank_00_model_states.pt (incomplete save?)")
+    # Memory-mapped: the file also holds the whole module, which is not read here.
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return {k: v for k, v in state.items() if k not in _DEEPSPEED_KEYS}

@@ -131,6 +131,37 @@ class ZeroHandle:
                 start, end, master = masters[name]
                 master.copy_(self.params_by_name[name].data.reshape(-1)[start:end])
 
+    @torch.no_grad()
+    def gather_masters(self, names: Iterable[str], to_rank: int | None = None) -> dict[str, Tensor]:
+        """Whole fp32 masters of ``names`` (each in its parameter's shape). Every rank copies the
+        elements it holds into one zero buffer (all tensors back to back) and one all-reduce — or a
+        reduce to ``to_rank`` — sums them; exact, since ZeRO gives each element to exactly one rank.
+        A collective: every rank calls it with the same names. With ``to_rank`` set, other ranks get
+        ``{}``. Meant for small sets (LoRA factors) or one large tensor at a time."""
+        names = list(names)
+        if not self.sharded:
+            return {n: self.params_by_name[n].data.float().clone() for n in names}
+        masters = self.held_masters()
+        offsets, total = {}, 0
+        for name in names:
+            offsets[name] = total
+            total += self.params_by_name[name].numel()
+        device = self.params_by_name[names[0]].device if names else torch.device("cpu")
+        buffer = torch.zeros(total, dtype=torch.float32, device=device)
+        for name in names:
+            if name in masters:
+                start, end, master = masters[name]
+                buffer[offsets[name] + start : offsets[name] + end].copy_(master)
+        if self.world_size > 1:
+            if to_rank is None:
+                torch_dist.all_reduce(buffer)
+            else:
+                torch_dist.reduce(buffer, dst=to_rank)
+        if to_rank is not None and self.rank != to_rank:
+            return {}
+        return {n: buffer[offsets[n] : offsets[n] + self.params_by_name[n].numel()].view(self.params_by_name[n].shape)
+                for n in names}
+
     def barrier(self) -> None:
         if torch_dist.is_available() and torch_dist.is_initialized():
             torch_dist.barrier()

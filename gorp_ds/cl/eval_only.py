@@ -1,0 +1,98 @@
+"""``--eval-only --model <exported dir or checkpoint>``: one row of R on the task list, its
+predictions and the usual report files, under ``<output-dir>/eval/``.
+
+An exported (or any Hugging Face) directory is loaded as a plain causal LM. A checkpoint is
+rebuilt as its method's engine (see ``restore.py``) and its current LoRA merged in fp32 from the
+masters, i.e. evaluated on the weights its export would hold. Evaluation is sharded over the
+launch's ranks exactly like the training run's rows, so the same model, tasks, ranks and
+evaluation settings give the same row and the same predictions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..data.config import DataConfig
+from ..data.errors import DataError
+from ..data.prompting import PromptFormat
+from ..data.registry import load_task_sequence
+from ..log import get_logger
+from ..models import ModelConfig, load_model_and_tokenizer
+from .config import ConfigError, RunConfig
+from .evaluate import evaluate_row
+from .report import predictions_file, write_method_results, write_predictions
+from .restore import find_checkpoint, rebuild_session
+from .session import evaluation_settings
+
+log = get_logger(__name__)
+EVAL_DIR = "eval"
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if not torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, local)))
+    try:
+        tasks = load_task_sequence(DataConfig(cfg.data_dir, cfg.tasks, cfg.order, cfg.max_train_per_task,
+                                              cfg.eval_samples, cfg.max_length, cfg.seed))
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    out_dir = os.path.join(cfg.output_dir, EVAL_DIR)
+    started = time.perf_counter()
+    found = find_checkpoint(cfg.model)
+    settings = evaluation_settings(cfg)
+    if found is not None:
+        session = rebuild_session(*found, tasks=tasks, world=world, out_dir=out_dir,
+                                  eval_batch_size=cfg.eval_batch_size, prompt_format=cfg.prompt_format,
+                                  max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length)
+        session.merge_in_place()
+        model, tokenizer, source = session.engine.module, session.tokenizer, f"checkpoint {cfg.model} ({session.method})"
+    else:
+        model, tokenizer = load_model_and_tokenizer(ModelConfig(cfg.model, cfg.dtype, False))
+        model.to(_device())
+        session, source = None, f"model {cfg.model}"
+    PromptFormat(cfg.prompt_format).check(tokenizer)
+    log.info(f"evaluating {source} on {len(tasks)} tasks: {', '.join(t.name for t in tasks)} ({world} ranks)")
+    evaluation = evaluate_row(model, tokenizer, tasks, **settings, rank=rank, world=world)
+    names = [t.name for t in tasks]
+    log.info("[eval] " + ", ".join(f"{n} {v:.1f}" for n, v in zip(names, evaluation.row)))
+    result = {
+        "method": "eval",
+        "eval_only": True,
+        "model": cfg.model,
+        "tasks": names,
+        "R": [evaluation.row],
+        "metrics": {"AA": sum(evaluation.row) / len(evaluation.row), "BWT": None, "FWT": None, "forgetting": None},
+        "predictions": [[predictions_file("eval", j, n) for j, n in enumerate(names)]] if cfg.predictions else None,
+        "timings": {"wall_s": time.perf_counter() - started, "train_s": 0.0, "eval_s": time.perf_counter() - started,
+                    "tokens_per_s": 0.0},
+        "world_size": world,
+        "config": dict(vars(cfg)),
+    }
+    if rank == 0:
+        if cfg.predictions:
+            write_predictions(out_dir, "eval", names, evaluation.predictions or [])
+        write_method_results(out_dir, result)
+        log.info(f"wrote {os.path.join(out_dir, 'results.json')}")
+    if session is not None:
+        session.close()
+    dist.barrier()
+    return result

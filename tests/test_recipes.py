@@ -1,0 +1,30 @@
+"""Every recipe in recipes/ is a valid run file for today's config loader."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from gorp_ds.cl import add_arguments, build_run_config
+from gorp_ds.cl.config import read_config_file
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_the_three_recipes_exist() -> None:
+    assert {p.name for p in RECIPES} >= {"embedded_quick.yaml", "llama2_7b_order1.yaml", "llama2_7b_order4_long.yaml"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_parses_and_validates(recipe: Path) -> None:
+    settings = read_config_file(str(recipe))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = build_run_config(parser.parse_args(["--config", str(recipe)]))
+    for key, value in settings.items():
+        assert getattr(cfg, key) == value, key
+    if cfg.order in ("1", "4"):
+        assert (cfg.max_source_length, cfg.max_target_length) == (512, 50)
+        assert (cfg.lr_lora, cfg.lr_full, cfg.rank, cfg.update_gap, cfg.scale) == (2e-4, 1e-6, 8, 20, 0.25)
