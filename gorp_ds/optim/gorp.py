@@ -96,8 +96,11 @@ class GORP(torch.optim.Optimizer):
         self.tasks_completed = torch.zeros((), dtype=torch.int64)
         self.driver: StepDriver = LocalDriver()
         # Run statistics (not state): refreshes done, their wall time, projector failures.
-        self.stats = {"refreshes": 0, "refresh_seconds": 0.0, "projector_failures": 0}
+        self.stats = {"refreshes": 0, "refresh_seconds": 0.0, "projector_failures": 0, "skipped_steps": 0}
         self.time_refreshes = False
+        # Set by the trainer when this step's loss or gradients are non-finite: the next step()
+        # then changes nothing (moments, projectors, step counters, weights) and only counts the skip.
+        self.skip_next_step = False
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -166,6 +169,10 @@ class GORP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.skip_next_step:
+            self.skip_next_step = False
+            self.stats["skipped_steps"] += 1
+            return loss
         for group in self.param_groups:
             self.driver.step_group(self, group)
         return loss
