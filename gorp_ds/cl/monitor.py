@@ -19,7 +19,7 @@ class Monitor:
             self._monitor.write_events([(tag, float(value), int(step)) for tag, value, step in events])
 
     def train_step(self, step: int, loss: float, optimizer: Any, engine: Any, *, tokens_per_s: float,
-                   refresh_ms: float, step_seconds: float) -> None:
+                   refresh_ms: float, step_seconds: float, skipped_steps: int = 0) -> None:
         if self._monitor is None:
             return
         events = [("train/loss", loss, step), ("train/tokens_per_s", tokens_per_s, step),
@@ -32,6 +32,7 @@ class Monitor:
         if refresh_ms > 0:
             events.append(("gorp/projector_refresh_ms", refresh_ms, step))
         events.append(("gorp/projector_failures", optimizer.stats["projector_failures"], step))
+        events.append(("train/skipped_nonfinite_steps", skipped_steps, step))
         self.write(events)
 
     def shared_space(self, step: int, sizes: dict[str, int]) -> None:
