@@ -312,29 +312,40 @@ def check_output_path(cfg: RunConfig) -> None:
 
 def settle_output_dir(cfg: RunConfig, ds_config: dict[str, Any], world_size: int) -> Decision:
     """Decide on rank 0, agree on every rank, act (move aside), and write config.yaml. Raises
-    :class:`ConfigError` on every rank when the directory may not be used."""
+    :class:`ConfigError` on every rank when the directory may not be used or rank 0 could not act
+    (every failure is broadcast, so no rank waits for one that stopped)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     resolved = resolved_config(cfg, ds_config, world_size)
     boards = tensorboard_dirs(cfg, ds_config)
-    decision = decide(cfg, _flat(resolved), boards, time.strftime("%Y%m%d-%H%M%S")) if rank == 0 else None
-    decision = _broadcast(decision)
+    out = Path(cfg.output_dir).expanduser()
+    decision, text = None, ""
+    if rank == 0:
+        try:
+            decision = decide(cfg, _flat(resolved), boards, time.strftime("%Y%m%d-%H%M%S"))
+        except OSError as err:
+            decision = Decision(error=f"--output-dir {cfg.output_dir}: cannot inspect it ({err})")
+        if not decision.error:
+            try:
+                if decision.move_aside:
+                    decision.notes.append(f"the earlier contents of {cfg.output_dir} are now in "
+                                          f"{_move_aside(out, Path(decision.aside), boards)}")
+                text = _write_config(out, resolved)
+            except OSError as err:
+                decision.error = f"--output-dir {cfg.output_dir}: {err.strerror or err} ({err.filename or out})"
+    decision, text = _broadcast((decision, text))
     if decision.error:
         raise ConfigError(decision.error)
     for note in decision.notes:
         log.info(note)
-    out = Path(cfg.output_dir).expanduser()
-    if decision.move_aside:
-        if rank == 0:
-            where = _move_aside(out, Path(decision.aside), boards)
-            log.info(f"the earlier contents of {cfg.output_dir} are now in {where}")
-        _barrier()
-        # Nodes with their own filesystem: each node's first rank clears its own copy.
-        if rank != 0 and int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0 \
-                and held_run(out, boards):
-            _move_aside(out, Path(decision.aside), boards)
     if rank == 0:
-        text = _write_config(out, resolved)
         log.info(f"run configuration ({out / CONFIG_FILE}):\n{text.rstrip()}")
+    # A node with its own filesystem (it does not see rank 0's new config.yaml): its first rank
+    # clears its own copy too.
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+    config_file = out / CONFIG_FILE
+    if decision.move_aside and rank != 0 and local_rank == 0 and held_run(out, boards) \
+            and not (config_file.is_file() and config_file.read_text() == text):
+        _move_aside(out, Path(decision.aside), boards)
     _barrier()
     return decision
 
