@@ -75,6 +75,12 @@ def resolved_config(cfg: RunConfig, ds_config: dict[str, Any], world_size: int) 
     return {"run": run_settings(cfg), "world_size": world_size, "deepspeed": systems}
 
 
+def recorded_settings(cfg: RunConfig, ds_config: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """config.yaml's contents as one flat mapping (``deepspeed.<field>`` for the systems settings):
+    what checkpoints record and resume compares."""
+    return _flat(resolved_config(cfg, ds_config, world_size))
+
+
 def _flat(resolved: dict[str, Any]) -> dict[str, Any]:
     flat = dict(resolved.get("run") or {})
     flat["world_size"] = resolved.get("world_size")
@@ -176,7 +182,8 @@ class Decision:
 
     resume: bool = False  # methods continue from their checkpoints / finished results
     move_aside: bool = False  # the old contents go to `aside` first
-    aside: str | None = None
+    aside: str | None = None  # <output-dir>.old-<time>
+    stamp: str = ""  # <time>, the same on every rank (other nodes' stale copies go to <their dir>.old-<time>)
     error: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -184,8 +191,18 @@ class Decision:
 def decide(cfg: RunConfig, current: dict[str, Any], boards: list[Path], stamp: str) -> Decision:
     """The decision for ``cfg.output_dir`` as seen from this process (rank 0 calls it)."""
     out = Path(cfg.output_dir).expanduser()
-    aside = f"{str(out).rstrip('/')}.old-{stamp}"
+    aside = _aside(out, stamp)
     held = held_run(out, boards)
+    decision = _decide(cfg, current, out, held, aside)
+    decision.stamp = stamp
+    return decision
+
+
+def _aside(out: Path, stamp: str) -> str:
+    return f"{str(out).rstrip('/')}.old-{stamp}"
+
+
+def _decide(cfg: RunConfig, current: dict[str, Any], out: Path, held: list[str], aside: str) -> Decision:
     if not held:
         if cfg.resume == "on":
             return Decision(error=f"--resume: {cfg.output_dir} holds no run to resume (no checkpoint, no results); "
@@ -339,13 +356,16 @@ def settle_output_dir(cfg: RunConfig, ds_config: dict[str, Any], world_size: int
         log.info(note)
     if rank == 0:
         log.info(f"run configuration ({out / CONFIG_FILE}):\n{text.rstrip()}")
-    # A node with its own filesystem (it does not see rank 0's new config.yaml): its first rank
-    # clears its own copy too.
+    # A node with its own filesystem (it does not see rank 0's new config.yaml) may hold a stale
+    # copy of an earlier run there: unless resuming, its first rank moves it aside too.
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
     config_file = out / CONFIG_FILE
-    if decision.move_aside and rank != 0 and local_rank == 0 and held_run(out, boards) \
+    if not decision.resume and rank != 0 and local_rank == 0 and held_run(out, boards) \
             and not (config_file.is_file() and config_file.read_text() == text):
-        _move_aside(out, Path(decision.aside), boards)
+        aside = _aside(out, decision.stamp)
+        log.info(f"rank {rank}: this node's {cfg.output_dir} is not rank 0's and holds an earlier run; moving it "
+                 f"aside to {aside}", extra={"all_ranks": True})
+        _move_aside(out, Path(aside), boards)
     _barrier()
     return decision
 

@@ -38,7 +38,7 @@ from .config import RunConfig
 from .evaluate import evaluate_tasks
 from .monitor import Monitor
 from .nonfinite import NonFiniteError, NonFiniteGuard, drop_step, poison_gradient
-from .run_dir import compare, describe_changes, run_settings
+from .run_dir import compare, describe_changes, recorded_settings
 
 log = get_logger(__name__)
 FAULT_ENV = "GORP_DS_FAULT_AT"  # "task,step": SIGKILL this process there (crash/resume tests)
@@ -115,6 +115,7 @@ class MethodSession:
         self.run_group_settings = [{k: v for k, v in g.items() if k not in ("params", "names")}
                                    for g in self.optimizer.param_groups]
         self.guard = NonFiniteGuard(method, cfg.max_bad_steps)
+        self.settings = recorded_settings(cfg, ds_config, self.world)  # recorded in checkpoints
         ds_config = {**ds_config}
         if isinstance(ds_config.get("tensorboard"), dict):
             ds_config["tensorboard"] = {**ds_config["tensorboard"], "job_name": method}
@@ -282,7 +283,7 @@ class MethodSession:
             return None
         tag = f"task{progress.task:02d}_step{progress.step:06d}"
         client = {"progress": progress.to_state(), "old_lora_a": self.old_lora_a, "method": self.method,
-                  "config": run_settings(self.cfg, self.world)}
+                  "config": self.settings}
         save_checkpoint(self.engine, self.checkpoint_dir, tag, client)
         if self.rank == 0:
             self._prune(keep=self.cfg.keep_checkpoints, newest=tag)
@@ -319,7 +320,7 @@ class MethodSession:
             log.warning(f"[{self.method}] the checkpoint records no run settings (older gorp_ds); "
                         "continuing with this run's settings, changes unrecorded")
             return
-        refused, changed = compare(saved, run_settings(self.cfg, self.world))
+        refused, changed = compare(saved, self.settings)
         if refused:
             raise CheckpointError(f"{self.checkpoint_dir}: the checkpoint belongs to a different run ("
                                   + "; ".join(refused) + "); pass --overwrite or another --output-dir")
