@@ -20,7 +20,7 @@ DS = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "gradient_cl
       "train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}
 
 
-def _hold_run(folder: Path, lr: float = 1e-3) -> None:
+def _hold_run(folder: Path, lr: float = 1e-3, checkpoint: bool = True) -> None:
     """An earlier run's files: config.yaml, a checkpoint pointer and TensorBoard events."""
     import yaml
 
@@ -28,7 +28,8 @@ def _hold_run(folder: Path, lr: float = 1e-3) -> None:
     from gorp_ds.cl.run_dir import resolved_config
 
     (folder / "gorp" / "checkpoints").mkdir(parents=True)
-    (folder / "gorp" / "checkpoints" / "latest").write_text("task00_step000002")
+    if checkpoint:
+        (folder / "gorp" / "checkpoints" / "latest").write_text("task00_step000002")
     (folder / "tensorboard" / "gorp").mkdir(parents=True)
     (folder / "tensorboard" / "gorp" / "events.out.tfevents.1.host").write_text("old")
     cfg = dataclasses.replace(RunConfig(output_dir=str(folder)), lr_lora=lr, methods=["gorp"])
@@ -67,6 +68,8 @@ def _scenarios(rank: int, world: int, root: str) -> dict:
         _hold_run(root_path / "overwrite" / "local")
         (root_path / "fresh").mkdir()
         _hold_run(root_path / "fresh" / "local")
+        # killed before its first checkpoint: config.yaml and TensorBoard events, no checkpoint
+        _hold_run(root_path / "auto_nothing" / "shared", checkpoint=False)
         (root_path / "blocked").mkdir()
         (root_path / "blocked" / "local").write_text("a file where rank 1's directory should be")
     dist.barrier()
@@ -75,6 +78,7 @@ def _scenarios(rank: int, world: int, root: str) -> dict:
     settle("overwrite", shared=False, overwrite=True)
     settle("fresh", shared=False)
     settle("blocked", shared=False)
+    settle("auto_nothing", shared=True, resume="auto")
     return outcomes
 
 
@@ -123,3 +127,13 @@ def test_an_unwritable_path_on_one_rank_stops_all(outcome) -> None:
     assert first == second and first["error"]
     assert "is a file" in first["error"] and "rank 1" in first["error"]
     assert not (outcome["root"] / "blocked" / "shared").exists()  # rank 0 wrote nothing
+
+
+def test_resume_auto_with_nothing_to_resume_starts_fresh(outcome) -> None:
+    """The requeue of a launch killed before its first checkpoint: a fresh start, the earlier
+    attempt's files (TensorBoard events) moved aside so they do not mix with the new ones."""
+    root = outcome["root"] / "auto_nothing"
+    assert [r["auto_nothing"] for r in outcome["ranks"]] == [{"resume": False, "error": None}] * 2
+    (aside,) = [p for p in root.iterdir() if p.name.startswith("shared.old-")]
+    assert (aside / "tensorboard" / "gorp" / "events.out.tfevents.1.host").is_file()
+    assert sorted(p.name for p in (root / "shared").iterdir()) == ["config.yaml"]
