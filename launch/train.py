@@ -4,7 +4,8 @@
     deepspeed launch/train.py --ds_config ds_configs/zero2.json --config my_run.yaml --method gorp,o-lora
 
 Bad input (missing data, unknown task or method, targets that match nothing, a DeepSpeed config
-that contradicts the run) stops every rank before training with a one-line message and status 2.
+that contradicts the run, an --output-dir holding another run) stops every rank before training
+with a one-line message and status 2; so does a run whose loss or gradients stay non-finite.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ DEFAULT_DS_CONFIG = REPO / "ds_configs" / "zero2.json"
 
 def main(argv: list[str] | None = None) -> int:
     from gorp_ds.cl import ConfigError, add_arguments, build_run_config
+    from gorp_ds.cl.nonfinite import NonFiniteError
     from gorp_ds.data.errors import DataError
     from gorp_ds.models import ModelError, RoleError
     from gorp_ds.zero import CheckpointError, UnsupportedSetupError
@@ -29,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    user_errors = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError)
+    user_errors = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError,
+                   NonFiniteError)
     try:
         cfg = build_run_config(args)
         from gorp_ds.cl.runner import run

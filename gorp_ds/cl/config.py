@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class RunConfig:
     lora_init_off_shared: bool = True  # gorp: new adapters' A starts orthogonal to the shared space
     # run
     output_dir: str = "runs/gorp_ds"
-    resume: bool = False
+    resume: str = "off"  # "off", "on" (--resume: a checkpoint or results must exist) or "auto" (resume if any)
     save_every: int = 100  # optimizer steps between mid-task checkpoints (0: task boundaries only)
     keep_checkpoints: int = 2
     checkpoints: bool = True  # false: write no checkpoints at all (benchmarks; --resume then impossible)
@@ -79,7 +80,13 @@ class RunConfig:
     max_source_length: int | None = None  # prompt tokens (None: max_length minus the answer)
     max_target_length: int | None = None  # answer / generated tokens (None: the longest label + 1)
     # ----------------------------------------------------------------------------------------------
+    # --- runs you can trust, non-finite values (issue 14, second half) ---
+    overwrite: bool = False  # a used --output-dir is moved aside (<dir>.old-<time>) before starting
+    max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient before the run stops
 
+
+RESUME_MODES = ("off", "on", "auto")
+MAX_SCALE = 100.0  # --scale above this is a typo or an overflow in the making, not a GaLore scale
 
 # The embedded model (SmolLM2-135M) learns in tens of steps where the 7B recipe of GORP.md §5 needs
 # thousands: a larger learning rate (the paper's 200:1 LoRA to full-rank ratio kept), a shorter refresh
@@ -117,6 +124,12 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     default = getattr(RunConfig(), key)
     if value is None:
         return None
+    if key == "resume":  # true/false from a file, "auto"/"on" from --resume [auto]
+        text = str(value).lower()
+        mode = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}.get(text, text)
+        if mode not in RESUME_MODES:
+            raise ConfigError(f"{source}: 'resume' must be true, false or auto, got {value!r}")
+        return mode
     if key in _LIST_FIELDS:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -179,8 +192,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="JSON/YAML run file; flags override it")
     parser.add_argument("--method", dest="methods", default=None,
                         help=f"comma-separated methods to run one after another: {', '.join(METHODS)}")
-    parser.add_argument("--resume", action="store_true", default=None,
-                        help="continue each method from its last checkpoint in --output-dir")
+    parser.add_argument("--resume", nargs="?", const="on", default=None, metavar="auto",
+                        help="continue each method from its last checkpoint in --output-dir (the saved config.yaml "
+                             "must match the run's); plain --resume stops when there is nothing to resume, "
+                             "--resume auto then starts fresh")
+    parser.add_argument("--overwrite", action="store_const", const="true", default=None,
+                        help="an --output-dir that already holds a run is moved aside to <dir>.old-<time> first")
     help_text = {
         "model": "'embedded' (SmolLM2-135M-Instruct), a local HF directory, a .gguf file, or a hub name",
         "data_dir": "CL_Benchmark-layout directory (<type>/<task>/{train,test,labels}.json); none: embedded tasks",
@@ -198,9 +215,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "eval_samples": "test examples per task used for R",
         "output_dir": "where results, TensorBoard events and checkpoints go",
         "profile": "time every training phase and projector refresh with device syncs (slower; off by default)",
+        "max_bad_steps": "consecutive steps with a non-finite loss or gradient (each skipped) before the run stops",
     }
     for name in FIELDS:
-        if name in ("methods", "resume"):
+        if name in ("methods", "resume", "overwrite"):
             continue
         # Parsed as text and type-checked by _coerce, like values from a config file. A bare
         # boolean flag (`--eval-only`, `--profile`) means true; `--profile false` also works.
@@ -227,7 +245,16 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def validate(cfg: RunConfig) -> None:
+    # Every float setting must be a finite number: nan passes every comparison below unnoticed.
+    for name in FIELDS:
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_flag(name)} must be a finite number, got {value}")
     for method in cfg.methods:
         if method not in METHODS:
             raise ConfigError(f"--method: unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -265,6 +292,17 @@ def validate(cfg: RunConfig) -> None:
     for key in ("lr_lora", "lr_full", "lr_plain", "weight_decay", "olora_lambda"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
+    if not 0.0 < cfg.scale <= MAX_SCALE:
+        raise ConfigError(f"--scale must be in (0, {MAX_SCALE:g}] (it multiplies the full-rank update; GORP's "
+                          f"default is 0.25; change --lr-full for larger steps), got {cfg.scale}")
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"--lora-alpha must be > 0 (LoRA's update is scaled by alpha / r; 0 makes it a no-op), "
+                          f"got {cfg.lora_alpha}")
+    if cfg.max_bad_steps < 1:
+        raise ConfigError(f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}")
+    if cfg.resume != "off" and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
+                          "--output-dir, --overwrite moves it aside; give one of them")
 
 
 def reconcile_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str) -> dict[str, Any]:

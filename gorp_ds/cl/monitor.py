@@ -18,23 +18,25 @@ class Monitor:
         if self._monitor is not None and events:
             self._monitor.write_events([(tag, float(value), int(step)) for tag, value, step in events])
 
-    def train_step(self, step: int, loss: float, optimizer: Any, *, grad_norm: float | None, tokens_per_s: float,
-                   step_seconds: float) -> None:
-        """Per-step scalars; all host values (the caller read loss and norm in one device read)."""
+    def train_step(self, step: int, loss: float, optimizer: Any, *, tokens_per_s: float, step_seconds: float,
+                   skipped_steps: int = 0) -> None:
+        """Per-step scalars; all host values (the caller read the loss in the step's one device read)."""
         if self._monitor is None:
             return
         events = [("train/loss", loss, step), ("train/tokens_per_s", tokens_per_s, step),
                   ("train/step_seconds", step_seconds, step)]
         for group in optimizer.param_groups:
             events.append((f"train/lr/{group['role']}", group["lr"], step))
-        if grad_norm is not None:
-            events.append(("train/grad_norm", grad_norm, step))
+        events.append(("train/skipped_nonfinite_steps", skipped_steps, step))
         self.write(events)
 
-    def optimizer_stats(self, step: int, *, refresh_ms: float, projector_failures: int) -> None:
-        """GORP's device statistics, written at logging intervals: projector refresh time since the
-        previous interval and projector failures so far."""
+    def optimizer_stats(self, step: int, *, refresh_ms: float, projector_failures: int,
+                        grad_norm: float | None = None) -> None:
+        """Device statistics, written at logging intervals: projector refresh time since the previous
+        interval, projector failures so far, and the gradient norm of the interval's last step."""
         events = [("gorp/projector_failures", projector_failures, step)]
+        if grad_norm is not None:
+            events.append(("train/grad_norm", grad_norm, step))
         if refresh_ms > 0:
             events.append(("gorp/projector_refresh_ms", refresh_ms, step))
         self.write(events)

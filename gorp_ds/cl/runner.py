@@ -25,6 +25,7 @@ from .evaluate import Evaluation
 from .metrics import all_metrics
 from .preflight import preflight
 from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
+from .run_dir import Decision, check_output_path, run_settings, set_device_for_collectives, settle_output_dir
 from .session import MethodSession, Progress, mixed_task
 
 log = get_logger(__name__)
@@ -36,51 +37,61 @@ def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
         from .eval_only import run_eval_only
 
         return [run_eval_only(cfg)]
-    tasks, ds_config = prepare(cfg, ds_config_path)
+    tasks, ds_config, decision = prepare(cfg, ds_config_path)
     results = []
     for method in cfg.methods:
         out_dir = os.path.join(cfg.output_dir, method)
         finished = os.path.join(out_dir, "results.json")
-        if cfg.resume and os.path.isfile(finished):
-            log.info(f"[{method}] already finished ({finished}); skipping")
-            with open(finished) as handle:
-                results.append(json.load(handle))
+        # Rank 0's view decides (nodes need not share a filesystem); settle_output_dir checked that
+        # these results were produced with this run's settings.
+        done = _from_rank0(_read_json(finished) if decision.resume and _rank() == 0 and os.path.isfile(finished)
+                           else None)
+        if done is not None:
+            log.info(f"[{method}] already finished with this run's settings ({finished}); skipping")
+            results.append(done)
             continue
-        results.append(run_method(method, tasks, cfg, ds_config, out_dir))
+        results.append(run_method(method, tasks, cfg, ds_config, out_dir, decision.resume))
     if _rank() == 0:
         table = write_summary(cfg.output_dir, results)
         log.info("methods compared (accuracy %, higher AA and BWT closer to 0 are better):\n" + table)
     return results
 
 
-def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, Any]]:
-    """Everything that can be wrong with the input, checked before any training."""
+def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, Any], Decision]:
+    """Everything that can be wrong with the input, checked before any training; then the output
+    directory is settled (moved aside, or checked for --resume) and config.yaml written."""
     import deepspeed
 
+    set_device_for_collectives()
     if not dist.is_initialized():
         deepspeed.init_distributed()
     if not torch.cuda.is_available():
         # CPU ranks share the machine's cores: oversubscribed BLAS threads slow every rank down.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", _world())))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, local)))
-    ds_config = reconcile_ds_config(load_ds_config(ds_config_path), cfg, _world(), ds_config_path)
+    raw_ds_config = load_ds_config(ds_config_path)
+    check_supported(raw_ds_config, ds_config_path)  # first: it checks the sections' types
+    ds_config = reconcile_ds_config(raw_ds_config, cfg, _world(), ds_config_path)
     check_supported(ds_config, ds_config_path)
+    check_output_path(cfg)
     try:
         tasks = load_task_sequence(DataConfig(cfg.data_dir, cfg.tasks, cfg.order, cfg.max_train_per_task,
                                               cfg.eval_samples, cfg.max_length, cfg.seed))
     except DataError as err:
         raise ConfigError(str(err)) from None
     preflight(cfg)
+    decision = settle_output_dir(cfg, ds_config, _world())
     log.info(f"{len(tasks)} tasks: {' → '.join(t.name for t in tasks)}; methods: {', '.join(cfg.methods)}; "
              f"{_world()} ranks, global batch {cfg.global_batch_size}, {torch.get_num_threads()} CPU threads per rank")
-    return tasks, ds_config
+    return tasks, ds_config, decision
 
 
-def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[str, Any], out_dir: str) -> dict[str, Any]:
+def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[str, Any], out_dir: str,
+               resume: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     schedule = [mixed_task(tasks)] if method == "mtl" else tasks
     session = MethodSession(method, tasks, cfg, ds_config, out_dir)
-    progress = session.resume() if cfg.resume and session.has_checkpoint() else Progress()
+    progress = session.resume() if resume and _from_rank0(session.has_checkpoint()) else Progress()
     if 0 not in progress.rows:
         evaluation, progress.timings["eval_s/0"] = session.evaluate()
         record_row(session, progress, 0, evaluation)
@@ -170,7 +181,11 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
                     "tokens_per_s": tokens / train_s if train_s else 0.0},
         "peak_memory_gib": peak_memory_gib(),
         "world_size": _world(),
-        "config": {k: v for k, v in vars(cfg).items()},
+        "config": run_settings(cfg),
+        # Settings changed on a resume: {field, old, new, task, step, global_step} (the new value
+        # applied from that step on).
+        "config_changes": progress.changes,
+        "skipped_nonfinite_steps": progress.skipped_steps,
     }
 
 
@@ -178,6 +193,20 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (decisions from files that only rank 0 may see)."""
+    if not dist.is_initialized() or _world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _rank() -> int:

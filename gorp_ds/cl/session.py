@@ -45,10 +45,12 @@ from ..models.lora import (
 )
 from ..models.roles import LORA_METHODS
 from ..optim import GORP
-from ..zero import initialize, load_checkpoint, save_checkpoint
+from ..zero import CheckpointError, initialize, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .evaluate import Evaluation, evaluate_row
 from .monitor import Monitor
+from .nonfinite import NonFiniteError, NonFiniteGuard, drop_step, poison_gradient
+from .run_dir import compare, describe_changes, recorded_settings
 
 log = get_logger(__name__)
 FAULT_ENV = "GORP_DS_FAULT_AT"  # "task,step": SIGKILL this process there (crash/resume tests)
@@ -63,15 +65,20 @@ class Progress:
     rows: dict[int, list[float]] = field(default_factory=dict)  # R rows measured so far
     timings: dict[str, float] = field(default_factory=dict)
     global_step: int = 0
+    # settings changed on a resume: {"field", "old", "new", "task", "step", "global_step"}
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
 
     def to_state(self) -> dict[str, Any]:
         return {"task": self.task, "step": self.step, "rows": {str(k): v for k, v in self.rows.items()},
-                "timings": self.timings, "global_step": self.global_step}
+                "timings": self.timings, "global_step": self.global_step, "changes": self.changes,
+                "skipped_steps": self.skipped_steps}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Progress:
         return cls(state["task"], state["step"], {int(k): v for k, v in state["rows"].items()},
-                   dict(state["timings"]), state["global_step"])
+                   dict(state["timings"]), state["global_step"], list(state.get("changes", [])),
+                   int(state.get("skipped_steps", 0)))
 
 
 STATS_EVERY = 10  # optimizer steps between reads of the optimizer's device statistics
@@ -125,6 +132,12 @@ class MethodSession:
         log.info(f"[{method}] trainable: {trainable_summary(groups)}")
         self.optimizer = GORP(groups)
         self.optimizer.time_refreshes = cfg.profile  # synchronised refresh timing only when profiling
+        # This run's group hyperparameters (lr, weight decay, update gap, ...): loading a checkpoint
+        # restores the saved ones, and resume() puts these back (see _apply_run_settings).
+        self.run_group_settings = [{k: v for k, v in g.items() if k not in ("params", "names")}
+                                   for g in self.optimizer.param_groups]
+        self.guard = NonFiniteGuard(method, cfg.max_bad_steps)
+        self.settings = recorded_settings(cfg, ds_config, self.world)  # recorded in checkpoints
         ds_config = {**ds_config}
         if isinstance(ds_config.get("tensorboard"), dict):
             ds_config["tensorboard"] = {**ds_config["tensorboard"], "job_name": method}
@@ -199,25 +212,45 @@ class MethodSession:
         while progress.step < steps:
             step_start = time.perf_counter()
             losses = []
+            if drop_step(task_index, progress.step + 1):  # test hook: the reference run without this batch
+                progress.step, progress.global_step = progress.step + 1, progress.global_step + 1
+                bar.update(1)
+                continue
             with phases("data"):
                 batches, step_tokens = self._micro_batches(task, order[progress.step])
             tokens += step_tokens
-            for batch in batches:
+            poison = poison_gradient(self.engine, self.optimizer, task_index, progress.step + 1)  # test hook
+            for index, batch in enumerate(batches):
                 with phases("forward"):
                     loss = self._loss(batch)
                 with phases("backward"):
                     self.engine.backward(loss)
+                losses.append(loss.detach().float())
+                if index == len(batches) - 1:
+                    # --- non-finite check: the step's one host read (mean loss + all-ranks gradient flag);
+                    # a bad step makes GORP.step a no-op.
+                    with phases("logging"):
+                        loss_value, finite = self.guard.check(
+                            self.engine, self.optimizer, torch.stack(losses).mean(),
+                            f"task {task_index + 1}, step {progress.step + 1}")
                 with phases("optimizer"):
                     self.engine.step()
-                losses.append(loss.detach().float())
+            self.optimizer.skip_next_step = False  # DeepSpeed may skip GORP.step itself (fp32 overflow check)
+            if poison is not None:
+                poison.remove()
             progress.step += 1
             progress.global_step += 1
+            if not finite:
+                progress.skipped_steps += 1
+                if self.guard.exhausted:
+                    self._stop_nonfinite(task_index, progress, on_checkpoint)
+            # --- end of the non-finite check
             with phases("logging"):
-                # The step's one device read (loss, and the gradient norm for TensorBoard), at its end.
-                loss_value, grad_norm = self._read_step_scalars(losses)
-                self.monitor.train_step(progress.global_step, loss_value, self.optimizer, grad_norm=grad_norm,
+                # The step's loss was read by the non-finite check (the step's one device read).
+                self.monitor.train_step(progress.global_step, loss_value, self.optimizer,
                                         tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9),
-                                        step_seconds=time.perf_counter() - step_start)
+                                        step_seconds=time.perf_counter() - step_start,
+                                        skipped_steps=progress.skipped_steps)
                 if progress.step % STATS_EVERY == 0 or progress.step == steps:
                     stats = self._optimizer_stats(progress.global_step, stats)
                 bar.set_postfix(loss=f"{loss_value:.3f}", refreshes=self.optimizer.refresh_count)
@@ -235,23 +268,32 @@ class MethodSession:
         progress.timings[f"train_s/{task_index}"] = progress.timings.get(f"train_s/{task_index}", 0.0) + elapsed
         progress.timings[f"tokens/{task_index}"] = progress.timings.get(f"tokens/{task_index}", 0.0) + tokens
 
-    def _read_step_scalars(self, losses: list[torch.Tensor]) -> tuple[float, float | None]:
-        """Mean loss of the step's micro-batches and, when TensorBoard is on, the gradient norm:
-        one device-to-host read for both (the only per-step synchronisation of training)."""
-        values = [torch.stack(losses).mean()]
-        norm = self.engine.get_global_grad_norm() if self.monitor.enabled else None
-        if isinstance(norm, torch.Tensor):
-            values.append(norm.detach().float().reshape(()).to(values[0].device))
-        read = torch.stack(values).tolist()
-        return read[0], (read[1] if len(read) > 1 else (float(norm) if norm is not None else None))
-
     def _optimizer_stats(self, step: int, previous: dict[str, float | int]) -> dict[str, float | int]:
         """Read the optimizer's device statistics (refresh time, projector failures; warns about
         new failures) and write them to TensorBoard; every STATS_EVERY steps and at a task's end."""
         stats = self.optimizer.stats
+        norm = self.engine.get_global_grad_norm() if self.monitor.enabled else None
         self.monitor.optimizer_stats(step, refresh_ms=1000 * (stats["refresh_seconds"] - previous["refresh_seconds"]),
-                                     projector_failures=stats["projector_failures"])
+                                     projector_failures=stats["projector_failures"],
+                                     grad_norm=None if norm is None else float(norm))
         return stats
+
+    def _stop_nonfinite(self, task_index: int, progress: Progress, on_checkpoint) -> None:
+        """Too many bad steps in a row: checkpoint the last good state (the skipped steps changed
+        nothing; the position is rewound to before them, within this task) and stop."""
+        bad = self.guard.consecutive
+        back = min(bad, progress.step)
+        good = Progress(progress.task, progress.step - back, dict(progress.rows), dict(progress.timings),
+                        progress.global_step - back, list(progress.changes), progress.skipped_steps - back)
+        tag = on_checkpoint(good)
+        where = (f"the last good state is checkpoint {os.path.join(self.checkpoint_dir, tag)} (--resume continues "
+                 "from there)") if tag else "no checkpoint written (--checkpoints false)"
+        raise NonFiniteError(
+            f"[{self.method}] {bad} optimizer steps in a row had a non-finite loss or gradient (task {task_index + 1}, "
+            f"steps {progress.step - bad + 1}-{progress.step}; each skipped); {where}. The run diverged: lower the "
+            f"learning rate (--lr-lora {self.cfg.lr_lora:g}, --lr-full {self.cfg.lr_full:g}, --lr-plain "
+            f"{self.cfg.lr_plain:g}) or check the data; --max-bad-steps {self.cfg.max_bad_steps} sets how many "
+            "bad steps in a row are tolerated")
 
     # ------------------------------------------------------------------ evaluation and task boundary
     def evaluate(self) -> tuple[Evaluation, float]:
@@ -324,7 +366,8 @@ class MethodSession:
             return None
         tag = f"task{progress.task:02d}_step{progress.step:06d}"
         client = {"progress": progress.to_state(), "old_lora_a": self.old_lora_a, "method": self.method,
-                  "run_config": dataclasses.asdict(self.cfg)}  # what `python -m gorp_ds.export` rebuilds from
+                  "run_config": dataclasses.asdict(self.cfg),  # what `python -m gorp_ds.export` rebuilds from
+                  "config": self.settings}  # what --resume compares with this run
         save_checkpoint(self.engine, self.checkpoint_dir, tag, client)
         if self.rank == 0:
             self._prune(keep=self.cfg.keep_checkpoints, newest=tag)
@@ -345,8 +388,32 @@ class MethodSession:
         client = load_checkpoint(self.engine, load_dir or self.checkpoint_dir, tag)
         self.old_lora_a = client.get("old_lora_a", {})
         progress = Progress.from_state(client["progress"])
+        self._apply_run_settings(client.get("config"), progress)
         log.info(f"[{self.method}] resumed at task {progress.task + 1}, step {progress.step}")
         return progress
+
+    def _apply_run_settings(self, saved: dict[str, Any] | None, progress: Progress) -> None:
+        """After loading: this run's group hyperparameters replace the checkpoint's (loading
+        restored those), and every setting that differs from the checkpoint's run is recorded in
+        ``progress.changes`` as changed here, old → new. A checkpoint of a different run (a
+        FIXED_ON_RESUME field differs) is refused; config.yaml was checked at start already, this
+        guards against an edited or foreign checkpoint."""
+        for group, settings in zip(self.optimizer.param_groups, self.run_group_settings):
+            group.update(settings)
+        if saved is None:
+            log.warning(f"[{self.method}] the checkpoint records no run settings (older gorp_ds); "
+                        "continuing with this run's settings, changes unrecorded")
+            return
+        refused, changed = compare(saved, self.settings)
+        if refused:
+            raise CheckpointError(f"{self.checkpoint_dir}: the checkpoint belongs to a different run ("
+                                  + "; ".join(refused) + "); pass --overwrite or another --output-dir")
+        for key, old, new in changed:
+            progress.changes.append({"field": key, "old": old, "new": new, "task": progress.task,
+                                     "step": progress.step, "global_step": progress.global_step})
+        if changed:
+            log.info(f"[{self.method}] changed at task {progress.task + 1}, step {progress.step} (global step "
+                     f"{progress.global_step}), applied from here: {describe_changes(changed)}")
 
     def close(self) -> None:
         self.engine.destroy()

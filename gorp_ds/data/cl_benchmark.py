@@ -75,6 +75,9 @@ def _load_examples(path: Path, labels: tuple[str, ...], labels_path: Path) -> li
                     f'{path}: entry {i} field "{key}" is {type(entry[key]).__name__} {entry[key]!r}, '
                     f"not a string; {_ENTRY_FORMAT}"
                 )
+        if not entry["sentence"].strip():
+            raise DataError(f'{path}: entry {i} has an empty "sentence" (nothing to learn from or answer); '
+                            "fill it in or remove the entry")
         if entry["label"] not in allowed:
             raise DataError(
                 f"{path}: example {i} has label {entry['label']!r}, which is not in {labels_path} "

@@ -126,6 +126,9 @@ def _examples(spec: str, ds: Any, split: str, text_col: str, label_col: str) -> 
             raise DataError(
                 f"task {spec!r}: split {split!r} example {i} column {text_col!r} is {text!r}, not a string"
             )
+        if not text.strip():
+            raise DataError(f"task {spec!r}: split {split!r} example {i} column {text_col!r} is empty; "
+                            "fill it in or filter the dataset")
         if isinstance(label, int) and not isinstance(label, bool):
             label = names[label] if names and 0 <= label < len(names) else str(label)
         if not isinstance(label, str):

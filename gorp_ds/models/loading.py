@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -100,24 +101,89 @@ def _converted_embedded(cfg: ModelConfig) -> Path:
     return target
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _check_config_json(flag: str, path: Path) -> None:
+    """config.json must be a JSON object naming the architecture (transformers fails deep inside otherwise)."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelError(f"{flag}: {path} has no config.json (expected a Hugging Face model directory)")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{flag}: {file} is not valid JSON ({err}); restore the model's config.json") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ModelError(f"{flag}: {file} has no \"model_type\"; restore the model's config.json")
+
+
+def _check_safetensors(flag: str, file: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header with each tensor's byte range,
+    then the data: a file shorter than the header says is truncated (checked without reading data)."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = None
+        if 0 <= length <= size - 8:
+            try:
+                header = json.loads(handle.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+    if not isinstance(header, dict):
+        raise ModelError(f"{flag}: {file} is not a readable safetensors file (damaged header); re-download or re-save it")
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+    needed = 8 + length + max(ends, default=0)
+    if needed > size:
+        raise ModelError(f"{flag}: {file} is truncated ({size} bytes, its header describes {needed}); "
+                         "re-download or re-save it")
+
+
+def _check_model_dir(flag: str, path: Path) -> None:
+    """Everything ``from_pretrained`` will read exists and is intact, so that a broken model
+    directory fails at start-up with the file named, not after earlier methods trained."""
+    _check_config_json(flag, path)
+    weights = sorted({f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern)})
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ModelError(f"{flag}: {index} is not a valid safetensors index; re-download it") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelError(f"{flag}: {index} lists {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                             f"missing from {path}; re-download the model")
+    if not weights:
+        raise ModelError(f"{flag}: {path} has no weights (*.safetensors or pytorch_model*.bin); "
+                         "download the whole model, or use --model random-init:<dir> for random weights")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            _check_safetensors(flag, file)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{flag}: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the model's tokenizer files there")
+
+
 def resolve_model_source(cfg: ModelConfig) -> tuple[str, dict]:
     """``(path or name, extra from_pretrained kwargs)`` for the configured model."""
     if cfg.model == EMBEDDED:
         return str(_converted_embedded(cfg)), {}
     if cfg.model.startswith(RANDOM_INIT):
         path = Path(cfg.model[len(RANDOM_INIT) :]).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelError(f"--model {cfg.model}: {path} has no config.json")
+        _check_config_json(f"--model {cfg.model}", path)
         return str(path), {}
     path = Path(cfg.model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"--model {cfg.model}: GGUF file not found")
         return str(path.parent), {"gguf_file": path.name}
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"--model {cfg.model}: directory has no config.json (expected a Hugging Face model directory)")
+    if path.is_dir():
+        _check_model_dir(f"--model {cfg.model}", path)
         return str(path), {}
+    if path.exists():
+        raise ModelError(f"--model {cfg.model}: not a directory (expected a Hugging Face model directory or a .gguf file)")
     if cfg.model.startswith((".", "/", "~")):
         raise ModelError(f"--model {cfg.model}: no such file or directory")
     return cfg.model, {}  # a hub name

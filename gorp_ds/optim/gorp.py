@@ -190,6 +190,10 @@ class GORP(torch.optim.Optimizer):
         self._failures_reported = 0
         # Derived, never stored: stacked state of each batch of same-shape tensors (``stacks.py``).
         self._stacks: dict[tuple[str, ...], StateStack] = {}
+        # Set by the trainer when this step's loss or gradients are non-finite: the next step()
+        # then changes nothing (moments, projectors, step counters, weights) and only counts the skip.
+        self.skip_next_step = False
+        self.skipped_steps = 0
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -258,6 +262,10 @@ class GORP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.skip_next_step:
+            self.skip_next_step = False
+            self.skipped_steps += 1
+            return loss
         for group in self.param_groups:
             self.driver.step_group(self, group)
         return loss
@@ -381,7 +389,7 @@ class GORP(torch.optim.Optimizer):
         """Refreshes attempted, their time in seconds and the projector failures of this run.
         Reading it synchronises with the device (events, counters): do it at logging intervals."""
         return {"refreshes": self.refresh_count, "refresh_seconds": self._refresh_timer.seconds(),
-                "projector_failures": self.poll_failures()}
+                "projector_failures": self.poll_failures(), "skipped_steps": self.skipped_steps}
 
     def poll_failures(self) -> int:
         """Projector failures of this run so far (a device read); logs a warning naming the tensors

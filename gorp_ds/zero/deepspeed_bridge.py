@@ -52,13 +52,27 @@ def _enabled(section: Any) -> bool:
 
 def check_supported(config: dict[str, Any], source: str = "DeepSpeed config") -> int:
     """Raise :class:`UnsupportedSetupError` for setups GORP does not support; return the ZeRO stage."""
-    zero = config.get("zero_optimization", {}) or {}
-    stage = int(zero.get("stage", 0))
     where = f"{source}"
 
     def refuse(field: str, why: str, fix: str) -> None:
         raise UnsupportedSetupError(f"{where}: '{field}' {why}; {fix}")
 
+    # Sections read below must be JSON objects; DeepSpeed itself would fail deep inside with a traceback.
+    for section in ("zero_optimization", "bf16", "fp16", "torch_autocast", "tensorboard"):
+        if section in config and config[section] is not None and not isinstance(config[section], dict):
+            refuse(section, f"is {config[section]!r}, not an object",
+                   f'write it as an object, e.g. "{section}": {{"stage": 2}}' if section == "zero_optimization"
+                   else f'write it as an object, e.g. "{section}": {{"enabled": true}}')
+    zero = config.get("zero_optimization", {}) or {}
+    raw_stage = zero.get("stage", 0)
+    if isinstance(raw_stage, bool) or not isinstance(raw_stage, int):
+        refuse("zero_optimization.stage", f"is {raw_stage!r}, not an integer", "use 1 or 2")
+    stage = int(raw_stage)
+    if "scheduler" in config:
+        # DeepSpeed's scheduler would set the groups' learning rates itself, overriding the run's
+        # --lr-* values while results.json records those.
+        refuse("scheduler", "is set; a DeepSpeed learning-rate scheduler overrides the run's --lr-lora/--lr-full/"
+               "--lr-plain", "remove the \"scheduler\" section")
     if stage == 3:
         refuse("zero_optimization.stage", "is 3, which partitions parameters and is not supported by GORP yet",
                "use stage 1 or 2")
@@ -173,6 +187,34 @@ class ZeroHandle:
     @property
     def world_size(self) -> int:
         return torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
+
+    @torch.no_grad()
+    def gradients_finite(self, loss: Tensor | None = None) -> Tensor:
+        """A device bool (0-d): True when every rank's gradient partition of this optimizer step, and
+        every rank's ``loss`` (a local scalar), is finite. Call after the backward pass of the step's
+        last micro-batch and before ``engine.step()``: ZeRO has then reduced the averaged gradients
+        into each rank's partition (``averaged_gradients``: per group a flat tensor or a list of
+        per-parameter views). One fused non-finite check per rank, one 1-element all-reduce (MAX)
+        so that all ranks decide alike; no host sync."""
+        zero = self.engine.optimizer
+        device = self.optimizer.param_groups[0]["params"][0].device
+        found = torch.zeros(1, dtype=torch.float32, device=device)
+        grads: list[Tensor] = []
+        for part in getattr(zero, "averaged_gradients", {}).values():
+            if part is None:
+                continue
+            grads.extend(t for t in (part if isinstance(part, (list, tuple)) else [part]) if t is not None and t.numel())
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for grad in grads:
+            by_dtype.setdefault(grad.dtype, []).append(grad)
+        for same in by_dtype.values():
+            # The AMP check sets `found` to 1 on any inf/NaN; the unscale factor 1 leaves values unchanged.
+            torch._amp_foreach_non_finite_check_and_unscale_(same, found, torch.ones(1, device=device))
+        if loss is not None:
+            found = torch.maximum(found, (~torch.isfinite(loss.detach().float())).float().reshape(1).to(device))
+        if self.sharded and torch_dist.is_available() and torch_dist.is_initialized():
+            torch_dist.all_reduce(found, op=torch_dist.ReduceOp.MAX, group=zero.real_dp_process_group[0])
+        return found[0] == 0
 
     @torch.no_grad()
     def model_from_masters(self) -> None:

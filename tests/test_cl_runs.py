@@ -1,0 +1,233 @@
+"""Runs you can trust, and non-finite steps: real 2-rank ZeRO-2 launches of gorp (and seq-ft) on the
+tiny LLaMA, 2 tasks × 4 steps, a checkpoint every 2 steps.
+
+The re-run sequence is the one a Slurm requeue produces (``--resume auto`` is what the sbatch script
+passes), in one output directory D:
+
+1. run A (another learning rate) finishes in D;
+2. run B into D without flags: refused at start on both ranks (exit 2, one line), D untouched;
+3. run B into D with ``--resume auto``: refused, because A's finished results were produced with
+   other settings (this is where the old code said "already finished; skipping" and threw B away);
+4. run B into D with ``--overwrite``: A moves to ``D.old-<time>``; B is killed mid task 2;
+5. the requeue, ``--resume auto``: B resumes from its own checkpoint and ends exactly where an
+   uninterrupted B ends (R, weights, masters, shared spaces);
+6. the same killed state resumed with a new ``--lr-lora``: the new value is applied from the resume
+   step (TensorBoard logs the groups' actual learning rates) and recorded (results, progress, config.yaml).
+
+Non-finite values: B with a NaN written into one tensor's gradient at task 1, step 3 (the loss stays
+finite; under ZeRO the NaN lies in rank 0's partition only) must skip that step and then match,
+bit for bit, B run with that step left out altogether (no forward, backward or optimizer call, same
+data order otherwise) — the honest "run without that batch": everything a skipped step could leak
+(moments, step counters, projector refresh schedule, DeepSpeed's gradient buffers) would show up as a
+difference. seq-ft at ``--lr-plain 1e30`` diverges after its first step and must stop with the
+non-finite error and a checkpoint of that first step, not finish with R = 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_cl_end_to_end import _free_port, _scalars
+from tests.test_cl_resume import _final_state
+
+REPO = Path(__file__).resolve().parents[1]
+ERROR_PREFIX = "gorp_ds: error:"
+B_ARGS = [
+    "--method", "gorp", "--tasks", "emb_color,emb_animal", "--max-steps-per-task", "4", "--save-every", "2",
+    "--eval-samples", "8", "--max-train-per-task", "64", "--global-batch-size", "8", "--micro-batch-size", "2",
+    "--lr-lora", "1e-2", "--lr-full", "1e-2", "--lr-plain", "1e-3", "--update-gap", "2",
+]
+HOOKS = ("GORP_DS_FAULT_AT", "GORP_DS_NAN_AT", "GORP_DS_DROP_AT")
+
+pytestmark = pytest.mark.slow
+
+
+def _launch(model_dir: Path, out: Path, *extra: str, **hooks: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", *HOOKS)}
+    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", **hooks)
+    beside = Path(sys.executable).parent / "deepspeed"
+    command = [str(beside) if beside.is_file() else "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+               str(REPO / "launch" / "train.py"), "--ds_config", str(REPO / "ds_configs" / "zero2.json"),
+               "--model", str(model_dir), *B_ARGS, "--output-dir", str(out), *extra]
+    proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return {"rc": proc.returncode, "output": proc.stdout + proc.stderr}
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _errors(output: str) -> list[str]:
+    return [line[line.index(ERROR_PREFIX):] for line in output.splitlines() if ERROR_PREFIX in line]
+
+
+def _results(out: Path, method: str = "gorp") -> dict:
+    return json.loads((out / method / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir) -> dict:
+    root = tmp_path_factory.mktemp("runs")
+    d, ref = root / "D", root / "B_reference"
+    record: dict = {"root": root, "D": d, "ref": ref}
+    record["A"] = _launch(tiny_model_dir, d, "--lr-lora", "5e-3")
+    record["A_files"] = _listing(d)
+    record["no_flags"] = _launch(tiny_model_dir, d)
+    record["after_no_flags"] = _listing(d)
+    record["auto_over_A"] = _launch(tiny_model_dir, d, "--resume", "auto")
+    record["after_auto_over_A"] = _listing(d)
+    record["overwrite_killed"] = _launch(tiny_model_dir, d, "--overwrite", GORP_DS_FAULT_AT="1,3")
+    record["killed_latest"] = (d / "gorp" / "checkpoints" / "latest").read_text().strip()
+    record["killed_has_results"] = (d / "gorp" / "results.json").exists()
+    d2 = root / "D_new_lr"
+    shutil.copytree(d, d2)
+    record["D2"] = d2
+    record["requeue"] = _launch(tiny_model_dir, d, "--resume", "auto")
+    record["reference"] = _launch(tiny_model_dir, ref)
+    record["new_lr"] = _launch(tiny_model_dir, d2, "--resume", "--lr-lora", "2e-2")
+    record["nan"] = _launch(tiny_model_dir, root / "nan", GORP_DS_NAN_AT="0,3")
+    record["drop"] = _launch(tiny_model_dir, root / "drop", GORP_DS_DROP_AT="0,3")
+    record["diverge"] = _launch(tiny_model_dir, root / "diverge", "--method", "seq-ft", "--lr-plain", "1e30")
+    return record
+
+
+def test_first_run_writes_its_configuration(runs) -> None:
+    assert runs["A"]["rc"] == 0, runs["A"]["output"][-4000:]
+    import yaml
+
+    saved = yaml.safe_load((runs["ref"] / "config.yaml").read_text())
+    assert saved["run"]["tasks"] == ["emb_color", "emb_animal"] and saved["run"]["methods"] == ["gorp"]
+    assert saved["run"]["lr_lora"] == 1e-2 and saved["run"]["max_steps_per_task"] == 4
+    assert saved["world_size"] == 2
+    assert saved["deepspeed"]["zero_stage"] == 2 and saved["deepspeed"]["gradient_accumulation_steps"] == 2
+    assert "run configuration" in runs["reference"]["output"]
+    (aside,) = runs["root"].glob("D.old-*")
+    assert yaml.safe_load((aside / "config.yaml").read_text())["run"]["lr_lora"] == 5e-3  # A's own
+
+
+def test_rerun_without_flags_is_refused_on_every_rank(runs) -> None:
+    got = runs["no_flags"]
+    assert got["rc"] == 2, got["output"][-3000:]
+    errors = _errors(got["output"])
+    assert len(errors) == 1, got["output"][-3000:]  # rank 0 prints; rank 1 stopped with it (status 2 overall)
+    assert "already holds a run" in errors[0] and "--resume" in errors[0] and "--overwrite" in errors[0]
+    assert "Traceback" not in got["output"]
+    assert runs["after_no_flags"] == runs["A_files"]  # nothing written, moved or deleted
+
+
+def test_resume_auto_does_not_take_another_runs_finished_results(runs) -> None:
+    got = runs["auto_over_A"]
+    assert got["rc"] == 2, got["output"][-3000:]
+    assert "already finished" not in got["output"]
+    errors = _errors(got["output"])
+    assert len(errors) == 1 and "finished results" in errors[0], got["output"][-3000:]
+    assert "gorp/results.json: lr_lora: saved 0.005, this run 0.01" in got["output"]
+    assert runs["after_auto_over_A"] == runs["A_files"]
+
+
+def test_overwrite_moves_the_old_run_aside(runs) -> None:
+    got = runs["overwrite_killed"]
+    assert got["rc"] not in (0, 2), got["output"][-3000:]  # really killed (SIGKILL) mid task 2
+    aside = sorted(runs["root"].glob("D.old-*"))
+    assert len(aside) == 1, aside
+    assert _listing(aside[0]).keys() == runs["A_files"].keys()  # all of A, TensorBoard events included
+    assert _results(aside[0])["config"]["lr_lora"] == 5e-3
+    assert runs["killed_latest"] == "task01_step000002" and not runs["killed_has_results"]
+
+
+def test_requeue_resumes_the_new_run_and_matches_uninterrupted(runs) -> None:
+    got, ref = runs["requeue"], runs["reference"]
+    assert ref["rc"] == 0, ref["output"][-4000:]
+    assert got["rc"] == 0, got["output"][-4000:]
+    assert "already finished" not in got["output"]
+    assert "[gorp] resumed at task 2, step 2" in got["output"]
+    resumed, reference = _results(runs["D"]), _results(runs["ref"])
+    assert resumed["R"] == reference["R"] and resumed["metrics"] == reference["metrics"]
+    assert resumed["config"]["lr_lora"] == 1e-2 and resumed["config_changes"] == []
+    tag, module, ranks = _final_state(runs["D"], "gorp")
+    ref_tag, ref_module, ref_ranks = _final_state(runs["ref"], "gorp")
+    assert tag == ref_tag
+    assert [k for k in module if not torch.equal(module[k], ref_module[k])] == []
+    for state, ref_state in zip(ranks, ref_ranks):
+        for name, piece in state["pieces"].items():
+            assert torch.equal(piece["master"], ref_state["pieces"][name]["master"]), name
+        for name, basis in state["shared"].items():
+            assert torch.equal(basis, ref_state["shared"][name]), name
+
+
+def test_changed_learning_rate_is_applied_and_recorded(runs) -> None:
+    got = runs["new_lr"]
+    assert got["rc"] == 0, got["output"][-4000:]
+    # Killed after global step 7; the checkpoint is at task 2, step 2 = global step 6.
+    change = {"field": "lr_lora", "old": 0.01, "new": 0.02, "task": 1, "step": 2, "global_step": 6}
+    result = _results(runs["D2"])
+    assert result["config"]["lr_lora"] == 0.02
+    # The directory was copied for this case, so output_dir changed as well (recorded like any other).
+    moved = {"field": "output_dir", "old": str(runs["D"]), "new": str(runs["D2"]), "task": 1, "step": 2,
+             "global_step": 6}
+    assert result["config_changes"] == [change, moved]
+    assert json.loads((runs["D2"] / "gorp" / "progress.json").read_text())["changes"] == [change, moved]
+    import yaml
+
+    assert yaml.safe_load((runs["D2"] / "config.yaml").read_text())["run"]["lr_lora"] == 0.02
+    # The learning rates the optimizer actually used, step by step (the killed attempt logged steps
+    # 1-7; the resumed launch re-logs from step 7, replacing them).
+    scalars = _scalars(runs["D2"], "gorp")
+    for role in ("lora_a", "lora_b"):
+        used = dict(scalars[f"train/lr/{role}"])
+        assert sorted(used) == list(range(1, 9)), used
+        assert all(used[s] == pytest.approx(0.01) for s in range(1, 7)), used
+        assert all(used[s] == pytest.approx(0.02) for s in (7, 8)), used
+    assert all(v == pytest.approx(0.01) for _, v in scalars["train/lr/full"])  # unchanged settings stay
+
+
+def test_nan_gradient_is_skipped_and_the_run_matches_one_without_that_batch(runs) -> None:
+    nan, drop = runs["nan"], runs["drop"]
+    assert nan["rc"] == 0, nan["output"][-4000:]
+    assert drop["rc"] == 0, drop["output"][-4000:]
+    assert "task 1, step 3: non-finite loss or gradient" in nan["output"]
+    nan_dir, drop_dir = runs["root"] / "nan", runs["root"] / "drop"
+    assert _results(nan_dir)["skipped_nonfinite_steps"] == 1 and _results(drop_dir)["skipped_nonfinite_steps"] == 0
+    skipped = dict(_scalars(nan_dir, "gorp")["train/skipped_nonfinite_steps"])
+    assert [skipped[s] for s in range(1, 9)] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert _results(nan_dir)["R"] == _results(drop_dir)["R"]
+    tag, module, ranks = _final_state(nan_dir, "gorp")
+    drop_tag, drop_module, drop_ranks = _final_state(drop_dir, "gorp")
+    assert tag == drop_tag
+    assert [k for k in module if not torch.equal(module[k], drop_module[k])] == []
+    for state, ref_state in zip(ranks, drop_ranks):
+        for name, piece in state["pieces"].items():
+            assert torch.equal(piece["master"], ref_state["pieces"][name]["master"]), name
+        for name, basis in state["shared"].items():
+            assert torch.equal(basis, ref_state["shared"][name]), name
+    # Not vacuous: the batch left out matters (the uninterrupted run, which trained on it, differs).
+    _, ref_module, _ = _final_state(runs["ref"], "gorp")
+    assert any(not torch.equal(module[k], ref_module[k]) for k in module)
+
+
+def test_diverging_run_stops_with_a_clear_error_and_its_last_good_checkpoint(runs) -> None:
+    got = runs["diverge"]
+    assert got["rc"] == 2, got["output"][-4000:]
+    assert "Traceback" not in got["output"]
+    errors = _errors(got["output"])
+    assert len(errors) == 1, got["output"][-4000:]
+    assert "3 optimizer steps in a row had a non-finite loss or gradient" in errors[0]
+    assert "task 1, steps 2-4" in errors[0] and "--lr-plain 1e+30" in errors[0]
+    out = runs["root"] / "diverge" / "seq-ft"
+    assert not (out / "results.json").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "task00_step000001"
+    progress = torch.load(out / "checkpoints" / "task00_step000001" / "mp_rank_00_model_states.pt",
+                          map_location="cpu", weights_only=False)["progress"]
+    assert progress["task"] == 0 and progress["step"] == 1 and progress["global_step"] == 1
+    module = torch.load(out / "checkpoints" / "task00_step000001" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)["module"]
+    assert all(torch.isfinite(t.float()).all() for t in module.values())
