@@ -207,9 +207,13 @@ class ZeroHandle:
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for grad in grads:
             by_dtype.setdefault(grad.dtype, []).append(grad)
-        for same in by_dtype.values():
-            # The AMP check sets `found` to 1 on any inf/NaN; the unscale factor 1 leaves values unchanged.
-            torch._amp_foreach_non_finite_check_and_unscale_(same, found, torch.ones(1, device=device))
+        for dtype, same in by_dtype.items():
+            if dtype in (torch.float32, torch.float16) or device.type == "cpu":
+                # The AMP check sets `found` to 1 on any inf/NaN; the unscale factor 1 leaves values unchanged.
+                torch._amp_foreach_non_finite_check_and_unscale_(same, found, torch.ones(1, device=device))
+            else:  # bf16 on CUDA has no AMP check kernel: a NaN or inf makes that tensor's norm non-finite
+                norms = torch.stack(torch._foreach_norm(same)).float()
+                found = torch.maximum(found, (~torch.isfinite(norms)).any().float().reshape(1))
         if loss is not None:
             found = torch.maximum(found, (~torch.isfinite(loss.detach().float())).float().reshape(1).to(device))
         if self.sharded and torch_dist.is_available() and torch_dist.is_initialized():
