@@ -24,6 +24,8 @@ from .config import ConfigError, RunConfig, reconcile_ds_config
 from .metrics import all_metrics
 from .preflight import preflight
 from .report import r_matrix, write_method_results, write_summary
+from .preemption import Preempted
+from .preemption import current as current_preemption
 from .session import MethodSession, Progress, mixed_task
 
 log = get_logger(__name__)
@@ -32,6 +34,7 @@ log = get_logger(__name__)
 def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
     """Run every configured method over the task sequence; returns each method's results."""
     tasks, ds_config = prepare(cfg, ds_config_path)
+    current_preemption().install()  # SIGTERM/SIGUSR1: checkpoint the current step and exit for requeue
     results = []
     for method in cfg.methods:
         out_dir = os.path.join(cfg.output_dir, method)
@@ -87,7 +90,9 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         sizes = gather_sizes(session.end_task(t))
         session.monitor.shared_space(progress.global_step, sizes)
         progress.task, progress.step = t + 1, 0
-        session.save(progress)
+        tag = session.save(progress)
+        if t + 1 < len(schedule) and session.preemption.should_stop():  # signalled during eval/boundary
+            raise Preempted(tag)
         log_eta(method, progress, len(schedule))
     result = assemble(method, tasks, cfg, progress, time.perf_counter() - started)
     session.monitor.metrics(result["metrics"], progress.global_step)

@@ -30,10 +30,19 @@ from ..models import (
     merge_and_reinit_,
     trainable_summary,
 )
-from ..models.lora import init_lora_, lora_a_weights, orthogonality_loss, project_lora_a_off_
+from ..models.loading import fingerprint_mismatch, model_fingerprint
+from ..models.lora import (
+    init_lora_,
+    lora_a_weights,
+    lora_merge_record,
+    orthogonality_loss,
+    project_lora_a_off_,
+    replay_lora_merges_,
+)
 from ..models.roles import LORA_METHODS
 from ..optim import GORP
-from ..zero import initialize, load_checkpoint, save_checkpoint
+from ..zero import CheckpointError, initialize, load_checkpoint, save_checkpoint
+from . import preemption
 from .config import RunConfig
 from .evaluate import evaluate_tasks
 from .monitor import Monitor
@@ -93,6 +102,8 @@ class MethodSession:
         model, self.tokenizer = load_model_and_tokenizer(
             ModelConfig(cfg.model, cfg.dtype, cfg.gradient_checkpointing)
         )
+        # Checkpoints hold no frozen weight: resume rebuilds the model and checks it is the same.
+        self.base_fingerprint = model_fingerprint(model)
         torch.manual_seed(cfg.seed)
         if method in LORA_METHODS:
             model = add_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, list(cfg.lora_targets)))
@@ -110,6 +121,9 @@ class MethodSession:
         self.monitor = Monitor(self.engine)
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A of every finished task
+        # Per finished task, the LoRA factors merged into the frozen base weights (replayed on resume).
+        self.merges: list[dict[str, dict[str, torch.Tensor]]] = []
+        self.preemption = preemption.current()
         self.device = next(self.engine.module.parameters()).device
 
     # ------------------------------------------------------------------ schedule
@@ -185,9 +199,17 @@ class MethodSession:
                 bar.update(1)
             if fault == f"{task_index},{progress.step}":
                 os.kill(os.getpid(), 9)
+            saved = False
             if self.cfg.save_every and progress.step % self.cfg.save_every == 0 and progress.step < steps:
                 with phases("checkpoints"):
                     on_checkpoint(progress)
+                saved = True
+            # ---- pre-emption: every rank stops after this same step, with a checkpoint of it
+            preemption.signal_hook(task_index, progress.step, self.rank)
+            if self.preemption.should_stop():
+                bar.close()
+                tag = self.checkpoint_tag(progress) if saved else on_checkpoint(progress)
+                raise preemption.Preempted(tag if self.cfg.checkpoints else None)
         bar.close()
         elapsed = time.perf_counter() - start
         log.info(f"[{self.method}] task {task_index + 1}: {steps} steps in {elapsed:.1f} s "
@@ -212,6 +234,7 @@ class MethodSession:
                 self.old_lora_a.setdefault(name, []).append(a.cpu())
         sizes = self.optimizer.end_task()
         if self.method in LORA_METHODS:
+            self.merges.append(lora_merge_record(self.engine.module))
             changed = merge_and_reinit_(self.engine.module, self.cfg.seed, task_index)
             if self.method == "gorp" and self.cfg.lora_init_off_shared:
                 project_lora_a_off_(self.engine.module, self._all_shared_spaces(".lora_A"))
@@ -228,11 +251,18 @@ class MethodSession:
         return {n: s for part in gathered for n, s in part.items()}
 
     # ------------------------------------------------------------------ checkpoints
+    @staticmethod
+    def checkpoint_tag(progress: Progress) -> str:
+        return f"task{progress.task:02d}_step{progress.step:06d}"
+
     def save(self, progress: Progress) -> str | None:
+        """Checkpoint (collective). Old tags are deleted only after the new one is committed, so
+        ``--keep-checkpoints 1`` needs room for one checkpoint plus the one being written."""
         if not self.cfg.checkpoints:
             return None
-        tag = f"task{progress.task:02d}_step{progress.step:06d}"
-        client = {"progress": progress.to_state(), "old_lora_a": self.old_lora_a, "method": self.method}
+        tag = self.checkpoint_tag(progress)
+        client = {"progress": progress.to_state(), "method": self.method, "lora_merges": self.merges,
+                  "base_model": self.base_fingerprint}
         save_checkpoint(self.engine, self.checkpoint_dir, tag, client)
         if self.rank == 0:
             self._prune(keep=self.cfg.keep_checkpoints, newest=tag)
@@ -242,16 +272,29 @@ class MethodSession:
     def _prune(self, keep: int, newest: str) -> None:
         tags = sorted(d for d in os.listdir(self.checkpoint_dir)
                       if os.path.isdir(os.path.join(self.checkpoint_dir, d)) and d.startswith("task"))
-        for tag in tags[:-keep]:
-            if tag != newest:
-                shutil.rmtree(os.path.join(self.checkpoint_dir, tag), ignore_errors=True)
+        for tag in [t for t in tags if t != newest][: max(0, len(tags) - keep)]:
+            shutil.rmtree(os.path.join(self.checkpoint_dir, tag), ignore_errors=True)
 
     def has_checkpoint(self) -> bool:
         return os.path.isfile(os.path.join(self.checkpoint_dir, "latest"))
 
     def resume(self) -> Progress:
+        """Masters and optimizer state from the checkpoint; frozen base weights from the model's
+        source with the finished tasks' LoRA merges replayed (bit-exact: the same merge function
+        on the same values)."""
         client = load_checkpoint(self.engine, self.checkpoint_dir)
-        self.old_lora_a = client.get("old_lora_a", {})
+        problem = fingerprint_mismatch(client.get("base_model", {}), self.base_fingerprint)
+        if problem:
+            raise CheckpointError(f"{self.checkpoint_dir}: the checkpoint was trained from another base model than "
+                                  f"--model {self.cfg.model} ({problem}); resume with the model the run started with")
+        self.merges = list(client.get("lora_merges", []))
+        if self.merges:
+            replay_lora_merges_(self.engine.module, self.merges)
+        if self.method == "o-lora":  # O-LoRA's old adapters are the merged A's (stored once)
+            self.old_lora_a = {}
+            for record in self.merges:
+                for name, merge in record.items():
+                    self.old_lora_a.setdefault(name, []).append(merge["A"])
         progress = Progress.from_state(client["progress"])
         log.info(f"[{self.method}] resumed at task {progress.task + 1}, step {progress.step}")
         return progress
