@@ -22,10 +22,10 @@ from ..log import get_logger
 from ..zero import check_supported, load_ds_config
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .metrics import all_metrics
-from .preflight import preflight
-from .report import r_matrix, write_method_results, write_summary
 from .preemption import Preempted
 from .preemption import current as current_preemption
+from .preflight import preflight
+from .report import r_matrix, write_method_results, write_summary
 from .session import MethodSession, Progress, mixed_task
 
 log = get_logger(__name__)

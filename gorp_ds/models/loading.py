@@ -9,8 +9,8 @@ same time) and later loads read that.
 from __future__ import annotations
 
 import fcntl
-import json
 import importlib.metadata
+import json
 import os
 import shutil
 from dataclasses import dataclass
