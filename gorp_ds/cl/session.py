@@ -288,8 +288,10 @@ class MethodSession:
             raise CheckpointError(f"{self.checkpoint_dir}: the checkpoint was trained from another base model than "
                                   f"--model {self.cfg.model} ({problem}); resume with the model the run started with")
         self.merges = list(client.get("lora_merges", []))
-        if self.merges:
+        try:
             replay_lora_merges_(self.engine.module, self.merges)
+        except KeyError as err:
+            raise CheckpointError(f"{self.checkpoint_dir}: {err.args[0]}; resume with the run's LoRA targets") from None
         if self.method == "o-lora":  # O-LoRA's old adapters are the merged A's (stored once)
             self.old_lora_a = {}
             for record in self.merges:
