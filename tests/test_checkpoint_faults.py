@@ -169,3 +169,33 @@ def test_sigkill_during_a_save_leaves_latest_complete(tmp_path, point, expected)
     # The next save cleans up what the killed one left behind.
     save_state(_handle(zs.build_optimizer(zs.TinyNet())), directory, "again", {"step": 0})
     assert not [p for p in os.listdir(directory) if p.startswith(".") or p.endswith(".tmp")]
+
+
+def test_real_enospc_on_a_small_tmpfs(tmp_path, saved, monkeypatch) -> None:
+    """The write itself runs out of space (the free-space check is told there is plenty): torch's
+    error becomes the one CheckpointError, the partial tag is removed, the first checkpoint loads."""
+    pages = sum(-(-p.stat().st_size // 4096) for p in (Path(saved) / "first").rglob("*") if p.is_file())
+    mount = tmp_path / "small"
+    mount.mkdir()
+    size = (pages + 2) * 4096  # the first checkpoint and 'latest' fit, a second one does not
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        usage = checkpoint_io.shutil.disk_usage(str(mount))
+        monkeypatch.setattr(checkpoint_io.shutil, "disk_usage", lambda path: usage._replace(free=1 << 40))
+        model = zs.TinyNet()
+        opt = zs.build_optimizer(model)
+        _train(model, opt, range(FIRST))
+        save_state(_handle(opt), str(mount), "first", {"step": FIRST})
+        _train(model, opt, range(FIRST, SECOND))
+        with pytest.raises(CheckpointError) as err:
+            save_state(_handle(opt), str(mount), "second", {"step": SECOND})
+        message = str(err.value)
+        assert "writing checkpoint 'second' failed" in message or "committing checkpoint 'second' failed" in message
+        assert "no space left" in message.lower() and "'first' is still usable" in message, message
+        assert sorted(os.listdir(mount)) == ["first", "latest"]
+        monkeypatch.undo()
+        assert _resume_matches_reference(str(mount)) == FIRST
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

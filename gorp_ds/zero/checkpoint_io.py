@@ -47,9 +47,9 @@ FORMAT_VERSION = 2
 FAULT_ENV = "GORP_DS_CKPT_FAULT"  # "<point>[@<n>]": SIGKILL at that point of the n-th save (tests)
 FAULT_POINTS = ("files", "manifest", "renamed", "latest_tmp")
 # torch.save's bytes beyond the tensors' own: per tensor a zip record (headers, 64-byte alignment)
-# and its pickle entry (measured ~300-400 B), per file the pickle and central directory.
-TENSOR_OVERHEAD = 1024
-FILE_OVERHEAD = 1 << 14
+# and its pickle entry (measured 250-280 B), per file the zip directory and pickle framing.
+TENSOR_OVERHEAD = 512
+FILE_OVERHEAD = 1 << 12
 
 
 class CheckpointError(RuntimeError):
@@ -93,10 +93,10 @@ def estimated_bytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size() + TENSOR_OVERHEAD
     if isinstance(obj, dict):
-        return sum(estimated_bytes(v) for v in obj.values())
+        return sum(estimated_bytes(k) + estimated_bytes(v) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
         return sum(estimated_bytes(v) for v in obj)
-    return 0
+    return len(str(obj)) + 16  # a pickled key or value (names, numbers, progress)
 
 
 def _save_file(obj: Any, path: str) -> WrittenFile:
