@@ -199,3 +199,12 @@ def test_real_enospc_on_a_small_tmpfs(tmp_path, saved, monkeypatch) -> None:
         assert _resume_matches_reference(str(mount)) == FIRST
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_missing_latest_still_counts_as_a_checkpoint(saved) -> None:
+    from gorp_ds.zero import has_checkpoint
+
+    (Path(saved) / "latest").unlink()
+    assert has_checkpoint(saved)
+    assert _resume_matches_reference(saved) == SECOND
+    assert not has_checkpoint(str(Path(saved) / "nothing-here"))

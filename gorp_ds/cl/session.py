@@ -41,7 +41,7 @@ from ..models.lora import (
 )
 from ..models.roles import LORA_METHODS
 from ..optim import GORP
-from ..zero import CheckpointError, initialize, load_checkpoint, save_checkpoint
+from ..zero import CheckpointError, has_checkpoint, initialize, load_checkpoint, save_checkpoint
 from . import preemption
 from .config import RunConfig
 from .evaluate import evaluate_tasks
@@ -276,7 +276,7 @@ class MethodSession:
             shutil.rmtree(os.path.join(self.checkpoint_dir, tag), ignore_errors=True)
 
     def has_checkpoint(self) -> bool:
-        return os.path.isfile(os.path.join(self.checkpoint_dir, "latest"))
+        return has_checkpoint(self.checkpoint_dir)
 
     def resume(self) -> Progress:
         """Masters and optimizer state from the checkpoint; frozen base weights from the model's

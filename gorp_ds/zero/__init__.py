@@ -2,6 +2,7 @@
 
 from .checkpoint import (
     CheckpointError,
+    has_checkpoint,
     load_checkpoint,
     load_gorp_state,
     load_state,
@@ -18,5 +19,5 @@ from .layout import FlatTensor, GroupLayout, Piece
 __all__ = [
     "initialize", "check_supported", "load_ds_config", "UnsupportedSetupError", "ZeroHandle", "ZeroDriver",
     "GroupLayout", "FlatTensor", "Piece", "save_checkpoint", "load_checkpoint", "save_gorp_state",
-    "load_gorp_state", "CheckpointError", "read_client_state", "read_masters", "save_state", "load_state",
+    "load_gorp_state", "CheckpointError", "read_client_state", "has_checkpoint", "read_masters", "save_state", "load_state",
 ]

@@ -34,7 +34,7 @@ from ..log import get_logger
 from ..optim.gorp import restore_tensor_state
 from ..optim.update import PROTECTED_ROLES
 from . import side_group
-from .checkpoint_io import CheckpointError, commit_checkpoint, resolve_tag
+from .checkpoint_io import LATEST, CheckpointError, commit_checkpoint, complete_tags, resolve_tag
 from .deepspeed_bridge import ZeroHandle
 
 log = get_logger(__name__)
@@ -185,8 +185,6 @@ def restore_gorp_payloads(handle: ZeroHandle, loaded: list[dict[str, Any]], dire
     handle.model_from_masters()
 
 
-
-
 def save_checkpoint(engine: Any, save_dir: str, tag: str, client_state: dict[str, Any] | None = None) -> str:
     """Write and commit checkpoint ``tag`` under ``save_dir`` on every rank (collective): this
     rank's GORP state and masters, and on rank 0 the client state with the engine counters.
@@ -207,6 +205,12 @@ def save_state(handle: ZeroHandle, save_dir: str, tag: str, client_state: dict[s
 def _read_client_file(tag_dir: str) -> dict[str, Any]:
     # Our own file, written by rank 0; it may hold an LR scheduler's plain-Python state.
     return torch.load(os.path.join(tag_dir, CLIENT_FILE), map_location="cpu", weights_only=False)
+
+
+def has_checkpoint(load_dir: str) -> bool:
+    """Whether ``load_dir`` holds something to resume from: a ``latest`` file (even a damaged one:
+    loading then falls back or says why not) or a committed tag."""
+    return os.path.isfile(os.path.join(load_dir, LATEST)) or bool(complete_tags(load_dir))
 
 
 def read_client_state(load_dir: str, tag: str | None = None) -> dict[str, Any]:
