@@ -7,6 +7,7 @@ The launch is made once per test session and also serves as the uninterrupted re
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -45,12 +46,20 @@ def launch(model_dir: Path, out_dir: Path, *extra: str, fault: str | None = None
     if fault is not None:
         env["GORP_DS_FAULT_AT"] = fault
     beside = Path(sys.executable).parent / "deepspeed"
+    port = _free_port()
     command = [
-        str(beside) if beside.is_file() else "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+        str(beside) if beside.is_file() else "deepspeed", "--num_gpus", "2", "--master_port", str(port),
         str(REPO / "launch" / "train.py"), "--ds_config", str(REPO / "ds_configs" / "zero2.json"),
         "--model", str(model_dir), *RUN_ARGS, "--output-dir", str(out_dir), *extra,
     ]
-    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    finally:
+        # DeepSpeed's CPU all-reduce leaves a 66 MB shared-memory buffer per rank in /dev/shm
+        # when its ranks are killed (the crash tests do that): remove this launch's.
+        for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
 
 
 _RUNS: dict[str, Path] = {}

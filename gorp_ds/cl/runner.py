@@ -23,6 +23,8 @@ from ..zero import check_supported, load_ds_config
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .evaluate import Evaluation
 from .metrics import all_metrics
+from .preemption import Preempted
+from .preemption import current as current_preemption
 from .preflight import preflight
 from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
 from .run_dir import Decision, check_output_path, run_settings, set_device_for_collectives, settle_output_dir
@@ -38,6 +40,7 @@ def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
 
         return [run_eval_only(cfg)]
     tasks, ds_config, decision = prepare(cfg, ds_config_path)
+    current_preemption().install()  # SIGTERM/SIGUSR1: checkpoint the current step and exit for requeue
     results = []
     for method in cfg.methods:
         out_dir = os.path.join(cfg.output_dir, method)
@@ -108,7 +111,9 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         progress.task, progress.step = t + 1, 0
         if cfg.export_every_task:
             export(session, progress, f"task_{t + 1:02d}")
-        session.save(progress)
+        tag = session.save(progress)
+        if t + 1 < len(schedule) and session.preemption.should_stop():  # signalled during eval/boundary
+            raise Preempted(tag)
         log_eta(method, progress, len(schedule))
     if cfg.export:
         export(session, progress, "final")

@@ -33,19 +33,22 @@ from ..models import (
     merge_and_reinit_,
     trainable_summary,
 )
-from ..models.loading import DTYPES
+from ..models.loading import DTYPES, fingerprint_mismatch, model_fingerprint
 from ..models.lora import (
     init_lora_,
     lora_a_weights,
     lora_factor_names,
     lora_layers,
+    lora_merge_record,
     merged_base_weight,
     orthogonality_loss,
     project_lora_a_off_,
+    replay_lora_merges_,
 )
 from ..models.roles import LORA_METHODS
 from ..optim import GORP
-from ..zero import CheckpointError, initialize, load_checkpoint, save_checkpoint
+from ..zero import CheckpointError, has_checkpoint, initialize, load_checkpoint, save_checkpoint
+from . import preemption
 from .config import RunConfig
 from .evaluate import Evaluation, evaluate_row
 from .monitor import Monitor
@@ -122,6 +125,8 @@ class MethodSession:
         model, self.tokenizer = load_model_and_tokenizer(
             ModelConfig(cfg.model, cfg.dtype, cfg.gradient_checkpointing)
         )
+        # Checkpoints hold no frozen weight: resume rebuilds the model and checks it is the same.
+        self.base_fingerprint = model_fingerprint(model)
         torch.manual_seed(cfg.seed)
         if method in LORA_METHODS:
             model = add_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, list(cfg.lora_targets)))
@@ -145,6 +150,9 @@ class MethodSession:
         self.monitor = Monitor(self.engine)
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A of every finished task
+        # Per finished task, the LoRA factors merged into the frozen base weights (replayed on resume).
+        self.merges: list[dict[str, dict[str, torch.Tensor]]] = []
+        self.preemption = preemption.current()
         self.device = next(self.engine.module.parameters()).device
         self.prompt_format = PromptFormat(cfg.prompt_format)
         self.prompt_format.check(self.tokenizer)
@@ -257,9 +265,17 @@ class MethodSession:
                 bar.update(1)
             if fault == f"{task_index},{progress.step}":
                 os.kill(os.getpid(), 9)
+            saved = False
             if self.cfg.save_every and progress.step % self.cfg.save_every == 0 and progress.step < steps:
                 with phases("checkpoints"):
                     on_checkpoint(progress)
+                saved = True
+            # ---- pre-emption: every rank stops after this same step, with a checkpoint of it
+            preemption.signal_hook(task_index, progress.step, self.rank)
+            if self.preemption.should_stop():
+                bar.close()
+                tag = self.checkpoint_tag(progress) if saved else on_checkpoint(progress)
+                raise preemption.Preempted(tag if self.cfg.checkpoints else None)
         bar.close()
         elapsed = time.perf_counter() - start
         log.info(f"[{self.method}] task {task_index + 1}: {steps} steps in {elapsed:.1f} s "
@@ -315,6 +331,8 @@ class MethodSession:
             for name, a in lora_a_weights(module).items():
                 self.old_lora_a.setdefault(name, []).append(a.cpu())
         masters = self.engine.gorp.gather_masters(lora_factor_names(module) + self._trained_lora_bases())
+        # The checkpoint stores this merge (the exact fp32 values merged), not the merged weights.
+        self.merges.append(lora_merge_record(module, masters))
         changed = merge_and_reinit_(module, self.cfg.seed, task_index, masters)
         # A base weight that is itself trained (a full-rank target under a LoRA) has a master too.
         self.engine.gorp.masters_from_model(changed + self._trained_lora_bases())
@@ -361,11 +379,18 @@ class MethodSession:
         return {n: s for part in gathered for n, s in part.items()}
 
     # ------------------------------------------------------------------ checkpoints
+    @staticmethod
+    def checkpoint_tag(progress: Progress) -> str:
+        return f"task{progress.task:02d}_step{progress.step:06d}"
+
     def save(self, progress: Progress) -> str | None:
+        """Checkpoint (collective). Old tags are deleted only after the new one is committed, so
+        ``--keep-checkpoints 1`` needs room for one checkpoint plus the one being written."""
         if not self.cfg.checkpoints:
             return None
-        tag = f"task{progress.task:02d}_step{progress.step:06d}"
-        client = {"progress": progress.to_state(), "old_lora_a": self.old_lora_a, "method": self.method,
+        tag = self.checkpoint_tag(progress)
+        client = {"progress": progress.to_state(), "method": self.method, "lora_merges": self.merges,
+                  "base_model": self.base_fingerprint,
                   "run_config": dataclasses.asdict(self.cfg),  # what `python -m gorp_ds.export` rebuilds from
                   "config": self.settings}  # what --resume compares with this run
         save_checkpoint(self.engine, self.checkpoint_dir, tag, client)
@@ -377,16 +402,32 @@ class MethodSession:
     def _prune(self, keep: int, newest: str) -> None:
         tags = sorted(d for d in os.listdir(self.checkpoint_dir)
                       if os.path.isdir(os.path.join(self.checkpoint_dir, d)) and d.startswith("task"))
-        for tag in tags[:-keep]:
-            if tag != newest:
-                shutil.rmtree(os.path.join(self.checkpoint_dir, tag), ignore_errors=True)
+        for tag in [t for t in tags if t != newest][: max(0, len(tags) - keep)]:
+            shutil.rmtree(os.path.join(self.checkpoint_dir, tag), ignore_errors=True)
 
     def has_checkpoint(self) -> bool:
-        return os.path.isfile(os.path.join(self.checkpoint_dir, "latest"))
+        return has_checkpoint(self.checkpoint_dir)
 
     def resume(self, load_dir: str | None = None, tag: str | None = None) -> Progress:
+        """Masters and optimizer state from the checkpoint (``load_dir``, default this method's
+        checkpoints; ``tag``, default the latest complete one); frozen base weights from the model's
+        source with the finished tasks' LoRA merges replayed (bit-exact: the same merge function
+        on the same values)."""
         client = load_checkpoint(self.engine, load_dir or self.checkpoint_dir, tag)
-        self.old_lora_a = client.get("old_lora_a", {})
+        problem = fingerprint_mismatch(client.get("base_model", {}), self.base_fingerprint)
+        if problem:
+            raise CheckpointError(f"{self.checkpoint_dir}: the checkpoint was trained from another base model than "
+                                  f"--model {self.cfg.model} ({problem}); resume with the model the run started with")
+        self.merges = list(client.get("lora_merges", []))
+        try:
+            replay_lora_merges_(self.engine.module, self.merges)
+        except KeyError as err:
+            raise CheckpointError(f"{self.checkpoint_dir}: {err.args[0]}; resume with the run's LoRA targets") from None
+        if self.method == "o-lora":  # O-LoRA's old adapters are the merged A's (stored once)
+            self.old_lora_a = {}
+            for record in self.merges:
+                for name, merge in record.items():
+                    self.old_lora_a.setdefault(name, []).append(merge["A"])
         progress = Progress.from_state(client["progress"])
         self._apply_run_settings(client.get("config"), progress)
         log.info(f"[{self.method}] resumed at task {progress.task + 1}, step {progress.step}")

@@ -226,3 +226,39 @@ def load_model_and_tokenizer(cfg: ModelConfig):
         # more than once per backward.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "use_cache", "_attn_implementation_autoset")
+
+
+@torch.no_grad()
+def model_fingerprint(model: torch.nn.Module, samples: int = 3, elements: int = 1 << 16) -> dict:
+    """A cheap identity of a freshly loaded base model, stored in checkpoints (which hold no frozen
+    weights) so that a resume from another model is refused: the config (without its path and
+    library version) and, for the first, middle and last parameters, shape and float64 sum of at
+    most ``elements`` evenly strided entries. Loading is deterministic (files, or ``random-init:``
+    seeded on the same device type), so equal sources give equal fingerprints."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    named = list(model.named_parameters())
+    picks = sorted({0, len(named) // 2, len(named) - 1})[:samples] if named else []
+    tensors = {}
+    for index in picks:
+        name, param = named[index]
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // elements)
+        tensors[name] = {"shape": list(param.shape), "dtype": str(param.dtype),
+                         "sum": float(flat[::step].double().sum())}
+    return {"config": json.loads(json.dumps(config, sort_keys=True, default=str)), "tensors": tensors}
+
+
+def fingerprint_mismatch(saved: dict, current: dict) -> str | None:
+    """What differs between two :func:`model_fingerprint` results (None when they agree)."""
+    keys = sorted(set(saved.get("config", {})) | set(current.get("config", {})))
+    config = [k for k in keys if saved.get("config", {}).get(k) != current.get("config", {}).get(k)]
+    if config:
+        return "model config differs in " + ", ".join(config[:6]) + (" ..." if len(config) > 6 else "")
+    if saved.get("tensors") != current.get("tensors"):
+        names = sorted(set(saved.get("tensors", {})) | set(current.get("tensors", {})))
+        differing = [n for n in names if saved.get("tensors", {}).get(n) != current.get("tensors", {}).get(n)]
+        return "weights differ (checksums of " + ", ".join(differing) + ")"
+    return None

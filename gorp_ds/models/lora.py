@@ -81,6 +81,43 @@ def init_lora_(model: nn.Module, seed: int, task_index: int) -> list[str]:
     return changed
 
 
+def lora_merge_record(model: nn.Module, masters: dict[str, torch.Tensor] | None = None
+                      ) -> dict[str, dict[str, torch.Tensor]]:
+    """What a merge now adds, per layer: ``{"A": r × n, "B": m × r}`` copies on the CPU of exactly the
+    values merged (the fp32 masters when given, as :func:`merge_and_reinit_` uses them; else the
+    layer's tensors) and ``"scaling"`` (α/r, a 0-d fp64 tensor). Stored in checkpoints instead of
+    the merged weights: at LLaMA-2-7B (q, v, r = 8) 17 MB per task in fp32 where the changed q/v
+    matrices would be 2.1 GB."""
+    record = {}
+    for name, layer in lora_layers(model).items():
+        for adapter in layer.lora_A:
+            a = masters.get(f"{name}.lora_A") if masters else None
+            b = masters.get(f"{name}.lora_B") if masters else None
+            record[name] = {"A": (layer.lora_A[adapter].weight if a is None else a).detach().cpu().clone(),
+                            "B": (layer.lora_B[adapter].weight if b is None else b).detach().cpu().clone(),
+                            "scaling": torch.tensor(float(layer.scaling[adapter]), dtype=torch.float64)}
+    return record
+
+
+@torch.no_grad()
+def replay_lora_merges_(model: nn.Module, records: list[dict[str, dict[str, torch.Tensor]]]) -> int:
+    """Re-apply, in order, the merges of finished tasks to a freshly loaded model's base weights.
+    Base weights that train (a LoRA target that is also a full-rank target) are skipped: their
+    merged values come back with the fp32 masters. Returns the number of matrices changed."""
+    layers = lora_layers(model)
+    changed = 0
+    for record in records:
+        for name, merge in record.items():
+            if name not in layers:
+                raise KeyError(f"the checkpoint merges LoRA into {name!r}, which this model has no LoRA layer for")
+            base = layers[name].get_base_layer().weight
+            if base.requires_grad:
+                continue
+            base.data.copy_(merged_base_weight(layers[name], merge["A"], merge["B"]))
+            changed += 1
+    return changed
+
+
 @torch.no_grad()
 def merged_base_weight(layer: nn.Module, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
                        base: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,8 +1,13 @@
-"""World-size-independent checkpoints of GORP's state and the fp32 master weights.
+"""World-size-independent checkpoints of what training changes, each tensor stored once.
 
-DeepSpeed's own ZeRO checkpoints store element-wise optimizer state per rank partition, which
-neither fits GORP's low-rank state nor survives a change of world size. Next to DeepSpeed's files,
-each rank writes ``gorp_state/rank_XXXXX.pt`` holding, keyed by module name:
+A checkpoint holds the trainable state only: no frozen base weight and no DeepSpeed module or
+optimizer file. The run rebuilds the model from its source on resume (the session replays the
+task-boundary LoRA merges kept in the client state) and loads from the checkpoint:
+
+``client_state.pt`` (rank 0): the caller's client state and the engine counters DeepSpeed keeps
+(``global_steps``, ..., the LR scheduler's state if there is one).
+
+``gorp_state/rank_XXXXX.pt`` (every rank), keyed by module name:
 
 - ``pieces``: for every tensor piece the rank updates, its element range, fp32 master values and,
   for ``plain`` tensors, the elementwise Adam state of that range;
@@ -11,7 +16,9 @@ each rank writes ``gorp_state/rank_XXXXX.pt`` holding, keyed by module name:
 - ``shared``: the shared spaces S of those tensors, same rule.
 
 Loading reads every file (memory-mapped) and takes what the new layout needs, so a run saved on N
-ranks resumes on M ranks; a single-process run writes and reads the same format.
+ranks resumes on M ranks; a single-process run writes and reads the same format. The directory is
+written and committed by ``checkpoint_io`` (temporary tag, fsync, manifest with CRC-32, rename,
+atomic ``latest``); loading verifies it and falls back to the newest complete tag.
 """
 
 from __future__ import annotations
@@ -23,16 +30,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..log import get_logger
 from ..optim.gorp import restore_tensor_state
 from ..optim.update import PROTECTED_ROLES
+from . import side_group
+from .checkpoint_io import LATEST, CheckpointError, commit_checkpoint, complete_tags, resolve_tag
 from .deepspeed_bridge import ZeroHandle
 
-FORMAT_VERSION = 1
+log = get_logger(__name__)
+FORMAT_VERSION = 2
 STATE_DIR = "gorp_state"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not match the run."""
+CLIENT_FILE = "client_state.pt"
 
 
 def _atomic_save(obj: Any, path: str) -> None:
@@ -53,12 +61,14 @@ def _primary_holders(handle: ZeroHandle) -> set[str]:
     return primary
 
 
+def rank_file(rank: int) -> str:
+    return f"{STATE_DIR}/rank_{rank:05d}.pt"
+
+
 @torch.no_grad()
-def save_gorp_state(handle: ZeroHandle, directory: str) -> str:
-    """Write this rank's share of GORP state and fp32 masters under ``directory/gorp_state``."""
+def gorp_payload(handle: ZeroHandle) -> dict[str, Any]:
+    """This rank's share of GORP state and fp32 masters, as CPU copies."""
     opt = handle.optimizer
-    out = os.path.join(directory, STATE_DIR)
-    os.makedirs(out, exist_ok=True)
     primary = _primary_holders(handle)
     pieces, low_rank, shared = {}, {}, {}
     for name, (start, end, master) in handle.held_masters().items():
@@ -87,7 +97,15 @@ def save_gorp_state(handle: ZeroHandle, directory: str) -> str:
         "tasks_completed": opt.tasks_completed.clone(),
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
     }
-    _atomic_save(payload, os.path.join(out, f"rank_{handle.rank:05d}.pt"))
+    return payload
+
+
+def save_gorp_state(handle: ZeroHandle, directory: str) -> str:
+    """Write this rank's share under ``directory/gorp_state`` (no commit protocol: for a single
+    process or a caller that commits itself)."""
+    out = os.path.join(directory, STATE_DIR)
+    os.makedirs(out, exist_ok=True)
+    _atomic_save(gorp_payload(handle), os.path.join(directory, rank_file(handle.rank)))
     return out
 
 
@@ -108,11 +126,17 @@ def _assemble(saved: list[tuple[int, int, Tensor]], start: int, end: int, what: 
 @torch.no_grad()
 def load_gorp_state(handle: ZeroHandle, directory: str) -> None:
     """Restore GORP state and fp32 masters written by :func:`save_gorp_state` at any world size."""
-    opt = handle.optimizer
     files = sorted(glob.glob(os.path.join(directory, STATE_DIR, "rank_*.pt")))
     if not files:
         raise CheckpointError(f"{directory}: no {STATE_DIR}/rank_*.pt files (not a gorp_ds checkpoint?)")
     loaded = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    restore_gorp_payloads(handle, loaded, directory)
+
+
+@torch.no_grad()
+def restore_gorp_payloads(handle: ZeroHandle, loaded: list[dict[str, Any]], directory: str) -> None:
+    """Restore masters and GORP state from every rank's payload of one checkpoint."""
+    opt = handle.optimizer
     saved_world = int(loaded[0]["world_size"])
     if len(loaded) != saved_world:
         raise CheckpointError(f"{directory}: {len(loaded)} of {saved_world} rank files present (incomplete save)")
@@ -162,57 +186,77 @@ def load_gorp_state(handle: ZeroHandle, directory: str) -> None:
 
 
 def save_checkpoint(engine: Any, save_dir: str, tag: str, client_state: dict[str, Any] | None = None) -> str:
-    """``engine.save_checkpoint`` plus GORP's world-size-independent state. GORP's files are written
-    first, so DeepSpeed's ``latest`` pointer never names a checkpoint without them."""
-    directory = os.path.join(save_dir, tag)
-    if engine.gorp.rank == 0:
-        os.makedirs(directory, exist_ok=True)
-    engine.gorp.barrier()
-    save_gorp_state(engine.gorp, directory)
-    engine.gorp.barrier()
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {})
-    return directory
+    """Write and commit checkpoint ``tag`` under ``save_dir`` on every rank (collective): this
+    rank's GORP state and masters, and on rank 0 the client state with the engine counters.
+    Raises :class:`CheckpointError` (on every rank) when it cannot be written, e.g. disk full;
+    the previous checkpoint stays usable. Returns the tag directory."""
+    return save_state(engine.gorp, save_dir, tag, client_state)
+
+
+def save_state(handle: ZeroHandle, save_dir: str, tag: str, client_state: dict[str, Any] | None = None) -> str:
+    """:func:`save_checkpoint` on a :class:`ZeroHandle` (its engine may be None in one process)."""
+    files: dict[str, Any] = {rank_file(handle.rank): gorp_payload(handle)}
+    if handle.rank == 0:
+        files[CLIENT_FILE] = {"format": FORMAT_VERSION, "client_state": client_state or {},
+                              "engine": handle.engine_state()}
+    return commit_checkpoint(save_dir, tag, files, handle.rank)
+
+
+def _read_client_file(tag_dir: str) -> dict[str, Any]:
+    # Our own file, written by rank 0; it may hold an LR scheduler's plain-Python state.
+    return torch.load(os.path.join(tag_dir, CLIENT_FILE), map_location="cpu", weights_only=False)
+
+
+def has_checkpoint(load_dir: str) -> bool:
+    """Whether ``load_dir`` holds something to resume from: a ``latest`` file (even a damaged one:
+    loading then falls back or says why not) or a committed tag."""
+    return os.path.isfile(os.path.join(load_dir, LATEST)) or bool(complete_tags(load_dir))
+
+
+def read_client_state(load_dir: str, tag: str | None = None) -> dict[str, Any]:
+    """The client state of checkpoint ``tag`` (default: ``latest``, with the same fallback as
+    :func:`load_checkpoint`), read without an engine. Sizes of every file and the client file's
+    checksum are verified here; :func:`load_checkpoint` verifies all checksums."""
+    chosen = resolve_tag(load_dir, tag, checksums=[CLIENT_FILE])
+    return _read_client_file(os.path.join(load_dir, chosen))["client_state"]
 
 
 def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` on any number of ranks; returns the
-    client state. DeepSpeed restores the module, scheduler and counters; GORP restores its own
-    state and the exact fp32 masters (DeepSpeed's per-partition optimizer files are not read)."""
-    if tag is None:
-        latest = os.path.join(load_dir, "latest")
-        if not os.path.isfile(latest):
-            raise CheckpointError(f"{load_dir}: no 'latest' file; pass the checkpoint tag explicitly")
-        with open(latest) as handle:
-            tag = handle.read().strip()
-    path, client_state = engine.load_checkpoint(
-        load_dir, tag=tag, load_optimizer_states=False, load_lr_scheduler_states=True
-    )
-    if path is None:
-        raise CheckpointError(f"{load_dir}: DeepSpeed could not load checkpoint {tag!r}")
-    load_gorp_state(engine.gorp, os.path.join(load_dir, tag))
-    return client_state or {}
+    client state. Collective."""
+    return load_state(engine.gorp, load_dir, tag)
 
 
-# DeepSpeed's own entries of its model-states file; everything else there is the client state.
-_DEEPSPEED_KEYS = frozenset({
-    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
-    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
-    "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
-})
+def load_state(handle: ZeroHandle, load_dir: str, tag: str | None = None) -> dict[str, Any]:
+    """:func:`load_checkpoint` on a :class:`ZeroHandle`. Rank 0 picks the tag (verifying every
+    file's size and checksum, falling back past damaged tags) and tells the others."""
+    choice: tuple[str | None, str | None] = (None, None)
+    if handle.rank == 0:
+        try:
+            choice = (resolve_tag(load_dir, tag, checksums=True), None)
+        except CheckpointError as err:
+            choice = (None, str(err))
+    chosen, error = side_group.broadcast_object(choice)
+    if error is not None:
+        raise CheckpointError(error)
+    tag_dir = os.path.join(load_dir, chosen)
+    client = _read_client_file(tag_dir)
+    if int(client.get("format", 0)) != FORMAT_VERSION:
+        raise CheckpointError(f"{tag_dir}: checkpoint format {client.get('format')}, this version reads {FORMAT_VERSION}")
+    handle.restore_engine_state(client.get("engine", {}))
+    load_gorp_state(handle, tag_dir)
+    log.info(f"loaded checkpoint {tag_dir}")
+    return client["client_state"]
 
 
-def read_client_state(load_dir: str, tag: str | None = None) -> dict[str, Any]:
-    """The client state given to :func:`save_checkpoint`, read without an engine (e.g. the run
-    configuration needed to rebuild one). ``tag`` None: the one named by ``latest``."""
-    if tag is None:
-        latest = os.path.join(load_dir, "latest")
-        if not os.path.isfile(latest):
-            raise CheckpointError(f"{load_dir}: no 'latest' file; pass the checkpoint tag explicitly")
-        with open(latest) as handle:
-            tag = handle.read().strip()
-    path = os.path.join(load_dir, tag, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{load_dir}: checkpoint {tag!r} has no mp_rank_00_model_states.pt (incomplete save?)")
-    # Memory-mapped: the file also holds the whole module, which is not read here.
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    return {k: v for k, v in state.items() if k not in _DEEPSPEED_KEYS}
+def read_masters(load_dir: str, tag: str | None = None) -> dict[str, Tensor]:
+    """Every trained tensor's full fp32 master (flattened), assembled from all ranks' pieces,
+    without an engine: for comparing checkpoints and exporting."""
+    chosen = resolve_tag(load_dir, tag, checksums=True)
+    files = sorted(glob.glob(os.path.join(load_dir, chosen, STATE_DIR, "rank_*.pt")))
+    pieces: dict[str, list[tuple[int, int, Tensor]]] = {}
+    for path in files:
+        payload = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        for name, entry in payload["pieces"].items():
+            pieces.setdefault(name, []).append((int(entry["elem_start"]), int(entry["elem_end"]), entry["master"]))
+    return {name: _assemble(saved, 0, max(e for _, e, _ in saved), name) for name, saved in pieces.items()}

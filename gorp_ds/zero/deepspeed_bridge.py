@@ -188,6 +188,30 @@ class ZeroHandle:
     def world_size(self) -> int:
         return torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
 
+    # Engine counters a resumed run must continue from (DeepSpeed's module and optimizer files are
+    # not written: gorp_ds checkpoints hold the trainable state themselves).
+    _COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+    def engine_state(self) -> dict[str, Any]:
+        """DeepSpeed's step counters and its LR scheduler's state (when the config has one)."""
+        if self.engine is None:
+            return {}
+        state: dict[str, Any] = {k: int(getattr(self.engine, k)) for k in self._COUNTERS if hasattr(self.engine, k)}
+        scheduler = getattr(self.engine, "lr_scheduler", None)
+        if scheduler is not None and hasattr(scheduler, "state_dict"):
+            state["lr_scheduler"] = scheduler.state_dict()
+        return state
+
+    def restore_engine_state(self, state: dict[str, Any]) -> None:
+        if self.engine is None:
+            return
+        for key in self._COUNTERS:
+            if key in state:
+                setattr(self.engine, key, int(state[key]))
+        scheduler = getattr(self.engine, "lr_scheduler", None)
+        if scheduler is not None and state.get("lr_scheduler") is not None:
+            scheduler.load_state_dict(state["lr_scheduler"])
+
     @torch.no_grad()
     def gradients_finite(self, loss: Tensor | None = None) -> Tensor:
         """A device bool (0-d): True when every rank's gradient partition of this optimizer step, and

@@ -6,8 +6,15 @@
 #
 # Reads from the environment: SLURM_NODEID, SLURM_JOB_NUM_NODES (or SLURM_NNODES),
 # SLURM_JOB_NODELIST (set by srun), MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE and LAUNCHER
-# (deepspeed or torchrun; set by train.sbatch).
+# (deepspeed or torchrun; set by train.sbatch), NODE_STATUS_DIR (optional: the launcher's exit
+# status is written to NODE_STATUS_DIR/node<N>).
+#
+# Pre-emption signals (USR1 from train.sbatch, TERM from SLURM) are for the training processes,
+# which checkpoint and exit with status 75: this script and the launcher it starts ignore them
+# (the dispositions are inherited; the training processes and DeepSpeed's per-node launcher
+# install their own handlers), so that the status comes back here.
 set -euo pipefail
+trap '' USR1 TERM
 
 NODE_RANK=${SLURM_NODEID:?node.sh runs inside srun (SLURM_NODEID is not set)}
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:?SLURM_NNODES is not set}}
@@ -28,6 +35,8 @@ if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
     fi
 fi
 
+STATUS_FILE=${NODE_STATUS_DIR:+$NODE_STATUS_DIR/node$NODE_RANK}
+set +e
 case "$LAUNCHER" in
 deepspeed)
     # `deepspeed --no_ssh` starts only this node's processes. It still needs a hostfile naming
@@ -50,6 +59,13 @@ torchrun)
     ;;
 *)
     echo "node.sh: unknown LAUNCHER '$LAUNCHER' (deepspeed or torchrun)" >&2
-    exit 2
+    (exit 2)
     ;;
 esac
+STATUS=$?
+set -e
+if [[ -n "$STATUS_FILE" ]]; then
+    echo "$STATUS" > "$STATUS_FILE"
+fi
+echo "[$(date '+%F %T')] node $NODE_RANK: launcher finished with status $STATUS"
+exit "$STATUS"
