@@ -72,11 +72,17 @@ def _safetensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _reference_merge(tag_dir: Path, scaling: float) -> dict[str, torch.Tensor]:
-    """Hugging Face weights re-derived from a checkpoint's raw files in float64: frozen tensors from
-    DeepSpeed's module file, trained ones from the fp32 masters of both ranks' gorp_state pieces,
-    ``W + scaling · B A`` for every LoRA layer."""
-    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+def _reference_merge(tag_dir: Path, scaling: float, model_dir: Path) -> dict[str, torch.Tensor]:
+    """Hugging Face weights re-derived in float64 from the base model's files and the checkpoint's
+    raw files: frozen tensors from the model directory plus every finished task's recorded merge
+    ``scaling · B_t A_t``, trained ones from the fp32 masters of both ranks' gorp_state pieces, and
+    the current adapter ``scaling · B A`` (its masters) on every LoRA layer."""
+    from safetensors.torch import load_file
+
+    base = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        base.update(load_file(file))
+    client = torch.load(tag_dir / "client_state.pt", map_location="cpu", weights_only=False)["client_state"]
     masters: dict[str, torch.Tensor] = {}
     pieces: dict[str, list] = {}
     for file in sorted(glob.glob(str(tag_dir / "gorp_state" / "rank_*.pt"))):
@@ -90,20 +96,20 @@ def _reference_merge(tag_dir: Path, scaling: float) -> dict[str, torch.Tensor]:
         assert not flat.isnan().any(), name
         masters[name] = flat
     reference = {}
-    for key, value in module.items():
-        key = key.removeprefix("base_model.model.")
-        if ".lora_" in key:
+    for key, value in base.items():
+        name = key.removesuffix(".weight")
+        if name in masters:
+            reference[key] = masters[name].view(value.shape)
             continue
-        name = key.replace(".base_layer.weight", "").removesuffix(".weight")
-        if ".base_layer." in key:
+        weight = value.double()
+        for record in client["lora_merges"]:
+            if name in record:
+                weight = weight + float(record[name]["scaling"]) * (record[name]["B"].double() @ record[name]["A"].double())
+        if f"{name}.lora_A" in masters:
             a, b = masters[f"{name}.lora_A"], masters[f"{name}.lora_B"]
             rank = a.numel() // value.shape[1]
-            delta = b.view(value.shape[0], rank) @ a.view(rank, value.shape[1])
-            reference[key.replace(".base_layer.", ".")] = value.double() + scaling * delta
-        elif name in masters:
-            reference[key] = masters[name].view(value.shape)
-        else:
-            reference[key] = value.double()
+            weight = weight + scaling * (b.view(value.shape[0], rank) @ a.view(rank, value.shape[1]))
+        reference[key] = weight
     return reference
 
 
@@ -142,7 +148,7 @@ torch.save({"ids": ids, "logits": logits, "class": type(model).__name__,
 '''
 
 
-def test_export_loads_with_plain_transformers_in_a_fresh_process(run, tmp_path) -> None:
+def test_export_loads_with_plain_transformers_in_a_fresh_process(run, tmp_path, tiny_model_dir) -> None:
     export = run["out"] / "export"
     out = tmp_path / "fresh.pt"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -154,7 +160,7 @@ def test_export_loads_with_plain_transformers_in_a_fresh_process(run, tmp_path) 
     final_tag = (run["out"] / "checkpoints" / "latest").read_text().strip()
     result = json.loads((run["out"] / "results.json").read_text())
     scaling = result["config"]["lora_alpha"] / result["config"]["lora_r"]
-    reference = _reference_merge(run["out"] / "checkpoints" / final_tag, scaling)
+    reference = _reference_merge(run["out"] / "checkpoints" / final_tag, scaling, tiny_model_dir)
     for key, value in reference.items():
         assert (fresh["state"][key].double() - value).abs().max() <= 1e-6, key
 
@@ -197,17 +203,19 @@ def _export_on_one_process(checkpoint: Path, out: Path) -> None:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
 
-def test_two_rank_checkpoint_exports_on_one_process(run, tmp_path) -> None:
+def test_two_rank_checkpoint_exports_on_one_process(run, tmp_path, tiny_model_dir) -> None:
     result = json.loads((run["out"] / "results.json").read_text())
     scaling = result["config"]["lora_alpha"] / result["config"]["lora_r"]
     # mid-task: the adapter is trained and unmerged, so the export's merge is what is tested
     tag_dir = run["out"] / "checkpoints" / MID_TASK_TAG
     _export_on_one_process(tag_dir, tmp_path / "mid")
     exported = _safetensors(tmp_path / "mid")
-    reference = _reference_merge(tag_dir, scaling)
+    reference = _reference_merge(tag_dir, scaling, tiny_model_dir)
     assert sorted(exported) == sorted(reference)
-    unmerged = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    b_norm = sum(float(v.abs().sum()) for k, v in unmerged.items() if ".lora_B." in k)
+    from gorp_ds.zero import read_masters
+
+    b_norm = sum(float(v.abs().sum()) for k, v in read_masters(str(tag_dir.parent), tag_dir.name).items()
+                 if k.endswith(".lora_B"))
     assert b_norm > 0, "the mid-task checkpoint should hold a trained adapter"
     for key, value in reference.items():
         assert exported[key].dtype == torch.float32
