@@ -215,6 +215,19 @@ class BatchUpdate:
             apply_adam_(targets if isinstance(targets, list) else [targets], self.step, cfg)
 
 
+def low_rank_factors(update: LowRankStep) -> tuple[Tensor, Tensor]:
+    """``(left, right)`` stacks with ``backproject(N, P) = left @ right``: ``(U_r, Qᵀ)`` or ``(P, U_r)``."""
+    if projection_side(update.shape) == "right":
+        return update.normalised, update.projector.mT
+    return update.projector, update.normalised
+
+
+def apply_low_rank_member_(target: Tensor, update: LowRankStep, position: int, cfg: UpdateConfig) -> None:
+    """Member ``position`` of a low-rank update applied to one fp32 ``m × n`` matrix (one GEMM)."""
+    left, right = low_rank_factors(update)
+    target.addmm_(left[position], right[position], beta=1.0 - cfg.lr * cfg.weight_decay, alpha=-update.step_size)
+
+
 def apply_low_rank_(targets: Tensor | list[Tensor], update: LowRankStep, cfg: UpdateConfig) -> None:
     """``W ← (1 − lr·wd) W − step_size · backproject(N, P)`` on a ``(B, m, n)`` fp32 stack (one fused
     batched GEMM, no dense temporary) or a list of ``B`` matrices (one fused GEMM each when fp32)."""

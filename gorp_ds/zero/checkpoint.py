@@ -42,15 +42,8 @@ def _atomic_save(obj: Any, path: str) -> None:
 
 
 def _primary_holders(handle: ZeroHandle) -> set[str]:
-    """Names of protected tensors for which this rank is the lowest-ranked holder."""
-    if not handle.sharded:
-        return set(handle.params_by_name)
-    primary = set()
-    for layout in handle.driver.layouts:
-        for name, owners in layout.owners().items():
-            if owners and owners[0] == handle.driver.rank:
-                primary.add(name)
-    return primary
+    """Names of protected tensors for which this rank writes the state (lowest-ranked holder)."""
+    return handle.primary_holders()
 
 
 @torch.no_grad()
