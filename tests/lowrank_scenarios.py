@@ -189,13 +189,25 @@ class _null:
         return None
 
 
+def byte_counts(rank: int, world: int) -> dict:
+    """Collectives per step, projected and flat path, gas 1 (so that worlds 2, 3 and 4 split the batch evenly)."""
+    config = zs.ds_config(2, gas=1, clip=0.3, overlap=True, world=world)
+    projected = run_engine(rank, world, config, count=True)
+    flat = run_engine(rank, world, config, count=True, full_gradients="flat")
+    return {"projected": projected["collectives"], "refresh": projected["refresh"], "flat": flat["collectives"],
+            "low_rank_numel": projected["low_rank_numel"]}
+
+
 def scenarios(rank: int, world: int, checkpoint_dir: str, mode: str) -> dict:
-    """Everything one process group checks; ``mode``: "save" (2 ranks), "load" (3 ranks), "bytes" (others)."""
+    """Everything one process group checks; ``mode``: "save" (2 ranks), "load" (3 ranks), "bytes" (4 ranks),
+    "plain" (1 rank)."""
     results = {}
-    results["clip"] = run_engine(rank, world, zs.ds_config(2, clip=0.3, overlap=True, world=world), count=True,
-                                 save_to=checkpoint_dir if mode == "save" else None)
+    if world > 1:
+        results["bytes"] = byte_counts(rank, world)
     if mode == "bytes":
         return results
+    results["clip"] = run_engine(rank, world, zs.ds_config(2, clip=0.3, overlap=True, world=world),
+                                 save_to=checkpoint_dir if mode == "save" else None)
     results["noclip"] = run_engine(rank, world, zs.ds_config(2, gas=2, clip=0.0, world=world))
     results["zero1"] = run_engine(rank, world, zs.ds_config(1, clip=0.3, world=world))
     results["bf16"] = run_engine(rank, world, zs.ds_config(2, clip=0.3, bf16=True, world=world))

@@ -53,8 +53,11 @@ def save_gorp_state(handle: ZeroHandle, directory: str) -> str:
     out = os.path.join(directory, STATE_DIR)
     os.makedirs(out, exist_ok=True)
     primary = _primary_holders(handle)
+    replicated = handle.replicated_names()  # held whole by every rank: written once, by its primary holder
     pieces, low_rank, shared = {}, {}, {}
     for name, (start, end, master) in handle.held_masters().items():
+        if name in replicated and name not in primary:
+            continue
         role = opt.tensor_meta[name][0]
         entry: dict[str, Tensor] = {
             "elem_start": torch.tensor(start),

@@ -18,6 +18,7 @@ import torch.distributed as torch_dist
 from torch import Tensor
 
 from ..log import get_logger
+from ..models.projected_linear import ProjectedLinearError
 from ..optim.gorp import GORP
 from .driver import ZeroDriver
 from .layout import FlatTensor, GroupLayout
@@ -124,6 +125,11 @@ class ZeroHandle:
             }
         return {**{name: (0, p.numel(), p.data.view(-1)) for name, p in self.params_by_name.items()}, **owned}
 
+    def replicated_names(self) -> set[str]:
+        """Tensors every rank holds whole and updates identically (the ``full`` targets trained from
+        projected gradients); checkpoints write them once."""
+        return {m.name for m in self.low_rank.members} if self.low_rank is not None else set()
+
     def primary_holders(self) -> set[str]:
         """Names of the tensors whose whole low-rank state and S this rank writes to checkpoints:
         where it is the lowest-ranked holder of a ZeRO partition, and rank 0 for the replicated
@@ -229,9 +235,12 @@ def initialize(
         if not ds_comm.is_initialized():
             deepspeed.init_distributed()
         world = torch_dist.get_world_size()
-        low_rank = LowRankTargets(optimizer, owned_groups, model, rank=torch_dist.get_rank(), world=world,
-                                  all_reduce=lambda t: torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM),
-                                  is_boundary=lambda: False, accumulation=1)
+        try:
+            low_rank = LowRankTargets(optimizer, owned_groups, model, rank=torch_dist.get_rank(), world=world,
+                                      all_reduce=lambda t: torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM),
+                                      is_boundary=lambda: False, accumulation=1)
+        except ProjectedLinearError as err:
+            raise UnsupportedSetupError(str(err)) from None
 
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, **kwargs
