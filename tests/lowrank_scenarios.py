@@ -12,7 +12,7 @@ from gorp_ds.optim.projector import projector_seed
 from gorp_ds.optim.update import UpdateConfig, refresh_projectors
 from tests import zero_scenarios as zs
 
-TRACKED = ("up1", "down1", "up2", "down2", "lora_a", "lora_b", "norm")  # every trained tensor, fixed order
+TRACKED = ("lora_a", "lora_b", "norm", "up1", "down1", "up2", "down2")  # every trained tensor, zero_scenarios order
 
 
 def tracked(model) -> list[torch.Tensor]:

@@ -197,6 +197,8 @@ class GORP(torch.optim.Optimizer):
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.add_param_group`` plus GORP's validation and name registration."""
+        if getattr(self, "detached_groups", None):
+            raise ValueError("GORP.add_param_group: groups were detached (detach_groups); add groups before that")
         index = len(self.param_groups)
         super().add_param_group(param_group)
         try:

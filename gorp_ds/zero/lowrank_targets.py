@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from ..log import get_logger
 from ..models import projected_linear
 from ..optim.gorp import GORP
-from ..optim.lowrank_grad import accumulate_full_gradient_, accumulate_low_rank_
+from ..optim.lowrank_grad import accumulate_full_gradient_, accumulate_low_rank_, full_gradient
 from ..optim.projector import Side, project_gradient, projection_side
-from ..optim.update import LowRankStep, UpdateConfig, apply_low_rank_member_
+from ..optim.update import LowRankStep, UpdateConfig, apply_low_rank_member_, low_rank_factors
 from . import split_master
 
 log = get_logger(__name__)
@@ -151,8 +151,9 @@ class LowRankTargets:
             accumulate_low_rank_(batch.low_rank[member.index], x, delta, projector, batch.side)
             return
         if member.grad is None:
-            member.grad = torch.zeros(batch.shape, dtype=torch.float32, device=x.device)
-        accumulate_full_gradient_(member.grad, x, delta)
+            member.grad = full_gradient(x, delta)  # fp32 m × n
+        else:
+            accumulate_full_gradient_(member.grad, x, delta)
         if self.is_boundary():  # the step's last micro-batch: this layer's G is complete here
             self._refresh(member, batch)
 
@@ -213,9 +214,9 @@ class LowRankTargets:
         if member.remainder is None:
             apply_low_rank_member_(weight, update, position, cfg)
             return
-        master = split_master.join(weight, member.remainder)  # fp32 m × n, one matrix at a time
-        apply_low_rank_member_(master, update, position, cfg)
-        split_master.split_(master, weight, member.remainder)
+        left, right = low_rank_factors(update)
+        split_master.update_(weight, member.remainder, left[position], right[position],
+                             1.0 - cfg.lr * cfg.weight_decay, update.step_size)
 
     def reset(self) -> None:
         """After every optimizer step (also a skipped one): empty ``R``, re-plan the next step."""
