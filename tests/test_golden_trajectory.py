@@ -30,7 +30,9 @@ GOLDEN = REPO / "tests" / "golden" / "gorp_tiny_zero2_2ranks.json"
 # is now selected with --full-gradients flat (full gradients in DeepSpeed's flat buffers, clipping by the
 # norm of all gradients ‖G‖ included); it stays checked on that path. The projected path (the default now)
 # clips by the norm of the projected gradient R = G Q for `full` targets instead, which moves every step
-# on which clipping is active, so it has its own golden, recorded with the same run otherwise.
+# on which clipping is active, so it has its own golden, recorded with the same run otherwise. Measured: the
+# two goldens agree bit for bit on steps 1-2 and differ by up to 1.9e-4 from step 3 on; with
+# gradient_clipping 0 the two paths give the same 12 losses to 1.9e-7 (float32 rounding).
 GOLDEN_PROJECTED = REPO / "tests" / "golden" / "gorp_tiny_zero2_2ranks_projected.json"
 PATHS = {"flat": (GOLDEN, ["--full-gradients", "flat"]), "projected": (GOLDEN_PROJECTED, [])}
 # Relative tolerance per step. Re-running the same code reproduces the losses bit for bit (also with other

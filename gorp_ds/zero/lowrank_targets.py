@@ -101,6 +101,7 @@ class LowRankTargets:
                 self.members.append(member)
                 param.requires_grad_(False)  # no weight gradient from autograd; DeepSpeed never sees it
         self._due: list[list[bool]] | None = None  # per batch and member, for the step under way
+        self._projectors: list[Tensor] = []
         self._materialized: dict[str, Tensor] = {}
         self.total_norm: Tensor | None = None
         self.flat_low_rank = torch.zeros(0)
@@ -139,6 +140,8 @@ class LowRankTargets:
         if self._due is None:
             device = self.flat_low_rank.device
             self._due = [self.optimizer.refresh_due(b.names, self.cfg(b), device) for b in self.batches]
+            # The stacked projector buffers (refreshes write into them in place): looked up once per step.
+            self._projectors = [self.optimizer.projector_stack(b.names, self.cfg(b), device) for b in self.batches]
         return self._due
 
     @torch.no_grad()
@@ -147,7 +150,7 @@ class LowRankTargets:
         batch = self.batches[member.batch]
         member.calls += 1
         if not self._plan()[member.batch][member.index]:
-            projector = self.optimizer.projector_stack(batch.names, self.cfg(batch), x.device)[member.index]
+            projector = self._projectors[member.batch][member.index]
             accumulate_low_rank_(batch.low_rank[member.index], x, delta, projector, batch.side)
             return
         if member.grad is None:
