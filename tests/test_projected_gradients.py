@@ -104,3 +104,16 @@ def test_a_module_both_lora_and_full_target_is_refused(tiny_model_dir):
         build_param_groups(model, "gorp", RoleConfig(full_targets=["self_attn.q_proj"]))
     groups = build_param_groups(model, "gorp", RoleConfig(full_targets=["mlp.gate_proj"]))
     assert groups[-1]["role"] == "full"
+
+
+def test_full_gradients_setting_is_validated():
+    import argparse
+
+    from gorp_ds.cl.config import ConfigError, add_arguments, build_run_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert build_run_config(parser.parse_args(["--model", "x"])).full_gradients == "projected"
+    assert build_run_config(parser.parse_args(["--model", "x", "--full-gradients", "flat"])).full_gradients == "flat"
+    with pytest.raises(ConfigError, match="--full-gradients must be projected or flat"):
+        build_run_config(parser.parse_args(["--model", "x", "--full-gradients", "dense"]))

@@ -8,6 +8,12 @@ layer (``gorp_ds.zero``) installs a driver that updates the slices a rank owns. 
 module name and holds tensors only (per-name views into stacked buffers, :mod:`.stacks`), so
 ``state_dict`` is independent of parameter objects, batching and world size.
 
+``full`` tensors can also be trained from low-rank gradients computed elsewhere (from activations,
+``gorp_ds.zero.lowrank_targets``): ``refresh_members`` (projectors from ``G``, refresh steps only)
+and ``low_rank_batch`` (the step from ``R``) run the same refresh and low-rank step as the path
+from full gradients, on the same state; such groups are taken out of ``param_groups`` with
+``detach_groups`` so that ``step()`` and DeepSpeed do not see them.
+
 No host-device synchronisation on the step path, with two exceptions: the first projector refresh
 of a task reads one success flag per batch back (it decides whether a ``full`` tensor can step at
 all), and torch's ``eigh``/``svd`` check their own errors on refresh steps. Projector failures are

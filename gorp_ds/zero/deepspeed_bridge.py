@@ -218,6 +218,11 @@ def initialize(
         if ds_config.get("managed_gradient_accumulation") is False:
             raise UnsupportedSetupError(f"{source}: 'managed_gradient_accumulation' is false; projected gradients "
                                         "need DeepSpeed's micro-step counter (remove it, or --full-gradients flat)")
+        zero = ds_config.get("zero_optimization") or {}
+        if float(ds_config.get("gradient_clipping", 0.0) or 0.0) > 0.0 and zero.get("compute_grad_norm") is False:
+            raise UnsupportedSetupError(f"{source}: 'gradient_clipping' is set but 'zero_optimization.compute_grad_norm' "
+                                        "is false; projected gradients clip by the combined norm, which needs it "
+                                        "(remove compute_grad_norm)")
         owned_groups = optimizer.detach_groups("full")
     params_by_name: dict[str, torch.nn.Parameter] = {}
     for group in optimizer.param_groups:
