@@ -6,7 +6,9 @@ Configurations, side by side in one launch on the same model shape, batch and Ze
   gorp-flat     GORP: LoRA q,v + full-rank gate_proj projected Adam (k=8, T=--gap), full gradients of
                 gate_proj through DeepSpeed's flat buffers (--full-gradients flat: the earlier path)
   gorp          the same GORP with projected gradients (the default path): R = δᵀ(X Q) formed in
-                gate_proj's backward, gate_proj outside DeepSpeed, G only on refresh steps
+                gate_proj's backward, gate_proj outside DeepSpeed; refreshes from the sketch (products
+                of G through the activations, no G)
+  gorp-grefresh gorp, but refreshes form G = δᵀX on refresh steps (--refresh-from gradient)
   gorp-nockpt   gorp without gradient checkpointing (memory only; not in the default list)
 
 Reported per configuration (median of the timed steps without a projector refresh, after warm-up,
@@ -96,7 +98,9 @@ def make_engine(name: str, args, device):
         optimizer = GORP(build_param_groups(model, "gorp", roles))
         optimizer.time_refreshes = True
         full_gradients = "flat" if name == "gorp-flat" else "projected"
-        engine, *_ = gorp_ds.initialize(model=model, optimizer=optimizer, config=config, full_gradients=full_gradients)
+        refresh_from = "gradient" if name == "gorp-grefresh" else "sketch"
+        engine, *_ = gorp_ds.initialize(model=model, optimizer=optimizer, config=config, full_gradients=full_gradients,
+                                        refresh_from=refresh_from)
         return engine, optimizer
     groups = build_param_groups(model, "gorp", roles)  # LoRA + gate_proj; roles ignored by AdamW
     if name == "lora":
@@ -209,7 +213,7 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=10, help="GORP refresh gap T")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--configs", default="lora,lora+adamw,gorp-flat,gorp")
+    parser.add_argument("--configs", default="lora,lora+adamw,gorp-flat,gorp,gorp-grefresh")
     parser.add_argument("--no-ckpt", action="store_true", help="no gradient checkpointing in any configuration")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 model for a CPU smoke run")
     parser.add_argument("--out", default=None, help="write the markdown table here (rank 0)")

@@ -138,7 +138,8 @@ class CollectiveCounter:
 
 
 def run_engine(rank: int, world: int, config: dict, *, steps: range = range(zs.STEPS), load_from: str | None = None,
-               save_to: str | None = None, count: bool = False, full_gradients: str = "projected") -> dict:
+               save_to: str | None = None, count: bool = False, full_gradients: str = "projected",
+               refresh_from: str = "sketch", oversample: int | None = None) -> dict:
     import gorp_ds
     from gorp_ds.zero import load_checkpoint, save_checkpoint
 
@@ -146,7 +147,11 @@ def run_engine(rank: int, world: int, config: dict, *, steps: range = range(zs.S
     if config.get("bf16", {}).get("enabled"):
         model = model.to(torch.bfloat16)
     opt = build_optimizer(model)
-    engine, _, _, _ = gorp_ds.initialize(model=model, optimizer=opt, config=config, full_gradients=full_gradients)
+    if oversample is not None:
+        for group in opt.param_groups:
+            group["oversample"] = oversample
+    engine, _, _, _ = gorp_ds.initialize(model=model, optimizer=opt, config=config, full_gradients=full_gradients,
+                                         refresh_from=refresh_from)
     gas = config["gradient_accumulation_steps"]
     if load_from is not None:
         load_checkpoint(engine, load_from)
@@ -189,13 +194,18 @@ class _null:
         return None
 
 
+BYTES_OVERSAMPLE = 2  # sketch width l = k + 2 = 4 < the short side 7 (with 8, l would be the whole side)
+
+
 def byte_counts(rank: int, world: int) -> dict:
-    """Collectives per step, projected and flat path, gas 1 (so that worlds 2, 3 and 4 split the batch evenly)."""
+    """Collectives per step: projected path (sketch refresh and G refresh) and flat path, gas 1 (so that
+    worlds 2, 3 and 4 split the batch evenly)."""
     config = zs.ds_config(2, gas=1, clip=0.3, overlap=True, world=world)
-    projected = run_engine(rank, world, config, count=True)
-    flat = run_engine(rank, world, config, count=True, full_gradients="flat")
-    return {"projected": projected["collectives"], "refresh": projected["refresh"], "flat": flat["collectives"],
-            "low_rank_numel": projected["low_rank_numel"]}
+    sketch = run_engine(rank, world, config, count=True, oversample=BYTES_OVERSAMPLE)
+    gradient = run_engine(rank, world, config, count=True, refresh_from="gradient", oversample=BYTES_OVERSAMPLE)
+    flat = run_engine(rank, world, config, count=True, full_gradients="flat", oversample=BYTES_OVERSAMPLE)
+    return {"sketch": sketch["collectives"], "projected": gradient["collectives"], "refresh": gradient["refresh"],
+            "flat": flat["collectives"], "low_rank_numel": gradient["low_rank_numel"]}
 
 
 def scenarios(rank: int, world: int, checkpoint_dir: str, mode: str) -> dict:
@@ -208,6 +218,8 @@ def scenarios(rank: int, world: int, checkpoint_dir: str, mode: str) -> dict:
         return results
     results["clip"] = run_engine(rank, world, zs.ds_config(2, clip=0.3, overlap=True, world=world),
                                  save_to=checkpoint_dir if mode == "save" else None)
+    # One micro-batch per step: refreshes from the sketch (no G), against the reference with that batch split.
+    results["sketch"] = run_engine(rank, world, zs.ds_config(2, gas=1, clip=0.3, overlap=True, world=world))
     results["noclip"] = run_engine(rank, world, zs.ds_config(2, gas=2, clip=0.0, world=world))
     results["zero1"] = run_engine(rank, world, zs.ds_config(1, clip=0.3, world=world))
     results["bf16"] = run_engine(rank, world, zs.ds_config(2, clip=0.3, bf16=True, world=world))

@@ -117,3 +117,20 @@ def test_full_gradients_setting_is_validated():
     assert build_run_config(parser.parse_args(["--model", "x", "--full-gradients", "flat"])).full_gradients == "flat"
     with pytest.raises(ConfigError, match="--full-gradients must be projected or flat"):
         build_run_config(parser.parse_args(["--model", "x", "--full-gradients", "dense"]))
+
+
+@pytest.mark.parametrize("m, n", [(40, 12), (12, 40)])
+def test_projectors_from_products_equal_projectors_from_the_gradient(m, n):
+    """The sketch refresh's range finder (products only) against the one on G: same test matrices,
+    same algorithm, so the same projector up to rounding; the G used by the products is δᵀX."""
+    from gorp_ds.optim.projector import compute_projectors, compute_projectors_op
+
+    g = torch.Generator().manual_seed(1)
+    x, delta = torch.randn(64, n, generator=g), torch.randn(64, m, generator=g)
+    grad = (delta.mT @ x).unsqueeze(0)
+    expected, ok = compute_projectors(grad, 3, "randomized", seeds=[5], oversample=4, power_iters=2)
+    got, ok_op = compute_projectors_op(lambda v: (delta.mT @ (x @ v[0])).unsqueeze(0),
+                                       lambda u: (x.mT @ (delta @ u[0])).unsqueeze(0), (1, m, n), 3, seeds=[5],
+                                       oversample=4, power_iters=2, device=torch.device("cpu"))
+    assert bool(ok[0]) and bool(ok_op[0])
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())

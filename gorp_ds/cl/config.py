@@ -73,6 +73,10 @@ class RunConfig:
     # the projected gradient for them. "flat": their full gradients go through DeepSpeed's flat
     # buffers like every other tensor (gradient_clipping uses ‖G‖): the earlier path, kept selectable.
     full_gradients: str = "projected"
+    # Projector refreshes on the projected path: "sketch" (default) computes them from products of G
+    # through the activations (a distributed randomized range finder, no m × n tensor) when a step has
+    # one micro-batch and --projector is randomized, else forms G; "gradient" always forms G.
+    refresh_from: str = "sketch"
     # ----------------------------------------------------------------------------------------------
     # profiling: device-synchronised wall time per training phase and per projector refresh (costs
     # several syncs per micro-batch; off, a step reads the device once, for its loss)
@@ -241,6 +245,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--shared-threshold must be in [0, 1], got {cfg.shared_threshold}")
     if cfg.full_gradients not in ("projected", "flat"):
         raise ConfigError(f"--full-gradients must be projected or flat, got {cfg.full_gradients!r}")
+    if cfg.refresh_from not in ("sketch", "gradient"):
+        raise ConfigError(f"--refresh-from must be sketch or gradient, got {cfg.refresh_from!r}")
     if cfg.save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {cfg.save_every}")
     for key in ("lr_lora", "lr_full", "lr_plain", "weight_decay", "olora_lambda"):

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..log import get_logger
-from .projector import PROJECTOR_METHODS, project_gradient, projector_seed
+from .projector import PROJECTOR_METHODS, GradientProducts, compute_projectors_op, project_gradient, projector_seed
 from .shared_space import extend_shared_space, oriented_moment, shared_side
 from .stacks import StateStack, select, store
 from .update import (
@@ -40,6 +40,7 @@ from .update import (
     BatchUpdate,
     UpdateConfig,
     adam_step_,
+    finish_refresh,
     low_rank_step_,
     protected_dense_step_,
     refresh_projectors,
@@ -341,25 +342,33 @@ class GORP(torch.optim.Optimizer):
         low_rank = project_gradient(grad, projector)  # (B, m, k) right or (B, k, n) left
         return self._low_rank_partition(stack, low_rank, shared, step, index, cfg)
 
-    def _refresh_partition(self, stack: StateStack, grad: Tensor, step: int, index: list[int],
-                           cfg: UpdateConfig) -> list[int]:
+    def _refresh_partition(self, stack: StateStack, grad: Tensor | None, step: int, index: list[int],
+                           cfg: UpdateConfig, products: GradientProducts | None = None) -> list[int]:
         """New projectors for members ``index`` (all at ``step``, a refresh step) from their full
-        gradients ``grad`` (``(len(index), m, n)``). Returns the members that have a projector now
+        gradients ``grad`` (``(len(index), m, n)``), or from ``products`` of those gradients with
+        thin matrices (randomized projector only). Returns the members that have a projector now
         (all, except members whose first refresh of the task failed)."""
         batch, buffers = len(stack.names), stack.buffers
         previous = select(buffers["projector"], index, batch) if step > 0 else None
         task = int(self.tasks_completed)  # CPU tensor
         seeds = [projector_seed(stack.names[i], task, step // cfg.update_gap) for i in index]
-        with self._refresh_timer(grad.device, self.time_refreshes):
-            projector, ok = refresh_projectors(grad, previous, cfg, seeds)
+        device = grad.device if grad is not None else products.device
+        with self._refresh_timer(device, self.time_refreshes):
+            if products is None:
+                projector, ok = refresh_projectors(grad, previous, cfg, seeds)
+            else:
+                new, ok = compute_projectors_op(products.apply, products.apply_t, (len(index), *stack.shape), cfg.rank,
+                                                seeds=seeds, oversample=cfg.oversample, power_iters=cfg.power_iters,
+                                                device=device)
+                projector, ok = finish_refresh(new, ok, previous, cfg)
         self.refresh_count += len(index)
         failed = ok.logical_not()
         failures = select(buffers["projector_failures"], index, batch)
         failures.add_(failed)
         store(buffers["projector_failures"], index, failures)
-        total = self._failures.get(grad.device)
+        total = self._failures.get(device)
         if total is None:
-            total = self._failures[grad.device] = torch.zeros((), dtype=torch.int64, device=grad.device)
+            total = self._failures[device] = torch.zeros((), dtype=torch.int64, device=device)
         total.add_(failed.sum())
         if previous is None:
             # First refresh of the task: there is no projector to fall back on, so the host must
@@ -405,17 +414,24 @@ class GORP(torch.optim.Optimizer):
         Host-side (CPU step counters): no device sync."""
         return [step % cfg.update_gap == 0 for step in self.full_batch(names, cfg, device).steps()]
 
-    def refresh_members(self, names: tuple[str, ...], index: list[int], grads: Tensor, cfg: UpdateConfig) -> list[int]:
+    def refresh_members(self, names: tuple[str, ...], index: list[int], grads: Tensor | None, cfg: UpdateConfig,
+                        products: GradientProducts | None = None) -> list[int]:
         """New projectors for members ``index`` of the batch ``names`` from their full gradients
-        ``grads`` (``(len(index), m, n)``, fp32, already averaged over data-parallel ranks); the
-        members' next step must be a refresh step. Returns the members that have a projector now."""
-        stack = self.full_batch(names, cfg, grads.device)
+        ``grads`` (``(len(index), m, n)``, fp32, already averaged over data-parallel ranks), or,
+        with ``grads=None``, from ``products`` of those gradients (randomized projector; the
+        members must share their step counter); the members' next step must be a refresh step.
+        Returns the members that have a projector now."""
+        stack = self.full_batch(names, cfg, grads.device if grads is not None else products.device)
         steps = stack.steps()
         updated: list[int] = []
-        for step, part in partition_by_step([steps[i] for i in index]):
+        parts = partition_by_step([steps[i] for i in index])
+        if products is not None and (len(parts) > 1 or cfg.projector != "randomized"):
+            raise ValueError("GORP.refresh_members: products need one step counter and the randomized projector")
+        for step, part in parts:
             members = [index[j] for j in part]
             assert step % cfg.update_gap == 0, "refresh_members called on a step without a refresh"
-            updated += self._refresh_partition(stack, select(grads, part, len(index)), step, members, cfg)
+            grad = select(grads, part, len(index)) if grads is not None else None
+            updated += self._refresh_partition(stack, grad, step, members, cfg, products)
         return updated
 
     def projector_stack(self, names: tuple[str, ...], cfg: UpdateConfig, device: torch.device) -> Tensor:

@@ -131,6 +131,12 @@ def refresh_projectors(grads: Tensor, previous: Tensor | None, cfg: UpdateConfig
     """
     new, ok = compute_projectors(grads, cfg.rank, cfg.projector, seeds=seeds, oversample=cfg.oversample,
                                  power_iters=cfg.power_iters)
+    return finish_refresh(new, ok, previous, cfg)
+
+
+def finish_refresh(new: Tensor, ok: Tensor, previous: Tensor | None, cfg: UpdateConfig) -> tuple[Tensor, Tensor]:
+    """The rest of :func:`refresh_projectors` once the new bases are computed (from ``G`` or from
+    its products): keep the previous projector where a member failed, align the others."""
     if previous is None:
         return new, ok
     keep = ok[:, None, None]

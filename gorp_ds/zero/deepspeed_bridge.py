@@ -186,6 +186,7 @@ def initialize(
     optimizer: GORP,
     config: str | os.PathLike | dict[str, Any],
     full_gradients: str = "projected",
+    refresh_from: str = "sketch",
     **kwargs: Any,
 ):
     """``deepspeed.initialize`` for a ``GORP`` optimizer; returns the same tuple
@@ -194,7 +195,9 @@ def initialize(
     ``full_gradients``: ``"projected"`` (default) trains the ``full`` tensors from low-rank gradients
     formed in their Linear's backward, outside DeepSpeed (:mod:`.lowrank_targets`; clipping then uses
     the projected-gradient norm); ``"flat"`` hands their full gradients to DeepSpeed's flat buffers
-    like every other tensor (clipping uses ‖G‖)."""
+    like every other tensor (clipping uses ‖G‖). ``refresh_from`` (projected only): ``"sketch"``
+    (default) computes refreshed projectors from products of G through the activations when a step
+    has one micro-batch (randomized projector), else forms G; ``"gradient"`` always forms G."""
     import deepspeed
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -207,6 +210,8 @@ def initialize(
     ds_config = load_ds_config(config)
     stage = check_supported(ds_config, str(source))
     ds_config["zero_allow_untested_optimizer"] = True
+    if refresh_from not in ("sketch", "gradient"):
+        raise UnsupportedSetupError(f"refresh_from (--refresh-from) is {refresh_from!r}; use sketch or gradient")
     if full_gradients not in FULL_GRADIENTS:
         raise UnsupportedSetupError(f"full_gradients (--full-gradients) is {full_gradients!r}; use one of {FULL_GRADIENTS}")
     owned_groups = []
@@ -243,7 +248,7 @@ def initialize(
         try:
             low_rank = LowRankTargets(optimizer, owned_groups, model, rank=torch_dist.get_rank(), world=world,
                                       all_reduce=lambda t: torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM),
-                                      is_boundary=lambda: False, accumulation=1)
+                                      is_boundary=lambda: False, accumulation=1, refresh_from=refresh_from)
         except ProjectedLinearError as err:
             raise UnsupportedSetupError(str(err)) from None
 

@@ -13,6 +13,13 @@ in the backward of its Linear (``gorp_ds.models.projected_linear``). This module
   ``refresh_members`` (the same refresh as the flat path), ``R = project(G)`` is written by rank 0
   and ``G`` is freed. Without accumulation only one ``G`` exists at a time; with accumulation every
   target's ``G`` is held across the step's micro-batches (``m·n·4`` bytes each).
+- **Sketch refresh** (``refresh_from="sketch"``, the default, when a step has one micro-batch and
+  the projector is randomized): no ``G`` at all. The randomized range finder touches ``G`` only
+  through thin products, and ``G v = δᵀ(X v)``, ``Gᵀ u = Xᵀ(δ u)`` come from the activations in the
+  layer's backward, each all-reduced over the data-parallel group: ``2 + 2·power_iters``
+  collectives of ``(m or n) × (k + oversample)`` per target and refresh, never an ``m × n`` one. It
+  is the same algorithm on the same test matrices, so the projector equals the one from ``G`` up to
+  rounding. With accumulation, earlier micro-batches' activations are gone, so ``G`` is formed.
 - **Masters, replicated.** Every rank applies the same rank-k update from the same all-reduced ``R``
   to its own copy, so weights need no gather at all. The fp32 master of a bf16 weight is stored as
   the weight plus its 16 low bits (``split_master``): exact fp32 arithmetic, 2 extra bytes per
@@ -41,7 +48,7 @@ from ..log import get_logger
 from ..models import projected_linear
 from ..optim.gorp import GORP
 from ..optim.lowrank_grad import accumulate_full_gradient_, accumulate_low_rank_, full_gradient
-from ..optim.projector import Side, project_gradient, projection_side
+from ..optim.projector import GradientProducts, Side, project_gradient, projection_side
 from ..optim.update import LowRankStep, UpdateConfig, apply_low_rank_member_, low_rank_factors
 from . import split_master
 
@@ -78,8 +85,10 @@ class LowRankTargets:
     """Owner of the ``full`` tensors of ``groups`` (detached from ``optimizer``) under data parallelism."""
 
     def __init__(self, optimizer: GORP, groups: list[dict[str, Any]], model: nn.Module, *, rank: int, world: int,
-                 all_reduce: AllReduce, is_boundary: Callable[[], bool], accumulation: int) -> None:
+                 all_reduce: AllReduce, is_boundary: Callable[[], bool], accumulation: int,
+                 refresh_from: str = "sketch") -> None:
         self.optimizer, self.rank, self.world = optimizer, rank, world
+        self.refresh_from = refresh_from  # "sketch" (from activations when possible) or "gradient" (form G)
         self.all_reduce, self.is_boundary, self.accumulation = all_reduce, is_boundary, accumulation
         names = [name for group in groups for name in group["names"]]
         self.modules = projected_linear.linear_modules(model, names)
@@ -153,12 +162,46 @@ class LowRankTargets:
             projector = self._projectors[member.batch][member.index]
             accumulate_low_rank_(batch.low_rank[member.index], x, delta, projector, batch.side)
             return
+        if self._sketch(batch):
+            self._refresh_from_activations(member, batch, x, delta)
+            return
         if member.grad is None:
             member.grad = full_gradient(x, delta)  # fp32 m × n
         else:
             accumulate_full_gradient_(member.grad, x, delta)
         if self.is_boundary():  # the step's last micro-batch: this layer's G is complete here
             self._refresh(member, batch)
+
+    def _sketch(self, batch: Batch) -> bool:
+        """Refresh from products of ``G`` through the activations (no ``G``): possible when the
+        step has one micro-batch (its ``X`` and ``δ`` are all of ``G``) and the projector is
+        the randomized range finder, which touches ``G`` only through thin products."""
+        return self.refresh_from == "sketch" and self.accumulation == 1 and batch.group["projector"] == "randomized"
+
+    def _summed(self, local: Tensor) -> Tensor:
+        """``local`` summed over ranks and divided by the world size (in place)."""
+        if self.world > 1:
+            self.all_reduce(local)
+            local.div_(self.world)
+        return local
+
+    def _refresh_from_activations(self, member: Member, batch: Batch, x: Tensor, delta: Tensor) -> None:
+        """The distributed randomized range finder of ``G = (1/W) Σ_r δ_rᵀ X_r``: every product
+        ``G v = δᵀ(X v)`` or ``Gᵀ u = Xᵀ(δ u)`` is formed from this rank's activations and
+        all-reduced (``(m or n) × l``, ``l = k + oversample``; ``2 + 2·power_iters`` of them), then
+        ``R = δᵀ(X Q)`` (or ``(δ P)ᵀ X``) accumulates like on any other step."""
+        def apply(v: Tensor) -> Tensor:  # (1, n, l) -> (1, m, l)
+            return self._summed((delta.mT @ (x @ v[0].to(x.dtype))).float()).unsqueeze(0)
+
+        def apply_t(u: Tensor) -> Tensor:  # (1, m, l) -> (1, n, l)
+            return self._summed((x.mT @ (delta @ u[0].to(x.dtype))).float()).unsqueeze(0)
+
+        cfg = self.cfg(batch)
+        products = GradientProducts(apply, apply_t, x.device)
+        kept = self.optimizer.refresh_members(batch.names, [member.index], None, cfg, products)
+        if kept:  # a local R, averaged by the all-reduce of R like on steps without a refresh
+            projector = self._projectors[member.batch][member.index]
+            accumulate_low_rank_(batch.low_rank[member.index], x, delta, projector, batch.side)
 
     def _refresh(self, member: Member, batch: Batch) -> None:
         grad, member.grad = member.grad, None
