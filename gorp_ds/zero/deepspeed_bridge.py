@@ -4,6 +4,12 @@
 start-up and with a message naming the config field and the fix, every setup whose math it does
 not guarantee, then installs a :class:`~gorp_ds.zero.driver.ZeroDriver` built from the ZeRO
 optimizer's partition geometry.
+
+With projected gradients (the default) the ``full`` groups are detached from the optimizer before
+DeepSpeed sees it and handed to :class:`~gorp_ds.zero.lowrank_targets.LowRankTargets`; this module
+hooks them into DeepSpeedZeroOptimizer's ``step`` (all-reduce of ``R`` first, their step after
+DeepSpeed's) and ``scaled_global_norm`` (the combined clipping norm): the only DeepSpeed internals
+that path touches.
 """
 
 from __future__ import annotations
