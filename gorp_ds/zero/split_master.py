@@ -70,8 +70,10 @@ def update_(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: float, s
             fn = _compiled.get("fn")
             if fn is None:
                 fn = _compiled["fn"] = torch.compile(_fused_update, dynamic=False, fullgraph=True)
-            scalars = torch.tensor([decay, step_size], dtype=torch.float32, device=hi.device)
-            new_hi, new_lo = fn(hi, lo, left, right, scalars[0], scalars[1])
+            # Filled on the device (a kernel argument, no host-to-device copy, no sync).
+            decay_t = torch.full((), decay, dtype=torch.float32, device=hi.device)
+            step_t = torch.full((), step_size, dtype=torch.float32, device=hi.device)
+            new_hi, new_lo = fn(hi, lo, left, right, decay_t, step_t)
             hi.copy_(new_hi)
             lo.copy_(new_lo)
             return
