@@ -153,8 +153,10 @@ def run_engine(rank: int, world: int, config: dict, *, steps: range = range(zs.S
     engine, _, _, _ = gorp_ds.initialize(model=model, optimizer=opt, config=config, full_gradients=full_gradients,
                                          refresh_from=refresh_from)
     gas = config["gradient_accumulation_steps"]
+    masters_at = {}
     if load_from is not None:
         load_checkpoint(engine, load_from)
+        masters_at["load"] = _masters(engine)
     trajectory, collectives, refresh = {}, {}, {}
     for step in steps:
         refresh[step] = any(opt.refresh_due((n,), UpdateConfig.from_group(opt.group(opt.tensor_meta[n][2])),
@@ -172,7 +174,8 @@ def run_engine(rank: int, world: int, config: dict, *, steps: range = range(zs.S
         trajectory[step] = flat_params(model)
         if save_to is not None and step + 1 == zs.SAVE_AFTER:
             save_checkpoint(engine, save_to, tag="mid_task")
-    facts = {"trajectory": trajectory, "collectives": collectives, "refresh": refresh,
+            masters_at["save"] = _masters(engine)
+    facts = {"trajectory": trajectory, "collectives": collectives, "refresh": refresh, "masters_at": masters_at,
              "weights": {n: getattr(model, n).weight.detach().clone() for n in zs.FULL},
              "shared": {n: s.shape[1] for n, s in opt.shared.items()},
              "requires_grad": {n: getattr(model, n).weight.requires_grad for n in zs.FULL},
@@ -184,6 +187,35 @@ def run_engine(rank: int, world: int, config: dict, *, steps: range = range(zs.S
         facts["low_rank_numel"] = lo.flat_low_rank.numel()
     engine.destroy()
     return facts
+
+
+def _masters(engine) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(fp32 master, model weight) of every owned full target, copied."""
+    held = engine.gorp.low_rank.held_masters()
+    return {m.name: (held[m.name][2].clone(), m.weight.detach().clone()) for m in engine.gorp.low_rank.members}
+
+
+def refusals(rank: int, world: int) -> dict[str, str | None]:
+    """Start-up refusals of the projected path (each raised before DeepSpeed builds anything)."""
+    import gorp_ds
+    from gorp_ds.zero import UnsupportedSetupError
+
+    cases = {
+        "full_first": (zs.build_optimizer, zs.ds_config(2, world=world)),
+        "unmanaged_accumulation": (build_optimizer, {**zs.ds_config(2, world=world),
+                                                     "managed_gradient_accumulation": False}),
+        "no_grad_norm": (build_optimizer, {**zs.ds_config(2, clip=0.3, world=world),
+                                           "zero_optimization": {"stage": 2, "compute_grad_norm": False}}),
+    }
+    messages = {}
+    for name, (build, config) in cases.items():
+        model = zs.TinyNet()
+        try:
+            gorp_ds.initialize(model=model, optimizer=build(model), config=config)
+            messages[name] = None
+        except UnsupportedSetupError as err:
+            messages[name] = str(err)
+    return messages
 
 
 class _null:
@@ -222,8 +254,14 @@ def scenarios(rank: int, world: int, checkpoint_dir: str, mode: str) -> dict:
     results["sketch"] = run_engine(rank, world, zs.ds_config(2, gas=1, clip=0.3, overlap=True, world=world))
     results["noclip"] = run_engine(rank, world, zs.ds_config(2, gas=2, clip=0.0, world=world))
     results["zero1"] = run_engine(rank, world, zs.ds_config(1, clip=0.3, world=world))
-    results["bf16"] = run_engine(rank, world, zs.ds_config(2, clip=0.3, bf16=True, world=world))
+    results["bf16"] = run_engine(rank, world, zs.ds_config(2, clip=0.3, bf16=True, world=world),
+                                 save_to=checkpoint_dir + "_bf16" if mode == "save" else None)
+    if mode == "plain":
+        results["refusals"] = refusals(rank, world)
     if mode == "load":
+        results["bf16_resumed"] = run_engine(rank, world, zs.ds_config(2, clip=0.3, bf16=True, world=world),
+                                             steps=range(zs.SAVE_AFTER, zs.SAVE_AFTER + 1),
+                                             load_from=checkpoint_dir + "_bf16")
         results["resumed"] = run_engine(rank, world, zs.ds_config(2, clip=0.3, overlap=True, world=world),
                                         steps=range(zs.SAVE_AFTER, zs.STEPS), load_from=checkpoint_dir)
     return results

@@ -159,3 +159,22 @@ def test_bf16_weights_are_the_rounded_fp32_masters_on_every_rank(runs, world):
             assert facts["remainders"][name].abs().sum() > 0, "the master never left bf16 resolution"
         err = float((facts["trajectory"][zs.STEPS - 1] - reference[-1]).norm() / reference[-1].norm())
         assert err < 2e-2, f"bf16 run drifted {err:.2e} from fp32"
+
+
+def test_bf16_split_masters_survive_save_on_2_ranks_and_load_on_3(runs):
+    """The masters of bf16 weights are (weight, low 16 bits): after a load on 3 ranks of a 2-rank
+    checkpoint both halves are back exactly, so the fp32 master is bit-identical."""
+    saved = runs[2][0]["bf16"]["masters_at"]["save"]
+    for rank, result in enumerate(runs[3]):
+        loaded = result["bf16_resumed"]["masters_at"]["load"]
+        for name, (master, weight) in saved.items():
+            assert torch.equal(loaded[name][0], master), f"rank {rank}: fp32 master of {name} changed by save/load"
+            assert torch.equal(loaded[name][1], weight), f"rank {rank}: bf16 weight of {name} changed by save/load"
+            assert weight.dtype == torch.bfloat16 and not torch.equal(master, weight.float()), "master == weight"
+
+
+def test_unsupported_projected_setups_are_refused_at_start_up(runs):
+    messages = runs[1][0]["refusals"]
+    assert "'full' param groups must come last" in messages["full_first"]
+    assert "managed_gradient_accumulation" in messages["unmanaged_accumulation"]
+    assert "compute_grad_norm" in messages["no_grad_norm"] and "gradient_clipping" in messages["no_grad_norm"]
