@@ -96,8 +96,9 @@ def test_split_master_is_exact_fp32_and_accumulates_updates_below_bf16_resolutio
 
 
 def test_a_module_both_lora_and_full_target_is_refused(tiny_model_dir):
-    from gorp_ds.models import LoraSettings, RoleConfig, RoleError, add_lora, build_param_groups
     from transformers import AutoModelForCausalLM
+
+    from gorp_ds.models import LoraSettings, RoleConfig, RoleError, add_lora, build_param_groups
 
     model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(targets=["q_proj", "v_proj"]))
     with pytest.raises(RoleError, match=r"both a LoRA target \(--lora-targets\) and a full-rank target \(--full-targets"):

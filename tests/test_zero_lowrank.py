@@ -82,7 +82,7 @@ def test_clipping_is_by_the_projected_gradient_norm(runs):
 def test_sketch_refresh_sends_only_thin_products(runs):
     """Sketch refresh (one micro-batch per step): per target and refresh step 2 + 2·power_iters = 6
     all-reduces of (m or n) × l, l = k + oversample = 4 (3 of each side); nothing m × n, ever."""
-    l = RANK_K + ls.BYTES_OVERSAMPLE
+    width = RANK_K + ls.BYTES_OVERSAMPLE
     mn = {m * n for m, n in SHAPES.values()}
     for world in (2, 3, 4):
         facts = runs[world][0]["bytes"]
@@ -91,7 +91,7 @@ def test_sketch_refresh_sends_only_thin_products(runs):
             assert not mn & {numel for _, numel, _ in calls}, (world, step, calls)
             if facts["refresh"][step]:
                 extra = _step_bytes(calls) - max(between)
-                assert abs(extra - 4 * 3 * l * sum(m + n for m, n in SHAPES.values())) <= 16 * 4 * world, (world, extra)
+                assert abs(extra - 4 * 3 * width * sum(m + n for m, n in SHAPES.values())) <= 16 * 4 * world, (world, extra)
         assert facts["sketch"][1] == facts["projected"][1], "steps without a refresh send the same in both modes"
 
 

@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 
 from ..log import get_logger
-from .projector import PROJECTOR_METHODS, GradientProducts, compute_projectors_op, project_gradient, projector_seed
+from .projector import (
+    PROJECTOR_METHODS,
+    GradientProducts,
+    compute_projectors_op,
+    project_gradient,
+    projector_seed,
+)
 from .shared_space import extend_shared_space, oriented_moment, shared_side
 from .stacks import StateStack, select, store
 from .update import (

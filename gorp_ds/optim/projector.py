@@ -16,8 +16,8 @@ except inside torch's own error checks of ``eigh``/``svd`` (refresh steps only).
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
