@@ -14,7 +14,7 @@ Configurations, side by side in one launch on the same model shape, batch and Ze
 Reported per configuration (median of the timed steps without a projector refresh, after warm-up,
 torch.cuda.synchronize around each step): seconds per step, tokens/s per GPU, ratios to lora (speed
 and peak memory), MFU, peak memory per GPU (max allocated over all timed steps, refresh steps
-included), and for GORP the refresh overhead: the median time of the timed refresh steps minus the
+included; the JSON lines also give it for refresh steps and the other steps apart), and for GORP the refresh overhead: the median time of the timed refresh steps minus the
 median step, and that as a share of training at T = 10 and T = 20 (overhead / (T · median step)).
 
 MFU counts only the FLOPs a step executes (``executed_flops_per_token``), per token, for a LLaMA of
@@ -140,10 +140,13 @@ def run_config(name: str, args, device) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     total = args.warmup + args.steps
+    step_peaks = []  # peak allocated memory of each step (refresh steps hold more: G or sketches)
     for _ in range(total):
         ids = torch.randint(0, vocab, (args.micro, args.seq), device=device, generator=generator)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+            step_peaks.append(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
@@ -151,8 +154,11 @@ def run_config(name: str, args, device) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    if torch.cuda.is_available():
+        step_peaks = step_peaks[1:] + [torch.cuda.max_memory_allocated()]  # entry i: the peak of step i
     timed = times[args.warmup:]
     refresh_steps = [i for i in range(args.warmup, total) if name.startswith("gorp") and i % args.gap == 0]
+    gib = 2**30
     plain = [t for i, t in zip(range(args.warmup, total), timed) if i not in refresh_steps]
     median = statistics.median(plain)
     tokens = args.micro * args.seq
@@ -164,7 +170,11 @@ def run_config(name: str, args, device) -> dict:
         "seq": args.seq, "micro_batch": args.micro, "params_b": n_params / 1e9, "median_step_s": median,
         "tokens_per_s_per_gpu": tokens / median, "flops_per_token": flops,
         "mfu": flops * tokens / median / (PEAK_TFLOPS * 1e12),
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan"),
+        "peak_mem_gib": max(step_peaks[args.warmup:]) / gib if step_peaks else float("nan"),
+        "peak_mem_gib_refresh_steps": (max(step_peaks[i] for i in refresh_steps) / gib
+                                       if step_peaks and refresh_steps else None),
+        "peak_mem_gib_other_steps": (max(p for i, p in enumerate(step_peaks) if i >= args.warmup and i not in refresh_steps)
+                                     / gib if step_peaks else None),
         "timed_steps": len(plain), "refresh_steps_timed": len(refresh_steps),
         "refresh_overhead_s": overhead,
         "refresh_share_T10": overhead / (10 * median) if overhead is not None else None,
