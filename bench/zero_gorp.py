@@ -3,16 +3,35 @@
 Configurations, side by side in one launch on the same model shape, batch and ZeRO-2 setup:
   lora          PEFT LoRA r=8 on q,v trained by torch AdamW (fused) — DeepSpeed LoRA-only
   lora+adamw    the same plus full-rank mlp.gate_proj, all with AdamW (no projection)
-  gorp          GORP: LoRA q,v (lora_a/lora_b) + full-rank gate_proj projected Adam, k=8, T=10
-  gorp-nockpt   gorp without gradient checkpointing (memory only; --no-ckpt-variant)
+  gorp-flat     GORP: LoRA q,v + full-rank gate_proj projected Adam (k=8, T=--gap), full gradients of
+                gate_proj through DeepSpeed's flat buffers (--full-gradients flat: the earlier path)
+  gorp          the same GORP with projected gradients (the default path): R = δᵀ(X Q) formed in
+                gate_proj's backward, gate_proj outside DeepSpeed; refreshes from the sketch (products
+                of G through the activations, no G)
+  gorp-grefresh gorp, but refreshes form G = δᵀX on refresh steps (--refresh-from gradient)
+  gorp-nockpt   gorp without gradient checkpointing (memory only; not in the default list)
 
-Reported per configuration (median of timed steps after warm-up, torch.cuda.synchronize around
-each step): seconds per step, tokens/s per GPU, ratio to lora, MFU (8·N·tokens/s: 6N plus the
-recomputed forward under checkpointing, 6·N·tokens/s without it, against 766 TFLOP/s bf16), peak memory per GPU, and for
-gorp the refresh-step overhead (a step that recomputes the 32 projectors minus the median step).
+Reported per configuration (median of the timed steps without a projector refresh, after warm-up,
+torch.cuda.synchronize around each step): seconds per step, tokens/s per GPU, ratios to lora (speed
+and peak memory), MFU, peak memory per GPU (max allocated over all timed steps, refresh steps
+included; the JSON lines also give it for refresh steps and the other steps apart), and for GORP the refresh overhead: the median time of the timed refresh steps minus the
+median step, and that as a share of training at T = 10 and T = 20 (overhead / (T · median step)).
 
-    deepspeed --num_gpus 2 bench/zero_gorp.py --out bench/results/zero_gorp_h200x2.md
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bench/zero_gorp.py --tiny      # CPU smoke run
+MFU counts only the FLOPs a step executes (``executed_flops_per_token``), per token, for a LLaMA of
+L layers, hidden h, MLP width i, vocabulary V, sequence s, LoRA rank r on q and v, GORP rank k:
+  forward      F = L·(2·(4h² + 3hi) + 2sh + 8rh) + 2Vh
+               (matmuls; causal attention QKᵀ and PV at 2sh per layer, i.e. half of the dense 4sh;
+               LoRA A and B on two modules 8rh)
+  recompute    F − 2Vh under gradient checkpointing (every decoder layer's forward runs again)
+  input grads  L·(2·(4h² + 3hi) + 4sh + 8rh) + 2Vh (every matmul's input-gradient GEMM; attention
+               backward at twice its forward)
+  weight grads LoRA factors 8rh per layer; gate_proj 2hi per layer when its full gradient is formed
+               (lora+adamw, gorp-flat); 2k(h + i) per layer for R = δᵀ(X Q) (gorp); frozen weights 0
+MFU = flops per token × tokens/s / 766 TFLOP/s (bf16 dense peak measured on an H200). Refresh steps
+(G formed, 2hi per layer more) are excluded from the median and so from the MFU.
+
+    deepspeed --num_gpus 1 bench/zero_gorp.py --out bench/results/zero_gorp_h200.md
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 1 bench/zero_gorp.py --tiny    # CPU smoke run (~2 min)
 """
 
 from __future__ import annotations
@@ -63,7 +82,7 @@ def make_engine(name: str, args, device):
     from gorp_ds.optim import GORP
 
     model = build_model(args, device)
-    if name != "gorp-nockpt":
+    if name != "gorp-nockpt" and not args.no_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     config = {
@@ -78,7 +97,10 @@ def make_engine(name: str, args, device):
     if name.startswith("gorp"):
         optimizer = GORP(build_param_groups(model, "gorp", roles))
         optimizer.time_refreshes = True
-        engine, *_ = gorp_ds.initialize(model=model, optimizer=optimizer, config=config)
+        full_gradients = "flat" if name == "gorp-flat" else "projected"
+        refresh_from = "gradient" if name == "gorp-grefresh" else "sketch"
+        engine, *_ = gorp_ds.initialize(model=model, optimizer=optimizer, config=config, full_gradients=full_gradients,
+                                        refresh_from=refresh_from)
         return engine, optimizer
     groups = build_param_groups(model, "gorp", roles)  # LoRA + gate_proj; roles ignored by AdamW
     if name == "lora":
@@ -92,6 +114,23 @@ def make_engine(name: str, args, device):
     return engine, optimizer
 
 
+def executed_flops_per_token(cfg, seq: int, name: str, checkpointing: bool, lora_r: int = 8, k: int = 8) -> float:
+    """FLOPs one training token executes (formula in the module docstring)."""
+    h, i, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    dense = 2 * (4 * h * h + 3 * h * i)
+    lora = 8 * lora_r * h  # A (r×h) and B (h×r) on q and v
+    head = 2 * vocab * h
+    forward = layers * (dense + 2 * seq * h + lora) + head
+    recompute = forward - head if checkpointing else 0
+    input_grads = layers * (dense + 4 * seq * h + lora) + head
+    weight_grads = layers * 8 * lora_r * h
+    if name in ("lora+adamw", "gorp-flat"):
+        weight_grads += layers * 2 * h * i
+    elif name.startswith("gorp"):
+        weight_grads += layers * 2 * k * (h + i)
+    return float(forward + recompute + input_grads + weight_grads)
+
+
 def run_config(name: str, args, device) -> dict:
     engine, optimizer = make_engine(name, args, device)
     vocab = engine.module.config.vocab_size
@@ -101,10 +140,13 @@ def run_config(name: str, args, device) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     total = args.warmup + args.steps
+    step_peaks = []  # peak allocated memory of each step (refresh steps hold more: G or sketches)
     for _ in range(total):
         ids = torch.randint(0, vocab, (args.micro, args.seq), device=device, generator=generator)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+            step_peaks.append(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
@@ -112,20 +154,31 @@ def run_config(name: str, args, device) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    if torch.cuda.is_available():
+        step_peaks = step_peaks[1:] + [torch.cuda.max_memory_allocated()]  # entry i: the peak of step i
     timed = times[args.warmup:]
     refresh_steps = [i for i in range(args.warmup, total) if name.startswith("gorp") and i % args.gap == 0]
+    gib = 2**30
     plain = [t for i, t in zip(range(args.warmup, total), timed) if i not in refresh_steps]
     median = statistics.median(plain)
     tokens = args.micro * args.seq
+    checkpointing = name != "gorp-nockpt" and not args.no_ckpt
+    flops = executed_flops_per_token(engine.module.config, args.seq, name, checkpointing)
+    overhead = (statistics.median([times[i] for i in refresh_steps]) - median) if refresh_steps else None
     result = {
         "config": name, "world_size": dist.get_world_size(), "layers": engine.module.config.num_hidden_layers,
         "seq": args.seq, "micro_batch": args.micro, "params_b": n_params / 1e9, "median_step_s": median,
-        "tokens_per_s_per_gpu": tokens / median,
-        # 6·N·tokens, plus 2·N·tokens for the recomputed forward under gradient checkpointing
-        "mfu": (6 if name == "gorp-nockpt" else 8) * n_params * tokens / median / (PEAK_TFLOPS * 1e12),
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan"),
-        "timed_steps": len(plain),
-        "refresh_overhead_s": (statistics.median([times[i] for i in refresh_steps]) - median) if refresh_steps else None,
+        "tokens_per_s_per_gpu": tokens / median, "flops_per_token": flops,
+        "mfu": flops * tokens / median / (PEAK_TFLOPS * 1e12),
+        "peak_mem_gib": max(step_peaks[args.warmup:]) / gib if step_peaks else float("nan"),
+        "peak_mem_gib_refresh_steps": (max(step_peaks[i] for i in refresh_steps) / gib
+                                       if step_peaks and refresh_steps else None),
+        "peak_mem_gib_other_steps": (max(p for i, p in enumerate(step_peaks) if i >= args.warmup and i not in refresh_steps)
+                                     / gib if step_peaks else None),
+        "timed_steps": len(plain), "refresh_steps_timed": len(refresh_steps),
+        "refresh_overhead_s": overhead,
+        "refresh_share_T10": overhead / (10 * median) if overhead is not None else None,
+        "refresh_share_T20": overhead / (20 * median) if overhead is not None else None,
         "refresh_seconds_total": getattr(optimizer, "stats", {}).get("refresh_seconds"),
         "refreshes": getattr(optimizer, "stats", {}).get("refreshes"),
     }
@@ -139,14 +192,27 @@ def run_config(name: str, args, device) -> dict:
 
 def table(results: list[dict]) -> str:
     base = next((r for r in results if r["config"] == "lora"), results[0])
-    lines = ["| config | step s | tokens/s/GPU | × lora | MFU | peak GiB/GPU | refresh overhead s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| config | step s | tokens/s/GPU | × lora | MFU | peak GiB/GPU | × lora mem | refresh overhead s "
+             "| % at T=10 | % at T=20 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        overhead = "–" if r["refresh_overhead_s"] is None else f"{r['refresh_overhead_s']:.3f}"
+        none = r["refresh_overhead_s"] is None
+        overhead = "–" if none else f"{r['refresh_overhead_s']:.3f}"
+        t10 = "–" if none else f"{100 * r['refresh_share_T10']:.1f}"
+        t20 = "–" if none else f"{100 * r['refresh_share_T20']:.1f}"
+        memory = r["peak_mem_gib"] / base["peak_mem_gib"] if base["peak_mem_gib"] == base["peak_mem_gib"] else float("nan")
         lines.append(f"| {r['config']} | {r['median_step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | "
                      f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.3f} | {100 * r['mfu']:.1f}% | "
-                     f"{r['peak_mem_gib']:.1f} | {overhead} |")
+                     f"{r['peak_mem_gib']:.1f} | {memory:.2f} | {overhead} | {t10} | {t20} |")
     return "\n".join(lines)
+
+
+FORMULA = """MFU counts executed FLOPs only (per token; L layers, hidden h, MLP width i, vocabulary V, sequence s,
+LoRA rank r on q and v, GORP rank k): forward F = L·(2·(4h² + 3hi) + 2sh + 8rh) + 2Vh (causal attention
+2sh per layer), the recomputed forward F − 2Vh under gradient checkpointing, input gradients
+L·(2·(4h² + 3hi) + 4sh + 8rh) + 2Vh, weight gradients 8rh per layer for LoRA plus 2hi per layer for
+gate_proj where its full gradient is formed (lora+adamw, gorp-flat) or 2k(h + i) per layer for
+R = δᵀ(X Q) (gorp); frozen weights none. Against 766 TFLOP/s. The refresh overhead is the median time of
+timed refresh steps minus the median step; its share of training is overhead / (T · median step)."""
 
 
 def main() -> None:
@@ -157,7 +223,8 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=10, help="GORP refresh gap T")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--configs", default="lora,lora+adamw,gorp,gorp-nockpt")
+    parser.add_argument("--configs", default="lora,lora+adamw,gorp-flat,gorp,gorp-grefresh")
+    parser.add_argument("--no-ckpt", action="store_true", help="no gradient checkpointing in any configuration")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 model for a CPU smoke run")
     parser.add_argument("--out", default=None, help="write the markdown table here (rank 0)")
     parser.add_argument("--local_rank", type=int, default=0)
@@ -174,17 +241,23 @@ def main() -> None:
         results.append(result)
         if dist.get_rank() == 0:
             print(json.dumps(result), flush=True)
+            if args.out:  # incrementally: a later crash keeps the configurations measured so far
+                write_results(args, results)
     if dist.get_rank() == 0:
-        text = table(results)
-        print(text)
-        if args.out:
-            gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-            header = (f"# GORP under ZeRO-2 vs LoRA-only — {gpu} × {dist.get_world_size()}, torch {torch.__version__}, "
-                      f"{time.strftime('%Y-%m-%d')}\n\nLLaMA-2-7B shape ({results[0]['layers']} layers, random init), "
-                      f"bf16, seq {args.seq}, micro-batch {args.micro}/GPU, gradient checkpointing (except gorp-nockpt), "
-                      f"GORP k=8, T={args.gap}; median of {args.steps} steps after {args.warmup} warm-up.\n\n")
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(header + text + "\n")
+        print(table(results))
+
+
+def write_results(args, results: list[dict]) -> None:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    ckpt = "no gradient checkpointing" if args.no_ckpt else "gradient checkpointing (except gorp-nockpt)"
+    header = (f"# GORP under ZeRO-2 vs LoRA-only — {gpu} × {dist.get_world_size()}, torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d')}\n\n{'Tiny model' if args.tiny else 'LLaMA-2-7B shape'} "
+              f"({results[0]['layers']} layers, random init), {'fp32' if args.tiny else 'bf16'}, seq {args.seq}, "
+              f"micro-batch {args.micro}/GPU, {ckpt}, GORP k=8, T={args.gap}; median of the timed steps "
+              f"without a refresh ({args.steps} timed after {args.warmup} warm-up).\n\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(header + table(results) + "\n\n" + FORMULA + "\n")
+    Path(args.out).with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
 
 
 if __name__ == "__main__":

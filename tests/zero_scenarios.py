@@ -128,7 +128,9 @@ def run_engine(rank: int, world: int, config: dict, *, steps: range = range(STEP
     if config.get("bf16", {}).get("enabled"):
         model = model.to(torch.bfloat16)
     opt = build_optimizer(model)
-    engine, _, _, _ = gorp_ds.initialize(model=model, optimizer=opt, config=config)
+    # The path of full gradients in DeepSpeed's flat buffers (partition geometry, cut tensors, clipping by
+    # ‖G‖); the projected path has its own scenarios (lowrank_scenarios.py).
+    engine, _, _, _ = gorp_ds.initialize(model=model, optimizer=opt, config=config, full_gradients="flat")
     gas = config["gradient_accumulation_steps"]
     if load_from is not None:
         load_checkpoint(engine, load_from)

@@ -68,6 +68,17 @@ class RunConfig:
     keep_checkpoints: int = 2
     checkpoints: bool = True  # false: write no checkpoints at all (benchmarks; --resume then impossible)
     seed: int = 0
+    # --- gradients of `full` targets (gorp, galore) -----------------------------------------------
+    # "projected" (default): their Linear's backward forms the low-rank gradient R = δᵀ(X Q) from the
+    # activations, they live outside DeepSpeed's flat buffers, and gradient_clipping uses the norm of
+    # the projected gradient for them. "flat": their full gradients go through DeepSpeed's flat
+    # buffers like every other tensor (gradient_clipping uses ‖G‖): the earlier path, kept selectable.
+    full_gradients: str = "projected"
+    # Projector refreshes on the projected path: "sketch" (default) computes them from products of G
+    # through the activations (a distributed randomized range finder, no m × n tensor) when a step has
+    # one micro-batch and --projector is randomized, else forms G; "gradient" always forms G.
+    refresh_from: str = "sketch"
+    # ----------------------------------------------------------------------------------------------
     # profiling: device-synchronised wall time per training phase and per projector refresh (costs
     # several syncs per micro-batch; off, a step reads the device once, for its loss)
     profile: bool = False
@@ -214,6 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "max_steps_per_task": "optimizer steps per task (default: --epochs over the train split)",
         "eval_samples": "test examples per task used for R",
         "output_dir": "where results, TensorBoard events and checkpoints go",
+        "full_gradients": "projected (default: low-rank gradients from activations, outside DeepSpeed's buffers) "
+                          "or flat (full gradients in DeepSpeed's flat buffers)",
         "profile": "time every training phase and projector refresh with device syncs (slower; off by default)",
         "max_bad_steps": "consecutive steps with a non-finite loss or gradient (each skipped) before the run stops",
     }
@@ -287,6 +300,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--projector must be randomized or exact, got {cfg.projector!r}")
     if not 0.0 <= cfg.shared_threshold <= 1.0:
         raise ConfigError(f"--shared-threshold must be in [0, 1], got {cfg.shared_threshold}")
+    if cfg.full_gradients not in ("projected", "flat"):
+        raise ConfigError(f"--full-gradients must be projected or flat, got {cfg.full_gradients!r}")
+    if cfg.refresh_from not in ("sketch", "gradient"):
+        raise ConfigError(f"--refresh-from must be sketch or gradient, got {cfg.refresh_from!r}")
     if cfg.save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {cfg.save_every}")
     for key in ("lr_lora", "lr_full", "lr_plain", "weight_decay", "olora_lambda"):

@@ -85,6 +85,13 @@ def build_param_groups(model: nn.Module, method: str, cfg: RoleConfig) -> list[d
                 if n in weights and p.dim() == 2 and ".lora_" not in n and any(_matches(n, t) for t in cfg.full_targets)]
         if not full:
             raise RoleError(f"full-rank targets {cfg.full_targets} match no 2-D weight in this model")
+        # A module cannot be both: the LoRA merge at a task boundary writes into the base weight that
+        # the full-rank update owns (under ZeRO, silently overwritten by the owner's fp32 master).
+        lora_modules = {n.removesuffix(".lora_A") for n, _ in lora_a}
+        both = [n for n, _ in full if n in lora_modules]
+        if both:
+            raise RoleError(f"module {both[0]} is both a LoRA target (--lora-targets) and a full-rank target "
+                            f"(--full-targets {','.join(cfg.full_targets)}); remove it from one of the two settings")
         for name, param in full:
             if cfg.rank > min(param.shape):
                 raise RoleError(f"--rank {cfg.rank} is larger than {name} ({tuple(param.shape)}); use at most {min(param.shape)}")

@@ -8,6 +8,12 @@ layer (``gorp_ds.zero``) installs a driver that updates the slices a rank owns. 
 module name and holds tensors only (per-name views into stacked buffers, :mod:`.stacks`), so
 ``state_dict`` is independent of parameter objects, batching and world size.
 
+``full`` tensors can also be trained from low-rank gradients computed elsewhere (from activations,
+``gorp_ds.zero.lowrank_targets``): ``refresh_members`` (projectors from ``G``, refresh steps only)
+and ``low_rank_batch`` (the step from ``R``) run the same refresh and low-rank step as the path
+from full gradients, on the same state; such groups are taken out of ``param_groups`` with
+``detach_groups`` so that ``step()`` and DeepSpeed do not see them.
+
 No host-device synchronisation on the step path, with two exceptions: the first projector refresh
 of a task reads one success flag per batch back (it decides whether a ``full`` tensor can step at
 all), and torch's ``eigh``/``svd`` check their own errors on refresh steps. Projector failures are
@@ -25,7 +31,13 @@ import torch
 from torch import Tensor
 
 from ..log import get_logger
-from .projector import PROJECTOR_METHODS, project_gradient, projector_seed
+from .projector import (
+    PROJECTOR_METHODS,
+    GradientProducts,
+    compute_projectors_op,
+    project_gradient,
+    projector_seed,
+)
 from .shared_space import extend_shared_space, oriented_moment, shared_side
 from .stacks import StateStack, select, store
 from .update import (
@@ -34,6 +46,7 @@ from .update import (
     BatchUpdate,
     UpdateConfig,
     adam_step_,
+    finish_refresh,
     low_rank_step_,
     protected_dense_step_,
     refresh_projectors,
@@ -181,6 +194,9 @@ class GORP(torch.optim.Optimizer):
         self.shared: dict[str, Tensor] = {}
         self.tasks_completed = torch.zeros((), dtype=torch.int64)
         self.driver: StepDriver = LocalDriver()
+        # Groups stepped by an owner outside ``step()`` (``detach_groups``): the ``full`` tensors
+        # trained from projected gradients. Their state is here like every other tensor's.
+        self.detached_groups: list[dict[str, Any]] = []
         # Run statistics (not state). ``time_refreshes``: time refreshes between device syncs
         # (profiling); otherwise CUDA events are used, read only when ``stats`` is asked for.
         self.time_refreshes = False
@@ -198,6 +214,8 @@ class GORP(torch.optim.Optimizer):
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.add_param_group`` plus GORP's validation and name registration."""
+        if getattr(self, "detached_groups", None):
+            raise ValueError("GORP.add_param_group: groups were detached (detach_groups); add groups before that")
         index = len(self.param_groups)
         super().add_param_group(param_group)
         try:
@@ -324,46 +342,133 @@ class GORP(torch.optim.Optimizer):
 
     def _full_partition(self, stack: StateStack, grad: Tensor, shared: Tensor | None, step: int,
                         index: list[int], cfg: UpdateConfig) -> BatchUpdate | None:
-        """``full`` members ``index`` (all at ``step``): refresh if due, then the low-rank step."""
+        """``full`` members ``index`` (all at ``step``) from their full gradients: refresh if due,
+        ``R = project(G)``, then the low-rank step (the path of full gradients in flat buffers)."""
+        if step % cfg.update_gap == 0:
+            kept = self._refresh_partition(stack, grad, step, index, cfg)
+            if not kept:
+                return None
+            if len(kept) < len(index):
+                grad = select(grad, [index.index(i) for i in kept], len(index))
+                shared = select(shared, [index.index(i) for i in kept], len(index)) if shared is not None else None
+                index = kept
+        projector = select(stack.buffers["projector"], index, len(stack.names))
+        low_rank = project_gradient(grad, projector)  # (B, m, k) right or (B, k, n) left
+        return self._low_rank_partition(stack, low_rank, shared, step, index, cfg)
+
+    def _refresh_partition(self, stack: StateStack, grad: Tensor | None, step: int, index: list[int],
+                           cfg: UpdateConfig, products: GradientProducts | None = None) -> list[int]:
+        """New projectors for members ``index`` (all at ``step``, a refresh step) from their full
+        gradients ``grad`` (``(len(index), m, n)``), or from ``products`` of those gradients with
+        thin matrices (randomized projector only). Returns the members that have a projector now
+        (all, except members whose first refresh of the task failed)."""
         batch, buffers = len(stack.names), stack.buffers
         previous = select(buffers["projector"], index, batch) if step > 0 else None
-        projector = previous
-        if step % cfg.update_gap == 0:
-            task = int(self.tasks_completed)  # CPU tensor
-            seeds = [projector_seed(stack.names[i], task, step // cfg.update_gap) for i in index]
-            with self._refresh_timer(grad.device, self.time_refreshes):
+        task = int(self.tasks_completed)  # CPU tensor
+        seeds = [projector_seed(stack.names[i], task, step // cfg.update_gap) for i in index]
+        device = grad.device if grad is not None else products.device
+        with self._refresh_timer(device, self.time_refreshes):
+            if products is None:
                 projector, ok = refresh_projectors(grad, previous, cfg, seeds)
-            self.refresh_count += len(index)
-            failed = ok.logical_not()
-            failures = select(buffers["projector_failures"], index, batch)
-            failures.add_(failed)
-            store(buffers["projector_failures"], index, failures)
-            total = self._failures.get(grad.device)
-            if total is None:
-                total = self._failures[grad.device] = torch.zeros((), dtype=torch.int64, device=grad.device)
-            total.add_(failed.sum())
-            if previous is None:
-                # First refresh of the task: there is no projector to fall back on, so the host must
-                # know which members have one at all (one read per batch and task).
-                good = [j for j, flag in enumerate(ok.tolist()) if flag]
-                if not good:
-                    return None
-                if len(good) < len(index):
-                    grad, projector = select(grad, good, len(index)), select(projector, good, len(index))
-                    shared = select(shared, good, len(index)) if shared is not None else None
-                    index = [index[j] for j in good]
-                stack.attach_low_rank(self.state, index)
-            store(buffers["projector"], index, projector)
-        assert projector is not None
+            else:
+                new, ok = compute_projectors_op(products.apply, products.apply_t, (len(index), *stack.shape), cfg.rank,
+                                                seeds=seeds, oversample=cfg.oversample, power_iters=cfg.power_iters,
+                                                device=device)
+                projector, ok = finish_refresh(new, ok, previous, cfg)
+        self.refresh_count += len(index)
+        failed = ok.logical_not()
+        failures = select(buffers["projector_failures"], index, batch)
+        failures.add_(failed)
+        store(buffers["projector_failures"], index, failures)
+        total = self._failures.get(device)
+        if total is None:
+            total = self._failures[device] = torch.zeros((), dtype=torch.int64, device=device)
+        total.add_(failed.sum())
+        if previous is None:
+            # First refresh of the task: there is no projector to fall back on, so the host must
+            # know which members have one at all (one read per batch and task).
+            good = [j for j, flag in enumerate(ok.tolist()) if flag]
+            if len(good) < len(index):
+                projector = select(projector, good, len(index)) if good else projector
+                index = [index[j] for j in good]
+            if not index:
+                return []
+            stack.attach_low_rank(self.state, index)
+        store(buffers["projector"], index, projector)
+        return index
+
+    def _low_rank_partition(self, stack: StateStack, low_rank: Tensor, shared: Tensor | None, step: int,
+                            index: list[int], cfg: UpdateConfig) -> BatchUpdate:
+        """The low-rank step of members ``index`` (all at ``step``, each with a projector) from
+        ``R`` (``(len(index), m, k)`` or ``(len(index), k, n)``)."""
+        batch, buffers = len(stack.names), stack.buffers
+        projector = select(buffers["projector"], index, batch)
         exp_avg = select(buffers["exp_avg"], index, batch)
         exp_avg_sq = select(buffers["exp_avg_sq"], index, batch)
-        low_rank = project_gradient(grad, projector)  # (B, m, k) right or (B, k, n) left
         update = low_rank_step_(low_rank, exp_avg, exp_avg_sq, projector, shared, shared_side("full", stack.shape),
                                 step + 1, cfg, stack.shape)
         store(buffers["exp_avg"], index, exp_avg)
         store(buffers["exp_avg_sq"], index, exp_avg_sq)
         self._advance(stack, index)
         return BatchUpdate(index, update)
+
+    # ------------------------------------------------------------------ full tensors from projected gradients
+    # The path where ``R`` is computed outside the optimizer (from activations, gorp_ds.zero.lowrank_targets):
+    # the caller asks which members refresh, hands their full gradients to ``refresh_members`` on refresh
+    # steps only, and every step hands ``R`` to ``low_rank_batch``. Same state, same functions as above.
+
+    def full_batch(self, names: tuple[str, ...], cfg: UpdateConfig, device: torch.device) -> StateStack:
+        """The bound state stack of a batch of same-shape ``full`` tensors (built on first use)."""
+        stack = self._stack(tuple(names), cfg)
+        stack.bind(self.state, device)
+        return stack
+
+    def refresh_due(self, names: tuple[str, ...], cfg: UpdateConfig, device: torch.device) -> list[bool]:
+        """Per member: does its next step refresh the projector (step counter a multiple of T)?
+        Host-side (CPU step counters): no device sync."""
+        return [step % cfg.update_gap == 0 for step in self.full_batch(names, cfg, device).steps()]
+
+    def refresh_members(self, names: tuple[str, ...], index: list[int], grads: Tensor | None, cfg: UpdateConfig,
+                        products: GradientProducts | None = None) -> list[int]:
+        """New projectors for members ``index`` of the batch ``names`` from their full gradients
+        ``grads`` (``(len(index), m, n)``, fp32, already averaged over data-parallel ranks), or,
+        with ``grads=None``, from ``products`` of those gradients (randomized projector; the
+        members must share their step counter); the members' next step must be a refresh step.
+        Returns the members that have a projector now."""
+        stack = self.full_batch(names, cfg, grads.device if grads is not None else products.device)
+        steps = stack.steps()
+        updated: list[int] = []
+        parts = partition_by_step([steps[i] for i in index])
+        if products is not None and (len(parts) > 1 or cfg.projector != "randomized"):
+            raise ValueError("GORP.refresh_members: products need one step counter and the randomized projector")
+        for step, part in parts:
+            members = [index[j] for j in part]
+            assert step % cfg.update_gap == 0, "refresh_members called on a step without a refresh"
+            grad = select(grads, part, len(index)) if grads is not None else None
+            updated += self._refresh_partition(stack, grad, step, members, cfg, products)
+        return updated
+
+    def projector_stack(self, names: tuple[str, ...], cfg: UpdateConfig, device: torch.device) -> Tensor:
+        """``(B, n, k)`` or ``(B, m, k)`` projectors of the batch (a view; garbage for members
+        without one: see :meth:`has_projector`)."""
+        return self.full_batch(names, cfg, device).buffers["projector"]
+
+    def has_projector(self, name: str) -> bool:
+        return "projector" in self.state.get(name, {})
+
+    def low_rank_batch(self, names: tuple[str, ...], low_rank: Tensor, cfg: UpdateConfig) -> list[BatchUpdate]:
+        """The low-rank step of the batch ``names`` from ``R`` (``(B, m, k)`` or ``(B, k, n)``, fp32,
+        averaged and clipped); members without a projector are left out (their step is skipped)."""
+        stack = self.full_batch(names, cfg, low_rank.device)
+        shared_all = stack.shared_stack(self.shared)
+        batch, updates = len(names), []
+        for step, index in partition_by_step(stack.steps()):
+            index = [i for i in index if self.has_projector(names[i])]
+            if not index:
+                continue
+            shared = select(shared_all, index, batch) if shared_all is not None else None
+            updates.append(self._low_rank_partition(stack, select(low_rank, index, batch), shared, step, index, cfg))
+        return updates
 
     @staticmethod
     def _advance(stack: StateStack, index: list[int]) -> None:
@@ -412,7 +517,7 @@ class GORP(torch.optim.Optimizer):
         for the tensors whose state this process holds."""
         for name, state in self._named_states():
             role, shape, group_index = self.tensor_meta[name]
-            threshold = float(self.param_groups[group_index]["shared_threshold"])
+            threshold = float(self.group(group_index)["shared_threshold"])
             if role not in PROTECTED_ROLES or "exp_avg" not in state or threshold <= 0.0:
                 continue
             side = shared_side(role, shape)
@@ -442,12 +547,13 @@ class GORP(torch.optim.Optimizer):
             "state": {name: dict(st) for name, st in self._named_states()},
             "shared": dict(self.shared),
             "tasks_completed": self.tasks_completed.clone(),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                             for g in self.param_groups + self.detached_groups],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         saved_groups = state_dict["param_groups"]
-        groups = self.param_groups
+        groups = self.param_groups + self.detached_groups
         if [g["names"] for g in saved_groups] != [g["names"] for g in groups]:
             raise ValueError("GORP.load_state_dict: the saved param groups name different tensors than this optimizer's")
         for group, saved in zip(groups, saved_groups):
@@ -463,5 +569,27 @@ class GORP(torch.optim.Optimizer):
         self.tasks_completed = state_dict["tasks_completed"].clone()
 
     def _device_of(self, name: str) -> torch.device:
-        group = self.param_groups[self.tensor_meta[name][2]]
+        group = self.group(self.tensor_meta[name][2])
         return group["params"][0].device
+
+    # ------------------------------------------------------------------ detached groups
+    def group(self, index: int) -> dict[str, Any]:
+        """Param group ``index`` as numbered at construction, detached groups included."""
+        if index < len(self.param_groups):
+            return self.param_groups[index]
+        return self.detached_groups[index - len(self.param_groups)]
+
+    def detach_groups(self, role: str) -> list[dict[str, Any]]:
+        """Take the groups of ``role`` out of ``param_groups`` (so that ``step()`` and a wrapper
+        such as DeepSpeed no longer see them) and return them; their tensors keep their names,
+        state and group numbers. They must be the last groups (``build_param_groups`` puts
+        ``full`` last), so that the other groups keep their numbers."""
+        if self.detached_groups:
+            raise ValueError("GORP.detach_groups: groups were detached already")
+        roles = [g["role"] for g in self.param_groups]
+        first = next((i for i, r in enumerate(roles) if r == role), len(roles))
+        if any(r != role for r in roles[first:]):
+            raise ValueError(f"GORP.detach_groups: the {role!r} groups must come after every other group")
+        self.detached_groups = self.param_groups[first:]
+        del self.param_groups[first:]
+        return self.detached_groups

@@ -16,7 +16,8 @@ except inside torch's own error checks of ``eigh``/``svd`` (refresh steps only).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -28,6 +29,16 @@ PROJECTOR_METHODS = ("randomized", "exact")
 # (zeroed) by the orthonormalisation; the Gram matrices are formed in float64, so directions down
 # to ~1e-6 of the largest singular value survive with orthonormality error ~1e-10.
 _DROP = 1e-12
+
+
+@dataclass(frozen=True)
+class GradientProducts:
+    """A ``(B, m, n)`` gradient stack known through products only: ``apply(v)`` = ``G v``
+    (``(B, n, l)`` → ``(B, m, l)``), ``apply_t(u)`` = ``Gᵀ u`` (``(B, m, l)`` → ``(B, n, l)``)."""
+
+    apply: Callable[[Tensor], Tensor]
+    apply_t: Callable[[Tensor], Tensor]
+    device: torch.device
 
 
 def projection_side(shape: tuple[int, ...] | torch.Size) -> Side:
@@ -88,19 +99,31 @@ def randomized_range_basis(a: Tensor, k: int, oversample: int, power_iters: int,
     vectors (Rayleigh–Ritz on ``Yᵀ A``). Non-finite members give non-finite or zero bases.
     """
     batch, d, c = a.shape
+    return randomized_range_basis_op(lambda v: a @ v, lambda u: a.mT @ u, (batch, d, c), k, oversample, power_iters,
+                                     seeds, a.device, a.dtype)
+
+
+def randomized_range_basis_op(apply: Callable[[Tensor], Tensor], apply_t: Callable[[Tensor], Tensor],
+                              shape: tuple[int, int, int], k: int, oversample: int, power_iters: int,
+                              seeds: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:func:`randomized_range_basis` of a matrix known only through its products: ``apply(v)`` is
+    ``A v`` (``(B, c, l)`` → ``(B, d, l)``), ``apply_t(u)`` is ``Aᵀ u``. The algorithm touches ``A``
+    only through ``2 + 2·power_iters`` such thin products, so ``A`` never has to exist (e.g. a
+    gradient ``δᵀ X`` applied through its activations, each product summed over ranks)."""
+    batch, d, c = shape
     sketch = min(k + oversample, d, c)
     omegas = []
     for seed in seeds:  # one generator per member: the same projector on every rank that holds it
-        generator = torch.Generator(device=a.device)
+        generator = torch.Generator(device=device)
         generator.manual_seed(int(seed))
-        omegas.append(torch.randn(c, sketch, generator=generator, device=a.device, dtype=a.dtype))
+        omegas.append(torch.randn(c, sketch, generator=generator, device=device, dtype=dtype))
     omega = torch.stack(omegas) if batch > 1 else omegas[0].unsqueeze(0)  # (B, c, l)
-    basis, finite = orthonormalize(a @ omega)  # (B, d, l)
+    basis, finite = orthonormalize(apply(omega))  # (B, d, l)
     for _ in range(power_iters):
-        back, ok = orthonormalize(a.mT @ basis)  # (B, c, l)
-        basis, ok2 = orthonormalize(a @ back)  # (B, d, l)
+        back, ok = orthonormalize(apply_t(basis))  # (B, c, l)
+        basis, ok2 = orthonormalize(apply(back))  # (B, d, l)
         finite = finite & ok & ok2
-    small = basis.mT @ a  # (B, l, c)
+    small = apply_t(basis).mT  # (B, l, c) = Yᵀ A
     finite = finite & finite_members(small)
     small = torch.where(finite[:, None, None], small, 0.0)
     result = basis @ _top_left_vectors(small, k)  # (B, d, k)
@@ -151,6 +174,25 @@ def compute_projectors(
     except torch.linalg.LinAlgError:
         nan = torch.full((batch, a.shape[1], rank), float("nan"), dtype=grads.dtype, device=grads.device)
         return nan, torch.zeros(batch, dtype=torch.bool, device=grads.device)
+    return basis.contiguous(), finite_members(basis)
+
+
+def compute_projectors_op(apply: Callable[[Tensor], Tensor], apply_t: Callable[[Tensor], Tensor],
+                          shape: tuple[int, int, int], rank: int, *, seeds: Sequence[int], oversample: int = 8,
+                          power_iters: int = 2, device: torch.device, dtype: torch.dtype = torch.float32
+                          ) -> tuple[Tensor, Tensor]:
+    """:func:`compute_projectors` (randomized) of a ``(B, m, n)`` gradient stack known only through
+    products: ``apply(v)`` = ``G v`` (``(B, n, l)`` → ``(B, m, l)``), ``apply_t(u)`` = ``Gᵀ u``."""
+    batch, m, n = shape
+    if projection_side((m, n)) == "right":  # a = Gᵀ: A v = Gᵀ v, Aᵀ u = G u
+        a_apply, a_apply_t, a_shape = apply_t, apply, (batch, n, m)
+    else:
+        a_apply, a_apply_t, a_shape = apply, apply_t, (batch, m, n)
+    try:
+        basis = randomized_range_basis_op(a_apply, a_apply_t, a_shape, rank, oversample, power_iters, seeds, device, dtype)
+    except torch.linalg.LinAlgError:
+        nan = torch.full((batch, a_shape[1], rank), float("nan"), dtype=dtype, device=device)
+        return nan, torch.zeros(batch, dtype=torch.bool, device=device)
     return basis.contiguous(), finite_members(basis)
 
 

@@ -131,6 +131,12 @@ def refresh_projectors(grads: Tensor, previous: Tensor | None, cfg: UpdateConfig
     """
     new, ok = compute_projectors(grads, cfg.rank, cfg.projector, seeds=seeds, oversample=cfg.oversample,
                                  power_iters=cfg.power_iters)
+    return finish_refresh(new, ok, previous, cfg)
+
+
+def finish_refresh(new: Tensor, ok: Tensor, previous: Tensor | None, cfg: UpdateConfig) -> tuple[Tensor, Tensor]:
+    """The rest of :func:`refresh_projectors` once the new bases are computed (from ``G`` or from
+    its products): keep the previous projector where a member failed, align the others."""
     if previous is None:
         return new, ok
     keep = ok[:, None, None]
@@ -213,6 +219,19 @@ class BatchUpdate:
             apply_low_rank_(targets, self.step, cfg)
         else:
             apply_adam_(targets if isinstance(targets, list) else [targets], self.step, cfg)
+
+
+def low_rank_factors(update: LowRankStep) -> tuple[Tensor, Tensor]:
+    """``(left, right)`` stacks with ``backproject(N, P) = left @ right``: ``(U_r, Qᵀ)`` or ``(P, U_r)``."""
+    if projection_side(update.shape) == "right":
+        return update.normalised, update.projector.mT
+    return update.projector, update.normalised
+
+
+def apply_low_rank_member_(target: Tensor, update: LowRankStep, position: int, cfg: UpdateConfig) -> None:
+    """Member ``position`` of a low-rank update applied to one fp32 ``m × n`` matrix (one GEMM)."""
+    left, right = low_rank_factors(update)
+    target.addmm_(left[position], right[position], beta=1.0 - cfg.lr * cfg.weight_decay, alpha=-update.step_size)
 
 
 def apply_low_rank_(targets: Tensor | list[Tensor], update: LowRankStep, cfg: UpdateConfig) -> None:

@@ -50,15 +50,8 @@ def _atomic_save(obj: Any, path: str) -> None:
 
 
 def _primary_holders(handle: ZeroHandle) -> set[str]:
-    """Names of protected tensors for which this rank is the lowest-ranked holder."""
-    if not handle.sharded:
-        return set(handle.params_by_name)
-    primary = set()
-    for layout in handle.driver.layouts:
-        for name, owners in layout.owners().items():
-            if owners and owners[0] == handle.driver.rank:
-                primary.add(name)
-    return primary
+    """Names of protected tensors for which this rank writes the state (lowest-ranked holder)."""
+    return handle.primary_holders()
 
 
 def rank_file(rank: int) -> str:
@@ -70,8 +63,11 @@ def gorp_payload(handle: ZeroHandle) -> dict[str, Any]:
     """This rank's share of GORP state and fp32 masters, as CPU copies."""
     opt = handle.optimizer
     primary = _primary_holders(handle)
+    replicated = handle.replicated_names()  # held whole by every rank: written once, by its primary holder
     pieces, low_rank, shared = {}, {}, {}
     for name, (start, end, master) in handle.held_masters().items():
+        if name in replicated and name not in primary:
+            continue
         role = opt.tensor_meta[name][0]
         entry: dict[str, Tensor] = {
             "elem_start": torch.tensor(start),

@@ -4,6 +4,12 @@
 start-up and with a message naming the config field and the fix, every setup whose math it does
 not guarantee, then installs a :class:`~gorp_ds.zero.driver.ZeroDriver` built from the ZeRO
 optimizer's partition geometry.
+
+With projected gradients (the default) the ``full`` groups are detached from the optimizer before
+DeepSpeed sees it and handed to :class:`~gorp_ds.zero.lowrank_targets.LowRankTargets`; this module
+hooks them into DeepSpeedZeroOptimizer's ``step`` (all-reduce of ``R`` first, their step after
+DeepSpeed's) and ``scaled_global_norm`` (the combined clipping norm): the only DeepSpeed internals
+that path touches.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import torch.distributed as torch_dist
 from torch import Tensor
 
 from ..log import get_logger
+from ..models.projected_linear import ProjectedLinearError
 from ..optim.gorp import GORP
 from .driver import ZeroDriver
 from .layout import FlatTensor, GroupLayout
+from .lowrank_targets import LowRankTargets
 
 log = get_logger(__name__)
 
@@ -112,11 +120,13 @@ def _group_layout(zero_optimizer: Any, group_index: int, names_by_id: dict[int, 
 class ZeroHandle:
     """What the rest of the project needs from a GORP-under-ZeRO engine, without DeepSpeed internals."""
 
-    def __init__(self, engine: Any, optimizer: GORP, params_by_name: dict[str, torch.nn.Parameter]) -> None:
+    def __init__(self, engine: Any, optimizer: GORP, params_by_name: dict[str, torch.nn.Parameter],
+                 low_rank: LowRankTargets | None = None) -> None:
         self.engine = engine
         self.optimizer = optimizer
         self.params_by_name = params_by_name
         self.sharded = isinstance(optimizer.driver, ZeroDriver)
+        self.low_rank = low_rank  # the ``full`` targets owned outside DeepSpeed (projected gradients)
 
     @property
     def driver(self) -> ZeroDriver:
@@ -126,12 +136,34 @@ class ZeroHandle:
     def held_masters(self) -> dict[str, tuple[int, int, Tensor]]:
         """``{name: (elem_start, elem_end, flat fp32 master view)}`` for what this rank updates: its
         partition's pieces under ZeRO, whole parameters otherwise."""
+        owned = self.low_rank.held_masters() if self.low_rank is not None else {}
         if self.sharded:
             return {
-                name: (piece.elem_start, piece.elem_end, master)
-                for name, (piece, master) in self.driver.master_pieces(self.optimizer).items()
+                **{name: (piece.elem_start, piece.elem_end, master)
+                   for name, (piece, master) in self.driver.master_pieces(self.optimizer).items()},
+                **owned,
             }
-        return {name: (0, p.numel(), p.data.view(-1)) for name, p in self.params_by_name.items()}
+        return {**{name: (0, p.numel(), p.data.view(-1)) for name, p in self.params_by_name.items()}, **owned}
+
+    def replicated_names(self) -> set[str]:
+        """Tensors every rank holds whole and updates identically (the ``full`` targets trained from
+        projected gradients); checkpoints write them once."""
+        return {m.name for m in self.low_rank.members} if self.low_rank is not None else set()
+
+    def primary_holders(self) -> set[str]:
+        """Names of the tensors whose whole low-rank state and S this rank writes to checkpoints:
+        where it is the lowest-ranked holder of a ZeRO partition, and rank 0 for the replicated
+        ``full`` targets trained from projected gradients."""
+        if not self.sharded:
+            return set(self.params_by_name)
+        primary = set()
+        for layout in self.driver.layouts:
+            for name, owners in layout.owners().items():
+                if owners and owners[0] == self.driver.rank:
+                    primary.add(name)
+        if self.low_rank is not None and self.rank == 0:
+            primary |= {m.name for m in self.low_rank.members}
+        return primary
 
     @torch.no_grad()
     def masters_from_model(self, names: Iterable[str]) -> None:
@@ -228,6 +260,8 @@ class ZeroHandle:
             if part is None:
                 continue
             grads.extend(t for t in (part if isinstance(part, (list, tuple)) else [part]) if t is not None and t.numel())
+        if self.low_rank is not None:  # the `full` targets' projected gradients (this rank's sums, before the all-reduce)
+            grads.append(self.low_rank.flat_low_rank)
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for grad in grads:
             by_dtype.setdefault(grad.dtype, []).append(grad)
@@ -249,16 +283,30 @@ class ZeroHandle:
         """Push fp32 masters into the (bf16) model weights on every rank after loading masters."""
         if self.sharded:
             self.engine.optimizer.update_lp_params()
+        if self.low_rank is not None:
+            self.low_rank.write_back_masters()
+
+
+FULL_GRADIENTS = ("projected", "flat")
 
 
 def initialize(
     model: torch.nn.Module,
     optimizer: GORP,
     config: str | os.PathLike | dict[str, Any],
+    full_gradients: str = "projected",
+    refresh_from: str = "sketch",
     **kwargs: Any,
 ):
     """``deepspeed.initialize`` for a ``GORP`` optimizer; returns the same tuple
-    ``(engine, optimizer, dataloader, lr_scheduler)``. ``engine.gorp`` is a :class:`ZeroHandle`."""
+    ``(engine, optimizer, dataloader, lr_scheduler)``. ``engine.gorp`` is a :class:`ZeroHandle`.
+
+    ``full_gradients``: ``"projected"`` (default) trains the ``full`` tensors from low-rank gradients
+    formed in their Linear's backward, outside DeepSpeed (:mod:`.lowrank_targets`; clipping then uses
+    the projected-gradient norm); ``"flat"`` hands their full gradients to DeepSpeed's flat buffers
+    like every other tensor (clipping uses ‖G‖). ``refresh_from`` (projected only): ``"sketch"``
+    (default) computes refreshed projectors from products of G through the activations when a step
+    has one micro-batch (randomized projector), else forms G; ``"gradient"`` always forms G."""
     import deepspeed
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -271,6 +319,25 @@ def initialize(
     ds_config = load_ds_config(config)
     stage = check_supported(ds_config, str(source))
     ds_config["zero_allow_untested_optimizer"] = True
+    if refresh_from not in ("sketch", "gradient"):
+        raise UnsupportedSetupError(f"refresh_from (--refresh-from) is {refresh_from!r}; use sketch or gradient")
+    if full_gradients not in FULL_GRADIENTS:
+        raise UnsupportedSetupError(f"full_gradients (--full-gradients) is {full_gradients!r}; use one of {FULL_GRADIENTS}")
+    owned_groups = []
+    if full_gradients == "projected" and any(g["role"] == "full" for g in optimizer.param_groups):
+        if any(g["role"] != "full" for g in optimizer.param_groups[-1:]) or \
+                not any(g["role"] != "full" for g in optimizer.param_groups):
+            raise UnsupportedSetupError("--full-gradients projected: the 'full' param groups must come last and at "
+                                        "least one other group (LoRA, plain) must remain for DeepSpeed")
+        if ds_config.get("managed_gradient_accumulation") is False:
+            raise UnsupportedSetupError(f"{source}: 'managed_gradient_accumulation' is false; projected gradients "
+                                        "need DeepSpeed's micro-step counter (remove it, or --full-gradients flat)")
+        zero = ds_config.get("zero_optimization") or {}
+        if float(ds_config.get("gradient_clipping", 0.0) or 0.0) > 0.0 and zero.get("compute_grad_norm") is False:
+            raise UnsupportedSetupError(f"{source}: 'gradient_clipping' is set but 'zero_optimization.compute_grad_norm' "
+                                        "is false; projected gradients clip by the combined norm, which needs it "
+                                        "(remove compute_grad_norm)")
+        owned_groups = optimizer.detach_groups("full")
     params_by_name: dict[str, torch.nn.Parameter] = {}
     for group in optimizer.param_groups:
         for param, name in zip(group["params"], group["names"]):
@@ -278,6 +345,21 @@ def initialize(
                 raise UnsupportedSetupError(f"GORP tensor {name!r} has requires_grad=False; remove it from the optimizer")
             params_by_name[name] = param
     names_by_id = {id(p): name for name, p in params_by_name.items()}
+    low_rank = None
+    if owned_groups:
+        # Before DeepSpeed sees the model: the weights stop requiring gradients, so DeepSpeed
+        # builds no flat buffers, gradient hooks or partitions for them.
+        import deepspeed.comm as ds_comm
+
+        if not ds_comm.is_initialized():
+            deepspeed.init_distributed()
+        world = torch_dist.get_world_size()
+        try:
+            low_rank = LowRankTargets(optimizer, owned_groups, model, rank=torch_dist.get_rank(), world=world,
+                                      all_reduce=lambda t: torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM),
+                                      is_boundary=lambda: False, accumulation=1, refresh_from=refresh_from)
+        except ProjectedLinearError as err:
+            raise UnsupportedSetupError(str(err)) from None
 
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, **kwargs
@@ -309,5 +391,44 @@ def initialize(
     cut = sum(len(layout.cut_tensors()) for layout in layouts)
     log.info(f"GORP under ZeRO-{stage}: {len(params_by_name)} tensors in {len(layouts)} groups, "
              f"{cut} cut by partition boundaries, world size {layouts[0].world_size}")
-    engine.gorp = ZeroHandle(engine, optimizer, params_by_name)
+    if low_rank is not None:
+        if torch_dist.get_world_size(group=group) != torch_dist.get_world_size():
+            raise UnsupportedSetupError(f"{source}: projected gradients need the data-parallel group to be the whole world")
+        low_rank.allocate()
+        low_rank.all_reduce = all_reduce
+        low_rank.is_boundary = engine.is_gradient_accumulation_boundary
+        low_rank.accumulation = engine.gradient_accumulation_steps()
+        _own_full_targets_step(zero_optimizer, low_rank)
+        log.info(f"GORP: {len(low_rank.members)} full-rank tensors trained from projected gradients outside "
+                 f"DeepSpeed (R all-reduce {low_rank.flat_low_rank.numel() * 4 / 2**20:.2f} MiB per step)")
+    engine.gorp = ZeroHandle(engine, optimizer, params_by_name, low_rank)
     return engine, ds_optimizer, loader, scheduler
+
+
+def _own_full_targets_step(zero_optimizer: Any, targets: LowRankTargets) -> None:
+    """Hook the owned ``full`` targets into DeepSpeedZeroOptimizer's step: ``R`` is all-reduced before
+    DeepSpeed's gradient norm, the norm becomes ``√(‖g‖² + Σ‖R‖²)`` (so DeepSpeed clips its own
+    partitions by the combined norm), and after DeepSpeed's step (unless it skipped it) the targets
+    take theirs with the same clipping coefficient."""
+    original_norm = zero_optimizer.scaled_global_norm
+    original_step = zero_optimizer.step
+
+    def scaled_global_norm(norm_type: int = 2):
+        base = torch.as_tensor(original_norm(norm_type), dtype=torch.float32, device=targets.flat_low_rank.device)
+        targets.total_norm = torch.sqrt(base.square() + targets.squared_norm())
+        return targets.total_norm
+
+    def step(closure=None):
+        # A step the trainer marked non-finite (GORP.skip_next_step, reset by GORP.step) changes nothing here either.
+        skip = bool(getattr(targets.optimizer, "skip_next_step", False))
+        targets.reduce_()
+        try:
+            result = original_step(closure)
+            if not zero_optimizer.overflow and not skip:
+                targets.step_(float(zero_optimizer.clip_grad))
+        finally:
+            targets.reset()
+        return result
+
+    zero_optimizer.scaled_global_norm = scaled_global_norm
+    zero_optimizer.step = step

@@ -1,0 +1,299 @@
+"""``full`` targets trained from projected gradients, owned outside DeepSpeed's flat buffers.
+
+Between projector refreshes a ``full`` tensor needs only its low-rank gradient ``R`` (``m × k`` or
+``k × n``), and that comes straight from the layer's activations (``gorp_ds.optim.lowrank_grad``)
+in the backward of its Linear (``gorp_ds.models.projected_linear``). This module owns those tensors:
+
+- **Gradients.** Each micro-batch's backward adds ``R`` into one fp32 buffer holding every target's
+  ``R`` back to back; at the optimizer step one all-reduce sums it over the data-parallel group
+  (``Σ B·m·k·4`` bytes, independent of the world size). No ``m × n`` gradient exists.
+- **Refresh steps** (every ``update_gap`` steps per tensor; the fallback of the design): the backward
+  forms ``G = δᵀ X`` (fp32) instead; on the last micro-batch, as soon as a layer's ``G`` is complete,
+  it is all-reduced (the one ``m × n`` collective, every ``T`` steps), handed to the optimizer's
+  ``refresh_members`` (the same refresh as the flat path), ``R = project(G)`` is written by rank 0
+  and ``G`` is freed. Without accumulation only one ``G`` exists at a time; with accumulation every
+  target's ``G`` is held across the step's micro-batches (``m·n·4`` bytes each).
+- **Sketch refresh** (``refresh_from="sketch"``, the default, when a step has one micro-batch and
+  the projector is randomized): no ``G`` at all. The randomized range finder touches ``G`` only
+  through thin products, and ``G v = δᵀ(X v)``, ``Gᵀ u = Xᵀ(δ u)`` come from the activations in the
+  layer's backward, each all-reduced over the data-parallel group: ``2 + 2·power_iters``
+  collectives of ``(m or n) × (k + oversample)`` per target and refresh, never an ``m × n`` one. It
+  is the same algorithm on the same test matrices, so the projector equals the one from ``G`` up to
+  rounding. With accumulation, earlier micro-batches' activations are gone, so ``G`` is formed.
+- **Masters, replicated.** Every rank applies the same rank-k update from the same all-reduced ``R``
+  to its own copy, so weights need no gather at all. The fp32 master of a bf16 weight is stored as
+  the weight plus its 16 low bits (``split_master``): exact fp32 arithmetic, 2 extra bytes per
+  element, and the bf16 weight is always the rounded master (no drift). An fp32 weight is its own
+  master. Sharding fp32 masters instead would cost ``4/W`` bytes per element but an ``m × n``
+  all-gather of the bf16 weights after every step; at W = 2 it saves nothing (2 bytes either way).
+- **Clipping.** The global norm for ``gradient_clipping`` is ``√(‖g‖² + Σ‖R‖²)``: DeepSpeed's norm of
+  the LoRA/``plain`` gradients combined with the norm of the ``full`` targets' projected gradients
+  ``R = G Q`` (or ``Pᵀ G``; before the projection off S). ``R`` is clipped with DeepSpeed's
+  coefficient ``max(1, (norm + 1e-6) / clip)``.
+
+State lives in the ``GORP`` optimizer as for every other tensor (keyed by module name), so
+checkpoints and ``end_task`` treat these tensors like the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..log import get_logger
+from ..models import projected_linear
+from ..optim.gorp import GORP
+from ..optim.lowrank_grad import accumulate_full_gradient_, accumulate_low_rank_, full_gradient
+from ..optim.projector import GradientProducts, Side, project_gradient, projection_side
+from ..optim.update import LowRankStep, UpdateConfig, apply_low_rank_member_, low_rank_factors
+from . import split_master
+
+log = get_logger(__name__)
+AllReduce = Callable[[Tensor], None]
+
+
+@dataclass
+class Member:
+    name: str
+    key: int  # position in LowRankTargets.members
+    batch: int  # position in LowRankTargets.batches
+    index: int  # position in its batch
+    weight: nn.Parameter
+    remainder: Tensor | None  # int16 low bits of the fp32 master (bf16 weights), None for fp32 weights
+    grad: Tensor | None = None  # G (fp32, m × n) while a refresh step's micro-batches run
+    calls: int = 0  # backward calls since the last step
+    refreshed: bool = False
+
+
+@dataclass
+class Batch:
+    """Same-shape targets of one param group: stepped together, ``R`` a ``(B, …)`` view."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, int]
+    side: Side
+    group: dict[str, Any]
+    members: list[Member] = field(default_factory=list)
+    low_rank: Tensor | None = None  # (B, m, k) or (B, k, n) view of the flat R buffer
+
+
+class LowRankTargets:
+    """Owner of the ``full`` tensors of ``groups`` (detached from ``optimizer``) under data parallelism."""
+
+    def __init__(self, optimizer: GORP, groups: list[dict[str, Any]], model: nn.Module, *, rank: int, world: int,
+                 all_reduce: AllReduce, is_boundary: Callable[[], bool], accumulation: int,
+                 refresh_from: str = "sketch") -> None:
+        self.optimizer, self.rank, self.world = optimizer, rank, world
+        self.refresh_from = refresh_from  # "sketch" (from activations when possible) or "gradient" (form G)
+        self.all_reduce, self.is_boundary, self.accumulation = all_reduce, is_boundary, accumulation
+        names = [name for group in groups for name in group["names"]]
+        self.modules = projected_linear.linear_modules(model, names)
+        self.batches: list[Batch] = []
+        self.members: list[Member] = []
+        by_key: dict[tuple[int, tuple[int, int]], Batch] = {}
+        for group in groups:
+            for name, param in zip(group["names"], group["params"]):
+                if self.modules[name].weight is not param:
+                    raise ValueError(f"full-rank target {name!r}: the optimizer's tensor is not the module's weight")
+                shape = tuple(param.shape)
+                batch = by_key.get((id(group), shape))
+                if batch is None:
+                    batch = by_key[(id(group), shape)] = Batch((), shape, projection_side(shape), group)
+                    self.batches.append(batch)
+                batch.names += (name,)
+                member = Member(name, len(self.members), self.batches.index(batch), len(batch.members), param, None)
+                batch.members.append(member)
+                self.members.append(member)
+                param.requires_grad_(False)  # no weight gradient from autograd; DeepSpeed never sees it
+        self._due: list[list[bool]] | None = None  # per batch and member, for the step under way
+        self._projectors: list[Tensor] = []
+        self._materialized: dict[str, Tensor] = {}
+        self.total_norm: Tensor | None = None
+        self.flat_low_rank = torch.zeros(0)
+        projected_linear.install(self.modules, {m.name: m.key for m in self.members}, self)
+
+    def allocate(self) -> None:
+        """Buffers on the weights' device and in their final dtype: call once the model is placed
+        (after ``deepspeed.initialize`` moved it). A bf16 weight's master starts equal to it."""
+        for m in self.members:
+            if m.weight.dtype not in (torch.bfloat16, torch.float32):
+                raise ValueError(f"full-rank target {m.name!r} is {m.weight.dtype}; projected gradients need bf16 or fp32")
+            m.remainder = split_master.zero_remainder(m.weight.data) if m.weight.dtype == torch.bfloat16 else None
+        device = self.members[0].weight.device
+        sizes = [len(b.names) * self._low_rank_numel(b) for b in self.batches]
+        self.flat_low_rank = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        offset = 0
+        for batch, size in zip(self.batches, sizes):
+            m, n = batch.shape
+            k = int(batch.group["rank"])
+            inner = (m, k) if batch.side == "right" else (k, n)
+            batch.low_rank = self.flat_low_rank[offset : offset + size].view(len(batch.names), *inner)
+            offset += size
+
+    @staticmethod
+    def _low_rank_numel(batch: Batch) -> int:
+        m, n = batch.shape
+        return int(batch.group["rank"]) * (m if batch.side == "right" else n)
+
+    def cfg(self, batch: Batch) -> UpdateConfig:
+        return UpdateConfig.from_group(batch.group)
+
+    # ------------------------------------------------------------------ backward (the gradient sink)
+    def _plan(self) -> list[list[bool]]:
+        """Which members refresh in the step under way (decided at its first backward, from the
+        optimizer's CPU step counters: after ``end_task`` or a checkpoint load too)."""
+        if self._due is None:
+            device = self.flat_low_rank.device
+            self._due = [self.optimizer.refresh_due(b.names, self.cfg(b), device) for b in self.batches]
+            # The stacked projector buffers (refreshes write into them in place): looked up once per step.
+            self._projectors = [self.optimizer.projector_stack(b.names, self.cfg(b), device) for b in self.batches]
+        return self._due
+
+    @torch.no_grad()
+    def linear_backward(self, key: int, x: Tensor, delta: Tensor) -> None:
+        member = self.members[key]
+        batch = self.batches[member.batch]
+        member.calls += 1
+        if not self._plan()[member.batch][member.index]:
+            projector = self._projectors[member.batch][member.index]
+            accumulate_low_rank_(batch.low_rank[member.index], x, delta, projector, batch.side)
+            return
+        if self._sketch(batch):
+            self._refresh_from_activations(member, batch, x, delta)
+            return
+        if member.grad is None:
+            member.grad = full_gradient(x, delta)  # fp32 m × n
+        else:
+            accumulate_full_gradient_(member.grad, x, delta)
+        if self.is_boundary():  # the step's last micro-batch: this layer's G is complete here
+            self._refresh(member, batch)
+
+    def _sketch(self, batch: Batch) -> bool:
+        """Refresh from products of ``G`` through the activations (no ``G``): possible when the
+        step has one micro-batch (its ``X`` and ``δ`` are all of ``G``) and the projector is
+        the randomized range finder, which touches ``G`` only through thin products."""
+        return self.refresh_from == "sketch" and self.accumulation == 1 and batch.group["projector"] == "randomized"
+
+    def _summed(self, local: Tensor) -> Tensor:
+        """``local`` summed over ranks and divided by the world size (in place)."""
+        if self.world > 1:
+            self.all_reduce(local)
+            local.div_(self.world)
+        return local
+
+    def _refresh_from_activations(self, member: Member, batch: Batch, x: Tensor, delta: Tensor) -> None:
+        """The distributed randomized range finder of ``G = (1/W) Σ_r δ_rᵀ X_r``: every product
+        ``G v = δᵀ(X v)`` or ``Gᵀ u = Xᵀ(δ u)`` is formed from this rank's activations and
+        all-reduced (``(m or n) × l``, ``l = k + oversample``; ``2 + 2·power_iters`` of them), then
+        ``R = δᵀ(X Q)`` (or ``(δ P)ᵀ X``) accumulates like on any other step."""
+        def apply(v: Tensor) -> Tensor:  # (1, n, l) -> (1, m, l)
+            return self._summed((delta.mT @ (x @ v[0].to(x.dtype))).float()).unsqueeze(0)
+
+        def apply_t(u: Tensor) -> Tensor:  # (1, m, l) -> (1, n, l)
+            return self._summed((x.mT @ (delta @ u[0].to(x.dtype))).float()).unsqueeze(0)
+
+        cfg = self.cfg(batch)
+        products = GradientProducts(apply, apply_t, x.device)
+        kept = self.optimizer.refresh_members(batch.names, [member.index], None, cfg, products)
+        if kept:  # a local R, averaged by the all-reduce of R like on steps without a refresh
+            projector = self._projectors[member.batch][member.index]
+            accumulate_low_rank_(batch.low_rank[member.index], x, delta, projector, batch.side)
+
+    def _refresh(self, member: Member, batch: Batch) -> None:
+        grad, member.grad = member.grad, None
+        if self.world > 1:
+            self.all_reduce(grad)  # the m × n collective of a refresh step
+            grad.div_(self.world)
+        cfg = self.cfg(batch)
+        kept = self.optimizer.refresh_members(batch.names, [member.index], grad.unsqueeze(0), cfg)
+        member.refreshed = True
+        if kept and self.rank == 0:  # R of the averaged G, summed once by the all-reduce of R
+            projector = self.optimizer.projector_stack(batch.names, cfg, grad.device)[member.index]
+            batch.low_rank[member.index].copy_(project_gradient(grad, projector))
+
+    # ------------------------------------------------------------------ the optimizer step
+    def reduce_(self) -> None:
+        """Sum ``R`` over the data-parallel group (average of the ranks' micro-batch sums)."""
+        wrong = [m for m in self.members if m.calls != self.accumulation]
+        if wrong:
+            m = wrong[0]
+            raise RuntimeError(
+                f"full-rank target {m.name!r} ran its backward {m.calls} times in a step of {self.accumulation} "
+                "micro-batches; projected gradients need exactly one call per micro-batch (a module applied "
+                "twice, or not at all); use --full-gradients flat for such a model")
+        if self.world == 1:
+            return
+        if any(m.refreshed for m in self.members):  # refreshed members' R is an average already (rank 0)
+            for batch in self.batches:
+                for m in batch.members:
+                    if not m.refreshed:
+                        batch.low_rank[m.index].div_(self.world)
+        else:
+            self.flat_low_rank.div_(self.world)
+        self.all_reduce(self.flat_low_rank)
+
+    def squared_norm(self) -> Tensor:
+        """``Σ‖R‖²`` of the step (after :meth:`reduce_`), on the device."""
+        return self.flat_low_rank.square().sum()
+
+    @torch.no_grad()
+    def step_(self, clip: float) -> None:
+        """The low-rank step of every target from its (clipped) ``R``, applied on this rank."""
+        self._materialized.clear()
+        if clip > 0.0 and self.total_norm is not None:
+            coefficient = torch.clamp((self.total_norm + 1e-6) / clip, min=1.0)  # DeepSpeed's
+            self.flat_low_rank.mul_(1.0 / coefficient)
+        for batch in self.batches:
+            cfg = self.cfg(batch)
+            for update in self.optimizer.low_rank_batch(batch.names, batch.low_rank, cfg):
+                assert isinstance(update.step, LowRankStep)
+                for position, j in enumerate(update.index):
+                    self._apply(batch.members[j], update.step, position, cfg)
+
+    @staticmethod
+    def _apply(member: Member, update: LowRankStep, position: int, cfg: UpdateConfig) -> None:
+        weight = member.weight.data
+        if member.remainder is None:
+            apply_low_rank_member_(weight, update, position, cfg)
+            return
+        left, right = low_rank_factors(update)
+        split_master.update_(weight, member.remainder, left[position], right[position],
+                             1.0 - cfg.lr * cfg.weight_decay, update.step_size)
+
+    def reset(self) -> None:
+        """After every optimizer step (also a skipped one): empty ``R``, re-plan the next step."""
+        self.flat_low_rank.zero_()
+        for m in self.members:
+            m.calls, m.refreshed, m.grad = 0, False, None
+        self._due = None
+        self.total_norm = None
+
+    # ------------------------------------------------------------------ masters
+    def held_masters(self) -> dict[str, tuple[int, int, Tensor]]:
+        """``{name: (0, numel, flat fp32 master)}``: a view of an fp32 weight, else a materialized
+        copy whose changes take effect at :meth:`write_back_masters` (checkpoint loads)."""
+        result = {}
+        for m in self.members:
+            if m.remainder is None:
+                master = m.weight.data.view(-1)
+            else:
+                master = self._materialized.get(m.name)
+                if master is None:
+                    master = self._materialized[m.name] = split_master.join(m.weight.data, m.remainder).view(-1)
+            result[m.name] = (0, m.weight.numel(), master)
+        return result
+
+    @torch.no_grad()
+    def write_back_masters(self) -> None:
+        for m in self.members:
+            master = self._materialized.get(m.name)
+            if master is not None:
+                split_master.split_(master.view(m.weight.shape), m.weight.data, m.remainder)
+        self._materialized.clear()
+
+    def remove(self) -> None:
+        projected_linear.uninstall(self.modules)
