@@ -54,6 +54,6 @@ def rebuild_session(load_dir: str, tag: str | None, tasks: list[Task], world: in
     ds_config = reconcile_ds_config({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}, cfg, world,
                                     "the rebuilt engine's DeepSpeed config")
     session = MethodSession(method, tasks, cfg, ds_config, out_dir)
-    session.resume(load_dir, tag)
+    session.resume(load_dir, tag, record_changes=False)  # batch sizes differ on purpose: not a resumed run
     log.info(f"[{method}] loaded checkpoint {os.path.join(load_dir, tag or 'latest')} (model {cfg.model}, {cfg.dtype})")
     return session

@@ -409,11 +409,12 @@ class MethodSession:
     def has_checkpoint(self) -> bool:
         return has_checkpoint(self.checkpoint_dir)
 
-    def resume(self, load_dir: str | None = None, tag: str | None = None) -> Progress:
+    def resume(self, load_dir: str | None = None, tag: str | None = None, *, record_changes: bool = True) -> Progress:
         """Masters and optimizer state from the checkpoint (``load_dir``, default this method's
         checkpoints; ``tag``, default the latest complete one); frozen base weights from the model's
         source with the finished tasks' LoRA merges replayed (bit-exact: the same merge function
-        on the same values)."""
+        on the same values). ``record_changes`` False (export, evaluation): the checkpoint is only
+        read, so this session's settings are neither compared with the saved run nor recorded."""
         client = load_checkpoint(self.engine, load_dir or self.checkpoint_dir, tag)
         problem = fingerprint_mismatch(client.get("base_model", {}), self.base_fingerprint)
         if problem:
@@ -430,7 +431,8 @@ class MethodSession:
                 for name, merge in record.items():
                     self.old_lora_a.setdefault(name, []).append(merge["A"])
         progress = Progress.from_state(client["progress"])
-        self._apply_run_settings(client.get("config"), progress)
+        if record_changes:
+            self._apply_run_settings(client.get("config"), progress)
         log.info(f"[{self.method}] resumed at task {progress.task + 1}, step {progress.step}")
         return progress
 
