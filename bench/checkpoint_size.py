@@ -75,7 +75,9 @@ def build_engine(args, device):
     if not args.tiny:
         config["bf16"] = {"enabled": True}
     optimizer = GORP(groups)
-    engine, *_ = gorp_ds.initialize(model=model, optimizer=optimizer, config=config)
+    # The flat path (gate_proj in DeepSpeed's buffers): what the runner trained with when it wrote the
+    # old format; the new format stores the same masters whichever path trained them.
+    engine, *_ = gorp_ds.initialize(model=model, optimizer=optimizer, config=config, full_gradients="flat")
     return engine, optimizer, fingerprint
 
 
