@@ -4,7 +4,6 @@ train a task, evaluate all tasks, close a task, checkpoint, resume.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -24,8 +23,6 @@ from ..data.tokenize import collate_training, encode_for_training
 from ..export.hf_dir import ExportInfo, export_hf_dir
 from ..log import get_logger
 from ..models import (
-    LoraSettings,
-    ModelConfig,
     RoleConfig,
     add_lora,
     build_param_groups,
@@ -119,16 +116,12 @@ class MethodSession:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.checkpoint_dir = os.path.join(out_dir, "checkpoints")
-        model, self.tokenizer = load_model_and_tokenizer(
-            ModelConfig(cfg.model, cfg.dtype, cfg.gradient_checkpointing)
-        )
+        model, self.tokenizer = load_model_and_tokenizer(cfg.base_model)
         torch.manual_seed(cfg.seed)
         if method in LORA_METHODS:
-            model = add_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, list(cfg.lora_targets)))
+            model = add_lora(model, cfg.lora)
             init_lora_(model, cfg.seed, 0)
-        roles = RoleConfig(list(cfg.full_targets), cfg.rank, cfg.update_gap, cfg.scale, cfg.projector,
-                           cfg.shared_threshold, cfg.lr_lora, cfg.lr_full, cfg.lr_plain, cfg.weight_decay)
-        groups = build_param_groups(model, method, roles)
+        groups = build_param_groups(model, method, RoleConfig.of(cfg.targets, cfg.optimizer))
         log.info(f"[{method}] trainable: {trainable_summary(groups)}")
         self.optimizer = GORP(groups)
         self.optimizer.time_refreshes = cfg.profile  # synchronised refresh timing only when profiling
@@ -366,7 +359,7 @@ class MethodSession:
             return None
         tag = f"task{progress.task:02d}_step{progress.step:06d}"
         client = {"progress": progress.to_state(), "old_lora_a": self.old_lora_a, "method": self.method,
-                  "run_config": dataclasses.asdict(self.cfg),  # what `python -m gorp_ds.export` rebuilds from
+                  "run_config": self.cfg.to_sections(),  # what `python -m gorp_ds.export` rebuilds from
                   "config": self.settings}  # what --resume compares with this run
         save_checkpoint(self.engine, self.checkpoint_dir, tag, client)
         if self.rank == 0:

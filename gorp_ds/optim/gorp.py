@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..log import get_logger
+from .config import DEFAULTS
 from .projector import PROJECTOR_METHODS, project_gradient, projector_seed
 from .shared_space import extend_shared_space, oriented_moment, shared_side
 from .stacks import StateStack, select, store
@@ -144,6 +145,9 @@ class GORP(torch.optim.Optimizer):
     Adam moments kept across refreshes stay in consistent coordinates; off gives GORP.md §2 as
     written (raw singular vectors).
 
+    Every keyword's default is :class:`~gorp_ds.optim.config.OptimizerConfig`'s (the run's
+    defaults); ``lr`` is set per group by the caller.
+
     ``stats`` (refreshes attempted, refresh seconds, projector failures) synchronises with the
     device and logs new projector failures: read it at logging intervals. ``time_refreshes = True``
     (profiling) times each refresh between device syncs instead of with CUDA events.
@@ -153,18 +157,18 @@ class GORP(torch.optim.Optimizer):
         self,
         params: Iterable[dict[str, Any]],
         lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        betas: tuple[float, float] = DEFAULTS.betas,
+        eps: float = DEFAULTS.eps,
+        weight_decay: float = DEFAULTS.weight_decay,
         *,
-        shared_threshold: float = 0.9,
-        rank: int = 8,
-        update_gap: int = 20,
-        scale: float = 1.0,
-        projector: str = "randomized",
-        oversample: int = 8,
-        power_iters: int = 2,
-        align_projector: bool = True,
+        shared_threshold: float = DEFAULTS.shared_threshold,
+        rank: int = DEFAULTS.rank,
+        update_gap: int = DEFAULTS.update_gap,
+        scale: float = DEFAULTS.scale,
+        projector: str = DEFAULTS.projector,
+        oversample: int = DEFAULTS.oversample,
+        power_iters: int = DEFAULTS.power_iters,
+        align_projector: bool = DEFAULTS.align_projector,
     ) -> None:
         groups = list(params)
         if not groups or not all(isinstance(g, dict) for g in groups):
