@@ -391,7 +391,7 @@ def _preset_layers(names: list[str], seen: tuple[str, ...] = ()) -> list[tuple[s
         if name in seen:
             raise ConfigError(f"--preset {name}: presets include each other in a cycle ({' -> '.join(seen)})")
         path = preset_path(name)
-        parsed = read_run_file(str(path), f"preset {name} ({path})")
+        parsed = read_run_file(str(path), f"preset {name}" + (f" ({path})" if str(path) != name else ""))
         layers += _preset_layers(parsed.presets, (*seen, name)) + [(name, parsed)]
     return layers
 
@@ -492,7 +492,7 @@ def build_run_config(args: Any) -> RunConfig:
     for name, layer in _preset_layers(names):
         for flat, (value, written) in layer.settings.items():
             values[flat], sources[flat] = value, how.format(name)
-            spelling[flat] = f"preset {name} ({layer.path}): {written}"
+            spelling[flat] = f"preset {name}" + (f" ({layer.path})" if layer.path != name else "") + f": {written}"
     order = str(explicit_values.get("order", values.get("order")) or "").strip()
     if order in PAPER_ORDERS:
         for flat, value in PAPER_LENGTHS.items():
