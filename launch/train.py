@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(REPO))
-DEFAULT_DS_CONFIG = REPO / "ds_configs" / "zero2.json"
+DEFAULT_DS_CONFIG = {"bf16": REPO / "ds_configs" / "zero2.json", "fp32": REPO / "ds_configs" / "zero2_fp32.json"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from gorp_ds.cl.runner import run
 
-        run(cfg, args.ds_config or str(DEFAULT_DS_CONFIG))
+        run(cfg, args.ds_config or str(DEFAULT_DS_CONFIG[cfg.dtype]))
     except user_errors as err:
         # Once per node: every rank of a launch stops with the same error (the runner agrees on it
         # across ranks), and a node's local rank 0 says so with the node's name.

@@ -184,3 +184,20 @@ def test_print_config_names_every_source(tmp_path: Path) -> None:
     assert "# preset embedded_quick" in lines["max_steps_per_task"]
     assert lines["eps"].endswith("# default")
     assert not (tmp_path / "runs").exists()
+
+
+def test_fp32_works_with_the_shipped_deepspeed_config() -> None:
+    import json
+
+    from gorp_ds.cl.config import ConfigError, reconcile_ds_config
+    from gorp_ds.zero import check_supported
+
+    fp32 = json.loads((REPO / "ds_configs" / "zero2_fp32.json").read_text())
+    cfg = _build("--dtype", "fp32")
+    ds = reconcile_ds_config(fp32, cfg, 2, "zero2_fp32.json")
+    check_supported(ds, "zero2_fp32.json")
+    assert ds["bf16"] == {"enabled": False}
+    with pytest.raises(ConfigError, match="zero2_fp32.json is one for fp32"):
+        reconcile_ds_config(json.loads((REPO / "ds_configs" / "zero2.json").read_text()), cfg, 2, "zero2.json")
+    with pytest.raises(ConfigError, match="bf16.enabled"):
+        reconcile_ds_config(fp32, _build(), 2, "zero2_fp32.json")

@@ -432,7 +432,7 @@ def add_arguments(parser: Any) -> None:
     """Every run setting as a flag (defaults None, so only explicit flags override), grouped by section."""
     parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=None,
                         help="DeepSpeed JSON with systems settings (ZeRO stage, precision, TensorBoard, W&B) "
-                             "[default: ds_configs/zero2.json]")
+                             "[default: ds_configs/zero2.json; with --dtype fp32 ds_configs/zero2_fp32.json]")
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", default=None, metavar="FILE",
