@@ -84,7 +84,7 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
         "timings": {"wall_s": time.perf_counter() - started, "train_s": 0.0, "eval_s": time.perf_counter() - started,
                     "tokens_per_s": 0.0},
         "world_size": world,
-        "config": dict(vars(cfg)),
+        "config": cfg.flat(),
     }
     if rank == 0:
         if cfg.predictions:

@@ -47,12 +47,16 @@ def rebuild_session(load_dir: str, tag: str | None, tasks: list[Task], world: in
     """The saved method's engine on this process group, the checkpoint loaded into it. Batch sizes
     are set to fit ``world`` (they do not affect the weights); ``overrides`` replace run settings
     that only concern evaluation (eval batch size, lengths, prompt format)."""
-    method, cfg, _ = saved_run(load_dir, tag)
+    method, cfg, client = saved_run(load_dir, tag)
     cfg = cfg.replace(global_batch_size=world, micro_batch_size=1, gradient_checkpointing=False,
                               checkpoints=False, **overrides)
     ds_config = reconcile_ds_config({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}, cfg, world,
                                     "the rebuilt engine's DeepSpeed config")
     session = MethodSession(method, tasks, cfg, ds_config, out_dir)
+    if isinstance(client.get("config"), dict):
+        # Not a continuation of the run: the batch sizes above fit this process group and do not
+        # touch the weights, so the checkpoint is compared with its own recorded settings.
+        session.settings = dict(client["config"])
     session.resume(load_dir, tag)
     log.info(f"[{method}] loaded checkpoint {os.path.join(load_dir, tag or 'latest')} (model {cfg.model}, {cfg.dtype})")
     return session
