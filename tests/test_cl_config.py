@@ -66,7 +66,7 @@ def _as_flags(values: dict) -> list[str]:
 
 def test_every_setting_has_a_flag_with_help_type_default_and_choices() -> None:
     parser = _parser()
-    actions = {a.dest: a for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions if a.help != argparse.SUPPRESS}
     help_text = parser.format_help()
     for flat, spec in SETTINGS.items():
         action = actions.get(flat)
@@ -77,7 +77,9 @@ def test_every_setting_has_a_flag_with_help_type_default_and_choices() -> None:
         if spec.choices:
             assert all(str(c) in action.metavar for c in spec.choices), (flat, action.metavar)
         if spec.kind is bool:
-            assert f"--no-{flat.replace('_', '-')}" in action.option_strings, flat
+            negative = f"--no-{flat.replace('_', '-')}"
+            assert any(negative in a.option_strings and a.dest == flat for a in parser._actions), flat
+            assert negative in action.help, flat
         assert spec.flag in help_text
     # the flag names that recipes, tests and users have used keep working
     for flag in ("--lr-lora", "--lr-full", "--rank", "--scale", "--lora-r", "--lora-targets", "--full-targets",

@@ -425,6 +425,8 @@ def _metavar(spec: Setting) -> str:
 def flag_help(spec: Setting) -> str:
     default = show(spec.default) if spec.default is not None else "none"
     extra = "; none: derived" if spec.optional and spec.default is not None else ""
+    if spec.kind is bool:
+        extra += f"; bare {spec.flag}: true, --no-{spec.flat.replace('_', '-')}: false"
     return f"{spec.help} [{spec.section}.{spec.name}; default: {default}{extra}]"
 
 
@@ -447,12 +449,12 @@ def add_arguments(parser: Any) -> None:
     for section, (_, cls, _) in SECTIONS.items():
         group = parser.add_argument_group(f"{section} settings ({cls.__name__})")
         for spec in (s for s in SETTINGS.values() if s.section == section):
-            flags = spec.flags
             nargs = "?" if spec.bare is not None else None
-            if spec.kind is bool:
-                flags = flags + [f"--no-{spec.flat.replace('_', '-')}"]
-            group.add_argument(*flags, dest=spec.flat, default=None, nargs=nargs, action=_SettingAction,
+            group.add_argument(*spec.flags, dest=spec.flat, default=None, nargs=nargs, action=_SettingAction,
                                metavar=_metavar(spec), help=flag_help(spec))
+            if spec.kind is bool:  # listed in the flag's help, not as an entry of its own
+                group.add_argument(f"--no-{spec.flat.replace('_', '-')}", dest=spec.flat, default=None, nargs=0,
+                                   action=_SettingAction, help=argparse.SUPPRESS)
 
 
 # ---------------------------------------------------------------------------------- building
@@ -483,7 +485,8 @@ def build_run_config(args: Any) -> RunConfig:
     elif run_file and run_file.presets:
         names, how = run_file.presets, "preset {}"
     else:
-        names, how = _auto_presets(explicit_values), "preset {} (auto: --model embedded)"
+        names = _auto_presets(explicit_values)
+        how = "preset {} (auto: --model embedded" + (", no data settings)" if AUTO_PRESET_SUITE in names else ")")
     names = [n for n in names if n.lower() != "none"]
 
     values: dict[str, Any] = {}
