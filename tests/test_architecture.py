@@ -68,7 +68,9 @@ def test_the_math_has_no_distributed_imports(module: str) -> None:
 
 
 def test_nothing_cites_documents_outside_the_repository() -> None:
-    outside = re.compile(r"GORP\.md|MEASURE\.md|SYSTEM\.md|shared/docs")
+    # Assembled from pieces, so that this file does not match the pattern itself.
+    docs = ("GORP", "MEASURE", "SYSTEM")
+    outside = re.compile("|".join(name + r"\.md" for name in docs) + "|" + "shared" + "/docs")
     hits = []
     for root in ("gorp_ds", "launch", "bench", "tests", "README.md", "docs"):
         paths = [REPO / root] if (REPO / root).is_file() else sorted((REPO / root).rglob("*"))
@@ -76,8 +78,6 @@ def test_nothing_cites_documents_outside_the_repository() -> None:
             if not path.is_file() or path.suffix not in (".py", ".md", ".sh", ".sbatch", ".yaml", ".json", ""):
                 continue
             for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-                if path == Path(__file__) and "outside = re.compile" in line:
-                    continue
                 if outside.search(line) or (root in ("gorp_ds", "launch") and "../shared" in line):
                     hits.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not hits, "\n".join(hits)
