@@ -1,4 +1,4 @@
-"""LoRA through PEFT on the tiny LLaMA: task-boundary merge + re-init (GORP.md §4), canonical
+"""LoRA through PEFT on the tiny LLaMA: task-boundary merge + re-init (docs/algorithm.md §4), canonical
 module names, and the parameter roles of every method (table in gorp_ds/models/roles.py)."""
 
 from __future__ import annotations

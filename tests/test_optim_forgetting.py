@@ -1,4 +1,4 @@
-"""Forgetting sanity check: the shared space S protects an earlier task (GORP.md §3).
+"""Forgetting sanity check: the shared space S protects an earlier task (docs/algorithm.md §3).
 
 Design. A linear model y = W x with W ∈ R^{8×32}, role ``full`` (m < n: left projection, S on
 the input side, which is exactly the side on which tasks differ here).

@@ -297,7 +297,7 @@ class MethodSession:
         return result, time.perf_counter() - start
 
     def close_adapters(self, task_index: int) -> None:
-        """GORP.md §4 step 2, before the task's row of R is measured: merge every LoRA into its base
+        """docs/algorithm.md §4 step 2, before the task's row of R is measured: merge every LoRA into its base
         weight in fp32 from the fp32 masters (rounded into W once) and re-initialise it (B = 0, so
         the adapter adds exactly nothing). The row is then measured on exactly the weights an
         export writes. O-LoRA first remembers the finished task's A."""
@@ -316,7 +316,7 @@ class MethodSession:
         return [name for name in lora_layers(self.engine.module) if name in self.engine.gorp.params_by_name]
 
     def end_task(self, task_index: int) -> dict[str, int]:
-        """GORP.md §3–4 after the row of R: extend S from the moments and reset the optimizer;
+        """docs/algorithm.md §3–4 after the row of R: extend S from the moments and reset the optimizer;
         gorp then starts the new adapters' A off the shared space."""
         sizes = self.optimizer.end_task()
         if self.method == "gorp" and self.cfg.lora_init_off_shared:

@@ -1,6 +1,6 @@
 """LoRA through PEFT: injection, canonical module names, and the task-boundary merge + re-init.
 
-GORP keys its shared spaces by module name (GORP.md §3), and LoRA factors are re-initialised at
+GORP keys its shared spaces by module name (docs/algorithm.md §3), and LoRA factors are re-initialised at
 every task, so names must not depend on PEFT's wrapping: ``base_model.model.model.layers.3.
 self_attn.q_proj.lora_A.default.weight`` is called ``model.layers.3.self_attn.q_proj.lora_A``.
 """
@@ -116,7 +116,7 @@ def merged_base_weight(layer: nn.Module, a: torch.Tensor | None = None, b: torch
 @torch.no_grad()
 def merge_and_reinit_(model: nn.Module, seed: int, task_index: int,
                       masters: Mapping[str, torch.Tensor] | None = None) -> list[str]:
-    """GORP.md §4 step 2: ``W ← W + (α/r) B A`` for every LoRA layer, then A re-drawn and B zeroed
+    """docs/algorithm.md §4 step 2: ``W ← W + (α/r) B A`` for every LoRA layer, then A re-drawn and B zeroed
     (equivalent to freezing the old adapter, as O-LoRA does). ``masters`` (``{canonical factor
     name: fp32 tensor}``) gives the factors' fp32 master values (and W's, under its module name,
     when W is trained as well): the merge is then computed in fp32 from them and rounded into W

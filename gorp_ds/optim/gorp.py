@@ -1,4 +1,4 @@
-"""``GORP``: the ``torch.optim.Optimizer`` of GORP.md §8.
+"""``GORP``: the ``torch.optim.Optimizer`` of docs/algorithm.md §8.
 
 The optimizer is thin: per batch of same-role, same-shape tensors it calls the stacked update
 functions of :mod:`gorp_ds.optim.update` (the one implementation of the math; a single tensor is a
@@ -142,7 +142,7 @@ class GORP(torch.optim.Optimizer):
     ``shared_threshold`` (ε_S) may be set per group; 0 disables the shared space (GaLore).
     ``scale`` only affects ``full`` tensors. ``align_projector`` (default on, ours) rotates each
     refreshed projector within its span to the basis closest to the previous one, so that the
-    Adam moments kept across refreshes stay in consistent coordinates; off gives GORP.md §2 as
+    Adam moments kept across refreshes stay in consistent coordinates; off gives docs/algorithm.md §2 as
     written (raw singular vectors).
 
     Every keyword's default is :class:`~gorp_ds.optim.config.OptimizerConfig`'s (the run's
@@ -411,7 +411,7 @@ class GORP(torch.optim.Optimizer):
     # ------------------------------------------------------------------ tasks
     @torch.no_grad()
     def end_task(self) -> dict[str, int]:
-        """GORP.md §3–4: extend each protected tensor's S from its first moment, then reset moments,
+        """docs/algorithm.md §3–4: extend each protected tensor's S from its first moment, then reset moments,
         projectors and step counters of every group (S is kept). Returns ``{name: columns of S}``
         for the tensors whose state this process holds."""
         for name, state in self._named_states():

@@ -2,7 +2,7 @@
 
 Tensors of one role and shape are updated together as a ``(B, m, n)`` stack (one tensor is
 ``B = 1``); elementwise parts that stacking cannot serve (``plain`` tensors of any shapes, lists of
-separate parameters) use ``torch._foreach_*`` over lists. Roles (GORP.md §1):
+separate parameters) use ``torch._foreach_*`` over lists. Roles (docs/algorithm.md §1):
 
 - ``plain``: AdamW, elementwise (any shapes, e.g. flat ZeRO slices).
 - ``lora_a`` / ``lora_b``: gradient projected off S (:func:`project_off`), then Adam on the whole tensor.
@@ -126,7 +126,7 @@ def refresh_projectors(grads: Tensor, previous: Tensor | None, cfg: UpdateConfig
     """New projectors for a ``(B, m, n)`` gradient stack and a ``(B,)`` bool success mask, on the device.
 
     A member whose gradient or decomposition is not finite keeps its ``previous`` projector
-    (``torch.where``; GORP.md §2); with ``previous=None`` (first refresh of a task) its returned
+    (``torch.where``; docs/algorithm.md §2); with ``previous=None`` (first refresh of a task) its returned
     projector is garbage and the caller must not use it. With ``cfg.align_projector`` successful
     members are rotated towards their previous basis (:func:`align_basis`).
     """
