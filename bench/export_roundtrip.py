@@ -2,7 +2,7 @@
 size on disk, load it with plain transformers (timed, in a fresh process), evaluate it with
 ``--eval-only`` under the same launcher and compare its R row and predictions with the run's last.
 
-    python bench/export_roundtrip.py --out runs/export_roundtrip --data-dir ../shared/cl_benchmark --order A
+    python bench/export_roundtrip.py --out runs/export_roundtrip --data-dir data/CL_Benchmark --order A
     DS_ACCELERATOR=cpu python bench/export_roundtrip.py --out /tmp/export_smoke --smoke   # CPU smoke run
 
 One JSON line per measurement on stdout (also appended to ``<out>/measurements.jsonl`` as they

@@ -6,47 +6,61 @@
 Exit status: 0 done, 2 bad input or a checkpoint that cannot be written/read (one
 ``gorp_ds: error:`` line), 75 pre-empted by SIGTERM/SIGUSR1 after checkpointing the last step
 (resume with ``--resume``; the SLURM script requeues on 75).
+    deepspeed launch/train.py --config my_run.yaml --print-config           # resolved settings, sources
+
+Settings: `--help` lists every one (grouped by section, with its default); a run file holds the same
+settings by section (`optimizer: {rank: 8}`) or flat (`rank: 8`).
 
 Bad input (missing data, unknown task or method, targets that match nothing, a DeepSpeed config
 that contradicts the run, an --output-dir holding another run) stops every rank before training
-with a one-line message and status 2; so does a run whose loss or gradients stay non-finite.
+with a one-line message and status 2, printed once per node (by its local rank 0) with the node's
+host name; so does a run whose loss or gradients stay non-finite.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(REPO))
-DEFAULT_DS_CONFIG = REPO / "ds_configs" / "zero2.json"
+DEFAULT_DS_CONFIG = {"bf16": REPO / "ds_configs" / "zero2.json", "fp32": REPO / "ds_configs" / "zero2_fp32.json"}
 
 
 def main(argv: list[str] | None = None) -> int:
     from gorp_ds.cl import ConfigError, add_arguments, build_run_config
+    from gorp_ds.cl.config import format_config
     from gorp_ds.cl.nonfinite import NonFiniteError
     from gorp_ds.cl.preemption import Preempted
     from gorp_ds.data.errors import DataError
     from gorp_ds.models import ModelError, RoleError
+    from gorp_ds.settings import SettingError
     from gorp_ds.zero import CheckpointError, UnsupportedSetupError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    user_errors = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError,
+    user_errors = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError, SettingError,
                    NonFiniteError)
     try:
         cfg = build_run_config(args)
+        if args.print_config:
+            if _local_rank() == 0 and os.environ.get("RANK", "0") == "0":
+                print(format_config(cfg), flush=True)
+            return 0
         from gorp_ds.cl.runner import run
 
-        run(cfg, args.ds_config or str(DEFAULT_DS_CONFIG))
+        run(cfg, args.ds_config or str(DEFAULT_DS_CONFIG[cfg.dtype]))
     except user_errors as err:
+        # Once per node: every rank of a launch stops with the same error (the runner agrees on it
+        # across ranks), and a node's local rank 0 says so with the node's name.
         _close_progress_bars()
-        if os.environ.get("RANK", "0") == "0":
-            print(f"gorp_ds: error: {err}", file=sys.stderr, flush=True)
+        if _local_rank() == 0:
+            print(f"gorp_ds: error: {socket.gethostname()}: {err}", file=sys.stderr, flush=True)
         return 2
     except Preempted as stop:  # SIGTERM/SIGUSR1: the checkpoint of the last step is committed
         _close_progress_bars()
@@ -64,6 +78,10 @@ def _close_progress_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Independent float64 re-derivation of GORP, written from /work/shared/docs/GORP.md (§2, §3, §4).
+"""Independent float64 re-derivation of GORP, written from docs/algorithm.md (§2, §3, §4).
 
 Used only by the tests. It deliberately imports nothing from ``gorp_ds``: projectors come from
 ``torch.linalg.svd`` in float64, the shared-space threshold rule and Adam are re-implemented here
@@ -103,7 +103,7 @@ def projector_matrix(basis: torch.Tensor | None, d: int) -> torch.Tensor:
 
 def procrustes(new: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """The orthonormal basis of span(new) closest to ``previous``: new · U Vᵀ, U Σ Vᵀ = svd(newᵀ previous).
-    Not part of GORP.md §2 as written; the ``refresh_alignment="procrustes"`` variant of the reference
+    An addition of ours to docs/algorithm.md §2; the ``refresh_alignment="procrustes"`` variant of the reference
     applies it to check the optimizer's ``align_projector=True`` (default) mode."""
     u, _, vh = torch.linalg.svd(new.mT @ previous)
     return new @ (u @ vh)
@@ -112,9 +112,9 @@ def procrustes(new: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
 class RefTensor:
     """One tensor under GORP, float64, written from the spec.
 
-    ``refresh_alignment``: ``"none"`` is GORP.md §2 as written (the projector is the top-k singular
+    ``refresh_alignment``: ``"none"`` is docs/algorithm.md §2 as written (the projector is the top-k singular
     vectors); ``"procrustes"`` rotates each refreshed projector within its span towards the previous
-    one of the same task (a variant the code adopted; not in GORP.md)."""
+    one of the same task (a variant the code adopted: docs/algorithm.md §2, marked ours)."""
 
     def __init__(self, role, weight, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=None,
                  update_gap=None, scale=1.0, shared_threshold=0.9, refresh_alignment="none"):

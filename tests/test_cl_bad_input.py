@@ -195,6 +195,16 @@ CASES = [
     "resume_and_overwrite", "used_dir_without_flags", "resume_nothing_there", "resume_no_checkpoint_yet",
     "resume_without_config_yaml", "resume_tasks_swapped", "resume_lora_r", "resume_batch_and_steps",
     "resume_methods_and_model", "resume_finished_with_other_lr",
+    # --- issue 13: every message names the flag or run-file key the user wrote
+    "max_length_flag", "max_length_file_flat", "max_length_file_dashed", "rank_zero_in_section", "rank_not_integer",
+    "rank_text_flag", "unknown_key_in_section", "bool_not_boolean_in_file", "export_flag_not_boolean",
+    "projector_unknown", "prompt_format_unknown", "dtype_unknown", "beta1_one", "beta2_in_section", "eps_negative",
+    "oversample_negative", "power_iters_text", "shared_threshold_above_one", "update_gap_zero",
+    "weight_decay_negative", "micro_batch_negative", "eval_batch_zero", "keep_checkpoints_zero",
+    "save_every_negative", "max_source_length_small", "max_target_length_zero", "olora_lambda_negative",
+    "preset_unknown", "order_in_file_and_tasks_flag", "method_unknown_in_file", "methods_flag_alias",
+    "lora_r_zero_in_section", "setting_given_twice_in_file", "rank_null_in_file", "preset_file_bad_value",
+    "max_train_zero", "eval_samples_zero",
 ]
 
 
@@ -222,6 +232,16 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
         "resume_methods_and_model": {},
         "resume_finished_with_other_lr": {"results_change": {"lr_lora": 5e-3}},
     }
+    files = {  # run files of the issue-13 cases
+        "max_length_file_flat": "max_length: 4\n", "max_length_file_dashed": "max-length: 4\n",
+        "rank_zero_in_section": "optimizer:\n  rank: 0\n", "rank_not_integer": "optimizer: {rank: 2.5}\n",
+        "unknown_key_in_section": "optimizer:\n  rnk: 4\n", "bool_not_boolean_in_file": "runner: {export: maybe}\n",
+        "beta2_in_section": "optimizer: {beta2: 1.5}\n", "order_in_file_and_tasks_flag": "data: {order: A}\n",
+        "method_unknown_in_file": "runner: {methods: [gorp, sgd]}\n", "lora_r_zero_in_section": "lora: {r: 0}\n",
+        "setting_given_twice_in_file": "rank: 4\noptimizer: {rank: 5}\n", "rank_null_in_file": "optimizer: {rank: null}\n",
+        "preset_file_bad_value": "optimizer: {update_gap: -2}\n",
+    }
+    run_file = {name: str(_write(tmp / f"run_{name}.yaml", text)) for name, text in files.items()}
     other_model = str(models["truncated"].parent / "model_other")
     shutil.copytree(model, other_model)
     specs: dict[str, tuple[dict, tuple[str, ...]]] = {
@@ -306,6 +326,54 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
                                       "\n  lora_targets: saved", "\n  full_targets: saved")),
         "resume_finished_with_other_lr": ({"--resume": "auto"},
                                           ("finished results", "gorp/results.json: lr_lora: saved 0.005, this run 0.0002")),
+        # --- issue 13: the flag or key as written (a needle "!x": x must not appear)
+        "max_length_flag": ({"--max-length": "4"}, ("--max-length must be >= 8, got 4", "!data.", "!data section")),
+        "max_length_file_flat": ({"--config": run_file["max_length_file_flat"]},
+                                 (f"--config {run_file['max_length_file_flat']}: max_length must be >= 8", "!data.")),
+        "max_length_file_dashed": ({"--config": run_file["max_length_file_dashed"]}, ("max-length must be >= 8",)),
+        "rank_zero_in_section": ({"--config": run_file["rank_zero_in_section"]},
+                                 (f"{run_file['rank_zero_in_section']}: optimizer.rank must be >= 1, got 0",)),
+        "rank_not_integer": ({"--config": run_file["rank_not_integer"]}, ("optimizer.rank must be an integer", "2.5")),
+        "rank_text_flag": ({"--rank": "eight"}, ("--rank must be an integer", "'eight'")),
+        "unknown_key_in_section": ({"--config": run_file["unknown_key_in_section"]},
+                                   ("'optimizer.rnk'", "the optimizer section has", "rank")),
+        "bool_not_boolean_in_file": ({"--config": run_file["bool_not_boolean_in_file"]},
+                                     ("runner.export must be true or false", "'maybe'")),
+        "export_flag_not_boolean": ({"--export": "sometimes"}, ("--export must be true or false", "'sometimes'")),
+        "projector_unknown": ({"--projector": "svd"}, ("--projector must be one of randomized, exact", "'svd'")),
+        "prompt_format_unknown": ({"--prompt-format": "markdown"}, ("--prompt-format", "plain, chat", "'markdown'")),
+        "dtype_unknown": ({"--dtype": "fp16"}, ("--dtype must be one of bf16, fp32", "'fp16'")),
+        "beta1_one": ({"--beta1": "1.0"}, ("--beta1 must be in [0, 1)", "1.0")),
+        "beta2_in_section": ({"--config": run_file["beta2_in_section"]}, ("optimizer.beta2 must be in [0, 1)",)),
+        "eps_negative": ({"--eps": "-0.5"}, ("--eps must be >= 0",)),
+        "oversample_negative": ({"--oversample": "-1"}, ("--oversample must be >= 0, got -1",)),
+        "power_iters_text": ({"--power-iters": "two"}, ("--power-iters must be an integer", "'two'")),
+        "shared_threshold_above_one": ({"--shared-threshold": "1.5"}, ("--shared-threshold must be <= 1", "1.5")),
+        "update_gap_zero": ({"--update-gap": "0"}, ("--update-gap must be >= 1, got 0",)),
+        "weight_decay_negative": ({"--weight-decay": "-0.1"}, ("--weight-decay must be >= 0",)),
+        "micro_batch_negative": ({"--micro-batch-size": "-1"}, ("--micro-batch-size must be >= 0, got -1",)),
+        "eval_batch_zero": ({"--eval-batch-size": "0"}, ("--eval-batch-size must be >= 1, got 0",)),
+        "keep_checkpoints_zero": ({"--keep-checkpoints": "0"}, ("--keep-checkpoints must be >= 1",)),
+        "save_every_negative": ({"--save-every": "-5"}, ("--save-every must be >= 0, got -5",)),
+        "max_source_length_small": ({"--max-source-length": "4"}, ("--max-source-length must be >= 8, got 4", "!data.")),
+        "max_target_length_zero": ({"--max-target-length": "0"}, ("--max-target-length must be >= 1, got 0",)),
+        "olora_lambda_negative": ({"--olora-lambda": "-1"}, ("--olora-lambda must be >= 0",)),
+        "preset_unknown": ({"--preset": "nosuch"}, ("--preset nosuch", "no such preset", "embedded_quick")),
+        "order_in_file_and_tasks_flag": ({"--config": run_file["order_in_file_and_tasks_flag"]},
+                                         (f"--config {run_file['order_in_file_and_tasks_flag']}: data.order and --tasks "
+                                          "are mutually exclusive",)),
+        "method_unknown_in_file": ({"--method": None, "--config": run_file["method_unknown_in_file"]},
+                                   ("runner.methods must be one of", "'sgd'")),
+        "methods_flag_alias": ({"--method": None, "--methods": "gorp,sgd"}, ("--methods must be one of", "'sgd'")),
+        "lora_r_zero_in_section": ({"--config": run_file["lora_r_zero_in_section"]}, ("lora.r must be >= 1, got 0",)),
+        "setting_given_twice_in_file": ({"--config": run_file["setting_given_twice_in_file"]},
+                                        ("'optimizer.rank' sets rank a second time", "'rank'")),
+        "rank_null_in_file": ({"--config": run_file["rank_null_in_file"]}, ("optimizer.rank must be an integer",
+                                                                            "not empty")),
+        "preset_file_bad_value": ({"--preset": run_file["preset_file_bad_value"]},
+                                  (f"preset {run_file['preset_file_bad_value']}", "optimizer.update_gap must be >= 1")),
+        "max_train_zero": ({"--max-train-per-task": "0"}, ("--max-train-per-task must be >= 1, got 0", "!data.")),
+        "eval_samples_zero": ({"--eval-samples": "0"}, ("--eval-samples must be >= 1, got 0", "!data.")),
     }
     cases = [{"name": "control", "control": True, "out": str(tmp / "out" / "control"),
               "argv": _argv({**base, "--output-dir": str(tmp / "out" / "control")})}]
@@ -402,8 +470,10 @@ def test_bad_input(table, name) -> None:
     lines = _error_lines(got["stderr"])
     assert len(lines) == 1, f"{len(lines)} '{ERROR_PREFIX}' lines in stderr: {got['stderr'][-1500:]!r}"
     text = _error_text(got["stderr"])
-    missing = [n for n in needles if n not in text]
+    missing = [n for n in needles if not n.startswith("!") and n not in text]
     assert not missing, f"error {text!r} does not mention {missing}"
+    present = [n[1:] for n in needles if n.startswith("!") and n[1:] in text]
+    assert not present, f"error {text!r} mentions {present}, which the user did not write"
     # Stopped before writing, moving or deleting anything in the output directory.
     assert got["after"] == got["before"], (got["before"], got["after"])
 

@@ -86,7 +86,7 @@ def _results(run_dir: Path, method: str) -> dict:
 
 
 def expected_metrics(r: list) -> dict:
-    """GORP.md §7 with 1-based tasks, literally; None where a needed row was not measured."""
+    """docs/algorithm.md §7 with 1-based tasks, literally; None where a needed row was not measured."""
     t = len(r) - 1
 
     def at(i: int, j: int) -> float:
@@ -198,7 +198,7 @@ def test_gorp_checkpoint_holds_shared_spaces(run_dir, tiny_model_dir) -> None:
     config = AutoConfig.from_pretrained(tiny_model_dir)
     hidden, inter = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
-    # GORP.md §3: S lives on the long side: lora_A (r × n) input side n; lora_B (m × r) output side m;
+    # docs/algorithm.md §3: S lives on the long side: lora_A (r × n) input side n; lora_B (m × r) output side m;
     # full gate_proj (m × n = inter × hidden, m ≥ n, right projection) output side m.
     expected_rows = {}
     for i in range(config.num_hidden_layers):

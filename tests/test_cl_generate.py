@@ -21,7 +21,7 @@ def _reference(model, batch, new_tokens, tok) -> torch.Tensor:
 
 
 def test_greedy_generate_matches_hf_generate(tiny_model_dir):
-    model, tok = load_model_and_tokenizer(ModelConfig(str(tiny_model_dir), "fp32", gradient_checkpointing=False))
+    model, tok = load_model_and_tokenizer(ModelConfig(model=str(tiny_model_dir), dtype="fp32", gradient_checkpointing=False))
     model.eval()
     batch = encode_prompts(tok, _prompts(), 64)  # left-padded, different lengths
     assert (batch["attention_mask"] == 0).any()
@@ -32,7 +32,7 @@ def test_greedy_generate_matches_hf_generate(tiny_model_dir):
 
 
 def test_greedy_generate_matches_on_a_lora_model_with_eos(tiny_model_dir):
-    model, tok = load_model_and_tokenizer(ModelConfig(str(tiny_model_dir), "fp32", gradient_checkpointing=False))
+    model, tok = load_model_and_tokenizer(ModelConfig(model=str(tiny_model_dir), dtype="fp32", gradient_checkpointing=False))
     model = add_lora(model, LoraSettings(r=4, alpha=8))
     torch.manual_seed(1)
     for name, param in model.named_parameters():  # a non-zero adapter that changes the output

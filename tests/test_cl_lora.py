@@ -1,4 +1,4 @@
-"""LoRA through PEFT on the tiny LLaMA: task-boundary merge + re-init (GORP.md §4), canonical
+"""LoRA through PEFT on the tiny LLaMA: task-boundary merge + re-init (docs/algorithm.md §4), canonical
 module names, and the parameter roles of every method (table in gorp_ds/models/roles.py)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _base(model_dir, init_seed: int = 0):
 
 
 def _peft(model_dir, init_seed: int = 0):
-    return add_lora(_base(model_dir, init_seed), LoraSettings(R, ALPHA, ["q_proj", "v_proj"]))
+    return add_lora(_base(model_dir, init_seed), LoraSettings(r=R, alpha=ALPHA, targets=["q_proj", "v_proj"]))
 
 
 def _factors(model) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter, torch.nn.Parameter]]:

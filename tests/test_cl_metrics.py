@@ -1,7 +1,7 @@
-"""Continual-learning metrics (GORP.md §7) against values worked out by hand.
+"""Continual-learning metrics (docs/algorithm.md §7) against values worked out by hand.
 
 ``R[i][j]``: accuracy on task j+1 (0-based column j) after training tasks 1..i; row 0 is the
-model before any training. With 1-based tasks, as in GORP.md:
+model before any training. With 1-based tasks, as in docs/algorithm.md:
 
     AA = mean_j R[T][j]
     BWT = mean_{j<T} (R[T][j] − R[j][j])

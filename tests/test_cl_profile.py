@@ -26,7 +26,7 @@ def test_profile_flag(tmp_path):
     run_file.write_text(json.dumps({"profile": True}))
     assert _cfg(["--config", str(run_file)]).profile is True
     assert _cfg(["--checkpoints", "false"]).checkpoints is False  # other booleans still take a value
-    with pytest.raises(ConfigError, match="'profile' must be of type bool"):
+    with pytest.raises(ConfigError, match="--profile must be true or false, got 'maybe'"):
         _cfg(["--profile", "maybe"])
 
 

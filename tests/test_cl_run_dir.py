@@ -8,12 +8,12 @@ making it the first rank of its "node" (LOCAL_RANK 0). No model is loaded: ``set
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
+from gorp_ds.cl.config import flatten_run
 from tests.dist_utils import run_ranks
 
 DS = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "gradient_clipping": 1.0,
@@ -32,7 +32,7 @@ def _hold_run(folder: Path, lr: float = 1e-3, checkpoint: bool = True) -> None:
         (folder / "gorp" / "checkpoints" / "latest").write_text("task00_step000002")
     (folder / "tensorboard" / "gorp").mkdir(parents=True)
     (folder / "tensorboard" / "gorp" / "events.out.tfevents.1.host").write_text("old")
-    cfg = dataclasses.replace(RunConfig(output_dir=str(folder)), lr_lora=lr, methods=["gorp"])
+    cfg = RunConfig.from_flat(output_dir=str(folder), lr_lora=lr, methods=["gorp"])
     (folder / "config.yaml").write_text(yaml.safe_dump(resolved_config(cfg, DS, 2)))
 
 
@@ -48,7 +48,7 @@ def _scenarios(rank: int, world: int, root: str) -> dict:
     def settle(name: str, shared: bool, **settings):
         """``settle_output_dir`` for scenario ``name``; rank 1 uses its own directory unless ``shared``."""
         folder = root_path / name / ("shared" if shared or rank == 0 else "local")
-        cfg = RunConfig(output_dir=str(folder), methods=["gorp"], **settings)
+        cfg = RunConfig.from_flat(output_dir=str(folder), methods=["gorp"], **settings)
         if not shared and rank == 1:
             os.environ["LOCAL_RANK"] = "0"  # the first rank of another node
         try:
@@ -100,7 +100,7 @@ def test_resume_decided_alike_and_changed_settings_allowed(outcome) -> None:
     import yaml
 
     saved = yaml.safe_load((outcome["root"] / "resume" / "shared" / "config.yaml").read_text())
-    assert saved["run"]["lr_lora"] == 2e-3  # config.yaml now holds the values in force
+    assert flatten_run(saved["run"])["lr_lora"] == 2e-3  # config.yaml now holds the values in force
 
 
 def test_overwrite_clears_every_nodes_copy(outcome) -> None:

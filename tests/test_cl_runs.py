@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gorp_ds.cl.config import flatten_run
 from tests.test_cl_end_to_end import _free_port, _scalars
 from tests.test_cl_resume import _final_state
 
@@ -105,13 +106,14 @@ def test_first_run_writes_its_configuration(runs) -> None:
     import yaml
 
     saved = yaml.safe_load((runs["ref"] / "config.yaml").read_text())
-    assert saved["run"]["tasks"] == ["emb_color", "emb_animal"] and saved["run"]["methods"] == ["gorp"]
-    assert saved["run"]["lr_lora"] == 1e-2 and saved["run"]["max_steps_per_task"] == 4
+    run = flatten_run(saved["run"])  # by section: model, data, lora, targets, optimizer, runner
+    assert run["tasks"] == ["emb_color", "emb_animal"] and run["methods"] == ["gorp"]
+    assert run["lr_lora"] == 1e-2 and run["max_steps_per_task"] == 4
     assert saved["world_size"] == 2
     assert saved["deepspeed"]["zero_stage"] == 2 and saved["deepspeed"]["gradient_accumulation_steps"] == 2
     assert "run configuration" in runs["reference"]["output"]
     (aside,) = runs["root"].glob("D.old-*")
-    assert yaml.safe_load((aside / "config.yaml").read_text())["run"]["lr_lora"] == 5e-3  # A's own
+    assert flatten_run(yaml.safe_load((aside / "config.yaml").read_text())["run"])["lr_lora"] == 5e-3  # A's own
 
 
 def test_rerun_without_flags_is_refused_on_every_rank(runs) -> None:
@@ -190,7 +192,7 @@ def test_changed_learning_rate_is_applied_and_recorded(runs) -> None:
     assert json.loads((runs["D2"] / "gorp" / "progress.json").read_text())["changes"] == [change, moved]
     import yaml
 
-    assert yaml.safe_load((runs["D2"] / "config.yaml").read_text())["run"]["lr_lora"] == 0.02
+    assert flatten_run(yaml.safe_load((runs["D2"] / "config.yaml").read_text())["run"])["lr_lora"] == 0.02
     # The learning rates the optimizer actually used, step by step (the killed attempt logged steps
     # 1-7; the resumed launch re-logs from step 7, replacing them).
     scalars = _scalars(runs["D2"], "gorp")

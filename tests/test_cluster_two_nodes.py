@@ -154,3 +154,58 @@ def test_two_nodes_match_one_node(tmp_path: Path, tiny_model_dir: Path) -> None:
     for state_a, state_b in zip(final_state(one), final_state(two), strict=True):
         assert_same_state(state_a, state_b)
     assert "node_rank=1" in (tmp_path / "node1.log").read_text()
+
+
+@pytest.mark.slow
+def test_data_missing_on_one_node_stops_both(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A data path that exists on node 0 but not on node 1. Both "nodes" share this machine's
+    filesystem, so each launcher runs in its own working directory and the run names the data by
+    a relative path (``--data-dir data``): node 0's directory holds ``data/``, node 1's does not,
+    which is exactly what node 1 of a cluster without a shared filesystem sees. Node 1's first
+    rank prints the one-line error with its host name; node 0 stops too (saying which rank and
+    host saw the problem) instead of waiting in a collective; both launchers exit non-zero."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = free_port()
+    task = tmp_path / "node0" / "data" / "TC" / "topics"
+    task.mkdir(parents=True)
+    (task / "labels.json").write_text(json.dumps(["World", "Sports"]))
+    for split in ("train", "test"):
+        rows = [{"sentence": f"{split} {i}", "label": ["World", "Sports"][i % 2]} for i in range(8)]
+        (task / f"{split}.json").write_text(json.dumps(rows))
+    (tmp_path / "node1").mkdir()
+    out = tmp_path / "out"
+    args = ["--ds_config", str(REPO / "ds_configs" / "zero2.json"), "--model", str(tiny_model_dir), "--method", "gorp",
+            "--data-dir", "data", "--tasks", "TC/topics", "--max-steps-per-task", "1", "--global-batch-size", "2",
+            "--output-dir", str(out)]
+    jobs = {}
+    for node in (0, 1):
+        log = tmp_path / f"node{node}.log"
+        cmd = [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--node_rank", str(node),
+               "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), str(TRAIN), *args]
+        with open(log, "w") as handle:
+            jobs[node] = (subprocess.Popen(cmd, cwd=tmp_path / f"node{node}", env=launch_env(), stdout=handle,
+                                           stderr=subprocess.STDOUT, start_new_session=True), log)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for job, _ in jobs.values():
+            job.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for job, _ in jobs.values():
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+    logs = {node: log.read_text() for node, (_, log) in jobs.items()}
+    for node, (job, _) in jobs.items():
+        assert job.returncode not in (0, None, -signal.SIGKILL), f"node {node}: rc {job.returncode}\n{logs[node][-3000:]}"
+    host = socket.gethostname()
+    errors = {node: [line[line.index("gorp_ds: error:"):] for line in text.splitlines() if "gorp_ds: error:" in line]
+              for node, text in logs.items()}
+    assert len(errors[1]) == 1, logs[1][-3000:]
+    assert errors[1][0].startswith(f"gorp_ds: error: {host}: --data-dir 'data' does not exist"), errors[1]
+    assert "data.data_dir" not in errors[1][0]
+    assert len(errors[0]) == 1 and "seen by rank 1" in errors[0][0], logs[0][-3000:]
+    assert "Traceback" not in logs[0] + logs[1]
+    assert not (out / "config.yaml").exists()  # stopped before the output directory was touched

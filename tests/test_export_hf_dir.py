@@ -21,7 +21,7 @@ def _model(tokenizer):
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=72, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = add_lora(LlamaForCausalLM(config).to(torch.bfloat16), LoraSettings(4, 8.0, ["q_proj", "v_proj"]))
+    model = add_lora(LlamaForCausalLM(config).to(torch.bfloat16), LoraSettings(r=4, alpha=8.0, targets=["q_proj", "v_proj"]))
     generator = torch.Generator().manual_seed(1)
     for layer in lora_layers(model).values():
         b = layer.lora_B["default"].weight

@@ -42,7 +42,7 @@ def llama2_style_dir(tmp_path_factory):
 
 def test_sentencepiece_tokenizer_loads_like_llama2(llama2_style_dir):
     path, tasks = llama2_style_dir
-    model, tok = load_model_and_tokenizer(ModelConfig(str(path), "fp32", gradient_checkpointing=False))
+    model, tok = load_model_and_tokenizer(ModelConfig(model=str(path), dtype="fp32", gradient_checkpointing=False))
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
     assert tok.pad_token_id is not None  # the loader falls back to EOS for padding
     task = tasks[0]
@@ -57,6 +57,6 @@ def test_sentencepiece_tokenizer_loads_like_llama2(llama2_style_dir):
 
 def test_sentencepiece_model_evaluates(llama2_style_dir):
     path, tasks = llama2_style_dir
-    model, tok = load_model_and_tokenizer(ModelConfig(str(path), "fp32", gradient_checkpointing=False))
+    model, tok = load_model_and_tokenizer(ModelConfig(model=str(path), dtype="fp32", gradient_checkpointing=False))
     row = evaluate_tasks(model, tok, tasks[:2], eval_samples=4, batch_size=4, max_length=64)
     assert len(row) == 2 and all(0.0 <= v <= 100.0 for v in row)

@@ -1,4 +1,4 @@
-"""Forgetting sanity check: the shared space S protects an earlier task (GORP.md §3).
+"""Forgetting sanity check: the shared space S protects an earlier task (docs/algorithm.md §3).
 
 Design. A linear model y = W x with W ∈ R^{8×32}, role ``full`` (m < n: left projection, S on
 the input side, which is exactly the side on which tasks differ here).
@@ -71,7 +71,7 @@ def run(p, seed, kind, threshold=0.9, projector="randomized"):
         opt = torch.optim.AdamW([w], lr=LR, weight_decay=0.0)
     else:
         opt = GORP([{"params": [w], "names": ["layer.mlp.gate_proj"], "role": "full", "rank": 4, "update_gap": 10,
-                     "projector": projector}], lr=LR, shared_threshold=threshold)
+                     "projector": projector, "scale": 1.0}], lr=LR, shared_threshold=threshold)
     gen = torch.Generator().manual_seed(seed + 1)
     out = {}
     for task in (1, 2):

@@ -1,4 +1,4 @@
-"""``plain`` role == ``torch.optim.AdamW(foreach=False)`` (GORP.md §1)."""
+"""``plain`` role == ``torch.optim.AdamW(foreach=False)`` (docs/algorithm.md §1)."""
 
 from __future__ import annotations
 

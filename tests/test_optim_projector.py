@@ -1,4 +1,4 @@
-"""Projectors of ``full`` tensors (GORP.md §2): the randomized range finder against the exact top-k
+"""Projectors of ``full`` tensors (docs/algorithm.md §2): the randomized range finder against the exact top-k
 subspace, determinism and seeding, and robustness to non-finite gradients."""
 
 from __future__ import annotations

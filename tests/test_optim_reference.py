@@ -55,9 +55,9 @@ class SyntheticGrads:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("refresh_alignment", ["none", "procrustes"], ids=["GORP.md", "procrustes-variant"])
+@pytest.mark.parametrize("refresh_alignment", ["none", "procrustes"], ids=["as-written", "procrustes-variant"])
 def test_gorp_matches_float64_reference_over_three_tasks(seed, refresh_alignment):
-    """``GORP.md``: the spec as written (``align_projector=False``). ``procrustes-variant``: refreshed
+    """``as-written``: docs/algorithm.md as written (``align_projector=False``). ``procrustes-variant``: refreshed
     projectors are rotated within their span towards the previous one (``align_projector=True``,
     the default, ours); the reference implements that rotation independently."""
     torch.manual_seed(seed)

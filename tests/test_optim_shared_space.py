@@ -1,4 +1,4 @@
-"""The shared space S (GORP.md §3): the threshold-and-expand rule, and that the gradients entering
+"""The shared space S (docs/algorithm.md §3): the threshold-and-expand rule, and that the gradients entering
 the next task's moments are orthogonal to S."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``state_dict`` / ``load_state_dict`` resume bit-exactly and hold tensors only (GORP.md §8)."""
+"""``state_dict`` / ``load_state_dict`` resume bit-exactly and hold tensors only (docs/algorithm.md §8)."""
 
 from __future__ import annotations
 

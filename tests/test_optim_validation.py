@@ -1,4 +1,4 @@
-"""Bad hyperparameters raise ``ValueError`` at construction, naming the offending tensor (GORP.md §8)."""
+"""Bad hyperparameters raise ``ValueError`` at construction, naming the offending tensor (docs/algorithm.md §8)."""
 
 from __future__ import annotations
 

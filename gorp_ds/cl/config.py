@@ -1,9 +1,21 @@
-"""The run configuration: defaults < model profile < ``--config`` file < command-line flags.
+"""The run configuration: each component's settings dataclass, composed into :class:`RunConfig`.
+
+Layers, later ones win: the fields' defaults < presets (``recipes/<name>.yaml``, ``--preset``) <
+the papers' lengths for orders 1-6 < the ``--config`` run file < command-line flags. Every resolved
+value remembers its source (``--print-config`` shows them; ``config.yaml`` records them).
 
 Run settings (what to train, how long, learning rates, outputs) live here; systems settings
-(ZeRO stage, precision, buckets, TensorBoard) live in the DeepSpeed JSON. The few settings both
+(ZeRO stage, precision, buckets, TensorBoard, W&B) live in the DeepSpeed JSON. The few settings both
 could express (batch sizes, precision) are filled into the DeepSpeed config when it leaves them
 out, and a value that contradicts it is an error.
+
+The owners of the settings: :class:`~gorp_ds.models.loading.ModelConfig` (``model:``),
+:class:`~gorp_ds.data.config.DataConfig` (``data:``), :class:`~gorp_ds.models.lora.LoraSettings`
+(``lora:``), :class:`~gorp_ds.models.roles.TargetsConfig` (``targets:``),
+:class:`~gorp_ds.optim.config.OptimizerConfig` (``optimizer:``) and :class:`RunnerConfig` below
+(``runner:``). Adding a field to one of them adds its flag, its run-file key and its line in
+``--print-config`` and ``config.yaml``. Flat names (``rank``, ``lora_r``) are unique across
+sections, so a run file may also use them without a section; ``cfg.rank`` reads the field.
 """
 
 from __future__ import annotations
@@ -11,166 +23,297 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models.roles import METHODS
+from ..data.config import DataConfig
+from ..models.loading import ModelConfig
+from ..models.lora import LoraSettings
+from ..models.roles import METHODS, TargetsConfig
+from ..optim.config import OptimizerConfig
+from ..settings import SettingError, check_settings, setting
 
+RESUME_MODES = ("off", "on", "auto")
 EMBEDDED_METHODS = ["gorp", "seq-lora"]
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+# --model embedded with no --preset: the embedded model's preset; with no data settings either, the
+# embedded quick run (the main job's default).
+AUTO_PRESET_MODEL, AUTO_PRESET_SUITE = "embedded", "embedded_quick"
+# The O-LoRA / GORP papers' orders (gorp_ds.data.registry.PAPER_ORDERS) use 512 source and 50 target tokens.
+PAPER_ORDERS = ("1", "2", "3", "4", "5", "6")
+PAPER_LENGTHS: dict[str, Any] = {"max_source_length": 512, "max_target_length": 50}
 
 
 class ConfigError(ValueError):
     """Bad run configuration; the launcher prints the message and exits with status 2."""
 
 
-@dataclass
+@dataclass(kw_only=True)
+class RunnerConfig:
+    """What the runner does with the components: methods, budget, outputs, resume (``runner:``)."""
+
+    methods: list[str] = setting(["gorp"], "methods to run one after another (comma-separated)",
+                                 choices=METHODS, aliases=("method",))
+    max_steps_per_task: int | None = setting(None, "optimizer steps per task (none: --epochs over the train split)",
+                                             minimum=1)
+    epochs: float = setting(1.0, "passes over each task's train split (without --max-steps-per-task)", above=0.0)
+    global_batch_size: int = setting(16, "examples per optimizer step, all ranks together", minimum=1)
+    micro_batch_size: int = setting(1, "examples per forward pass and rank (0: the whole global batch per rank, "
+                                       "no accumulation)", minimum=0)
+    eval_batch_size: int = setting(64, "examples per generation batch in evaluation", minimum=1)
+    seed: int = setting(0, "seed of the data order, sampling and LoRA re-initialisation")
+    output_dir: str = setting("runs/gorp_ds", "where config.yaml, results, TensorBoard events and checkpoints go")
+    resume: str = setting("off", "continue each method from its last checkpoint in --output-dir (the saved "
+                                 "config.yaml must describe the same run); on (plain --resume) stops when there "
+                                 "is nothing to resume, auto then starts fresh", choices=RESUME_MODES, bare="on")
+    overwrite: bool = setting(False, "an --output-dir that already holds a run is moved aside to <dir>.old-<time> "
+                                     "first")
+    save_every: int = setting(100, "optimizer steps between mid-task checkpoints (0: task boundaries only)",
+                              minimum=0)
+    keep_checkpoints: int = setting(2, "checkpoints kept per method (older ones are deleted)", minimum=1)
+    checkpoints: bool = setting(True, "write checkpoints (off: benchmarks; --resume then impossible)")
+    profile: bool = setting(False, "time every training phase and projector refresh with device syncs (slower)")
+    export: bool = setting(True, "write <output-dir>/<method>/export/ (a Hugging Face directory, LoRA merged)")
+    export_every_task: bool = setting(False, "also write export/task_XX/ after every task")
+    predictions: bool = setting(True, "write every evaluation's generations as JSONL under <method>/predictions/")
+    eval_only: bool = setting(False, "evaluate --model (an exported directory or a checkpoint) on the task list; "
+                                     "no training")
+    max_bad_steps: int = setting(3, "consecutive steps with a non-finite loss or gradient (each skipped) before "
+                                    "the run stops", minimum=1)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.methods, list) and not self.methods:
+            raise SettingError("methods", "needs at least one method", "runner")
+        check_settings(self, "runner")
+        if self.resume != "off" and self.overwrite:
+            raise SettingError("resume", "and {overwrite} contradict each other: --resume continues the run in "
+                               "--output-dir, --overwrite moves it aside; give one of them", "runner",
+                               others=("overwrite",))
+
+
+# file section -> (RunConfig attribute, owning dataclass, prefix of its flat names)
+SECTIONS: dict[str, tuple[str, type, str]] = {
+    "model": ("base_model", ModelConfig, ""),
+    "data": ("data", DataConfig, ""),
+    "lora": ("lora", LoraSettings, "lora_"),
+    "targets": ("targets", TargetsConfig, ""),
+    "optimizer": ("optimizer", OptimizerConfig, ""),
+    "runner": ("runner", RunnerConfig, ""),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run setting as the command line and run files see it."""
+
+    section: str  # file section
+    name: str  # field name in its dataclass
+    flat: str  # unique name outside sections: flat run-file key, flag, RunConfig attribute
+    kind: type  # int, float, bool, str or list (of str)
+    optional: bool  # None allowed ("derive it")
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None
+    aliases: tuple[str, ...]
+    bare: Any
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.flat.replace("_", "-")
+
+    @property
+    def flags(self) -> list[str]:
+        names = [self.flat, *self.aliases]
+        return list(dict.fromkeys(f"--{n.replace('_', '-')}" for n in names))
+
+
+def _kind(hint: Any) -> tuple[type, bool]:
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list \
+        else hint
+    if typing.get_origin(base) is list:
+        return list, optional
+    return base, optional
+
+
+def _collect() -> dict[str, Setting]:
+    found: dict[str, Setting] = {}
+    for section, (_, cls, prefix) in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if "help" not in meta or not meta["run"]:
+                continue
+            flat = meta["flat"] or prefix + f.name
+            kind, optional = _kind(hints[f.name])
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if flat in found:
+                raise RuntimeError(f"setting name {flat!r} is declared twice ({found[flat].section}, {section})")
+            found[flat] = Setting(section, f.name, flat, kind, optional, default, meta["help"], meta["choices"],
+                                  meta["aliases"], True if kind is bool else meta["bare"])
+    return found
+
+
+SETTINGS: dict[str, Setting] = _collect()
+FIELDS = SETTINGS  # flat name -> Setting (every run setting)
+_BY_FIELD = {(s.section, s.name): s for s in SETTINGS.values()}
+_KEYS = {**{a.replace("-", "_"): s.flat for s in SETTINGS.values() for a in s.aliases}, **{k: k for k in SETTINGS}}
+
+
+@dataclass(kw_only=True)
 class RunConfig:
-    # what to train
-    model: str = "embedded"
-    data_dir: str | None = None
-    tasks: list[str] | None = None
-    order: str | None = None
-    methods: list[str] = field(default_factory=lambda: ["gorp"])
-    # budget
-    max_steps_per_task: int | None = None  # None: `epochs` passes over each task's train split
-    epochs: float = 1.0
-    global_batch_size: int = 16
-    micro_batch_size: int = 1  # 0: the whole global batch in one micro-batch per rank (no accumulation)
-    max_train_per_task: int | None = None
-    eval_samples: int | None = 500
-    eval_batch_size: int = 64
-    max_length: int = 256
-    # model
-    dtype: str = "bf16"
-    gradient_checkpointing: bool = True
-    lora_r: int = 8
-    lora_alpha: float = 32.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    # optimizer (GORP.md §5 defaults for LLaMA-2-7B)
-    full_targets: list[str] = field(default_factory=lambda: ["mlp.gate_proj"])
-    rank: int = 8
-    update_gap: int = 20
-    scale: float = 0.25
-    projector: str = "randomized"
-    shared_threshold: float = 0.9
-    lr_lora: float = 2e-4
-    lr_full: float = 1e-6
-    lr_plain: float = 1e-5
-    weight_decay: float = 0.0
-    olora_lambda: float = 0.5
-    lora_init_off_shared: bool = True  # gorp: new adapters' A starts orthogonal to the shared space
-    # run
-    output_dir: str = "runs/gorp_ds"
-    resume: str = "off"  # "off", "on" (--resume: a checkpoint or results must exist) or "auto" (resume if any)
-    save_every: int = 100  # optimizer steps between mid-task checkpoints (0: task boundaries only)
-    keep_checkpoints: int = 2
-    checkpoints: bool = True  # false: write no checkpoints at all (benchmarks; --resume then impossible)
-    seed: int = 0
-    # --- gradients of `full` targets (gorp, galore) -----------------------------------------------
-    # "projected" (default): their Linear's backward forms the low-rank gradient R = δᵀ(X Q) from the
-    # activations, they live outside DeepSpeed's flat buffers, and gradient_clipping uses the norm of
-    # the projected gradient for them. "flat": their full gradients go through DeepSpeed's flat
-    # buffers like every other tensor (gradient_clipping uses ‖G‖): the earlier path, kept selectable.
-    full_gradients: str = "projected"
-    # Projector refreshes on the projected path: "sketch" (default) computes them from products of G
-    # through the activations (a distributed randomized range finder, no m × n tensor) when a step has
-    # one micro-batch and --projector is randomized, else forms G; "gradient" always forms G.
-    refresh_from: str = "sketch"
-    # ----------------------------------------------------------------------------------------------
-    # profiling: device-synchronised wall time per training phase and per projector refresh (costs
-    # several syncs per micro-batch; off, a step reads the device once, for its loss)
-    profile: bool = False
-    # --- issue 10: export, predictions, evaluation only, the papers' orders, prompt format ------------
-    export: bool = True  # <output-dir>/<method>/export/: a Hugging Face directory, every LoRA merged
-    export_every_task: bool = False  # also <output-dir>/<method>/export/task_XX/ after every task
-    predictions: bool = True  # <output-dir>/<method>/predictions/R<i>_<j>_<task>.jsonl for every R entry
-    eval_only: bool = False  # evaluate --model (an exported directory or a checkpoint) on the task list
-    prompt_format: str = "plain"  # "chat": prompts through the tokenizer's chat template
-    max_source_length: int | None = None  # prompt tokens (None: max_length minus the answer)
-    max_target_length: int | None = None  # answer / generated tokens (None: the longest label + 1)
-    # ----------------------------------------------------------------------------------------------
-    # --- runs you can trust, non-finite values (issue 14, second half) ---
-    overwrite: bool = False  # a used --output-dir is moved aside (<dir>.old-<time>) before starting
-    max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient before the run stops
+    """A run: one settings object per component. ``cfg.<flat name>`` reads a setting
+    (``cfg.rank`` is ``cfg.optimizer.rank``); :meth:`replace` returns a changed copy."""
+
+    base_model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    # flat name -> where the value came from ("default", "preset embedded", "file run.yaml", "flag --rank")
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # flat name -> how the user wrote it ("--max-length", "--config run.yaml: data.max_length")
+    written: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __getattr__(self, name: str) -> Any:  # only reached when ``name`` is no attribute
+        spec = SETTINGS.get(name)
+        if spec is None or name.startswith("__"):
+            raise AttributeError(f"RunConfig has no setting {name!r}")
+        return getattr(object.__getattribute__(self, SECTIONS[spec.section][0]), spec.name)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any] | None = None, sources: dict[str, str] | None = None,
+                  **more: Any) -> RunConfig:
+        """Build from flat settings (missing ones take their defaults). Raises :class:`SettingError`."""
+        values = {**(values or {}), **more}
+        unknown = sorted(set(values) - set(SETTINGS))
+        if unknown:
+            raise TypeError(f"RunConfig: unknown settings {unknown}")
+        parts: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+        for flat, value in values.items():
+            spec = SETTINGS[flat]
+            parts[spec.section][spec.name] = value
+        parts["data"]["seed"] = values.get("seed", SETTINGS["seed"].default)  # the runner's seed samples the data
+        built = {SECTIONS[s][0]: SECTIONS[s][1](**kw) for s, kw in parts.items()}
+        return cls(**built, sources=dict(sources or {}))
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> RunConfig:
+        """From a saved configuration: sectioned (by file section or attribute name) or flat (older runs)."""
+        return cls.from_flat({k: v for k, v in flatten_run(saved).items() if k in SETTINGS})
+
+    def replace(self, **changes: Any) -> RunConfig:
+        new = RunConfig.from_flat({**self.flat(), **changes}, self.sources)
+        new.written = dict(self.written)
+        return new
+
+    def written_as(self, name: str) -> str | None:
+        """How the user wrote setting ``name`` (a flat name or a data-section field); its flag if unset."""
+        spec = SETTINGS.get(name) or _BY_FIELD.get(("data", name))
+        return None if spec is None else self.written.get(spec.flat, spec.flag)
+
+    def flat(self) -> dict[str, Any]:
+        return {flat: getattr(self, flat) for flat in SETTINGS}
+
+    def to_sections(self) -> dict[str, dict[str, Any]]:
+        """``{section: {field: value}}``: a run file's layout (what config.yaml holds under ``run``)."""
+        out: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+        for spec in SETTINGS.values():
+            value = getattr(self, spec.flat)
+            out[spec.section][spec.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
 
-RESUME_MODES = ("off", "on", "auto")
-MAX_SCALE = 100.0  # --scale above this is a typo or an overflow in the making, not a GaLore scale
-
-# The embedded model (SmolLM2-135M) learns in tens of steps where the 7B recipe of GORP.md §5 needs
-# thousands: a larger learning rate (the paper's 200:1 LoRA to full-rank ratio kept), a shorter refresh
-# gap and larger micro-batches. Applied whenever --model is the embedded default.
-EMBEDDED_MODEL_PROFILE: dict[str, Any] = {
-    "micro_batch_size": 0,
-    "gradient_checkpointing": False,  # 135M parameters fit without recomputation, which only costs time
-    "lr_lora": 1e-3,
-    "lr_full": 5e-6,
-    "update_gap": 10,
-}
-# The embedded model on the embedded task suite (no data flags): the main job's default, sized to
-# finish in minutes on two CPU processes.
-EMBEDDED_SUITE_PROFILE: dict[str, Any] = {
-    "methods": EMBEDDED_METHODS,
-    "max_steps_per_task": 40,
-    "global_batch_size": 16,
-    "eval_samples": 100,
-    "max_length": 64,  # the generated examples are ~16 tokens
-    "save_every": 0,  # task boundaries only: a task takes seconds on a GPU, about a minute on a CPU
-    "output_dir": "runs/embedded",
-}
-
-# The O-LoRA / GORP papers' orders (gorp_ds.data.registry.PAPER_ORDERS) use 512 source and 50
-# target tokens.
-PAPER_ORDERS = ("1", "2", "3", "4", "5", "6")
-PAPER_LENGTHS: dict[str, Any] = {"max_source_length": 512, "max_target_length": 50}
-
-_LIST_FIELDS = {"tasks", "methods", "lora_targets", "full_targets"}
-FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+def flatten_run(run: dict[str, Any]) -> dict[str, Any]:
+    """Flat settings from a saved ``run`` mapping: sections (file or attribute names) first, flat
+    keys then override (older config.yaml files are flat)."""
+    flat: dict[str, Any] = {}
+    attrs = {attr: section for section, (attr, _, _) in SECTIONS.items()}
+    for key, value in run.items():
+        section = key if key in SECTIONS else attrs.get(key)
+        if section is not None and isinstance(value, dict):
+            for name, item in value.items():
+                spec = _BY_FIELD.get((section, name))
+                flat[spec.flat if spec else f"{section}.{name}"] = item
+    for key, value in run.items():
+        if not (key in SECTIONS or key in attrs) or not isinstance(value, dict):
+            flat[_KEYS.get(key, key)] = value
+    return flat
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
-    """Type-check one setting from a file or the command line."""
-    default = getattr(RunConfig(), key)
-    if value is None:
+# ---------------------------------------------------------------------------------- values
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               list: "a list of strings or a comma-separated string"}
+
+
+def coerce(spec: Setting, value: Any, where: str) -> Any:
+    """Type-check one value from a file (YAML types) or the command line (text); ``where`` names
+    the flag or key as the user wrote it."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "null") and spec.optional:
         return None
-    if key == "resume":  # true/false from a file, "auto"/"on" from --resume [auto]
-        text = str(value).lower()
-        mode = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}.get(text, text)
-        if mode not in RESUME_MODES:
-            raise ConfigError(f"{source}: 'resume' must be true, false or auto, got {value!r}")
-        return mode
-    if key in _LIST_FIELDS:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{source}: '{key}' must be a list of strings or a comma-separated string")
-        return value
-    kind = type(default) if default is not None else None
-    if key in ("max_steps_per_task", "max_train_per_task", "eval_samples", "max_source_length", "max_target_length"):
-        kind = int
-    if key in ("data_dir", "order"):
-        kind = str
+    if value is None:
+        if spec.optional:
+            return None
+        raise ConfigError(f"{where} must be {_KIND_NAMES[spec.kind]}, not empty (it has no 'none' setting)")
+    if spec.choices and {"on", "off"} <= set(spec.choices):  # resume: true/false mean on/off
+        text = str(value).lower() if not isinstance(value, bool) else ("true" if value else "false")
+        value = "on" if text in _TRUE else "off" if text in _FALSE else text
     try:
-        if kind is bool:
+        if spec.kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in _TRUE + _FALSE:
+                raise ValueError
+            return text in _TRUE
+        if spec.kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if spec.kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if spec.kind is list:
             if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if kind is int and isinstance(value, float) and not value.is_integer():
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool)
+                                                      for v in value):
+                raise ValueError
+            return [str(v) for v in value]
+        if isinstance(value, (dict, list, bool)):
             raise ValueError
-        return kind(value) if kind is not None else value
+        return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: '{key}' must be of type {kind.__name__}, got {value!r}") from None
+        raise ConfigError(f"{where} must be {_KIND_NAMES[spec.kind]}, got {value!r}") from None
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """A JSON or YAML run file: a flat mapping of RunConfig fields (dashes or underscores)."""
+def show(value: Any) -> str:
+    """A value as YAML flow text (what --print-config and config.yaml write)."""
+    import yaml
+
+    return yaml.safe_dump({"v": value}, default_flow_style=True, width=10**6).strip()[4:-1]
+
+
+# ---------------------------------------------------------------------------------- run files
+@dataclass
+class RunFile:
+    """A parsed run file: ``settings`` flat name -> (value, key as written); ``presets`` named in it."""
+
+    path: str
+    settings: dict[str, tuple[Any, str]]
+    presets: list[str]
+
+
+def _load(path: str, label: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"--config {path}: file not found")
+        raise ConfigError(f"{label}: file not found")
     text = file.read_text()
     try:
         if file.suffix in (".yaml", ".yml"):
@@ -180,146 +323,219 @@ def read_config_file(path: str) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as err:  # json.JSONDecodeError / yaml.YAMLError
-        raise ConfigError(f"--config {path}: cannot parse ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{label}: cannot parse ({str(err).splitlines()[0]})") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: the top level must be a mapping of settings")
-    result = {}
+        raise ConfigError(f"{label}: the top level must be a mapping of settings")
+    if isinstance(data.get("run"), dict) and set(data) <= {"run", "world_size", "deepspeed"}:
+        data = data["run"]  # a config.yaml written by a run: its run settings
+    return data
+
+
+def read_run_file(path: str, label: str | None = None) -> RunFile:
+    """A JSON or YAML run file: sections (``optimizer: {rank: 8}``) and/or flat keys (``rank: 8``;
+    dashes or underscores), and optionally ``preset: <name>``."""
+    label = label or f"--config {path}"
+    data = _load(path, label)
+    settings: dict[str, tuple[Any, str]] = {}
+    presets: list[str] = []
+
+    def put(flat: str, value: Any, written: str) -> None:
+        if flat in settings:
+            raise ConfigError(f"{label}: '{written}' sets {flat} a second time (also as '{settings[flat][1]}')")
+        settings[flat] = (coerce(SETTINGS[flat], value, f"{label}: {written}"), written)
+
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
-        if key == "method":
-            key = "methods"
-        if key not in FIELDS:
-            raise ConfigError(f"--config {path}: unknown setting '{raw_key}' (known: {', '.join(sorted(FIELDS))})")
-        result[key] = _coerce(key, value, f"--config {path}")
-    return result
+        if key == "preset":
+            presets += [value] if isinstance(value, str) else list(value or [])
+        elif key in SECTIONS and isinstance(value, dict):
+            for raw_name, item in value.items():
+                name = str(raw_name).replace("-", "_")
+                spec = _BY_FIELD.get((key, name)) or SETTINGS.get(_KEYS.get(name, ""))  # field or flat name
+                if spec is not None and spec.section != key:
+                    spec = None
+                if spec is None:
+                    known = ", ".join(s.name for s in SETTINGS.values() if s.section == key)
+                    raise ConfigError(f"{label}: unknown setting '{raw_key}.{raw_name}' (the {key} section has: "
+                                      f"{known})")
+                put(spec.flat, item, f"{raw_key}.{raw_name}")
+        elif key in _KEYS:
+            put(_KEYS[key], value, str(raw_key))
+        else:
+            raise ConfigError(f"{label}: unknown setting '{raw_key}' (sections: {', '.join(SECTIONS)}; flat keys: "
+                              f"{', '.join(sorted(SETTINGS))})")
+    return RunFile(path, settings, [str(p) for p in presets])
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every RunConfig field as a flag (defaults None, so only explicit flags override)."""
+def read_config_file(path: str) -> dict[str, Any]:
+    """A run file's settings as ``{flat name: value}``."""
+    return {flat: value for flat, (value, _) in read_run_file(path).settings.items()}
+
+
+def preset_path(name: str) -> Path:
+    """``recipes/<name>.yaml`` for a bare name, otherwise the path itself."""
+    path = RECIPES / f"{name}.yaml"
+    if "/" not in name and not name.endswith((".yaml", ".yml", ".json")) and path.is_file():
+        return path
+    if Path(name).is_file():
+        return Path(name)
+    known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml"))) if RECIPES.is_dir() else "none"
+    raise ConfigError(f"--preset {name}: no such preset (recipes/{name}.yaml) or file; presets: {known}")
+
+
+def _preset_layers(names: list[str], seen: tuple[str, ...] = ()) -> list[tuple[str, RunFile]]:
+    layers = []
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"--preset {name}: presets include each other in a cycle ({' -> '.join(seen)})")
+        path = preset_path(name)
+        parsed = read_run_file(str(path), f"preset {name}" + (f" ({path})" if str(path) != name else ""))
+        layers += _preset_layers(parsed.presets, (*seen, name)) + [(name, parsed)]
+    return layers
+
+
+# ---------------------------------------------------------------------------------- command line
+class _SettingAction(argparse.Action):
+    """Stores the text given and remembers which spelling of the flag was used (for messages)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        spec = SETTINGS[self.dest]
+        if option_string and option_string.startswith("--no-"):
+            values = "false"
+        elif values is None:
+            values = spec.bare
+        setattr(namespace, self.dest, values)
+        spelled = dict(getattr(namespace, "_spelled", None) or {})
+        spelled[self.dest] = option_string or spec.flag
+        namespace._spelled = spelled
+
+
+def _metavar(spec: Setting) -> str:
+    if spec.kind is bool:
+        return "{true,false}"
+    if spec.choices and spec.kind is not list:
+        return "{" + ",".join(map(str, spec.choices)) + "}"
+    if spec.kind is list:
+        return "A,B,..." if not spec.choices else "{" + ",".join(map(str, spec.choices)) + "},..."
+    return {int: "INT", float: "FLOAT"}.get(spec.kind, "TEXT")
+
+
+def flag_help(spec: Setting) -> str:
+    default = show(spec.default) if spec.default is not None else "none"
+    extra = "; none: derived" if spec.optional and spec.default is not None else ""
+    if spec.kind is bool:
+        extra += f"; bare {spec.flag}: true, --no-{spec.flat.replace('_', '-')}: false"
+    return f"{spec.help} [{spec.section}.{spec.name}; default: {default}{extra}]"
+
+
+def add_arguments(parser: Any) -> None:
+    """Every run setting as a flag (defaults None, so only explicit flags override), grouped by section."""
     parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=None,
-                        help="DeepSpeed JSON with systems settings (ZeRO stage, precision, TensorBoard)")
+                        help="DeepSpeed JSON with systems settings (ZeRO stage, precision, TensorBoard, W&B) "
+                             "[default: ds_configs/zero2.json; with --dtype fp32 ds_configs/zero2_fp32.json]")
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--config", default=None, help="JSON/YAML run file; flags override it")
-    parser.add_argument("--method", dest="methods", default=None,
-                        help=f"comma-separated methods to run one after another: {', '.join(METHODS)}")
-    parser.add_argument("--resume", nargs="?", const="on", default=None, metavar="auto",
-                        help="continue each method from its last checkpoint in --output-dir (the saved config.yaml "
-                             "must match the run's); plain --resume stops when there is nothing to resume, "
-                             "--resume auto then starts fresh")
-    parser.add_argument("--overwrite", action="store_const", const="true", default=None,
-                        help="an --output-dir that already holds a run is moved aside to <dir>.old-<time> first")
-    help_text = {
-        "model": "'embedded' (SmolLM2-135M-Instruct), a local HF directory, a .gguf file, or a hub name",
-        "data_dir": "CL_Benchmark-layout directory (<type>/<task>/{train,test,labels}.json); none: embedded tasks",
-        "tasks": "comma-separated task folders or paths relative to --data-dir, or hf:<dataset>",
-        "order": "named order: 1-3 (the papers' 4-task orders), 4-6 (their 15-task orders), or A, B, C "
-                 "(4-task substitutes from the tasks at hand)",
-        "export": "write <output-dir>/<method>/export/ (Hugging Face directory, LoRA merged; true/false)",
-        "export_every_task": "also write export/task_XX/ after every task (true/false)",
-        "predictions": "write every evaluation's generations as JSONL under <method>/predictions/ (true/false)",
-        "eval_only": "evaluate --model (an exported directory or a checkpoint) on the task list; no training",
-        "prompt_format": "plain (default) or chat (the tokenizer's chat template)",
-        "max_source_length": "prompt tokens (default: max_length minus the answer; 512 for orders 1-6)",
-        "max_target_length": "answer and generation tokens (default: longest label + 1; 50 for orders 1-6)",
-        "max_steps_per_task": "optimizer steps per task (default: --epochs over the train split)",
-        "eval_samples": "test examples per task used for R",
-        "output_dir": "where results, TensorBoard events and checkpoints go",
-        "full_gradients": "projected (default: low-rank gradients from activations, outside DeepSpeed's buffers) "
-                          "or flat (full gradients in DeepSpeed's flat buffers)",
-        "profile": "time every training phase and projector refresh with device syncs (slower; off by default)",
-        "max_bad_steps": "consecutive steps with a non-finite loss or gradient (each skipped) before the run stops",
-    }
-    for name in FIELDS:
-        if name in ("methods", "resume", "overwrite"):
-            continue
-        # Parsed as text and type-checked by _coerce, like values from a config file. A bare
-        # boolean flag (`--eval-only`, `--profile`) means true; `--profile false` also works.
-        extra = {"nargs": "?", "const": "true"} if isinstance(FIELDS[name].default, bool) else {}
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name), **extra)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="JSON/YAML run file (sections model, data, lora, targets, optimizer, runner, or flat "
+                             "keys); flags override it")
+    parser.add_argument("--preset", default=None, metavar="NAME[,NAME]",
+                        help="named presets applied under --config and flags: recipes/<name>.yaml or a file path; "
+                             f"'none' for none [default: {AUTO_PRESET_SUITE} when --model is embedded and no "
+                             f"data is set, {AUTO_PRESET_MODEL} for --model embedded with data, otherwise none]")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration, each value with its source, and exit")
+    for section, (_, cls, _) in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} settings ({cls.__name__})")
+        for spec in (s for s in SETTINGS.values() if s.section == section):
+            nargs = "?" if spec.bare is not None else None
+            group.add_argument(*spec.flags, dest=spec.flat, default=None, nargs=nargs, action=_SettingAction,
+                               metavar=_metavar(spec), help=flag_help(spec))
+            if spec.kind is bool:  # listed in the flag's help, not as an entry of its own
+                group.add_argument(f"--no-{spec.flat.replace('_', '-')}", dest=spec.flat, default=None, nargs=0,
+                                   action=_SettingAction, help=argparse.SUPPRESS)
 
 
-def build_run_config(args: argparse.Namespace) -> RunConfig:
-    """Merge defaults, the embedded profile, the config file and explicit flags; validate."""
-    from_file = read_config_file(args.config) if args.config else {}
-    from_cli = {k: _coerce(k, v, f"--{k.replace('_', '-')}") for k, v in vars(args).items()
-                if k in FIELDS and v is not None}
-    explicit = {**from_file, **from_cli}
-    profile: dict[str, Any] = {}
-    if explicit.get("model", "embedded") == "embedded":
-        profile.update(EMBEDDED_MODEL_PROFILE)
-        if not explicit.get("data_dir") and not explicit.get("tasks"):
-            profile.update(EMBEDDED_SUITE_PROFILE)
-    if str(explicit.get("order") or "").strip() in PAPER_ORDERS:
-        profile.update(PAPER_LENGTHS)  # the papers' source/target lengths, unless set explicitly
-    settings = {**profile, **explicit}
-    cfg = RunConfig(**settings)
-    validate(cfg)
+# ---------------------------------------------------------------------------------- building
+def _auto_presets(values: dict[str, Any]) -> list[str]:
+    if values.get("model", SETTINGS["model"].default) != "embedded":
+        return []
+    has_data = any(values.get(k) for k in ("data_dir", "tasks", "order"))
+    return [AUTO_PRESET_MODEL if has_data else AUTO_PRESET_SUITE]
+
+
+def build_run_config(args: Any) -> RunConfig:
+    """Merge defaults, presets, the papers' lengths, the run file and explicit flags; validate.
+    Every value's source is kept in ``cfg.sources``."""
+    run_file = read_run_file(args.config) if getattr(args, "config", None) else None
+    spelled = getattr(args, "_spelled", None) or {}
+    from_cli: dict[str, tuple[Any, str]] = {}
+    for flat in SETTINGS:
+        raw = getattr(args, flat, None)
+        if raw is not None:
+            written = spelled.get(flat, SETTINGS[flat].flag)
+            from_cli[flat] = (coerce(SETTINGS[flat], raw, written), written)
+    explicit = {**(run_file.settings if run_file else {}), **from_cli}
+    explicit_values = {k: v for k, (v, _) in explicit.items()}
+
+    flag_preset = getattr(args, "preset", None)
+    if flag_preset is not None:
+        names, how = [n.strip() for n in str(flag_preset).split(",") if n.strip()], "preset {}"
+    elif run_file and run_file.presets:
+        names, how = run_file.presets, "preset {}"
+    else:
+        names = _auto_presets(explicit_values)
+        how = "preset {} (auto: --model embedded" + (", no data settings)" if AUTO_PRESET_SUITE in names else ")")
+    names = [n for n in names if n.lower() != "none"]
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {flat: "default" for flat in SETTINGS}
+    spelling: dict[str, str] = {flat: spec.flag for flat, spec in SETTINGS.items()}
+    for name, layer in _preset_layers(names):
+        for flat, (value, written) in layer.settings.items():
+            values[flat], sources[flat] = value, how.format(name)
+            spelling[flat] = f"preset {name}" + (f" ({layer.path})" if layer.path != name else "") + f": {written}"
+    order = str(explicit_values.get("order", values.get("order")) or "").strip()
+    if order in PAPER_ORDERS:
+        for flat, value in PAPER_LENGTHS.items():
+            values[flat], sources[flat] = value, f"order {order} (the papers' lengths)"
+    if run_file:
+        for flat, (value, written) in run_file.settings.items():
+            values[flat], sources[flat] = value, f"file {run_file.path}"
+            spelling[flat] = f"--config {run_file.path}: {written}"
+    for flat, (value, written) in from_cli.items():
+        values[flat], sources[flat] = value, f"flag {written}"
+        spelling[flat] = written
+    try:
+        cfg = RunConfig.from_flat(values, sources)
+    except SettingError as err:
+        raise ConfigError(_render(err, spelling)) from None
+    cfg.written = spelling
     return cfg
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
+def _render(err: SettingError, spelling: dict[str, str]) -> str:
+    def spell(name: str) -> str:
+        spec = _BY_FIELD.get((err.section, name)) if err.section else SETTINGS.get(name)
+        return spelling.get(spec.flat, spec.flag) if spec else name
+
+    return err.render(spell)
 
 
-def validate(cfg: RunConfig) -> None:
-    # Every float setting must be a finite number: nan passes every comparison below unnoticed.
-    for name in FIELDS:
-        value = getattr(cfg, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{_flag(name)} must be a finite number, got {value}")
-    for method in cfg.methods:
-        if method not in METHODS:
-            raise ConfigError(f"--method: unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if not cfg.methods:
-        raise ConfigError("--method: at least one method is needed")
-    if cfg.tasks and cfg.order:
-        raise ConfigError("--tasks and --order are mutually exclusive: give one of them")
-    if cfg.micro_batch_size < 0:
-        raise ConfigError(f"--micro-batch-size must be >= 0 (0: whole global batch per rank), got {cfg.micro_batch_size}")
-    positive = ("global_batch_size", "eval_batch_size", "max_length", "lora_r", "rank",
-                "update_gap", "keep_checkpoints")
-    for key in positive:
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("max_steps_per_task", "eval_samples", "max_train_per_task"):
-        value = getattr(cfg, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
-    if cfg.prompt_format not in ("plain", "chat"):
-        raise ConfigError(f"--prompt-format must be plain or chat, got {cfg.prompt_format!r}")
-    if cfg.max_source_length is not None and cfg.max_source_length < 8:
-        raise ConfigError(f"--max-source-length must be >= 8 tokens, got {cfg.max_source_length}")
-    if cfg.max_target_length is not None and cfg.max_target_length < 1:
-        raise ConfigError(f"--max-target-length must be >= 1, got {cfg.max_target_length}")
-    if cfg.epochs <= 0:
-        raise ConfigError(f"--epochs must be > 0, got {cfg.epochs}")
-    if cfg.dtype not in ("bf16", "fp32"):
-        raise ConfigError(f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
-    if cfg.projector not in ("randomized", "exact"):
-        raise ConfigError(f"--projector must be randomized or exact, got {cfg.projector!r}")
-    if not 0.0 <= cfg.shared_threshold <= 1.0:
-        raise ConfigError(f"--shared-threshold must be in [0, 1], got {cfg.shared_threshold}")
-    if cfg.full_gradients not in ("projected", "flat"):
-        raise ConfigError(f"--full-gradients must be projected or flat, got {cfg.full_gradients!r}")
-    if cfg.refresh_from not in ("sketch", "gradient"):
-        raise ConfigError(f"--refresh-from must be sketch or gradient, got {cfg.refresh_from!r}")
-    if cfg.save_every < 0:
-        raise ConfigError(f"--save-every must be >= 0, got {cfg.save_every}")
-    for key in ("lr_lora", "lr_full", "lr_plain", "weight_decay", "olora_lambda"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
-    if not 0.0 < cfg.scale <= MAX_SCALE:
-        raise ConfigError(f"--scale must be in (0, {MAX_SCALE:g}] (it multiplies the full-rank update; GORP's "
-                          f"default is 0.25; change --lr-full for larger steps), got {cfg.scale}")
-    if cfg.lora_alpha <= 0:
-        raise ConfigError(f"--lora-alpha must be > 0 (LoRA's update is scaled by alpha / r; 0 makes it a no-op), "
-                          f"got {cfg.lora_alpha}")
-    if cfg.max_bad_steps < 1:
-        raise ConfigError(f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}")
-    if cfg.resume != "off" and cfg.overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
-                          "--output-dir, --overwrite moves it aside; give one of them")
+def format_config(cfg: RunConfig, sources: bool = True) -> str:
+    """The resolved configuration as a sectioned run file, each value followed by its source."""
+    lines = []
+    for section, values in cfg.to_sections().items():
+        lines.append(f"{section}:")
+        width = max(len(k) + len(show(v)) for k, v in values.items()) + 4
+        for name, value in values.items():
+            text = f"  {name}: {show(value)}"
+            if sources:
+                flat = _BY_FIELD[(section, name)].flat
+                text = text.ljust(width) + f"  # {cfg.sources.get(flat, 'default')}"
+            lines.append(text)
+    return "\n".join(lines)
 
 
 def reconcile_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str) -> dict[str, Any]:
@@ -342,8 +558,9 @@ def reconcile_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, sou
         ds[key] = value
     bf16 = bool((ds.get("bf16") or {}).get("enabled", False))
     if "bf16" in ds and bf16 != (cfg.dtype == "bf16"):
+        hint = " (ds_configs/zero2_fp32.json is one for fp32)" if cfg.dtype == "fp32" else ""
         raise ConfigError(f"{source}: 'bf16.enabled' is {str(bf16).lower()} but the run's --dtype is {cfg.dtype}; "
-                          "make them agree")
+                          f"make them agree{hint}")
     if cfg.dtype == "bf16":
         ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": True}
     tensorboard = ds.get("tensorboard")

@@ -10,6 +10,7 @@ evaluation settings give the same row and the same predictions.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -17,12 +18,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..data.config import DataConfig
 from ..data.errors import DataError
 from ..data.prompting import PromptFormat
 from ..data.registry import load_task_sequence
 from ..log import get_logger
-from ..models import ModelConfig, load_model_and_tokenizer
+from ..models import load_model_and_tokenizer
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate_row
 from .report import predictions_file, write_method_results, write_predictions
@@ -51,8 +51,7 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, local)))
     try:
-        tasks = load_task_sequence(DataConfig(cfg.data_dir, cfg.tasks, cfg.order, cfg.max_train_per_task,
-                                              cfg.eval_samples, cfg.max_length, cfg.seed))
+        tasks = load_task_sequence(cfg.data)
     except DataError as err:
         raise ConfigError(str(err)) from None
     out_dir = os.path.join(cfg.output_dir, EVAL_DIR)
@@ -66,7 +65,7 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
         session.merge_in_place()
         model, tokenizer, source = session.engine.module, session.tokenizer, f"checkpoint {cfg.model} ({session.method})"
     else:
-        model, tokenizer = load_model_and_tokenizer(ModelConfig(cfg.model, cfg.dtype, False))
+        model, tokenizer = load_model_and_tokenizer(dataclasses.replace(cfg.base_model, gradient_checkpointing=False))
         model.to(_device())
         session, source = None, f"model {cfg.model}"
     PromptFormat(cfg.prompt_format).check(tokenizer)
@@ -85,7 +84,7 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
         "timings": {"wall_s": time.perf_counter() - started, "train_s": 0.0, "eval_s": time.perf_counter() - started,
                     "tokens_per_s": 0.0},
         "world_size": world,
-        "config": dict(vars(cfg)),
+        "config": cfg.flat(),
     }
     if rank == 0:
         if cfg.predictions:

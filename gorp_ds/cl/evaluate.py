@@ -4,7 +4,7 @@ Each rank generates answers for every ``world``-th test example of every task; c
 summed over ranks with one all-reduce; the generations themselves can be gathered to rank 0 for
 the predictions files. An answer is correct when the normalised generation
 (lower case, punctuation and surplus white space removed, cut at the first newline) equals the
-normalised label (GORP.md §7).
+normalised label (docs/algorithm.md §7).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Continual-learning metrics as pure functions of the accuracy matrix R (GORP.md §7).
+"""Continual-learning metrics as pure functions of the accuracy matrix R (docs/algorithm.md §7).
 
 ``R`` has ``T + 1`` rows and ``T`` columns: ``R[i][j]`` is the accuracy (percent) on task ``j``
 (0-based column) after training tasks ``1..i``; row 0 is the model before any training. Rows that
 were not measured (multi-task training has only rows 0 and T) are ``None``.
 
-With 1-based task indices as in GORP.md, column ``j`` holds task ``j+1``:
+With 1-based task indices as in docs/algorithm.md, column ``j`` holds task ``j+1``:
 - AA = mean_j R[T][j]
 - BWT = mean_{j<T} (R[T][j] − R[j][j])
 - FWT = mean_{j≥2} (R[j−1][j] − R[0][j])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..data.prompting import PromptFormat
-from ..models import LoraSettings, ModelConfig, RoleConfig, add_lora, build_param_groups
+from ..models import RoleConfig, add_lora, build_param_groups
 from ..models.loading import resolve_model_source
 from ..models.roles import LORA_METHODS, RoleError
 from .config import RunConfig
@@ -16,20 +16,19 @@ from .config import RunConfig
 def preflight(cfg: RunConfig) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source, extra = resolve_model_source(ModelConfig(cfg.model, cfg.dtype, False))
+    source, extra = resolve_model_source(cfg.base_model)
     config = AutoConfig.from_pretrained(source, **extra)
     if cfg.prompt_format != "plain":  # a chat format needs the tokenizer's chat template
         from transformers import AutoTokenizer
 
         PromptFormat(cfg.prompt_format).check(AutoTokenizer.from_pretrained(source, **extra))
-    roles = RoleConfig(list(cfg.full_targets), cfg.rank, cfg.update_gap, cfg.scale, cfg.projector,
-                       cfg.shared_threshold, cfg.lr_lora, cfg.lr_full, cfg.lr_plain, cfg.weight_decay)
+    roles = RoleConfig.of(cfg.targets, cfg.optimizer)
     for method in cfg.methods:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         if method in LORA_METHODS:
             try:
-                model = add_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, list(cfg.lora_targets)))
+                model = add_lora(model, cfg.lora)
             except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
                 raise RoleError(f"--lora-targets {','.join(cfg.lora_targets)}: {str(err).splitlines()[0]}") from None
         build_param_groups(model, method, roles)

@@ -6,14 +6,13 @@ ranks (one process included), whatever number wrote it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
 from ..data.tasks import Task
 from ..log import get_logger
 from ..zero import CheckpointError, read_client_state
-from .config import FIELDS, RunConfig, reconcile_ds_config
+from .config import RunConfig, reconcile_ds_config
 from .session import MethodSession
 
 log = get_logger(__name__)
@@ -39,7 +38,7 @@ def saved_run(load_dir: str, tag: str | None) -> tuple[str, RunConfig, dict[str,
     if not isinstance(saved, dict) or "method" not in client:
         raise CheckpointError(f"{load_dir}: the checkpoint holds no run configuration (written before gorp_ds "
                               "stored it); it cannot be rebuilt without one")
-    cfg = RunConfig(**{k: v for k, v in saved.items() if k in FIELDS})
+    cfg = RunConfig.from_dict(saved)
     return client["method"], cfg, client
 
 
@@ -48,8 +47,8 @@ def rebuild_session(load_dir: str, tag: str | None, tasks: list[Task], world: in
     """The saved method's engine on this process group, the checkpoint loaded into it. Batch sizes
     are set to fit ``world`` (they do not affect the weights); ``overrides`` replace run settings
     that only concern evaluation (eval batch size, lengths, prompt format)."""
-    method, cfg, _ = saved_run(load_dir, tag)
-    cfg = dataclasses.replace(cfg, global_batch_size=world, micro_batch_size=1, gradient_checkpointing=False,
+    method, cfg, client = saved_run(load_dir, tag)
+    cfg = cfg.replace(global_batch_size=world, micro_batch_size=1, gradient_checkpointing=False,
                               checkpoints=False, **overrides)
     ds_config = reconcile_ds_config({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}, cfg, world,
                                     "the rebuilt engine's DeepSpeed config")

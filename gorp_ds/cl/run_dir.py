@@ -18,7 +18,6 @@ ranks act, or stop with the same error, together, whether or not the nodes share
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..log import get_logger
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, flatten_run, format_config, show
 
 log = get_logger(__name__)
 
@@ -43,7 +42,7 @@ FIXED_ON_RESUME = (
     "model", "data_dir", "tasks", "order", "methods", "max_steps_per_task", "epochs", "global_batch_size",
     "micro_batch_size", "max_train_per_task", "eval_samples", "max_length", "dtype", "lora_r", "lora_alpha",
     "lora_targets", "full_targets", "rank", "projector", "lora_init_off_shared", "seed",
-    "prompt_format", "max_source_length", "max_target_length", "eval_only",
+    "prompt_format", "max_source_length", "max_target_length", "eval_only", "full_gradients",
 )
 NOT_COMPARED = ("resume", "overwrite")  # how this launch treats the directory, not what the run is
 # Settings with no effect on a finished method's results (a finished method is skipped despite them).
@@ -58,22 +57,23 @@ _MISSING = "<not set>"
 
 
 def run_settings(cfg: RunConfig, world_size: int | None = None) -> dict[str, Any]:
-    """The run's settings as plain data (what config.yaml, checkpoints and results record)."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_COMPARED}
+    """The run's settings as flat plain data (what checkpoints and results record and resume compares)."""
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.flat().items() if k not in NOT_COMPARED}
     if world_size is not None:
         settings["world_size"] = world_size
     return settings
 
 
 def resolved_config(cfg: RunConfig, ds_config: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """Contents of config.yaml: every run setting, the world size and DeepSpeed's systems settings."""
+    """Contents of config.yaml: every run setting by section (a run file: ``--config <it>`` runs it
+    again), the world size and DeepSpeed's systems settings."""
     systems = {}
     for name, keys in DS_FIELDS.items():
         value: Any = ds_config
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
         systems[name] = value
-    return {"run": run_settings(cfg), "world_size": world_size, "deepspeed": systems}
+    return {"run": cfg.to_sections(), "world_size": world_size, "deepspeed": systems}
 
 
 def recorded_settings(cfg: RunConfig, ds_config: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def recorded_settings(cfg: RunConfig, ds_config: dict[str, Any], world_size: int
 
 
 def _flat(resolved: dict[str, Any]) -> dict[str, Any]:
-    flat = dict(resolved.get("run") or {})
+    flat = flatten_run(resolved.get("run") or {})
     flat["world_size"] = resolved.get("world_size")
     flat.update({f"deepspeed.{k}": v for k, v in (resolved.get("deepspeed") or {}).items()})
     return flat
@@ -240,7 +240,7 @@ def _decide(cfg: RunConfig, current: dict[str, Any], out: Path, held: list[str],
         finished = _finished(out, method)
         if finished is not None:
             try:
-                recorded = json.loads(finished.read_text()).get("config") or {}
+                recorded = flatten_run(json.loads(finished.read_text()).get("config") or {})
             except (json.JSONDecodeError, OSError, AttributeError) as err:
                 problems.append(f"{finished}: unreadable ({err})")
                 continue
@@ -290,12 +290,18 @@ def _move_aside(out: Path, aside: Path, boards: list[Path]) -> str:
         return str(inside)
 
 
-def _write_config(out: Path, resolved: dict[str, Any]) -> str:
-    import yaml
+def config_text(cfg: RunConfig, resolved: dict[str, Any]) -> str:
+    """config.yaml: the resolved run configuration by section, each value's source as a comment
+    (the --print-config layout), then the world size and DeepSpeed's systems settings."""
+    run = "\n".join("  " + line for line in format_config(cfg).splitlines())
+    systems = "\n".join(f"  {k}: {show(v)}" for k, v in resolved["deepspeed"].items())
+    return ("# gorp_ds run configuration, written at the start of every launch; --resume compares against it.\n"
+            "# `--config <this file>` runs it again.\n"
+            f"run:\n{run}\nworld_size: {resolved['world_size']}\ndeepspeed:\n{systems}\n")
 
+
+def _write_config(out: Path, text: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    text = ("# gorp_ds run configuration, written at the start of every launch; --resume compares against it\n"
-            + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None))
     tmp = out / f".{CONFIG_FILE}.tmp"
     tmp.write_text(text)
     os.replace(tmp, out / CONFIG_FILE)
@@ -347,7 +353,7 @@ def settle_output_dir(cfg: RunConfig, ds_config: dict[str, Any], world_size: int
                 if decision.move_aside:
                     decision.notes.append(f"the earlier contents of {cfg.output_dir} are now in "
                                           f"{_move_aside(out, Path(decision.aside), boards)}")
-                text = _write_config(out, resolved)
+                text = _write_config(out, config_text(cfg, resolved))
             except OSError as err:
                 decision.error = f"--output-dir {cfg.output_dir}: {err.strerror or err} ({err.filename or out})"
     decision, text = _broadcast((decision, text))

@@ -14,12 +14,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..data.config import DataConfig
 from ..data.errors import DataError
 from ..data.registry import load_task_sequence
 from ..data.tasks import Task
 from ..log import get_logger
-from ..zero import check_supported, load_ds_config
+from ..models import ModelError, RoleError
+from ..settings import SettingError
+from ..zero import CheckpointError, UnsupportedSetupError, check_supported, load_ds_config
+from .agree import agree_on_errors, in_user_terms
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .evaluate import Evaluation
 from .metrics import all_metrics
@@ -27,10 +29,12 @@ from .preemption import Preempted
 from .preemption import current as current_preemption
 from .preflight import preflight
 from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
-from .run_dir import Decision, check_output_path, run_settings, set_device_for_collectives, settle_output_dir
+from .run_dir import Decision, path_problem, run_settings, set_device_for_collectives, settle_output_dir
 from .session import MethodSession, Progress, mixed_task
 
 log = get_logger(__name__)
+# Problems with the user's input (each rank's own checks): reported, never a traceback.
+USER_ERRORS = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError, SettingError)
 
 
 def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
@@ -72,17 +76,22 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
         # CPU ranks share the machine's cores: oversubscribed BLAS threads slow every rank down.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", _world())))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, local)))
-    raw_ds_config = load_ds_config(ds_config_path)
-    check_supported(raw_ds_config, ds_config_path)  # first: it checks the sections' types
-    ds_config = reconcile_ds_config(raw_ds_config, cfg, _world(), ds_config_path)
-    check_supported(ds_config, ds_config_path)
-    check_output_path(cfg)
-    try:
-        tasks = load_task_sequence(DataConfig(cfg.data_dir, cfg.tasks, cfg.order, cfg.max_train_per_task,
-                                              cfg.eval_samples, cfg.max_length, cfg.seed))
-    except DataError as err:
-        raise ConfigError(str(err)) from None
-    preflight(cfg)
+    problem: Exception | None = None
+    try:  # this rank's checks (no collectives in here), then every rank learns of every problem
+        raw_ds_config = load_ds_config(ds_config_path)
+        check_supported(raw_ds_config, ds_config_path)  # first: it checks the sections' types
+        ds_config = reconcile_ds_config(raw_ds_config, cfg, _world(), ds_config_path)
+        check_supported(ds_config, ds_config_path)
+        if (path := path_problem(cfg.output_dir)) is not None:
+            raise ConfigError(path)
+        try:
+            tasks = load_task_sequence(cfg.data)
+        except DataError as err:
+            raise ConfigError(in_user_terms(str(err), cfg.written_as)) from None
+        preflight(cfg)
+    except USER_ERRORS as err:
+        problem = err
+    agree_on_errors(problem)
     decision = settle_output_dir(cfg, ds_config, _world())
     log.info(f"{len(tasks)} tasks: {' → '.join(t.name for t in tasks)}; methods: {', '.join(cfg.methods)}; "
              f"{_world()} ranks, global batch {cfg.global_batch_size}, {torch.get_num_threads()} CPU threads per rank")

@@ -4,7 +4,6 @@ train a task, evaluate all tasks, close a task, checkpoint, resume.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -24,8 +23,6 @@ from ..data.tokenize import collate_training, encode_for_training
 from ..export.hf_dir import ExportInfo, export_hf_dir
 from ..log import get_logger
 from ..models import (
-    LoraSettings,
-    ModelConfig,
     RoleConfig,
     add_lora,
     build_param_groups,
@@ -122,18 +119,14 @@ class MethodSession:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.checkpoint_dir = os.path.join(out_dir, "checkpoints")
-        model, self.tokenizer = load_model_and_tokenizer(
-            ModelConfig(cfg.model, cfg.dtype, cfg.gradient_checkpointing)
-        )
+        model, self.tokenizer = load_model_and_tokenizer(cfg.base_model)
         # Checkpoints hold no frozen weight: resume rebuilds the model and checks it is the same.
         self.base_fingerprint = model_fingerprint(model)
         torch.manual_seed(cfg.seed)
         if method in LORA_METHODS:
-            model = add_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, list(cfg.lora_targets)))
+            model = add_lora(model, cfg.lora)
             init_lora_(model, cfg.seed, 0)
-        roles = RoleConfig(list(cfg.full_targets), cfg.rank, cfg.update_gap, cfg.scale, cfg.projector,
-                           cfg.shared_threshold, cfg.lr_lora, cfg.lr_full, cfg.lr_plain, cfg.weight_decay)
-        groups = build_param_groups(model, method, roles)
+        groups = build_param_groups(model, method, RoleConfig.of(cfg.targets, cfg.optimizer))
         log.info(f"[{method}] trainable: {trainable_summary(groups)}")
         self.optimizer = GORP(groups)
         self.optimizer.time_refreshes = cfg.profile  # synchronised refresh timing only when profiling
@@ -321,7 +314,7 @@ class MethodSession:
         return result, time.perf_counter() - start
 
     def close_adapters(self, task_index: int) -> None:
-        """GORP.md §4 step 2, before the task's row of R is measured: merge every LoRA into its base
+        """docs/algorithm.md §4 step 2, before the task's row of R is measured: merge every LoRA into its base
         weight in fp32 from the fp32 masters (rounded into W once) and re-initialise it (B = 0, so
         the adapter adds exactly nothing). The row is then measured on exactly the weights an
         export writes. O-LoRA first remembers the finished task's A."""
@@ -342,7 +335,7 @@ class MethodSession:
         return [name for name in lora_layers(self.engine.module) if name in self.engine.gorp.params_by_name]
 
     def end_task(self, task_index: int) -> dict[str, int]:
-        """GORP.md §3–4 after the row of R: extend S from the moments and reset the optimizer;
+        """docs/algorithm.md §3–4 after the row of R: extend S from the moments and reset the optimizer;
         gorp then starts the new adapters' A off the shared space."""
         sizes = self.optimizer.end_task()
         if self.method == "gorp" and self.cfg.lora_init_off_shared:
@@ -392,7 +385,7 @@ class MethodSession:
         tag = self.checkpoint_tag(progress)
         client = {"progress": progress.to_state(), "method": self.method, "lora_merges": self.merges,
                   "base_model": self.base_fingerprint,
-                  "run_config": dataclasses.asdict(self.cfg),  # what `python -m gorp_ds.export` rebuilds from
+                  "run_config": self.cfg.to_sections(),  # what `python -m gorp_ds.export` rebuilds from
                   "config": self.settings}  # what --resume compares with this run
         save_checkpoint(self.engine, self.checkpoint_dir, tag, client)
         if self.rank == 0:

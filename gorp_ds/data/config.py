@@ -1,66 +1,75 @@
-"""Data settings of a run (the ``"data"`` section of the project's run config)."""
+"""Data settings of a run (the run file's ``data:`` section)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..settings import SettingError, check_settings, setting
 from .errors import DataError
 
-__all__ = ["DataConfig"]
+__all__ = ["DataConfig", "DataSettingError"]
+
+PROMPT_FORMATS = ("plain", "chat")  # gorp_ds.data.prompting.PROMPT_FORMATS
 
 
-@dataclass
+class DataSettingError(SettingError, DataError):
+    """A data setting with a bad value (both a :class:`DataError` and a :class:`SettingError`)."""
+
+
+@dataclass(kw_only=True)
 class DataConfig:
-    """Which tasks to load, in which order, and how much of them.
+    """Which tasks to load, in which order, how much of them, and how they become tokens.
 
-    * ``data_dir``: root of a CL_Benchmark-style folder (``<type>/<task>/{train,test,labels}.json``);
-      ``None`` selects the embedded suite (unless ``tasks`` names ``hf:`` sources).
-    * ``tasks``: a custom sequence: embedded names (``"emb_color"``), CL_Benchmark folder names
-      (``"dbpedia"``, ``"TC/dbpedia"``) or paths relative to ``data_dir``, or ``"hf:<spec>"`` for any
-      ``datasets`` source with ``sentence``/``label`` columns (see :mod:`gorp_ds.data.hf_source`).
-    * ``order``: a named CL_Benchmark order: ``"1"`` … ``"6"`` (the O-LoRA / GORP papers' orders) or
-      the substitutes ``"A"``, ``"B"``, ``"C"`` (needs ``data_dir``; not together with ``tasks``).
-    * ``max_train_per_task`` / ``eval_samples``: caps, applied by deterministic sampling (train with
-      ``seed``; the evaluation subset is fixed across seeds so runs compare on the same examples).
-    * ``max_length``: token budget per example; long inputs are cut from the left of the input text.
+    ``max_train_per_task`` / ``eval_samples`` are applied by deterministic sampling (train with
+    ``seed``, the run's seed; the evaluation subset is fixed across seeds so runs compare on the
+    same examples).
     """
 
-    data_dir: str | None = None
-    tasks: list[str] | None = None
-    order: str | None = None
-    max_train_per_task: int | None = None
-    eval_samples: int | None = None
-    max_length: int = 256
-    seed: int = 0
+    data_dir: str | None = setting(None, "CL_Benchmark-layout directory (<type>/<task>/{train,test,labels}.json); "
+                                         "none: the embedded tasks (or hf: sources)")
+    tasks: list[str] | None = setting(None, "task sequence: embedded names, task folders or paths relative to "
+                                            "--data-dir, or hf:<dataset>")
+    order: str | None = setting(None, "named order: 1-3 (the papers' 4-task orders), 4-6 (their 15-task orders), "
+                                      "or A, B, C (4-task substitutes); needs --data-dir; not with --tasks")
+    max_train_per_task: int | None = setting(None, "cap on each task's training examples (none: all)", minimum=1)
+    eval_samples: int | None = setting(500, "test examples per task used for R (none: the whole split)", minimum=1)
+    max_length: int = setting(256, "token budget per example; long inputs are cut from the left of the input "
+                                   "text", minimum=8)
+    max_source_length: int | None = setting(None, "prompt tokens (none: max_length minus the answer; 512 for "
+                                                  "orders 1-6)", minimum=8)
+    max_target_length: int | None = setting(None, "answer and generation tokens (none: the longest label + 1; "
+                                                  "50 for orders 1-6)", minimum=1)
+    prompt_format: str = setting("plain", "plain text prompts, or chat: through the tokenizer's chat template",
+                                 choices=PROMPT_FORMATS)
+    seed: int = setting(0, "sampling seed (the run's --seed)", run=False)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Check types and combinations; raises :class:`DataError` naming the setting and the fix."""
+        """Check types and combinations; raises :class:`DataSettingError` naming the setting and the fix."""
+
+        def bad(name: str, problem: str) -> DataSettingError:
+            return DataSettingError(name, problem, "data")
+
         if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise DataError(f"data.data_dir must be a path string or null, got {self.data_dir!r}")
+            raise bad("data_dir", f"must be a path string or null, got {self.data_dir!r}")
         if self.tasks is not None:
             if isinstance(self.tasks, str) or not isinstance(self.tasks, (list, tuple)):
-                raise DataError(
-                    f'data.tasks must be a list of task names, got {self.tasks!r}; e.g. ["dbpedia", "amazon"]'
-                )
+                raise bad("tasks", f'must be a list of task names, got {self.tasks!r}; e.g. ["dbpedia", "amazon"]')
             if not self.tasks:
-                raise DataError("data.tasks is an empty list; name at least one task or leave it null")
-            bad = [t for t in self.tasks if not isinstance(t, str) or not t.strip()]
-            if bad:
-                raise DataError(f"data.tasks entries must be non-empty strings, got {bad[0]!r}")
+                raise bad("tasks", "is an empty list; name at least one task or leave it null")
+            wrong = [t for t in self.tasks if not isinstance(t, str) or not t.strip()]
+            if wrong:
+                raise bad("tasks", f"entries must be non-empty strings, got {wrong[0]!r}")
         if self.order is not None and not isinstance(self.order, str):
-            raise DataError(f"data.order must be one of 1-6, A, B, C or null, got {self.order!r}")
+            raise bad("order", f"must be one of 1-6, A, B, C or null, got {self.order!r}")
         if self.order is not None and self.tasks is not None:
-            raise DataError(
-                f"data.order={self.order!r} and data.tasks={self.tasks!r} are mutually exclusive; set only one"
-            )
-        for key in ("max_train_per_task", "eval_samples"):
+            raise DataSettingError("order", "and {tasks} are mutually exclusive (a named order is a task "
+                                   "sequence); set only one", "data", others=("tasks",))
+        for key in ("max_train_per_task", "eval_samples", "max_length", "max_source_length", "max_target_length",
+                    "seed"):
             value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise DataError(f"data.{key} must be a positive integer or null, got {value!r}")
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 8:
-            raise DataError(f"data.max_length must be an integer >= 8 (tokens), got {self.max_length!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise DataError(f"data.seed must be an integer, got {self.seed!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise bad(key, f"must be an integer{' or null' if key != 'max_length' else ''}, got {value!r}")
+        check_settings(self, "data", DataSettingError)

@@ -105,7 +105,7 @@ def _specs(cfg: DataConfig) -> list[str]:
         if cfg.data_dir is None:
             raise DataError(
                 f"order {key} uses the CL_Benchmark tasks, but data.data_dir is not set; "
-                f"point it at a CL_Benchmark folder (e.g. ../shared/cl_benchmark)"
+                f"point it at a CL_Benchmark folder (e.g. data/CL_Benchmark)"
             )
         if key in PAPER_ORDERS:
             _check_paper_order(key, cfg.data_dir)

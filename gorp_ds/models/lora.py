@@ -1,6 +1,6 @@
 """LoRA through PEFT: injection, canonical module names, and the task-boundary merge + re-init.
 
-GORP keys its shared spaces by module name (GORP.md §3), and LoRA factors are re-initialised at
+GORP keys its shared spaces by module name (docs/algorithm.md §3), and LoRA factors are re-initialised at
 every task, so names must not depend on PEFT's wrapping: ``base_model.model.model.layers.3.
 self_attn.q_proj.lora_A.default.weight`` is called ``model.layers.3.self_attn.q_proj.lora_A``.
 """
@@ -11,19 +11,36 @@ import math
 import re
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..settings import SettingError, check_settings, setting
+
 _PEFT_PREFIX = "base_model.model."
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoraSettings:
-    r: int = 8
-    alpha: float = 32.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """The LoRA adapters of the LoRA methods (the run file's ``lora:`` section; flat names and
+    flags carry the prefix ``lora_``: ``--lora-r``)."""
+
+    r: int = setting(8, "LoRA rank r", minimum=1)
+    alpha: float = setting(32.0, "LoRA alpha: the adapter's update is scaled by alpha / r", above=0.0)
+    targets: list[str] = setting(["q_proj", "v_proj"], "module-name patterns that get an adapter (a pattern "
+                                 "matches at a dot boundary; re:<regex> for a regular expression)")
+    init_off_shared: bool = setting(True, "(ours) gorp: a new task's LoRA A starts orthogonal to the shared space")
+    olora_lambda: float = setting(0.5, "o-lora: weight of the orthogonality loss between new and old LoRA A",
+                                  minimum=0.0, flat="olora_lambda")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, (int, float)) and not self.alpha > 0:
+            raise SettingError("alpha", f"must be > 0 (the adapter's update is scaled by alpha / r; 0 makes it a "
+                               f"no-op), got {self.alpha}", "lora")
+        check_settings(self, "lora")
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise SettingError("targets", f"must name at least one module pattern, got {self.targets!r}", "lora")
 
 
 def canonical_name(parameter_name: str) -> str:
@@ -136,7 +153,7 @@ def merged_base_weight(layer: nn.Module, a: torch.Tensor | None = None, b: torch
 @torch.no_grad()
 def merge_and_reinit_(model: nn.Module, seed: int, task_index: int,
                       masters: Mapping[str, torch.Tensor] | None = None) -> list[str]:
-    """GORP.md §4 step 2: ``W ← W + (α/r) B A`` for every LoRA layer, then A re-drawn and B zeroed
+    """docs/algorithm.md §4 step 2: ``W ← W + (α/r) B A`` for every LoRA layer, then A re-drawn and B zeroed
     (equivalent to freezing the old adapter, as O-LoRA does). ``masters`` (``{canonical factor
     name: fp32 tensor}``) gives the factors' fp32 master values (and W's, under its module name,
     when W is trained as well): the merge is then computed in fp32 from them and rounded into W

@@ -13,12 +13,15 @@ space, so comparing it with ``gorp`` isolates what S protects.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from ..optim.config import OptimizerConfig
+from ..settings import SettingError, setting
 from .lora import canonical_name
 
 METHODS = ("gorp", "galore", "seq-lora", "o-lora", "mtl", "seq-ft")
@@ -30,18 +33,41 @@ class RoleError(ValueError):
     """Targets that match nothing, ranks larger than a matrix, unknown methods."""
 
 
-@dataclass
-class RoleConfig:
-    full_targets: list[str] = field(default_factory=lambda: ["mlp.gate_proj"])
-    rank: int = 8  # k of the projected Adam
-    update_gap: int = 20  # T
-    scale: float = 0.25  # s
-    projector: str = "randomized"
-    shared_threshold: float = 0.9  # ε_S
-    lr_lora: float = 2e-4
-    lr_full: float = 1e-6
-    lr_plain: float = 1e-5  # seq-ft
-    weight_decay: float = 0.0
+@dataclass(kw_only=True)
+class TargetsConfig:
+    """Which weights train at full rank (the run file's ``targets:`` section)."""
+
+    full_targets: list[str] = setting(["mlp.gate_proj"], "module-name patterns of the weights gorp and galore "
+                                      "train at full rank with projected Adam (re:<regex> for a regular expression)")
+    full_gradients: str = setting(
+        "projected", "how the full-rank targets get their gradient: projected (their Linear's backward forms the "
+        "low-rank R = δᵀ(X Q) from the activations; they live outside DeepSpeed's flat buffers; gradient_clipping "
+        "uses the norm of the projected gradient for them) or flat (full gradients through DeepSpeed's flat buffers, "
+        "clipping by ‖G‖: the earlier path)", choices=("projected", "flat"))
+    refresh_from: str = setting(
+        "sketch", "projector refreshes on the projected path: sketch (products of G through the activations, a "
+        "distributed randomized range finder, no m × n tensor; used when a step has one micro-batch and the "
+        "projector is randomized, else G is formed) or gradient (always form G on refresh steps)",
+        choices=("sketch", "gradient"))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.full_targets, list) or not all(isinstance(t, str) and t for t in self.full_targets):
+            raise SettingError("full_targets", f"must be a list of module-name patterns, got {self.full_targets!r}",
+                               "targets")
+
+
+@dataclass(kw_only=True)
+class RoleConfig(OptimizerConfig, TargetsConfig):
+    """What :func:`build_param_groups` needs: the full-rank targets and the optimizer's settings
+    (every default is the owning section's)."""
+
+    def __post_init__(self) -> None:
+        TargetsConfig.__post_init__(self)
+        OptimizerConfig.__post_init__(self)
+
+    @classmethod
+    def of(cls, targets: TargetsConfig, optimizer: OptimizerConfig) -> RoleConfig:
+        return cls(**{**dataclasses.asdict(targets), **dataclasses.asdict(optimizer)})
 
 
 def _matches(module_name: str, pattern: str) -> bool:
@@ -67,7 +93,7 @@ def build_param_groups(model: nn.Module, method: str, cfg: RoleConfig) -> list[d
         for _, p in params:
             p.requires_grad_(True)
         return [{"params": [p for _, p in params], "names": [n for n, _ in params], "role": "plain",
-                 "lr": cfg.lr_plain, "weight_decay": cfg.weight_decay}]
+                 "lr": cfg.lr_plain, "weight_decay": cfg.weight_decay, "betas": cfg.betas, "eps": cfg.eps}]
 
     lora_a = [(n, p) for n, p in named if n.endswith(".lora_A")]
     lora_b = [(n, p) for n, p in named if n.endswith(".lora_B")]
@@ -79,7 +105,8 @@ def build_param_groups(model: nn.Module, method: str, cfg: RoleConfig) -> list[d
     for role, members in (("lora_a", lora_a), ("lora_b", lora_b)):
         groups.append({"params": [p for _, p in members], "names": [n for n, _ in members],
                        "role": role if protected else "plain", "lr": cfg.lr_lora,
-                       "weight_decay": cfg.weight_decay, "shared_threshold": threshold})
+                       "weight_decay": cfg.weight_decay, "shared_threshold": threshold, "betas": cfg.betas,
+                       "eps": cfg.eps})
     if protected and cfg.full_targets:
         full = [(n, p) for n, p in named
                 if n in weights and p.dim() == 2 and ".lora_" not in n and any(_matches(n, t) for t in cfg.full_targets)]
@@ -98,7 +125,9 @@ def build_param_groups(model: nn.Module, method: str, cfg: RoleConfig) -> list[d
         groups.append({"params": [p for _, p in full], "names": [n for n, _ in full], "role": "full",
                        "lr": cfg.lr_full, "weight_decay": cfg.weight_decay, "rank": cfg.rank,
                        "update_gap": cfg.update_gap, "scale": cfg.scale, "projector": cfg.projector,
-                       "shared_threshold": threshold})
+                       "oversample": cfg.oversample, "power_iters": cfg.power_iters,
+                       "align_projector": cfg.align_projector, "shared_threshold": threshold, "betas": cfg.betas,
+                       "eps": cfg.eps})
     for group in groups:
         for param in group["params"]:
             param.requires_grad_(True)

@@ -1,4 +1,4 @@
-"""``GORP``: the ``torch.optim.Optimizer`` of GORP.md §8.
+"""``GORP``: the ``torch.optim.Optimizer`` of docs/algorithm.md §8.
 
 The optimizer is thin: per batch of same-role, same-shape tensors it calls the stacked update
 functions of :mod:`gorp_ds.optim.update` (the one implementation of the math; a single tensor is a
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..log import get_logger
+from .config import DEFAULTS
 from .projector import (
     PROJECTOR_METHODS,
     GradientProducts,
@@ -154,8 +155,11 @@ class GORP(torch.optim.Optimizer):
     ``shared_threshold`` (ε_S) may be set per group; 0 disables the shared space (GaLore).
     ``scale`` only affects ``full`` tensors. ``align_projector`` (default on, ours) rotates each
     refreshed projector within its span to the basis closest to the previous one, so that the
-    Adam moments kept across refreshes stay in consistent coordinates; off gives GORP.md §2 as
+    Adam moments kept across refreshes stay in consistent coordinates; off gives docs/algorithm.md §2 as
     written (raw singular vectors).
+
+    Every keyword's default is :class:`~gorp_ds.optim.config.OptimizerConfig`'s (the run's
+    defaults); ``lr`` is set per group by the caller.
 
     ``stats`` (refreshes attempted, refresh seconds, projector failures) synchronises with the
     device and logs new projector failures: read it at logging intervals. ``time_refreshes = True``
@@ -166,18 +170,18 @@ class GORP(torch.optim.Optimizer):
         self,
         params: Iterable[dict[str, Any]],
         lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        betas: tuple[float, float] = DEFAULTS.betas,
+        eps: float = DEFAULTS.eps,
+        weight_decay: float = DEFAULTS.weight_decay,
         *,
-        shared_threshold: float = 0.9,
-        rank: int = 8,
-        update_gap: int = 20,
-        scale: float = 1.0,
-        projector: str = "randomized",
-        oversample: int = 8,
-        power_iters: int = 2,
-        align_projector: bool = True,
+        shared_threshold: float = DEFAULTS.shared_threshold,
+        rank: int = DEFAULTS.rank,
+        update_gap: int = DEFAULTS.update_gap,
+        scale: float = DEFAULTS.scale,
+        projector: str = DEFAULTS.projector,
+        oversample: int = DEFAULTS.oversample,
+        power_iters: int = DEFAULTS.power_iters,
+        align_projector: bool = DEFAULTS.align_projector,
     ) -> None:
         groups = list(params)
         if not groups or not all(isinstance(g, dict) for g in groups):
@@ -512,7 +516,7 @@ class GORP(torch.optim.Optimizer):
     # ------------------------------------------------------------------ tasks
     @torch.no_grad()
     def end_task(self) -> dict[str, int]:
-        """GORP.md §3–4: extend each protected tensor's S from its first moment, then reset moments,
+        """docs/algorithm.md §3–4: extend each protected tensor's S from its first moment, then reset moments,
         projectors and step counters of every group (S is kept). Returns ``{name: columns of S}``
         for the tensors whose state this process holds."""
         for name, state in self._named_states():

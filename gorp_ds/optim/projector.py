@@ -1,4 +1,4 @@
-"""Low-rank gradient projectors for ``full`` tensors (GORP.md §2), over stacks of same-shape matrices.
+"""Low-rank gradient projectors for ``full`` tensors (docs/algorithm.md §2), over stacks of same-shape matrices.
 
 A weight ``W`` is ``m × n``. For ``m >= n`` the projector is ``Q`` (``n × k``, top-k right singular
 vectors of the gradient) and the low-rank gradient is ``R = G Q`` (``m × k``); for ``m < n`` it is
@@ -159,7 +159,7 @@ def compute_projectors(
     """Projectors of a ``(B, m, n)`` fp32 gradient stack: ``Q`` (``(B, n, k)``) if ``m >= n`` else
     ``P`` (``(B, m, k)``), and a ``(B,)`` bool tensor saying which members succeeded. A member whose
     gradient or decomposition is not finite is marked failed (its projector is garbage; the caller
-    keeps the previous one, GORP.md §2). Nothing is read back to the host; a decomposition that
+    keeps the previous one, docs/algorithm.md §2). Nothing is read back to the host; a decomposition that
     raises fails every member."""
     batch = grads.shape[0]
     # Right projection needs the right singular vectors of G = left singular vectors of Gᵀ.
@@ -208,7 +208,7 @@ def compute_projector(grad: Tensor, rank: int, method: str = "randomized", *, se
 def align_basis(new: Tensor, previous: Tensor) -> Tensor:
     """The orthonormal basis of span(``new``) closest to ``previous`` (orthogonal Procrustes), per member.
 
-    Adam moments are kept across projector refreshes (GORP.md §2) and are expressed in the
+    Adam moments are kept across projector refreshes (docs/algorithm.md §2) and are expressed in the
     coordinates of the previous basis. A decomposition returns the top-k subspace with an arbitrary
     sign (and, for near-equal singular values, rotation) of each basis vector, so without alignment
     the moments' coordinates would be scrambled at refreshes, discontinuously in the gradient.

@@ -1,4 +1,4 @@
-"""The gradient shared space S (GORP.md §3): what protects earlier tasks.
+"""The gradient shared space S (docs/algorithm.md §3): what protects earlier tasks.
 
 Each protected tensor has an orthonormal basis ``S`` (``d × s``) on its long side. New gradients
 (or low-rank gradients) are projected off it, a stack of same-shape tensors at once; at the end of a task it is extended from the Adam
@@ -16,7 +16,7 @@ from torch import Tensor
 
 SharedSide = Literal["output", "input"]
 
-# Which side of the tensor S lives on, per role and projection side (GORP.md §3, table).
+# Which side of the tensor S lives on, per role and projection side (docs/algorithm.md §3, table).
 #   full, right projection (m >= n): moment M is m × k, S on the output side (m × s)
 #   full, left projection (m < n):   moment M is k × n, S on the input side  (n × s)
 #   lora_a (r × n):                  S on the input side  (n × s)

@@ -2,7 +2,7 @@
 
 Tensors of one role and shape are updated together as a ``(B, m, n)`` stack (one tensor is
 ``B = 1``); elementwise parts that stacking cannot serve (``plain`` tensors of any shapes, lists of
-separate parameters) use ``torch._foreach_*`` over lists. Roles (GORP.md §1):
+separate parameters) use ``torch._foreach_*`` over lists. Roles (docs/algorithm.md §1):
 
 - ``plain``: AdamW, elementwise (any shapes, e.g. flat ZeRO slices).
 - ``lora_a`` / ``lora_b``: gradient projected off S (:func:`project_off`), then Adam on the whole tensor.
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import DEFAULTS
 from .projector import align_basis, back_project, compute_projectors, projection_side
 from .shared_space import SharedSide, project_off
 
@@ -44,13 +45,13 @@ class UpdateConfig:
     beta2: float
     eps: float
     weight_decay: float
-    rank: int = 8
-    update_gap: int = 20
-    scale: float = 1.0
-    projector: str = "randomized"
-    oversample: int = 8
-    power_iters: int = 2
-    align_projector: bool = True
+    rank: int = DEFAULTS.rank
+    update_gap: int = DEFAULTS.update_gap
+    scale: float = DEFAULTS.scale
+    projector: str = DEFAULTS.projector
+    oversample: int = DEFAULTS.oversample
+    power_iters: int = DEFAULTS.power_iters
+    align_projector: bool = DEFAULTS.align_projector
 
     @classmethod
     def from_group(cls, group: dict) -> UpdateConfig:
@@ -62,13 +63,13 @@ class UpdateConfig:
             beta2=float(beta2),
             eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]),
-            rank=int(group.get("rank", 8)),
-            update_gap=int(group.get("update_gap", 20)),
-            scale=float(group.get("scale", 1.0)),
-            projector=str(group.get("projector", "randomized")),
-            oversample=int(group.get("oversample", 8)),
-            power_iters=int(group.get("power_iters", 2)),
-            align_projector=bool(group.get("align_projector", True)),
+            rank=int(group.get("rank", DEFAULTS.rank)),
+            update_gap=int(group.get("update_gap", DEFAULTS.update_gap)),
+            scale=float(group.get("scale", DEFAULTS.scale)),
+            projector=str(group.get("projector", DEFAULTS.projector)),
+            oversample=int(group.get("oversample", DEFAULTS.oversample)),
+            power_iters=int(group.get("power_iters", DEFAULTS.power_iters)),
+            align_projector=bool(group.get("align_projector", DEFAULTS.align_projector)),
         )
 
 
@@ -125,7 +126,7 @@ def refresh_projectors(grads: Tensor, previous: Tensor | None, cfg: UpdateConfig
     """New projectors for a ``(B, m, n)`` gradient stack and a ``(B,)`` bool success mask, on the device.
 
     A member whose gradient or decomposition is not finite keeps its ``previous`` projector
-    (``torch.where``; GORP.md §2); with ``previous=None`` (first refresh of a task) its returned
+    (``torch.where``; docs/algorithm.md §2); with ``previous=None`` (first refresh of a task) its returned
     projector is garbage and the caller must not use it. With ``cfg.align_projector`` successful
     members are rotated towards their previous basis (:func:`align_basis`).
     """

@@ -1,0 +1,54 @@
+"""The optimizer's settings: GORP's hyperparameters, one default each (the run file's
+``optimizer:`` section). ``GORP``'s constructor and :class:`~gorp_ds.optim.update.UpdateConfig`
+take their defaults from here. Plain Python: no torch, no distributed imports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..settings import SettingError, check_settings, setting
+
+PROJECTOR_CHOICES = ("randomized", "exact")  # projector.PROJECTOR_METHODS (that module needs torch)
+MAX_SCALE = 100.0  # a --scale above this is a typo or an overflow in the making, not a GaLore scale
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """GORP's hyperparameters (docs/algorithm.md §5 gives the LLaMA-2-7B values used as defaults)."""
+
+    rank: int = setting(8, "k: rank of the projected gradient space of full-rank targets", minimum=1)
+    update_gap: int = setting(20, "T: optimizer steps between projector refreshes", minimum=1)
+    scale: float = setting(0.25, "s: multiplies the full-rank targets' low-rank update (change --lr-full for "
+                                 "larger steps)", above=0.0, maximum=MAX_SCALE)
+    projector: str = setting("randomized", "how projectors are computed from the gradient: randomized range "
+                                           "finder or exact SVD", choices=PROJECTOR_CHOICES)
+    oversample: int = setting(8, "extra columns of the randomized range finder (ignored by the exact projector)",
+                              minimum=0)
+    power_iters: int = setting(2, "power iterations of the randomized range finder", minimum=0)
+    align_projector: bool = setting(True, "(ours) rotate each refreshed projector to the basis closest to the "
+                                          "previous one, so Adam's moments stay in consistent coordinates")
+    shared_threshold: float = setting(0.9, "ε_S: energy fraction of Adam's first moment kept in the shared "
+                                           "space S at a task's end (0: no shared space)", minimum=0.0, maximum=1.0)
+    lr_lora: float = setting(2e-4, "learning rate of the LoRA factors", minimum=0.0)
+    lr_full: float = setting(1e-6, "learning rate of the full-rank targets", minimum=0.0)
+    lr_plain: float = setting(1e-5, "learning rate of seq-ft (every tensor, plain AdamW)", minimum=0.0)
+    beta1: float = setting(0.9, "Adam's first-moment decay", minimum=0.0)
+    beta2: float = setting(0.999, "Adam's second-moment decay", minimum=0.0)
+    eps: float = setting(1e-8, "Adam's denominator epsilon", minimum=0.0)
+    weight_decay: float = setting(0.0, "decoupled weight decay (AdamW)", minimum=0.0)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check_settings(self, "optimizer")
+        for name in ("beta1", "beta2"):
+            if not getattr(self, name) < 1.0:
+                raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}", "optimizer")
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return (self.beta1, self.beta2)
+
+
+DEFAULTS = OptimizerConfig()
