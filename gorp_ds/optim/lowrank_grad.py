@@ -1,4 +1,4 @@
-"""Gradients of a ``full`` tensor's Linear formed from its activations (GORP.md §2 without ``G``).
+"""Gradients of a ``full`` tensor's Linear formed from its activations (docs/algorithm.md §2 without ``G``).
 
 For ``y = x Wᵀ`` with ``W`` ``m × n``, the layer's input ``X`` (``T × n``, one row per token) and
 output gradient ``δ`` (``T × m``) give the weight gradient ``G = δᵀ X``. The low-rank gradient the
