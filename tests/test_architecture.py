@@ -14,13 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "gorp_ds"
 # layer -> the project layers it may import (docs/architecture.md)
 ALLOWED = {
-    "settings": set(), "log": set(),
+    "settings": set(), "log": set(), "naming": set(),
     "optim": {"settings", "log"},
     "data": {"settings", "log"},
-    "models": {"settings", "log", "optim"},
-    "zero": {"settings", "log", "optim"},
-    "export": {"settings", "log", "models", "optim"},
-    "cl": {"settings", "log", "optim", "data", "models", "zero", "export"},
+    "models": {"settings", "log", "naming", "optim"},
+    "zero": {"settings", "log", "naming", "optim"},
+    "export": {"settings", "log", "naming", "models", "optim"},
+    "cl": {"settings", "log", "naming", "optim", "data", "models", "zero", "export"},
 }
 ENTRY_POINTS = {"export/__main__.py"}  # may use the run layer
 

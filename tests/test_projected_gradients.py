@@ -8,9 +8,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gorp_ds.models import projected_linear
 from gorp_ds.optim.lowrank_grad import accumulate_full_gradient_, accumulate_low_rank_, low_rank_gradient
-from gorp_ds.zero import split_master
+from gorp_ds.zero import projected_linear, split_master
 
 
 @pytest.mark.parametrize("m, n", [(24, 10), (10, 24)])  # right and left projection

@@ -25,7 +25,8 @@ class Monitor:
             return
         events = [("train/loss", loss, step), ("train/tokens_per_s", tokens_per_s, step),
                   ("train/step_seconds", step_seconds, step)]
-        for group in optimizer.param_groups:
+        # Detached groups (full targets trained from projected gradients) have learning rates too.
+        for group in [*optimizer.param_groups, *getattr(optimizer, "detached_groups", [])]:
             events.append((f"train/lr/{group['role']}", group["lr"], step))
         events.append(("train/skipped_nonfinite_steps", skipped_steps, step))
         self.write(events)

@@ -435,8 +435,8 @@ class MethodSession:
         ``progress.changes`` as changed here, old → new. A checkpoint of a different run (a
         FIXED_ON_RESUME field differs) is refused; config.yaml was checked at start already, this
         guards against an edited or foreign checkpoint."""
-        for group, settings in zip(self.optimizer.param_groups, self.run_group_settings):
-            group.update(settings)
+        for index, settings in enumerate(self.run_group_settings):  # detached (full) groups included
+            self.optimizer.group(index).update(settings)
         if saved is None:
             log.warning(f"[{self.method}] the checkpoint records no run settings (older gorp_ds); "
                         "continuing with this run's settings, changes unrecorded")

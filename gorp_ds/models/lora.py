@@ -8,7 +8,6 @@ self_attn.q_proj.lora_A.default.weight`` is called ``model.layers.3.self_attn.q_
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..naming import PEFT_PREFIX as _PEFT_PREFIX
+from ..naming import canonical_name  # noqa: F401  (re-exported: models.lora.canonical_name)
 from ..settings import SettingError, check_settings, setting
-
-_PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(kw_only=True)
@@ -41,14 +40,6 @@ class LoraSettings:
         check_settings(self, "lora")
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise SettingError("targets", f"must name at least one module pattern, got {self.targets!r}", "lora")
-
-
-def canonical_name(parameter_name: str) -> str:
-    """Module name of a parameter, independent of PEFT's wrapping and adapter name."""
-    name = parameter_name.removeprefix(_PEFT_PREFIX)
-    name = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1", name)  # ….lora_A.<adapter>.weight
-    name = name.replace(".base_layer.weight", ".weight")
-    return name.removesuffix(".weight")
 
 
 def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:

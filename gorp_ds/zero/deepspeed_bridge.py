@@ -24,11 +24,11 @@ import torch.distributed as torch_dist
 from torch import Tensor
 
 from ..log import get_logger
-from ..models.projected_linear import ProjectedLinearError
 from ..optim.gorp import GORP
 from .driver import ZeroDriver
 from .layout import FlatTensor, GroupLayout
 from .lowrank_targets import LowRankTargets
+from .projected_linear import ProjectedLinearError
 
 log = get_logger(__name__)
 
@@ -426,6 +426,8 @@ def _own_full_targets_step(zero_optimizer: Any, targets: LowRankTargets) -> None
             result = original_step(closure)
             if not zero_optimizer.overflow and not skip:
                 targets.step_(float(zero_optimizer.clip_grad))
+            else:
+                targets.undo_refreshes()
         finally:
             targets.reset()
         return result

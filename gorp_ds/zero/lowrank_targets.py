@@ -2,7 +2,7 @@
 
 Between projector refreshes a ``full`` tensor needs only its low-rank gradient ``R`` (``m × k`` or
 ``k × n``), and that comes straight from the layer's activations (``gorp_ds.optim.lowrank_grad``)
-in the backward of its Linear (``gorp_ds.models.projected_linear``). This module owns those tensors:
+in the backward of its Linear (``gorp_ds.zero.projected_linear``). This module owns those tensors:
 
 - **Gradients.** Each micro-batch's backward adds ``R`` into one fp32 buffer holding every target's
   ``R`` back to back; at the optimizer step one all-reduce sums it over the data-parallel group
@@ -45,12 +45,11 @@ import torch
 from torch import Tensor, nn
 
 from ..log import get_logger
-from ..models import projected_linear
 from ..optim.gorp import GORP
 from ..optim.lowrank_grad import accumulate_full_gradient_, accumulate_low_rank_, full_gradient
 from ..optim.projector import GradientProducts, Side, project_gradient, projection_side
 from ..optim.update import LowRankStep, UpdateConfig, apply_low_rank_member_, low_rank_factors
-from . import split_master
+from . import projected_linear, split_master
 
 log = get_logger(__name__)
 AllReduce = Callable[[Tensor], None]
@@ -111,6 +110,7 @@ class LowRankTargets:
                 param.requires_grad_(False)  # no weight gradient from autograd; DeepSpeed never sees it
         self._due: list[list[bool]] | None = None  # per batch and member, for the step under way
         self._projectors: list[Tensor] = []
+        self._replaced: list[Tensor | None] = []
         self._materialized: dict[str, Tensor] = {}
         self.total_norm: Tensor | None = None
         self.flat_low_rank = torch.zeros(0)
@@ -151,7 +151,18 @@ class LowRankTargets:
             self._due = [self.optimizer.refresh_due(b.names, self.cfg(b), device) for b in self.batches]
             # The stacked projector buffers (refreshes write into them in place): looked up once per step.
             self._projectors = [self.optimizer.projector_stack(b.names, self.cfg(b), device) for b in self.batches]
+            # Refreshes run inside the backward, before the trainer may decide to skip the step (a
+            # non-finite loss or gradient): keep the projectors they replace ((B, n|m, k): small).
+            self._replaced = [p.clone() if any(due) else None for p, due in zip(self._projectors, self._due)]
         return self._due
+
+    @torch.no_grad()
+    def undo_refreshes(self) -> None:
+        """Put back the projectors this step's refreshes replaced (a skipped step changes nothing;
+        a member's first refresh of a task needs no undo: its next step refreshes from scratch)."""
+        for projectors, replaced in zip(self._projectors or [], self._replaced or []):
+            if replaced is not None:
+                projectors.copy_(replaced)
 
     @torch.no_grad()
     def linear_backward(self, key: int, x: Tensor, delta: Tensor) -> None:
@@ -270,6 +281,7 @@ class LowRankTargets:
         for m in self.members:
             m.calls, m.refreshed, m.grad = 0, False, None
         self._due = None
+        self._replaced = []
         self.total_norm = None
 
     # ------------------------------------------------------------------ masters

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lora import canonical_name
+from ..naming import canonical_name
 
 
 class GradientSink(Protocol):
