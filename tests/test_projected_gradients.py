@@ -115,7 +115,7 @@ def test_full_gradients_setting_is_validated():
     add_arguments(parser)
     assert build_run_config(parser.parse_args(["--model", "x"])).full_gradients == "projected"
     assert build_run_config(parser.parse_args(["--model", "x", "--full-gradients", "flat"])).full_gradients == "flat"
-    with pytest.raises(ConfigError, match="--full-gradients must be projected or flat"):
+    with pytest.raises(ConfigError, match="--full-gradients must be one of projected, flat"):
         build_run_config(parser.parse_args(["--model", "x", "--full-gradients", "dense"]))
 
 

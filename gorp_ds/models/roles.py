@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..optim.config import OptimizerConfig
-from ..settings import SettingError, setting
+from ..settings import SettingError, check_settings, setting
 from .lora import canonical_name
 
 METHODS = ("gorp", "galore", "seq-lora", "o-lora", "mtl", "seq-ft")
@@ -51,6 +51,7 @@ class TargetsConfig:
         choices=("sketch", "gradient"))
 
     def __post_init__(self) -> None:
+        check_settings(self, "targets")
         if not isinstance(self.full_targets, list) or not all(isinstance(t, str) and t for t in self.full_targets):
             raise SettingError("full_targets", f"must be a list of module-name patterns, got {self.full_targets!r}",
                                "targets")
