@@ -24,3 +24,23 @@ def tiny_model_dir(tmp_path_factory):
     from tests.tiny_model import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_leftover_shared_memory():
+    """DeepSpeed's CPU all-reduce leaves a 66 MB buffer per rank in /dev/shm (a RAM-backed tmpfs)
+    when a rank is killed or exits without tearing down, and many launches fill the machine's
+    memory. After each test module, every such buffer created while it ran is removed: its
+    processes have ended by then (tests run one module at a time)."""
+    import glob
+    import os
+    import time
+
+    started = time.time()
+    yield
+    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        try:
+            if os.stat(path).st_mtime >= started - 1:
+                os.remove(path)
+        except OSError:
+            pass
