@@ -11,6 +11,12 @@ Configurations, side by side in one launch on the same model shape, batch and Ze
   gorp-grefresh gorp, but refreshes form G = δᵀX on refresh steps (--refresh-from gradient)
   gorp-nockpt   gorp without gradient checkpointing (memory only; not in the default list)
 
+Every configuration runs in a fresh process of its own (``--in-process`` runs them one after the other
+in this one): on CUDA a finished configuration's model and optimizer state were seen to stay allocated
+into the next one's measurement (the previous configuration's ~12.6 GiB model and its masters were
+inside the next one's peak), so peaks measured in one process depend on the order. Each result also
+records ``mem_gib_at_start``, the memory allocated before its model is built (0 in a fresh process).
+
 Reported per configuration (median of the timed steps without a projector refresh, after warm-up,
 torch.cuda.synchronize around each step): seconds per step, tokens/s per GPU, ratios to lora (speed
 and peak memory), MFU, peak memory per GPU (max allocated over all timed steps, refresh steps
@@ -39,8 +45,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,6 +141,8 @@ def executed_flops_per_token(cfg, seq: int, name: str, checkpointing: bool, lora
 
 
 def run_config(name: str, args, device) -> dict:
+    gc.collect()
+    at_start = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0  # leftovers of earlier configurations
     engine, optimizer = make_engine(name, args, device)
     vocab = engine.module.config.vocab_size
     generator = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
@@ -167,7 +178,7 @@ def run_config(name: str, args, device) -> dict:
     overhead = (statistics.median([times[i] for i in refresh_steps]) - median) if refresh_steps else None
     result = {
         "config": name, "world_size": dist.get_world_size(), "layers": engine.module.config.num_hidden_layers,
-        "seq": args.seq, "micro_batch": args.micro, "params_b": n_params / 1e9, "median_step_s": median,
+        "seq": args.seq, "micro_batch": args.micro, "mem_gib_at_start": at_start / gib, "params_b": n_params / 1e9, "median_step_s": median,
         "tokens_per_s_per_gpu": tokens / median, "flops_per_token": flops,
         "mfu": flops * tokens / median / (PEAK_TFLOPS * 1e12),
         "peak_mem_gib": max(step_peaks[args.warmup:]) / gib if step_peaks else float("nan"),
@@ -227,8 +238,15 @@ def main() -> None:
     parser.add_argument("--no-ckpt", action="store_true", help="no gradient checkpointing in any configuration")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 model for a CPU smoke run")
     parser.add_argument("--out", default=None, help="write the markdown table here (rank 0)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run all configurations in this process (peaks then include what earlier ones left)")
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)  # child process: write the result here
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
+    names = args.configs.split(",")
+    if not args.in_process and args.result_file is None:
+        run_isolated(args, names)
+        return
     import deepspeed
 
     deepspeed.init_distributed()
@@ -236,24 +254,57 @@ def main() -> None:
         torch.cuda.set_device(args.local_rank)
     device = torch.device("cuda", args.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     results = []
-    for name in args.configs.split(","):
+    for name in names:
         result = run_config(name, args, device)
         results.append(result)
+        if args.result_file is not None:
+            if dist.get_rank() == 0:
+                Path(args.result_file).write_text(json.dumps(result))
+            continue
         if dist.get_rank() == 0:
             print(json.dumps(result), flush=True)
             if args.out:  # incrementally: a later crash keeps the configurations measured so far
                 write_results(args, results)
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and args.result_file is None:
         print(table(results))
 
 
-def write_results(args, results: list[dict]) -> None:
+def run_isolated(args, names: list[str]) -> None:
+    """Each configuration in a child process of its own (this process, one per rank under the
+    launcher, never initialises torch.distributed: child ``i`` of every rank meets on
+    ``MASTER_PORT + 1 + i``, so consecutive children never share a rendezvous)."""
+    rank = int(os.environ.get("RANK", "0"))
+    base_port = int(os.environ.get("MASTER_PORT", "29500"))
+    passed = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="zero_gorp_") as tmp:
+        for index, name in enumerate(names):
+            result_file = Path(tmp) / f"{index}.json"
+            env = dict(os.environ, MASTER_PORT=str(base_port + 1 + index))
+            command = [sys.executable, str(Path(__file__).resolve()), *passed, "--configs", name,
+                       "--result-file", str(result_file), f"--local_rank={args.local_rank}"]
+            done = subprocess.run(command, env=env)
+            if done.returncode != 0:
+                raise SystemExit(f"zero_gorp: configuration {name} failed (exit status {done.returncode})")
+            if rank != 0:
+                continue
+            results.append(json.loads(result_file.read_text()))
+            print(json.dumps(results[-1]), flush=True)
+            if args.out:  # incrementally: a later crash keeps the configurations measured so far
+                write_results(args, results, world=int(os.environ.get("WORLD_SIZE", "1")))
+    if rank == 0:
+        print(table(results))
+
+
+def write_results(args, results: list[dict], world: int | None = None) -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    world = dist.get_world_size() if world is None else world
     ckpt = "no gradient checkpointing" if args.no_ckpt else "gradient checkpointing (except gorp-nockpt)"
-    header = (f"# GORP under ZeRO-2 vs LoRA-only — {gpu} × {dist.get_world_size()}, torch {torch.__version__}, "
+    header = (f"# GORP under ZeRO-2 vs LoRA-only — {gpu} × {world}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}\n\n{'Tiny model' if args.tiny else 'LLaMA-2-7B shape'} "
               f"({results[0]['layers']} layers, random init), {'fp32' if args.tiny else 'bf16'}, seq {args.seq}, "
-              f"micro-batch {args.micro}/GPU, {ckpt}, GORP k=8, T={args.gap}; median of the timed steps "
+              f"micro-batch {args.micro}/GPU, {ckpt}, GORP k=8, T={args.gap}, "
+              f"{'all configurations in one process' if args.in_process else 'each configuration in a fresh process'}; median of the timed steps "
               f"without a refresh ({args.steps} timed after {args.warmup} warm-up).\n\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(header + table(results) + "\n\n" + FORMULA + "\n")
