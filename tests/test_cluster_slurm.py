@@ -450,7 +450,12 @@ def test_submitted_from_outside_the_repository(cluster: FakeCluster) -> None:
 
 def test_launcher_missing_or_broken_is_named_early(cluster: FakeCluster) -> None:
     (cluster.bin / "deepspeed").unlink()
-    env = cluster.env(1, 0, PATH=f"{cluster.bin}{os.pathsep}/usr/bin{os.pathsep}/bin", REPO_DIR=str(REPO))
+    # A repository without .venv (the checkout running the tests may have one to fall back on).
+    bare = cluster.root / "bare_repo"
+    (bare / "launch" / "slurm").mkdir(parents=True)
+    for part in ("launch/train.py", "launch/slurm/node.sh"):
+        (bare / part).write_text((REPO / part).read_text())
+    env = cluster.env(1, 0, PATH=f"{cluster.bin}{os.pathsep}/usr/bin{os.pathsep}/bin", REPO_DIR=str(bare))
     env["SLURM_SUBMIT_DIR"] = str(cluster.root)  # no .venv there to fall back on
     done = cluster.run(env, str(cluster.run_config))
     assert done.returncode == 2

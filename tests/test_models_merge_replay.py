@@ -12,7 +12,7 @@ from gorp_ds.models.lora import lora_layers, lora_merge_record, replay_lora_merg
 
 
 def _load(model_dir) -> torch.nn.Module:
-    model, _ = load_model_and_tokenizer(ModelConfig(str(model_dir), "bf16", False))
+    model, _ = load_model_and_tokenizer(ModelConfig(model=str(model_dir), dtype="bf16", gradient_checkpointing=False))
     return model
 
 
