@@ -24,16 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 FIRST, SECOND = 3, zs.SAVE_AFTER  # two checkpoints: task 1 step 3, and after the task boundary
 
 
-def _train(model, opt, steps):
-    for step in steps:
-        opt.zero_grad()
-        x, y = zs.batch(step)
-        zs.loss_fn(model, x, y).backward()
-        opt.step()
-        if step + 1 == zs.TASK_STEPS[0]:
-            opt.end_task()
-
-
 def _handle(opt) -> ZeroHandle:
     params = {name: p for g in opt.param_groups for name, p in zip(g["names"], g["params"])}
     return ZeroHandle(None, opt, params)
@@ -43,9 +33,9 @@ def _run_with_saves(directory: str) -> None:
     """Train, saving "first" after FIRST steps and "second" after SECOND steps."""
     model = zs.TinyNet()
     opt = zs.build_optimizer(model)
-    _train(model, opt, range(FIRST))
+    zs.train_single_process(model, opt, range(FIRST))
     save_state(_handle(opt), directory, "first", {"step": FIRST})
-    _train(model, opt, range(FIRST, SECOND))
+    zs.train_single_process(model, opt, range(FIRST, SECOND))
     save_state(_handle(opt), directory, "second", {"step": SECOND})
 
 
@@ -54,10 +44,10 @@ def _resume_matches_reference(directory: str) -> int:
     model = zs.TinyNet()
     opt = zs.build_optimizer(model)
     step = load_state(_handle(opt), directory)["step"]
-    _train(model, opt, range(step, zs.STEPS))
+    zs.train_single_process(model, opt, range(step, zs.STEPS))
     reference = zs.TinyNet()
     ref_opt = zs.build_optimizer(reference)
-    _train(reference, ref_opt, range(zs.STEPS))
+    zs.train_single_process(reference, ref_opt, range(zs.STEPS))
     for a, b in zip(zs.trainable(model), zs.trainable(reference)):
         assert torch.equal(a, b)
     return step
@@ -186,9 +176,9 @@ def test_real_enospc_on_a_small_tmpfs(tmp_path, saved, monkeypatch) -> None:
         monkeypatch.setattr(checkpoint_io.shutil, "disk_usage", lambda path: usage._replace(free=1 << 40))
         model = zs.TinyNet()
         opt = zs.build_optimizer(model)
-        _train(model, opt, range(FIRST))
+        zs.train_single_process(model, opt, range(FIRST))
         save_state(_handle(opt), str(mount), "first", {"step": FIRST})
-        _train(model, opt, range(FIRST, SECOND))
+        zs.train_single_process(model, opt, range(FIRST, SECOND))
         with pytest.raises(CheckpointError) as err:
             save_state(_handle(opt), str(mount), "second", {"step": SECOND})
         message = str(err.value)

@@ -10,16 +10,6 @@ from gorp_ds.zero import ZeroHandle, load_gorp_state, save_gorp_state
 from tests import zero_scenarios as zs
 
 
-def _train(model, opt, steps):
-    for step in steps:
-        opt.zero_grad()
-        x, y = zs.batch(step)
-        zs.loss_fn(model, x, y).backward()
-        opt.step()
-        if step + 1 == zs.TASK_STEPS[0]:
-            opt.end_task()
-
-
 def _handle(model, opt) -> ZeroHandle:
     params = {name: p for g in opt.param_groups for name, p in zip(g["names"], g["params"])}
     return ZeroHandle(None, opt, params)
@@ -28,18 +18,18 @@ def _handle(model, opt) -> ZeroHandle:
 def test_local_save_and_load_continue_bit_exactly(tmp_path):
     reference = zs.TinyNet()
     ref_opt = zs.build_optimizer(reference)
-    _train(reference, ref_opt, range(zs.STEPS))
+    zs.train_single_process(reference, ref_opt, range(zs.STEPS))
 
     model = zs.TinyNet()
     opt = zs.build_optimizer(model)
-    _train(model, opt, range(zs.SAVE_AFTER))
+    zs.train_single_process(model, opt, range(zs.SAVE_AFTER))
     save_gorp_state(_handle(model, opt), str(tmp_path))
     assert opt.shared, "the checkpoint is taken after a task boundary, with S present"
 
     resumed = zs.TinyNet()  # fresh weights: everything must come from the checkpoint
     resumed_opt = zs.build_optimizer(resumed)
     load_gorp_state(_handle(resumed, resumed_opt), str(tmp_path))
-    _train(resumed, resumed_opt, range(zs.SAVE_AFTER, zs.STEPS))
+    zs.train_single_process(resumed, resumed_opt, range(zs.SAVE_AFTER, zs.STEPS))
     for a, b in zip(zs.trainable(resumed), zs.trainable(reference)):
         assert torch.equal(a, b)
     assert set(resumed_opt.shared) == set(ref_opt.shared)

@@ -193,3 +193,14 @@ def scenarios(rank: int, world: int, checkpoint_dir: str, mode: str) -> dict:
     except UnsupportedSetupError as err:
         results["zero1_overlap_error"] = str(err)
     return results
+
+
+def train_single_process(model: nn.Module, opt: GORP, steps) -> None:
+    """The scenario's steps on one process (whole batches; end_task after the first task)."""
+    for step in steps:
+        opt.zero_grad()
+        x, y = batch(step)
+        loss_fn(model, x, y).backward()
+        opt.step()
+        if step + 1 == TASK_STEPS[0]:
+            opt.end_task()
