@@ -5,6 +5,7 @@ repository."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import re
 from pathlib import Path
 
@@ -30,21 +31,27 @@ def _layer(path: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def _imports(path: Path) -> list[tuple[str, int]]:
-    """Project layers imported by ``path`` (absolute ``gorp_ds.x`` and relative ``..x`` imports)."""
-    tree = ast.parse(path.read_text())
+def _imported_names(path: Path) -> list[tuple[str, int]]:
+    """Every module an import statement of ``path`` names, fully qualified (relative imports
+    resolved; ``from a import b`` gives ``a`` and ``a.b``, since ``b`` may be a module)."""
+    rel = path.relative_to(REPO).with_suffix("")
+    package = ".".join(rel.parts[:-1])  # a module's package, also for a package's __init__
     found = []
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 0 and node.module and node.module.startswith("gorp_ds."):
-                found.append((node.module.split(".")[1], node.lineno))
-            elif node.level == 2 and node.module:
-                found.append((node.module.split(".")[0], node.lineno))
-            elif node.level == 2:
-                found += [(alias.name, node.lineno) for alias in node.names]
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
+                else node.module
+            found.append((base, node.lineno))
+            found += [(f"{base}.{alias.name}", node.lineno) for alias in node.names]
         elif isinstance(node, ast.Import):
-            found += [(a.name.split(".")[1], node.lineno) for a in node.names if a.name.startswith("gorp_ds.")]
+            found += [(alias.name, node.lineno) for alias in node.names]
     return found
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """Project layers imported by ``path``."""
+    return [(name.split(".")[1], line) for name, line in _imported_names(path)
+            if name.startswith("gorp_ds.")]
 
 
 def test_layers_import_only_downwards() -> None:
@@ -62,9 +69,8 @@ def test_layers_import_only_downwards() -> None:
 @pytest.mark.parametrize("module", ["torch.distributed", "deepspeed"])
 def test_the_math_has_no_distributed_imports(module: str) -> None:
     for path in (PACKAGE / "optim").glob("*.py"):
-        names = {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)}
-        names |= {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import) for a in n.names}
-        assert not any(name and (name == module or name.startswith(module + ".")) for name in names), path
+        names = {name for name, _ in _imported_names(path)}
+        assert not any(name == module or name.startswith(module + ".") for name in names), path
 
 
 def test_nothing_cites_documents_outside_the_repository() -> None:

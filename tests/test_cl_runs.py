@@ -146,9 +146,13 @@ def test_overwrite_moves_the_old_run_aside(runs) -> None:
     assert runs["killed_latest"] == "task01_step000002" and not runs["killed_has_results"]
 
 
-def _assert_same_weights(masters: dict, merges: list, ref_masters: dict, ref_merges: list) -> None:
-    """Every trained tensor's fp32 master and every recorded LoRA merge (what rebuilds the frozen
-    weights) bit-identical."""
+def _assert_same_final_state(run: Path, reference: Path) -> dict:
+    """The last checkpoints of two gorp runs: the same tag, and bit-identical fp32 masters of every
+    trained tensor, recorded LoRA merges (what rebuilds the frozen weights) and shared spaces.
+    Returns the run's masters."""
+    tag, masters, merges, ranks = _final_state(run, "gorp")
+    ref_tag, ref_masters, ref_merges, ref_ranks = _final_state(reference, "gorp")
+    assert tag == ref_tag
     assert sorted(masters) == sorted(ref_masters)
     assert [k for k in masters if not torch.equal(masters[k], ref_masters[k])] == []
     assert len(merges) == len(ref_merges)
@@ -156,6 +160,11 @@ def _assert_same_weights(masters: dict, merges: list, ref_masters: dict, ref_mer
         assert sorted(record) == sorted(ref_record)
         for layer in record:
             assert all(torch.equal(record[layer][k], ref_record[layer][k]) for k in ("A", "B", "scaling")), layer
+    for state, ref_state in zip(ranks, ref_ranks):
+        assert sorted(state["shared"]) == sorted(ref_state["shared"])
+        for name, basis in state["shared"].items():
+            assert torch.equal(basis, ref_state["shared"][name]), name
+    return masters
 
 
 def test_requeue_resumes_the_new_run_and_matches_uninterrupted(runs) -> None:
@@ -167,15 +176,7 @@ def test_requeue_resumes_the_new_run_and_matches_uninterrupted(runs) -> None:
     resumed, reference = _results(runs["D"]), _results(runs["ref"])
     assert resumed["R"] == reference["R"] and resumed["metrics"] == reference["metrics"]
     assert resumed["config"]["lr_lora"] == 1e-2 and resumed["config_changes"] == []
-    tag, masters, merges, ranks = _final_state(runs["D"], "gorp")
-    ref_tag, ref_masters, ref_merges, ref_ranks = _final_state(runs["ref"], "gorp")
-    assert tag == ref_tag
-    _assert_same_weights(masters, merges, ref_masters, ref_merges)
-    for state, ref_state in zip(ranks, ref_ranks):
-        for name, piece in state["pieces"].items():
-            assert torch.equal(piece["master"], ref_state["pieces"][name]["master"]), name
-        for name, basis in state["shared"].items():
-            assert torch.equal(basis, ref_state["shared"][name]), name
+    _assert_same_final_state(runs["D"], runs["ref"])
 
 
 def test_changed_learning_rate_is_applied_and_recorded(runs) -> None:
@@ -214,15 +215,7 @@ def test_nan_gradient_is_skipped_and_the_run_matches_one_without_that_batch(runs
     skipped = dict(_scalars(nan_dir, "gorp")["train/skipped_nonfinite_steps"])
     assert [skipped[s] for s in range(1, 9)] == [0, 0, 1, 1, 1, 1, 1, 1]
     assert _results(nan_dir)["R"] == _results(drop_dir)["R"]
-    tag, masters, merges, ranks = _final_state(nan_dir, "gorp")
-    drop_tag, drop_masters, drop_merges, drop_ranks = _final_state(drop_dir, "gorp")
-    assert tag == drop_tag
-    _assert_same_weights(masters, merges, drop_masters, drop_merges)
-    for state, ref_state in zip(ranks, drop_ranks):
-        for name, piece in state["pieces"].items():
-            assert torch.equal(piece["master"], ref_state["pieces"][name]["master"]), name
-        for name, basis in state["shared"].items():
-            assert torch.equal(basis, ref_state["shared"][name]), name
+    masters = _assert_same_final_state(nan_dir, drop_dir)
     # Not vacuous: the batch left out matters (the uninterrupted run, which trained on it, differs).
     _, ref_masters, _, _ = _final_state(runs["ref"], "gorp")
     assert any(not torch.equal(masters[k], ref_masters[k]) for k in masters)

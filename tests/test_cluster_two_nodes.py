@@ -60,21 +60,21 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def start(cmd: list[str], log: Path, cpus: set[int] | None = None) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, cpus: set[int] | None = None, cwd: Path = REPO) -> subprocess.Popen:
     def pin() -> None:
         if cpus:
             os.sched_setaffinity(0, cpus)
 
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, cwd=cwd, env=launch_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=pin)
 
 
-def finish(jobs: dict[str, tuple[subprocess.Popen, Path]]) -> None:
-    """Wait for every launcher; on failure or timeout stop the ones still running and show logs."""
+def wait_all(jobs: dict) -> None:
+    """Wait for every launcher (``{name: (process, log)}``) up to TIMEOUT_S; kill those still running."""
     deadline = time.monotonic() + TIMEOUT_S
     try:
-        for _name, (job, _log) in jobs.items():
+        for job, _log in jobs.values():
             job.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pass
@@ -83,6 +83,11 @@ def finish(jobs: dict[str, tuple[subprocess.Popen, Path]]) -> None:
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
                 job.wait()
+
+
+def finish(jobs: dict[str, tuple[subprocess.Popen, Path]]) -> None:
+    """Wait for every launcher; on failure or timeout show the logs."""
+    wait_all(jobs)
     failed = {name: log for name, (job, log) in jobs.items() if job.returncode != 0}
     if failed:
         tails = "\n".join(f"--- {name}:\n" + "\n".join(log.read_text().splitlines()[-25:]) for name, log in failed.items())
@@ -183,20 +188,8 @@ def test_data_missing_on_one_node_stops_both(tmp_path: Path, tiny_model_dir: Pat
         log = tmp_path / f"node{node}.log"
         cmd = [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--node_rank", str(node),
                "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), str(TRAIN), *args]
-        with open(log, "w") as handle:
-            jobs[node] = (subprocess.Popen(cmd, cwd=tmp_path / f"node{node}", env=launch_env(), stdout=handle,
-                                           stderr=subprocess.STDOUT, start_new_session=True), log)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for job, _ in jobs.values():
-            job.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for job, _ in jobs.values():
-            if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)
-                job.wait()
+        jobs[node] = (start(cmd, log, cwd=tmp_path / f"node{node}"), log)
+    wait_all(jobs)
     logs = {node: log.read_text() for node, (_, log) in jobs.items()}
     for node, (job, _) in jobs.items():
         assert job.returncode not in (0, None, -signal.SIGKILL), f"node {node}: rc {job.returncode}\n{logs[node][-3000:]}"

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from gorp_ds.cl.evaluate import evaluate_tasks
+from gorp_ds.cl.evaluate import evaluate_row
 from gorp_ds.data.config import DataConfig
 from gorp_ds.data.registry import load_task_sequence
 from gorp_ds.data.tokenize import encode_for_training
@@ -58,5 +58,5 @@ def test_sentencepiece_tokenizer_loads_like_llama2(llama2_style_dir):
 def test_sentencepiece_model_evaluates(llama2_style_dir):
     path, tasks = llama2_style_dir
     model, tok = load_model_and_tokenizer(ModelConfig(model=str(path), dtype="fp32", gradient_checkpointing=False))
-    row = evaluate_tasks(model, tok, tasks[:2], eval_samples=4, batch_size=4, max_length=64)
+    row = evaluate_row(model, tok, tasks[:2], eval_samples=4, batch_size=4, max_length=64).row
     assert len(row) == 2 and all(0.0 <= v <= 100.0 for v in row)

@@ -134,3 +134,10 @@ def test_projectors_from_products_equal_projectors_from_the_gradient(m, n):
                                        oversample=4, power_iters=2, device=torch.device("cpu"))
     assert bool(ok[0]) and bool(ok_op[0])
     assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+    # and against an independent reference: an orthonormal basis capturing the top-3 singular
+    # directions of G (float64 torch.linalg.svd) on the projected side
+    g64, p64 = grad[0].double(), got[0].double()
+    assert torch.allclose(p64.mT @ p64, torch.eye(3, dtype=torch.float64), atol=1e-5)
+    top = torch.linalg.svd(g64).S[:3].norm()
+    captured = (g64 @ p64).norm() if m >= n else (p64.mT @ g64).norm()
+    assert captured >= 0.99 * top, float(captured / top)

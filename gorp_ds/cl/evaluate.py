@@ -136,8 +136,3 @@ def evaluate_row(
         model.train()
     row = [round(100.0 * float(c / t), 4) if t > 0 else 0.0 for c, t in counts.tolist()]
     return Evaluation(row, ordered)
-
-
-def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[Task], **kwargs: Any) -> list[float]:
-    """One row of R (accuracy in percent per task); see :func:`evaluate_row` for the arguments."""
-    return evaluate_row(model, tokenizer, tasks, **kwargs).row

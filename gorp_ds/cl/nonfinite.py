@@ -58,7 +58,6 @@ class NonFiniteGuard:
     def __init__(self, method: str, max_bad_steps: int) -> None:
         self.method, self.max_bad_steps = method, max_bad_steps
         self.consecutive = 0  # bad steps in a row, up to the current one
-        self.skipped = 0  # bad steps in this launch
 
     def check(self, engine: Any, optimizer: Any, mean_loss: torch.Tensor, where: str) -> tuple[float, bool]:
         """``(loss, finite)`` of the step about to be taken; a non-finite step is marked to be skipped."""
@@ -69,7 +68,6 @@ class NonFiniteGuard:
             return loss, True
         optimizer.skip_next_step = True
         self.consecutive += 1
-        self.skipped += 1
         log.warning(f"[{self.method}] {where}: non-finite loss or gradient (loss {loss}); step skipped, "
                     f"moments untouched ({self.consecutive} in a row, at most {self.max_bad_steps})")
         return loss, False

@@ -37,7 +37,7 @@ from ..models.lora import (
     lora_factor_names,
     lora_layers,
     lora_merge_record,
-    merged_base_weight,
+    merge_lora_,
     orthogonality_loss,
     project_lora_a_off_,
     replay_lora_merges_,
@@ -324,12 +324,16 @@ class MethodSession:
         if self.method == "o-lora":
             for name, a in lora_a_weights(module).items():
                 self.old_lora_a.setdefault(name, []).append(a.cpu())
-        masters = self.engine.gorp.gather_masters(lora_factor_names(module) + self._trained_lora_bases())
+        masters = self._lora_masters()
         # The checkpoint stores this merge (the exact fp32 values merged), not the merged weights.
         self.merges.append(lora_merge_record(module, masters))
         changed = merge_and_reinit_(module, self.cfg.seed, task_index, masters)
         # A base weight that is itself trained (a full-rank target under a LoRA) has a master too.
         self.engine.gorp.masters_from_model(changed + self._trained_lora_bases())
+
+    def _lora_masters(self) -> dict[str, torch.Tensor]:
+        """Full fp32 masters of every LoRA factor (and of trained base weights), on every rank."""
+        return self.engine.gorp.gather_masters(lora_factor_names(self.engine.module) + self._trained_lora_bases())
 
     def _trained_lora_bases(self) -> list[str]:
         return [name for name in lora_layers(self.engine.module) if name in self.engine.gorp.params_by_name]
@@ -349,10 +353,8 @@ class MethodSession:
         if self.method not in LORA_METHODS:
             return
         module = self.engine.module
-        masters = self.engine.gorp.gather_masters(lora_factor_names(module) + self._trained_lora_bases())
-        for name, layer in lora_layers(module).items():
-            layer.get_base_layer().weight.data.copy_(
-                merged_base_weight(layer, masters[f"{name}.lora_A"], masters[f"{name}.lora_B"], masters.get(name)))
+        merge_lora_(module, self._lora_masters())
+        for layer in lora_layers(module).values():
             for adapter in layer.lora_B:
                 layer.lora_B[adapter].weight.data.zero_()
         self.engine.gorp.masters_from_model([n for n in lora_factor_names(module) if n.endswith(".lora_B")]

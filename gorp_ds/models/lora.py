@@ -150,12 +150,19 @@ def merge_and_reinit_(model: nn.Module, seed: int, task_index: int,
     when W is trained as well): the merge is then computed in fp32 from them and rounded into W
     once, so a bf16 run loses nothing of the adapter but W's own rounding. Deterministic per (seed, task, name), identical on every rank. Returns the canonical
     names of the re-initialised factors."""
+    merge_lora_(model, masters)
+    return init_lora_(model, seed, task_index + 1)
+
+
+@torch.no_grad()
+def merge_lora_(model: nn.Module, masters: Mapping[str, torch.Tensor] | None = None) -> None:
+    """``W ← W + (α/r) B A`` into every LoRA layer's base weight (fp32 from ``masters`` when given,
+    see :func:`merge_and_reinit_`); the factors are left as they are."""
     for name, layer in lora_layers(model).items():
         a = masters.get(f"{name}.lora_A") if masters else None
         b = masters.get(f"{name}.lora_B") if masters else None
         base = masters.get(name) if masters else None
         layer.get_base_layer().weight.data.copy_(merged_base_weight(layer, a, b, base))
-    return init_lora_(model, seed, task_index + 1)
 
 
 @torch.no_grad()

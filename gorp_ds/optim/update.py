@@ -53,6 +53,11 @@ class UpdateConfig:
     power_iters: int = DEFAULTS.power_iters
     align_projector: bool = DEFAULTS.align_projector
 
+    @property
+    def decay(self) -> float:
+        """The decoupled weight-decay factor ``1 − lr·wd`` of a step."""
+        return 1.0 - self.lr * self.weight_decay
+
     @classmethod
     def from_group(cls, group: dict) -> UpdateConfig:
         beta1, beta2 = group["betas"]
@@ -102,6 +107,10 @@ class AdamStep:
     exp_avgs: list[Tensor]
     denominators: list[Tensor]
     step_size: float
+
+    def direction(self) -> Tensor:
+        """The normalised update ``M / denominator`` of a step on one stack (``(B, …)``)."""
+        return self.exp_avgs[0] / self.denominators[0]
 
 
 def adam_step_(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], step: int,
@@ -193,7 +202,7 @@ def apply_adam_(targets: list[Tensor], update: AdamStep, cfg: UpdateConfig) -> N
         exp_avgs, denominators = list(exp_avg.unbind(0)), list(denominator.unbind(0))
     work = _fp32_work(targets)
     if cfg.weight_decay != 0.0:
-        torch._foreach_mul_(work, 1.0 - cfg.lr * cfg.weight_decay)
+        torch._foreach_mul_(work, cfg.decay)
     torch._foreach_addcdiv_(work, exp_avgs, denominators, value=-update.step_size)
     _finish(targets, work)
 
@@ -202,7 +211,7 @@ def apply_direction_(targets: list[Tensor], directions: list[Tensor], step_size:
     """``W ← (1 − lr·wd) W − step_size · direction`` elementwise over lists."""
     work = _fp32_work(targets)
     if cfg.weight_decay != 0.0:
-        torch._foreach_mul_(work, 1.0 - cfg.lr * cfg.weight_decay)
+        torch._foreach_mul_(work, cfg.decay)
     torch._foreach_add_(work, directions, alpha=-step_size)
     _finish(targets, work)
 
@@ -232,17 +241,14 @@ def low_rank_factors(update: LowRankStep) -> tuple[Tensor, Tensor]:
 def apply_low_rank_member_(target: Tensor, update: LowRankStep, position: int, cfg: UpdateConfig) -> None:
     """Member ``position`` of a low-rank update applied to one fp32 ``m × n`` matrix (one GEMM)."""
     left, right = low_rank_factors(update)
-    target.addmm_(left[position], right[position], beta=1.0 - cfg.lr * cfg.weight_decay, alpha=-update.step_size)
+    target.addmm_(left[position], right[position], beta=cfg.decay, alpha=-update.step_size)
 
 
 def apply_low_rank_(targets: Tensor | list[Tensor], update: LowRankStep, cfg: UpdateConfig) -> None:
     """``W ← (1 − lr·wd) W − step_size · backproject(N, P)`` on a ``(B, m, n)`` fp32 stack (one fused
     batched GEMM, no dense temporary) or a list of ``B`` matrices (one fused GEMM each when fp32)."""
-    decay = 1.0 - cfg.lr * cfg.weight_decay
-    if projection_side(update.shape) == "right":
-        left, right = update.normalised, update.projector.mT  # U_r Qᵀ
-    else:
-        left, right = update.projector, update.normalised  # P U_r
+    decay = cfg.decay
+    left, right = low_rank_factors(update)  # (U_r, Qᵀ) or (P, U_r)
     if isinstance(targets, Tensor) and targets.dtype == torch.float32:
         targets.baddbmm_(left, right, beta=decay, alpha=-update.step_size)
         return

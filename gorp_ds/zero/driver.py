@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..optim.gorp import GORP
-from ..optim.update import BatchUpdate, LowRankStep, UpdateConfig, apply_direction_
+from ..optim.update import BatchUpdate, UpdateConfig, apply_direction_
 from .layout import GroupLayout, Piece
 
 AllReduce = Callable[[Tensor], None]
@@ -121,11 +121,7 @@ class ZeroDriver:
     def _apply_slice(update: BatchUpdate, target: Tensor, piece: Piece, cfg: UpdateConfig) -> None:
         """This rank's elements of a cut tensor's update."""
         step = update.step
-        if isinstance(step, LowRankStep):
-            direction = step.direction()[0]
-        else:
-            direction = step.exp_avgs[0][0] / step.denominators[0][0]
-        own = direction.reshape(-1)[piece.elem_start : piece.elem_end]
+        own = step.direction()[0].reshape(-1)[piece.elem_start : piece.elem_end]
         apply_direction_([target], [own], step.step_size, cfg)
 
     def _full_gradients(self, index: int, flat_grad: Tensor) -> dict[str, Tensor]:

@@ -216,14 +216,12 @@ class LowRankTargets:
 
     def _refresh(self, member: Member, batch: Batch) -> None:
         grad, member.grad = member.grad, None
-        if self.world > 1:
-            self.all_reduce(grad)  # the m × n collective of a refresh step
-            grad.div_(self.world)
+        grad = self._summed(grad)  # the m × n collective of a refresh step
         cfg = self.cfg(batch)
         kept = self.optimizer.refresh_members(batch.names, [member.index], grad.unsqueeze(0), cfg)
         member.refreshed = True
         if kept and self.rank == 0:  # R of the averaged G, summed once by the all-reduce of R
-            projector = self.optimizer.projector_stack(batch.names, cfg, grad.device)[member.index]
+            projector = self._projectors[member.batch][member.index]
             batch.low_rank[member.index].copy_(project_gradient(grad, projector))
 
     # ------------------------------------------------------------------ the optimizer step
@@ -273,7 +271,7 @@ class LowRankTargets:
             return
         left, right = low_rank_factors(update)
         split_master.update_(weight, member.remainder, left[position], right[position],
-                             1.0 - cfg.lr * cfg.weight_decay, update.step_size)
+                             cfg.decay, update.step_size)
 
     def reset(self) -> None:
         """After every optimizer step (also a skipped one): empty ``R``, re-plan the next step."""
