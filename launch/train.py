@@ -32,16 +32,20 @@ DEFAULT_DS_CONFIG = {"bf16": REPO / "ds_configs" / "zero2.json", "fp32": REPO / 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gorp_ds.cl import add_arguments, build_run_config
+    from gorp_ds.cl import ConfigError, add_arguments, build_run_config
     from gorp_ds.cl.config import format_config
     from gorp_ds.cl.nonfinite import NonFiniteError
     from gorp_ds.cl.preemption import Preempted
-    from gorp_ds.cl.runner import USER_ERRORS
+    from gorp_ds.data.errors import DataError
+    from gorp_ds.models import ModelError, RoleError
+    from gorp_ds.settings import SettingError
+    from gorp_ds.zero import CheckpointError, UnsupportedSetupError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    user_errors = (*USER_ERRORS, NonFiniteError)
+    user_errors = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError, SettingError,
+                   NonFiniteError)
     try:
         cfg = build_run_config(args)
         if args.print_config:
