@@ -140,7 +140,8 @@ class MethodSession:
         if isinstance(ds_config.get("tensorboard"), dict):
             ds_config["tensorboard"] = {**ds_config["tensorboard"], "job_name": method}
         self.engine, _, _, _ = initialize(model=model, optimizer=self.optimizer, config=ds_config,
-                                            full_gradients=cfg.full_gradients, refresh_from=cfg.refresh_from)
+                                            full_gradients=cfg.full_gradients, refresh_from=cfg.refresh_from,
+                                            refresh_memory_mib=cfg.refresh_memory_mib)
         self.monitor = Monitor(self.engine)
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A of every finished task

@@ -40,7 +40,9 @@ def accumulate_low_rank_(out: Tensor, x: Tensor, delta: Tensor, projector: Tenso
         else:
             out.addmm_((delta @ projector).mT, x)
         return
-    out.add_(low_rank_gradient(x, delta, projector, side))
+    basis = projector.to(x.dtype)  # a no-op when the caller cast the projectors already
+    product = delta.mT @ (x @ basis) if side == "right" else (delta @ basis).mT @ x
+    out.add_(product)  # the fp32 accumulator promotes the product in the same kernel (no .float() copy)
 
 
 def accumulate_full_gradient_(out: Tensor, x: Tensor, delta: Tensor) -> None:

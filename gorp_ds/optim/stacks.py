@@ -116,9 +116,9 @@ def select(stack: Tensor, index: list[int], batch: int) -> Tensor:
     """Members ``index`` of a ``(B, …)`` stack: the stack itself when all are selected, a
     contiguous slice when they are consecutive, else a stacked copy (no device index tensor, so no
     host-to-device copy)."""
-    if len(index) == batch:
-        return stack
-    if index == list(range(index[0], index[0] + len(index))):
+    if index == list(range(index[0], index[0] + len(index))):  # in order (all members: the stack itself)
+        if len(index) == batch:
+            return stack
         return stack[index[0] : index[0] + len(index)]
     return torch.stack([stack[i] for i in index])
 

@@ -295,7 +295,8 @@ def initialize(
     optimizer: GORP,
     config: str | os.PathLike | dict[str, Any],
     full_gradients: str = "projected",
-    refresh_from: str = "sketch",
+    refresh_from: str = "auto",
+    refresh_memory_mib: float = 1024.0,
     **kwargs: Any,
 ):
     """``deepspeed.initialize`` for a ``GORP`` optimizer; returns the same tuple
@@ -304,9 +305,11 @@ def initialize(
     ``full_gradients``: ``"projected"`` (default) trains the ``full`` tensors from low-rank gradients
     formed in their Linear's backward, outside DeepSpeed (:mod:`.lowrank_targets`; clipping then uses
     the projected-gradient norm); ``"flat"`` hands their full gradients to DeepSpeed's flat buffers
-    like every other tensor (clipping uses ‖G‖). ``refresh_from`` (projected only): ``"sketch"``
-    (default) computes refreshed projectors from products of G through the activations when a step
-    has one micro-batch (randomized projector), else forms G; ``"gradient"`` always forms G."""
+    like every other tensor (clipping uses ‖G‖). ``refresh_from`` (projected only): ``"gradient"``
+    forms the refreshing layers' G and refreshes them in batches of as many as fit
+    ``refresh_memory_mib``; ``"sketch"`` computes each layer's projector from products of G through
+    its activations when a step has one micro-batch (randomized projector), never forming G;
+    ``"auto"`` (default) batches from G when all of a shape's due G's fit the budget, else sketches."""
     import deepspeed
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -319,8 +322,11 @@ def initialize(
     ds_config = load_ds_config(config)
     stage = check_supported(ds_config, str(source))
     ds_config["zero_allow_untested_optimizer"] = True
-    if refresh_from not in ("sketch", "gradient"):
-        raise UnsupportedSetupError(f"refresh_from (--refresh-from) is {refresh_from!r}; use sketch or gradient")
+    if refresh_from not in ("auto", "sketch", "gradient"):
+        raise UnsupportedSetupError(f"refresh_from (--refresh-from) is {refresh_from!r}; use auto, sketch or gradient")
+    if not refresh_memory_mib > 0:
+        raise UnsupportedSetupError(f"refresh_memory_mib (--refresh-memory-mib) is {refresh_memory_mib!r}; use a "
+                                    "positive number of MiB")
     if full_gradients not in FULL_GRADIENTS:
         raise UnsupportedSetupError(f"full_gradients (--full-gradients) is {full_gradients!r}; use one of {FULL_GRADIENTS}")
     owned_groups = []
@@ -357,7 +363,8 @@ def initialize(
         try:
             low_rank = LowRankTargets(optimizer, owned_groups, model, rank=torch_dist.get_rank(), world=world,
                                       all_reduce=lambda t: torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM),
-                                      is_boundary=lambda: False, accumulation=1, refresh_from=refresh_from)
+                                      is_boundary=lambda: False, accumulation=1, refresh_from=refresh_from,
+                                      refresh_memory_mib=refresh_memory_mib)
         except ProjectedLinearError as err:
             raise UnsupportedSetupError(str(err)) from None
 

@@ -7,19 +7,25 @@ in the backward of its Linear (``gorp_ds.zero.projected_linear``). This module o
 - **Gradients.** Each micro-batch's backward adds ``R`` into one fp32 buffer holding every target's
   ``R`` back to back; at the optimizer step one all-reduce sums it over the data-parallel group
   (``Σ B·m·k·4`` bytes, independent of the world size). No ``m × n`` gradient exists.
-- **Refresh steps** (every ``update_gap`` steps per tensor; the fallback of the design): the backward
-  forms ``G = δᵀ X`` (fp32) instead; on the last micro-batch, as soon as a layer's ``G`` is complete,
-  it is all-reduced (the one ``m × n`` collective, every ``T`` steps), handed to the optimizer's
-  ``refresh_members`` (the same refresh as the flat path), ``R = project(G)`` is written by rank 0
-  and ``G`` is freed. Without accumulation only one ``G`` exists at a time; with accumulation every
-  target's ``G`` is held across the step's micro-batches (``m·n·4`` bytes each).
-- **Sketch refresh** (``refresh_from="sketch"``, the default, when a step has one micro-batch and
-  the projector is randomized): no ``G`` at all. The randomized range finder touches ``G`` only
-  through thin products, and ``G v = δᵀ(X v)``, ``Gᵀ u = Xᵀ(δ u)`` come from the activations in the
-  layer's backward, each all-reduced over the data-parallel group: ``2 + 2·power_iters``
-  collectives of ``(m or n) × (k + oversample)`` per target and refresh, never an ``m × n`` one. It
-  is the same algorithm on the same test matrices, so the projector equals the one from ``G`` up to
-  rounding. With accumulation, earlier micro-batches' activations are gone, so ``G`` is formed.
+- **Refresh steps** (every ``update_gap`` steps per tensor) come in two kinds, chosen per batch of
+  same-shape targets (``refresh_from``):
+
+  - *Batched from G* (``"gradient"``; ``"auto"`` when the batch's due ``G``'s fit
+    ``refresh_memory_mib``): the backward forms ``G = δᵀ X`` (fp32) into a ``(c, m, n)`` stack;
+    once the step's last micro-batch has completed ``c`` layers' ``G`` (``c`` = as many as fit the
+    memory budget; all 30 gate_proj of a 135M model, a few at 7B), the stack is all-reduced (one
+    collective) and refreshed **as one batch** by the optimizer's ``refresh_members`` (the batched
+    range finder: a fixed number of kernels and host syncs per refresh, not per layer); then
+    ``R = project(G)`` is written by rank 0 and the stack is reused. With accumulation, every due
+    target's ``G`` is held across the step's micro-batches (``m·n·4`` bytes each).
+  - *Sketch* (``"sketch"``; ``"auto"`` when the due ``G``'s would not fit; one micro-batch per step
+    and the randomized projector): no ``G`` at all. The randomized range finder touches ``G`` only
+    through thin products, and ``G v = δᵀ(X v)``, ``Gᵀ u = Xᵀ(δ u)`` come from the activations in the
+    layer's backward, each all-reduced over the data-parallel group: ``2 + 2·power_iters``
+    collectives of ``(m or n) × (k + oversample)`` per target and refresh, never an ``m × n`` one. It
+    is the same algorithm on the same test matrices, so the projector equals the one from ``G`` up to
+    rounding; but it runs layer by layer (the activations exist only in that layer's backward), so
+    each layer pays the range finder's kernels and syncs: cheaper in memory and bytes, dearer in time.
 - **Masters, replicated.** Every rank applies the same rank-k update from the same all-reduced ``R``
   to its own copy, so weights need no gather at all. The fp32 master of a bf16 weight is stored as
   the weight plus its 16 low bits (``split_master``): exact fp32 arithmetic, 2 extra bytes per
@@ -66,6 +72,7 @@ class Member:
     grad: Tensor | None = None  # G (fp32, m × n) while a refresh step's micro-batches run
     calls: int = 0  # backward calls since the last step
     refreshed: bool = False
+    slot: int | None = None  # position of ``grad`` in its batch's refresh stack (one micro-batch per step)
 
 
 @dataclass
@@ -78,6 +85,13 @@ class Batch:
     group: dict[str, Any]
     members: list[Member] = field(default_factory=list)
     low_rank: Tensor | None = None  # (B, m, k) or (B, k, n) view of the flat R buffer
+    # Per step (see LowRankTargets._plan): how this batch refreshes and what is pending.
+    mode: str = "gradient"  # "gradient" (batched from G) or "sketch"
+    chunk: int = 1  # members refreshed together from G (memory budget)
+    waiting: int = 0  # due members whose G is not refreshed yet
+    pending: list[Member] = field(default_factory=list)  # complete G's not refreshed yet
+    stack: Tensor | None = None  # (chunk, m, n) fp32 G's of the pending members (one micro-batch per step)
+    basis: Tensor | None = None  # projectors in the activations' dtype, cast once per step
 
 
 class LowRankTargets:
@@ -85,9 +99,11 @@ class LowRankTargets:
 
     def __init__(self, optimizer: GORP, groups: list[dict[str, Any]], model: nn.Module, *, rank: int, world: int,
                  all_reduce: AllReduce, is_boundary: Callable[[], bool], accumulation: int,
-                 refresh_from: str = "sketch") -> None:
+                 refresh_from: str = "auto", refresh_memory_mib: float = 1024.0) -> None:
         self.optimizer, self.rank, self.world = optimizer, rank, world
-        self.refresh_from = refresh_from  # "sketch" (from activations when possible) or "gradient" (form G)
+        # "auto" (batched from G where the due G's fit the budget, else the sketch), "sketch", "gradient"
+        self.refresh_from = refresh_from
+        self.refresh_bytes = int(refresh_memory_mib * 2**20)  # transient fp32 G's of one batched refresh
         self.all_reduce, self.is_boundary, self.accumulation = all_reduce, is_boundary, accumulation
         names = [name for group in groups for name in group["names"]]
         self.modules = projected_linear.linear_modules(model, names)
@@ -154,7 +170,21 @@ class LowRankTargets:
             # Refreshes run inside the backward, before the trainer may decide to skip the step (a
             # non-finite loss or gradient): keep the projectors they replace ((B, n|m, k): small).
             self._replaced = [p.clone() if any(due) else None for p, due in zip(self._projectors, self._due)]
+            for batch, due in zip(self.batches, self._due):
+                self._plan_batch(batch, sum(due))
         return self._due
+
+    def _plan_batch(self, batch: Batch, due: int) -> None:
+        """How ``batch`` refreshes this step: from the sketch when asked for (or, under ``auto``,
+        when its ``due`` members' ``G`` would not fit the budget together), else batched from ``G``
+        in chunks of as many members as fit the budget (at least one)."""
+        m, n = batch.shape
+        g_bytes = m * n * 4
+        batch.basis, batch.pending, batch.waiting = None, [], due
+        batch.chunk = max(1, min(due, self.refresh_bytes // g_bytes))
+        sketch = self._sketch_possible(batch) and (
+            self.refresh_from == "sketch" or (self.refresh_from == "auto" and due * g_bytes > self.refresh_bytes))
+        batch.mode = "sketch" if sketch else "gradient"
 
     @torch.no_grad()
     def undo_refreshes(self) -> None:
@@ -170,24 +200,41 @@ class LowRankTargets:
         batch = self.batches[member.batch]
         member.calls += 1
         if not self._plan()[member.batch][member.index]:
-            projector = self._projectors[member.batch][member.index]
-            accumulate_low_rank_(batch.low_rank[member.index], x, delta, projector, batch.side)
+            if batch.basis is None or batch.basis.dtype != x.dtype:  # one cast per batch and step, not per layer
+                batch.basis = self._projectors[member.batch].to(x.dtype)
+            accumulate_low_rank_(batch.low_rank[member.index], x, delta, batch.basis[member.index], batch.side)
             return
-        if self._sketch(batch):
+        if batch.mode == "sketch":
             self._refresh_from_activations(member, batch, x, delta)
             return
         if member.grad is None:
-            member.grad = full_gradient(x, delta)  # fp32 m × n
+            member.grad = self._gradient_buffer(member, batch, x)
+            member.grad.copy_(delta.mT @ x)  # G = δᵀ X, rounded like autograd's weight gradient
         else:
             accumulate_full_gradient_(member.grad, x, delta)
         if self.is_boundary():  # the step's last micro-batch: this layer's G is complete here
-            self._refresh(member, batch)
+            batch.pending.append(member)
+            if len(batch.pending) == min(batch.chunk, batch.waiting):
+                self._refresh_pending(batch)
 
-    def _sketch(self, batch: Batch) -> bool:
-        """Refresh from products of ``G`` through the activations (no ``G``): possible when the
+    def _gradient_buffer(self, member: Member, batch: Batch, x: Tensor) -> Tensor:
+        """Where ``member``'s ``G`` (fp32, ``m × n``) is formed: with one micro-batch per step, the
+        next slot of the batch's refresh stack (allocated once per step, reused chunk after chunk);
+        with accumulation, a tensor of its own (every due ``G`` lives until the last micro-batch)."""
+        if self.accumulation > 1:
+            return torch.empty(batch.shape, dtype=torch.float32, device=x.device)
+        if batch.stack is None:
+            batch.stack = torch.empty((batch.chunk, *batch.shape), dtype=torch.float32, device=x.device)
+        # Backward meets layers last to first: filling the chunk from its end puts the G's in
+        # ascending member order, so the refresh takes the stack as a view (else it stacks a copy).
+        member.slot = min(batch.chunk, batch.waiting) - 1 - len(batch.pending)
+        return batch.stack[member.slot]
+
+    def _sketch_possible(self, batch: Batch) -> bool:
+        """Refresh from products of ``G`` through the activations (no ``G``) is possible when the
         step has one micro-batch (its ``X`` and ``δ`` are all of ``G``) and the projector is
         the randomized range finder, which touches ``G`` only through thin products."""
-        return self.refresh_from == "sketch" and self.accumulation == 1 and batch.group["projector"] == "randomized"
+        return self.accumulation == 1 and batch.group["projector"] == "randomized"
 
     def _summed(self, local: Tensor) -> Tensor:
         """``local`` summed over ranks and divided by the world size (in place)."""
@@ -214,15 +261,27 @@ class LowRankTargets:
             projector = self._projectors[member.batch][member.index]
             accumulate_low_rank_(batch.low_rank[member.index], x, delta, projector, batch.side)
 
-    def _refresh(self, member: Member, batch: Batch) -> None:
-        grad, member.grad = member.grad, None
-        grad = self._summed(grad)  # the m × n collective of a refresh step
-        cfg = self.cfg(batch)
-        kept = self.optimizer.refresh_members(batch.names, [member.index], grad.unsqueeze(0), cfg)
-        member.refreshed = True
-        if kept and self.rank == 0:  # R of the averaged G, summed once by the all-reduce of R
-            projector = self._projectors[member.batch][member.index]
-            batch.low_rank[member.index].copy_(project_gradient(grad, projector))
+    def _refresh_pending(self, batch: Batch) -> None:
+        """Refresh the pending members of ``batch`` as one batch from their complete ``G``'s: one
+        all-reduce of the ``(c, m, n)`` stack, one batched ``refresh_members``, then ``R = project(G)``."""
+        members = sorted(batch.pending, key=lambda m: m.index)  # the optimizer's batch order
+        batch.pending = []
+        batch.waiting -= len(members)
+        if all(m.slot == j for j, m in enumerate(members)):
+            grads = batch.stack[: len(members)]
+        else:  # accumulation (G's of their own), or layers met in an unusual order
+            grads = torch.stack([m.grad for m in members])
+        for m in members:
+            m.grad, m.slot = None, None
+        grads = self._summed(grads)  # the m × n collective of a refresh step, once per chunk
+        kept = set(self.optimizer.refresh_members(batch.names, [m.index for m in members], grads, self.cfg(batch)))
+        projectors = self._projectors[members[0].batch]
+        for j, m in enumerate(members):
+            m.refreshed = True
+            if m.index in kept and self.rank == 0:  # R of the averaged G, summed once by the all-reduce of R
+                batch.low_rank[m.index].copy_(project_gradient(grads[j], projectors[m.index]))
+        if batch.waiting == 0:
+            batch.stack = None  # the step's last chunk: free the stack
 
     # ------------------------------------------------------------------ the optimizer step
     def reduce_(self) -> None:
@@ -260,24 +319,30 @@ class LowRankTargets:
             cfg = self.cfg(batch)
             for update in self.optimizer.low_rank_batch(batch.names, batch.low_rank, cfg):
                 assert isinstance(update.step, LowRankStep)
+                scalars = None
+                if any(batch.members[j].remainder is not None for j in update.index) and batch.members[0].weight.is_cuda:
+                    scalars = split_master.scalars(cfg.decay, update.step.step_size, batch.members[0].weight.device)
                 for position, j in enumerate(update.index):
-                    self._apply(batch.members[j], update.step, position, cfg)
+                    self._apply(batch.members[j], update.step, position, cfg, scalars)
 
     @staticmethod
-    def _apply(member: Member, update: LowRankStep, position: int, cfg: UpdateConfig) -> None:
+    def _apply(member: Member, update: LowRankStep, position: int, cfg: UpdateConfig,
+               scalars: tuple[Tensor, Tensor] | None) -> None:
         weight = member.weight.data
         if member.remainder is None:
             apply_low_rank_member_(weight, update, position, cfg)
             return
         left, right = low_rank_factors(update)
         split_master.update_(weight, member.remainder, left[position], right[position],
-                             cfg.decay, update.step_size)
+                             cfg.decay, update.step_size, scalars)
 
     def reset(self) -> None:
         """After every optimizer step (also a skipped one): empty ``R``, re-plan the next step."""
         self.flat_low_rank.zero_()
         for m in self.members:
-            m.calls, m.refreshed, m.grad = 0, False, None
+            m.calls, m.refreshed, m.grad, m.slot = 0, False, None, None
+        for batch in self.batches:
+            batch.pending, batch.stack, batch.basis, batch.waiting = [], None, None, 0
         self._due = None
         self._replaced = []
         self.total_norm = None

@@ -59,7 +59,15 @@ def _fused_update(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: Te
 _compiled: dict[str, object] = {}
 
 
-def update_(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: float, step_size: float) -> None:
+def scalars(decay: float, step_size: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``decay`` and ``step_size`` as 0-d fp32 tensors on ``device``, filled there (kernel arguments:
+    no host-to-device copy, no sync); made once per batch of targets and passed to :func:`update_`."""
+    return (torch.full((), decay, dtype=torch.float32, device=device),
+            torch.full((), step_size, dtype=torch.float32, device=device))
+
+
+def update_(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: float, step_size: float,
+            scalar_tensors: tuple[Tensor, Tensor] | None = None) -> None:
     """``master ← decay · master − step_size · left @ right`` on a split master, in place.
 
     On CUDA a ``torch.compile``d kernel reads ``hi``, ``lo`` and the GEMM's product once and writes
@@ -70,9 +78,7 @@ def update_(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: float, s
             fn = _compiled.get("fn")
             if fn is None:
                 fn = _compiled["fn"] = torch.compile(_fused_update, dynamic=False, fullgraph=True)
-            # Filled on the device (a kernel argument, no host-to-device copy, no sync).
-            decay_t = torch.full((), decay, dtype=torch.float32, device=hi.device)
-            step_t = torch.full((), step_size, dtype=torch.float32, device=hi.device)
+            decay_t, step_t = scalar_tensors if scalar_tensors is not None else scalars(decay, step_size, hi.device)
             new_hi, new_lo = fn(hi, lo, left, right, decay_t, step_t)
             hi.copy_(new_hi)
             lo.copy_(new_lo)
