@@ -3,7 +3,8 @@
 A tiny PEFT-LoRA LLaMA in bf16 (odd sizes, so that ZeRO pads: ``h = 32``, ``i = 70``, GQA with two
 key/value heads, vocabulary 101) is built three times in one process group:
 
-- ZeRO-2, plain DeepSpeed with a torch AdamW over the LoRA factors and ``gate_proj`` (full gradients):
+- ZeRO-2, plain DeepSpeed with a torch AdamW over GORP's param groups (``lora_a``, ``lora_b``, and
+  ``gate_proj`` with full gradients):
   the flat bf16 groups, fp32 partitions, gradient partitions and Adam's moments.
 - ZeRO-3, the same AdamW: every parameter's ``ds_tensor``, the persistent parameters kept whole,
   the fp32 partitions, gradient buffers, the reduce bucket and Adam's moments.
@@ -22,7 +23,7 @@ import torch
 LORA_RANK, K = 4, 2
 PERSISTENCE = 600  # norms (32), LoRA factors (≤ 280) and k/v_proj (16 × 32 = 512) stay whole under ZeRO-3
 BUCKET = 5000
-STEPS = 3
+STEPS = 2  # step 0 refreshes the projectors; step 1 is a plain low-rank step
 
 
 def llama_config():
@@ -73,11 +74,8 @@ def _adamw_engine(stage: int):
     from gorp_ds.models import RoleConfig, build_param_groups
 
     model = build_model()
-    groups = build_param_groups(model, "gorp", RoleConfig(rank=K))  # sets requires_grad on LoRA + gate_proj
-    params = [{"params": groups[0]["params"] + groups[1]["params"]}, {"params": groups[2]["params"]}]
-    # LoRA in named_parameters order (A, B of q, then of v, per layer), as the memory model lists them.
-    order = {id(p): i for i, p in enumerate(model.parameters())}
-    params[0]["params"].sort(key=lambda p: order[id(p)])
+    groups = build_param_groups(model, "gorp", RoleConfig(rank=K))  # lora_a, lora_b, gate_proj: trainable
+    params = [{"params": g["params"]} for g in groups]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage))
     return engine, optimizer

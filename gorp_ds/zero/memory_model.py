@@ -27,7 +27,8 @@ bytes per element, with the placement rule it follows:
   - ``fp32_master``: DeepSpeed's fp32 partition: stage 2 ``padded / W`` per group, stage 3
     ``Σ ceil(numel / W)``.
   - ``grads``: stage 2: the bf16 gradients of every tensor that touches the rank's partition
-    (``grads_in_partition``, backward) and the fp32 partition gradient (step). Stage 3: the bf16
+    (``grads_in_partition``, backward) and, at the step, the partition's gradients flattened (a bf16
+    copy) and cast to fp32. Stage 3: the bf16
     gradient partitions (``grad_partitions_flat_buffer``, allocated at start-up) and, at the step, one
     sub-group's partition gradients at a time, flattened and cast to fp32 (``sub_group_size``).
   - ``optimizer_state``: Adam's two fp32 moments. AdamW (plain DeepSpeed): ``2 ×`` the fp32
@@ -323,11 +324,11 @@ def predict(model: ModelShape, gorp: GorpShape, zero: ZeroShape, run: RunShape, 
     lora = [s for s in specs if s.kind in ("lora_a", "lora_b")]
     full = [s for s in specs if s.kind == "full"]
     adamw = gorp.optimizer == "adamw"
-    # What DeepSpeed trains, in its param groups: GORP's lora_a and lora_b groups (the ``full`` targets
-    # live outside it, projected); AdamW: the LoRA factors and the full targets in one group each.
+    # What DeepSpeed trains, in its param groups (``build_param_groups``' lora_a, lora_b, full): GORP
+    # keeps the ``full`` targets outside it (projected); AdamW trains them from full gradients.
     ds_groups = [[s for s in lora if s.kind == "lora_a"], [s for s in lora if s.kind == "lora_b"]]
     if adamw:
-        ds_groups = [lora, full] if full else [lora]
+        ds_groups.append(full)
     ds_groups = [g for g in ds_groups if g]
     trainable = {s.name for g in ds_groups for s in g}
     terms: list[Term] = []
@@ -365,7 +366,9 @@ def predict(model: ModelShape, gorp: GorpShape, zero: ZeroShape, run: RunShape, 
         touching = [[g[j] for j in stage2_touching([s.numel for s in g], w, rank)] for g in ds_groups]
         add("ds.grads_in_partition", sum(s.numel for t in touching for s in t), dbytes, "layer+step",
             rule="whole numel of the tensors touching the partition")
-        add("ds.fp32_grad_partition", sum(size for size, _ in flat), 4, "step", rule="padded/W per group")
+        # At the step, per group: the partition's gradients flattened (a bf16 copy) and cast to fp32.
+        add("ds.fp32_grad_partition", sum(size for size, _ in flat), 4 + dbytes if dbytes == 2 else 4, "step",
+            rule="padded/W per group, flattened + fp32")
     # Optimizer state of DeepSpeed's tensors.
     if adamw:
         fp32 = next(t.numel for t in terms if t.name == "ds.fp32_master")
@@ -410,12 +413,14 @@ def predict(model: ModelShape, gorp: GorpShape, zero: ZeroShape, run: RunShape, 
         add("ds.reduce_bucket", zero.reduce_bucket_size if zero.contiguous_gradients else 0, dbytes,
             rule="reduce_bucket_size, allocated at start-up")
         # Fetched together: a decoder layer (all alike: layer 0's), the embedding, the LM head.
-        units = [sum(s.numel for s in specs if s.layer == 0 and s.name not in kept)]
-        units += [s.numel for s in specs if s.layer == -1 and s.name not in kept]
-        gathered = min(zero.max_live_parameters, max(units) + zero.prefetch_bucket_size)
-        add("ds.gathered_params", gathered, dbytes, "layer",
+        layer_unit = sum(s.numel for s in specs if s.layer == 0 and s.name not in kept)
+        outer = [s.numel for s in specs if s.layer == -1 and s.name not in kept]
+        head_unit = outer[-1] if outer else 0  # the LM head (the embedding when tied)
+        live = zero.max_live_parameters
+        add("ds.gathered_params", min(live, max([layer_unit, *outer]) + zero.prefetch_bucket_size), dbytes, "layer",
             rule="largest fetch unit + prefetch bucket, capped by max_live_parameters")
-        add("ds.gathered_params.head", min(zero.max_live_parameters, max(units)), dbytes, "head")
+        add("ds.gathered_params.head", min(live, head_unit + zero.prefetch_bucket_size), dbytes, "head",
+            rule="LM head + prefetch bucket")
     else:
         buffers = (2 if zero.overlap_comm else 1) if zero.contiguous_gradients else 0
         add("ds.reduce_buckets", buffers * zero.reduce_bucket_size, dbytes, "layer",

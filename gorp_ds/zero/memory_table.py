@@ -105,9 +105,34 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--refresh-from", choices=("sketch", "gradient"), default="sketch")
     parser.add_argument("--optimizer", choices=("gorp", "adamw"), default="gorp",
                         help="adamw: plain DeepSpeed AdamW over the LoRA factors and full targets")
-    parser.add_argument("--ds-config", default=None, help="read the bucket and stage-3 settings from this JSON")
+    parser.add_argument("--ds-config", default=None,
+                        help="read the bucket and stage-3 settings from this JSON (default: the project's "
+                             "ds_configs/zero<stage>.json where it exists, else DeepSpeed's defaults)")
     parser.add_argument("--markdown", action="store_true", help="only the summary table (for several setups)")
     return parser.parse_args(argv)
+
+
+PROJECT_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def default_ds_config(stage: int) -> Path | None:
+    """The project's ``ds_configs/zero{stage}.json`` (what a run uses by default), if this checkout has it."""
+    path = PROJECT_CONFIGS / f"zero{stage}.json"
+    return path if path.is_file() else None
+
+
+def read_ds_config(path: str | None, stage: int) -> dict:
+    """``--ds-config``, else the project's config of that stage, else ``{}`` (DeepSpeed's defaults)."""
+    chosen = Path(path) if path else default_ds_config(stage)
+    if chosen is None:
+        return {}
+    try:
+        config = json.loads(chosen.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CliError(f"--ds-config {chosen}: {err}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
+        raise CliError(f"--ds-config {chosen}: expected a JSON object with a zero_optimization object")
+    return config
 
 
 def predictions(args: argparse.Namespace) -> list[tuple[str, int, int, Prediction]]:
@@ -121,12 +146,6 @@ def predictions(args: argparse.Namespace) -> list[tuple[str, int, int, Predictio
             raise CliError(f"{flag} {value}: must be at least 1")
     if args.tasks < 0:
         raise CliError(f"--tasks {args.tasks}: must be at least 0")
-    ds_config = {}
-    if args.ds_config:
-        try:
-            ds_config = json.loads(Path(args.ds_config).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CliError(f"--ds-config {args.ds_config}: {err}") from None
     gorp = GorpShape(lora_rank=args.lora_rank, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
                      full_targets=tuple(t for t in args.full_targets.split(",") if t), rank=args.rank,
                      tasks=args.tasks, refresh_from=args.refresh_from, optimizer=args.optimizer)
@@ -134,6 +153,7 @@ def predictions(args: argparse.Namespace) -> list[tuple[str, int, int, Predictio
     rows = []
     for world in worlds:
         for stage in stages:
+            ds_config = read_ds_config(args.ds_config, stage)
             config = {**ds_config, "zero_optimization": {**(ds_config.get("zero_optimization") or {}), "stage": stage}}
             rows.append((model.name, world, stage, worst_rank(model, gorp, ZeroShape.from_ds_config(config, world), run)))
     return rows
@@ -150,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"micro-batch {args.micro_batch} x seq {args.seq} per GPU, {args.dtype}, {ckpt} gradient checkpointing, "
           f"LoRA r={args.lora_rank} on {args.lora_targets}, full targets {args.full_targets or 'none'} (k={args.rank}), "
           f"S after {args.tasks} tasks (worst case), optimizer {args.optimizer}")
+    for stage in sorted({stage for _, _, stage, _ in rows}):
+        source = args.ds_config or default_ds_config(stage)
+        print(f"ZeRO-{stage} buffer settings: {source or 'DeepSpeed defaults'}")
     if not args.markdown:
         for model, world, stage, prediction in rows:
             print(f"\n{model}, {world} GPUs, ZeRO-{stage}: predicted peak {prediction.peak / GIB:.2f} GiB per GPU\n")
