@@ -1,6 +1,8 @@
-"""GORP under DeepSpeed ZeRO-2 versus LoRA-only, on the LLaMA-2-7B shape (random init).
+"""GORP under DeepSpeed ZeRO-2 and ZeRO-3 versus LoRA-only, on the LLaMA-2-7B shape (random init).
 
-Configurations, side by side in one launch on the same model shape, batch and ZeRO-2 setup:
+Configurations, side by side in one launch on the same model shape, batch and ZeRO setup; with
+``--stage 2,3`` every configuration runs under both stages (the same launch code, only the DeepSpeed
+config's ``zero_optimization`` differs: ``ds_config``):
   lora          PEFT LoRA r=8 on q,v trained by torch AdamW (fused) — DeepSpeed LoRA-only
   lora+adamw    the same plus full-rank mlp.gate_proj, all with AdamW (no projection)
   gorp-flat     GORP: LoRA q,v + full-rank gate_proj projected Adam (k=8, T=--gap), full gradients of
@@ -23,6 +25,12 @@ and peak memory), MFU, peak memory per GPU (max allocated over all timed steps, 
 included; the JSON lines also give it for refresh steps and the other steps apart), and for GORP the refresh overhead: the median time of the timed refresh steps minus the
 median step, and that as a share of training at T = 10 and T = 20 (overhead / (T · median step)).
 
+Beside each measured peak the memory model's prediction (``gorp_ds/zero/memory_model.py``, the same
+shape, batch, stage and DeepSpeed settings; none for gorp-flat) and the ratio measured/predicted.
+A configuration that ``gorp_ds.initialize`` refuses at a stage (GORP at ZeRO-3 before the stage-3
+engine path exists) is reported with the refusal's message, the others are still measured, and the
+script exits with status 1 at the end.
+
 MFU counts only the FLOPs a step executes (``executed_flops_per_token``), per token, for a LLaMA of
 L layers, hidden h, MLP width i, vocabulary V, sequence s, LoRA rank r on q and v, GORP rank k:
   forward      F = L·(2·(4h² + 3hi) + 2sh + 8rh) + 2Vh
@@ -37,7 +45,11 @@ MFU = flops per token × tokens/s / 766 TFLOP/s (bf16 dense peak measured on an 
 (G formed, 2hi per layer more) are excluded from the median and so from the MFU.
 
     deepspeed --num_gpus 1 bench/zero_gorp.py --out bench/results/zero_gorp_h200.md
+    deepspeed --num_gpus 1 bench/zero_gorp.py --configs lora,gorp --stage 2,3 --steps 9 \
+        --out bench/results/zero_gorp_stage3_h200.md                     # ZeRO-3 beside ZeRO-2
     DS_ACCELERATOR=cpu deepspeed --num_gpus 1 bench/zero_gorp.py --tiny    # CPU smoke run (~2 min)
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 1 bench/zero_gorp.py --tiny --seq 64 --micro 2 --configs lora,gorp \
+        --stage 2,3 --steps 3 --warmup 1 --gap 2 --out /tmp/zero_gorp/out.md   # both stages (~1 min)
 """
 
 from __future__ import annotations
