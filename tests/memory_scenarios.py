@@ -11,7 +11,7 @@ key/value heads, vocabulary 101) is built three times in one process group:
 - ZeRO-2 through ``gorp_ds.initialize`` (projected gradients): the ``full`` targets' int16 low bits,
   the flat ``R`` buffer, their projectors and moments, the LoRA factors' moments on this rank, and
   the shared spaces S after one task (ε_S = 1: S keeps every direction of the moment, so its size is
-  the worst case the model assumes).
+  the worst case the model assumes) and their stacked copies in the next task's first step.
 
 Only element counts are returned; the test compares them with ``gorp_ds.zero.memory_model``.
 """
@@ -60,8 +60,8 @@ def _batch(rank: int, step: int) -> torch.Tensor:
     return torch.randint(0, 101, (2, 12), generator=generator)
 
 
-def _train(engine, rank: int) -> None:
-    for step in range(STEPS):
+def _train(engine, rank: int, steps: int = STEPS) -> None:
+    for step in range(steps):
         ids = _batch(rank, step)
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
@@ -167,6 +167,10 @@ def zero2_gorp(rank: int) -> dict:
     optimizer.end_task()
     facts["shared_full"] = sum(s.numel() for n, s in optimizer.shared.items() if n in full)
     facts["shared_lora"] = sum(s.numel() for n, s in optimizer.shared.items() if n not in full)
+    _train(engine, rank, steps=1)  # the next task's first step stacks S for the update
+    stacked = [(names, stack._shared) for names, stack in optimizer._stacks.items() if stack._shared is not None]
+    facts["stacked_full"] = sum(s.numel() for names, s in stacked if names[0] in full)
+    facts["stacked_lora"] = sum(s.numel() for names, s in stacked if names[0] not in full)
     engine.destroy()
     return facts
 

@@ -83,7 +83,9 @@ def test_zero2_gorp_state_matches(measured, world):
                        "failure_counters": p.numel("full.failure_counters"),
                        "lora_moments": p.numel("lora.adam_moments"),
                        "shared_full": after_task.numel("shared.full"),
-                       "shared_lora": after_task.numel("shared.lora")}, f"world {world} rank {rank}"
+                       "shared_lora": after_task.numel("shared.lora"),
+                       "stacked_full": after_task.numel("shared.full.stacked"),
+                       "stacked_lora": after_task.numel("shared.lora.stacked")}, f"world {world} rank {rank}"
 
 
 @pytest.mark.slow

@@ -39,7 +39,9 @@ bytes per element, with the placement rule it follows:
 ``shared``: the shared spaces S, fp32 ``d × s`` per protected tensor (``d``: its long side for
   ``full``, the input side for ``lora_a``, the output side for ``lora_b``); after ``tasks`` finished
   tasks ``s ≤ tasks · rank of the moment`` (``k`` for ``full``, ``r`` for LoRA), capped at ``d − 1``:
-  the worst case is assumed. Placed like the tensor's optimizer state.
+  the worst case is assumed. Placed like the tensor's optimizer state. Held twice: the per-name
+  bases (what checkpoints save) and, for the update, each batch's zero-padded ``(B, d, s_max)``
+  stack (``gorp_ds.optim.stacks``; as large as the bases when the members' ``s`` agree).
 ``deepspeed`` (buffers)
   - ``reduce_buckets``: stage 2: ``reduce_bucket_size`` elements of bf16, twice with
     ``overlap_comm`` (allocated at the first gradient of a step). Stage 3: once per gradient dtype,
@@ -48,6 +50,7 @@ bytes per element, with the placement rule it follows:
     fetched at once (a decoder layer, the embedding or the LM head, persistent tensors excluded)
     plus ``stage3_prefetch_bucket_size`` prefetched elements, capped by
     ``stage3_max_live_parameters``. An estimate of DeepSpeed's fetch schedule, not an exact count.
+    None on one GPU: there the partition is the parameter, and DeepSpeed gathers nothing.
 ``activations`` (an estimate for HF LLaMA in bf16, SDPA attention, ``t = micro_batch · seq`` tokens)
   - ``checkpoints``: with gradient checkpointing, every decoder layer's input (``2 t h`` bytes each).
   - ``layer``: what one decoder layer saves for backward (``t·(26h + 8·kv_dim + 8i)`` bytes: RMSNorm's
@@ -395,6 +398,7 @@ def predict(model: ModelShape, gorp: GorpShape, zero: ZeroShape, run: RunShape, 
         add("full.failure_counters", len(full) if not st3 else -(-len(full) // w), 8)
         shared_full = sum(share(math.prod(shared_columns(s, gorp))) for s in full)
         add("shared.full", shared_full, 4, rule="d·s per target, s = min(tasks·k, d−1)")
+        add("shared.full.stacked", shared_full, 4, rule="the step's zero-padded (B, d, s_max) copy of S")
         biggest = max(full, key=lambda s: s.numel)
         m, n = biggest.shape
         if gorp.refresh_from == "gradient":
@@ -405,8 +409,9 @@ def predict(model: ModelShape, gorp: GorpShape, zero: ZeroShape, run: RunShape, 
         add("step.split_master_update", share(m * n), 4 + (4 if run.dtype == "bf16" else 0), "step",
             rule="fp32 product + new bf16/int16 halves of one target")
     if not adamw:
-        add("shared.lora", sum(math.prod(shared_columns(s, gorp)) for s in held_lora), 4,
-            rule="d·s per held tensor, s = min(tasks·r, d−1)")
+        shared_lora = sum(math.prod(shared_columns(s, gorp)) for s in held_lora)
+        add("shared.lora", shared_lora, 4, rule="d·s per held tensor, s = min(tasks·r, d−1)")
+        add("shared.lora.stacked", shared_lora, 4, rule="the step's zero-padded (B, d, s_max) copy of S")
 
     # ---- DeepSpeed buffers
     if st3:
@@ -416,11 +421,12 @@ def predict(model: ModelShape, gorp: GorpShape, zero: ZeroShape, run: RunShape, 
         layer_unit = sum(s.numel for s in specs if s.layer == 0 and s.name not in kept)
         outer = [s.numel for s in specs if s.layer == -1 and s.name not in kept]
         head_unit = outer[-1] if outer else 0  # the LM head (the embedding when tied)
-        live = zero.max_live_parameters
+        # On one rank the partition is the whole parameter: DeepSpeed points the parameter at it, no gather.
+        live = zero.max_live_parameters if w > 1 else 0
         add("ds.gathered_params", min(live, max([layer_unit, *outer]) + zero.prefetch_bucket_size), dbytes, "layer",
-            rule="largest fetch unit + prefetch bucket, capped by max_live_parameters")
+            rule="largest fetch unit + prefetch bucket, capped by max_live_parameters (none on 1 GPU)")
         add("ds.gathered_params.head", min(live, head_unit + zero.prefetch_bucket_size), dbytes, "head",
-            rule="LM head + prefetch bucket")
+            rule="LM head + prefetch bucket (none on 1 GPU)")
     else:
         buffers = (2 if zero.overlap_comm else 1) if zero.contiguous_gradients else 0
         add("ds.reduce_buckets", buffers * zero.reduce_bucket_size, dbytes, "layer",
