@@ -151,9 +151,18 @@ class ZeroShape:
                 "stage3_param_persistence_threshold": "param_persistence_threshold",
                 "stage3_model_persistence_threshold": "model_persistence_threshold",
                 "stage3_max_live_parameters": "max_live_parameters"}
-        stage = int(zero.get("stage", 0))
-        values = {ours: type(getattr(cls(stage, world), ours))(zero[theirs]) for theirs, ours in keys.items()
-                  if theirs in zero}
+        stage = zero.get("stage", 0)
+        if isinstance(stage, bool) or not isinstance(stage, int):
+            raise ValueError(f"zero_optimization.stage is {stage!r}; expected 2 or 3")
+        defaults, values = cls(stage, world), {}
+        for theirs, ours in keys.items():
+            if theirs not in zero:
+                continue
+            kind, value = type(getattr(defaults, ours)), zero[theirs]
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"zero_optimization.{theirs} is {value!r}; expected a "
+                                 f"{'boolean' if kind is bool else 'number'} (the memory model needs the value itself)")
+            values[ours] = kind(value)
         if stage == 3 and "overlap_comm" not in zero:
             values["overlap_comm"] = True  # DeepSpeed's stage-3 default
         if stage == 2 and "overlap_comm" not in zero:

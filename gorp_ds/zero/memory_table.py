@@ -155,7 +155,11 @@ def predictions(args: argparse.Namespace) -> list[tuple[str, int, int, Predictio
         for stage in stages:
             ds_config = read_ds_config(args.ds_config, stage)
             config = {**ds_config, "zero_optimization": {**(ds_config.get("zero_optimization") or {}), "stage": stage}}
-            rows.append((model.name, world, stage, worst_rank(model, gorp, ZeroShape.from_ds_config(config, world), run)))
+            try:
+                zero = ZeroShape.from_ds_config(config, world)
+            except ValueError as err:
+                raise CliError(f"--ds-config {args.ds_config or default_ds_config(stage)}: {err}") from None
+            rows.append((model.name, world, stage, worst_rank(model, gorp, zero, run)))
     return rows
 
 
