@@ -99,9 +99,18 @@ def zero2_adamw(rank: int) -> dict:
         seen.append(zero.grads_in_partition.numel())
         return result
 
+    # The step's fp32 gradient of one group at a time.
+    original_step, stepped = zero._optimizer_step, []
+
+    def optimizer_step(group_no):
+        stepped.append(zero.single_partition_of_fp32_groups[group_no].grad.numel())
+        return original_step(group_no)
+
     zero.copy_grads_in_partition = copy_grads_in_partition
+    zero._optimizer_step = optimizer_step
     _train(engine, rank)
     facts["grads_in_partition"] = max(seen, default=0)
+    facts["fp32_grad_partition"] = max(stepped, default=0)
     facts["adam_moments"] = _moments(optimizer)
     engine.destroy()
     return facts

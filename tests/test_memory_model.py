@@ -50,6 +50,7 @@ def test_zero2_deepspeed_partitions_match(measured, world):
         got, p = facts["zero2_adamw"], _predict(2, world, rank, "adamw")
         assert got == {"bf16_params": p.numel("ds.bf16_params"), "fp32_master": p.numel("ds.fp32_master"),
                        "grads_in_partition": p.numel("ds.grads_in_partition"),
+                       "fp32_grad_partition": p.numel("ds.fp32_grad_partition"),
                        "adam_moments": p.numel("optimizer.adam_moments")}, f"world {world} rank {rank}"
 
 

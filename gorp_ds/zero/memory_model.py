@@ -27,8 +27,8 @@ bytes per element, with the placement rule it follows:
   - ``fp32_master``: DeepSpeed's fp32 partition: stage 2 ``padded / W`` per group, stage 3
     ``Σ ceil(numel / W)``.
   - ``grads``: stage 2: the bf16 gradients of every tensor that touches the rank's partition
-    (``grads_in_partition``, backward) and, at the step, the partition's gradients flattened (a bf16
-    copy) and cast to fp32. Stage 3: the bf16
+    (``grads_in_partition``, backward) and, at the step, one group at a time, its partition's
+    gradients flattened (a bf16 copy) and cast to fp32. Stage 3: the bf16
     gradient partitions (``grad_partitions_flat_buffer``, allocated at start-up) and, at the step, one
     sub-group's partition gradients at a time, flattened and cast to fp32 (``sub_group_size``).
   - ``optimizer_state``: Adam's two fp32 moments. AdamW (plain DeepSpeed): ``2 ×`` the fp32
@@ -378,9 +378,9 @@ def predict(model: ModelShape, gorp: GorpShape, zero: ZeroShape, run: RunShape, 
         touching = [[g[j] for j in stage2_touching([s.numel for s in g], w, rank)] for g in ds_groups]
         add("ds.grads_in_partition", sum(s.numel for t in touching for s in t), dbytes, "layer+step",
             rule="whole numel of the tensors touching the partition")
-        # At the step, per group: the partition's gradients flattened (a bf16 copy) and cast to fp32.
-        add("ds.fp32_grad_partition", sum(size for size, _ in flat), 4 + dbytes if dbytes == 2 else 4, "step",
-            rule="padded/W per group, flattened + fp32")
+        # At the step, one group at a time: its partition's gradients flattened (a bf16 copy), cast to fp32.
+        add("ds.fp32_grad_partition", max((size for size, _ in flat), default=0), 4 + dbytes if dbytes == 2 else 4,
+            "step", rule="largest group's partition, flattened + fp32")
     # Optimizer state of DeepSpeed's tensors.
     if adamw:
         fp32 = next(t.numel for t in terms if t.name == "ds.fp32_master")
