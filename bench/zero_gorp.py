@@ -1,6 +1,8 @@
-"""GORP under DeepSpeed ZeRO-2 versus LoRA-only, on the LLaMA-2-7B shape (random init).
+"""GORP under DeepSpeed ZeRO-2 and ZeRO-3 versus LoRA-only, on the LLaMA-2-7B shape (random init).
 
-Configurations, side by side in one launch on the same model shape, batch and ZeRO-2 setup:
+Configurations, side by side in one launch on the same model shape, batch and ZeRO setup; with
+``--stage 2,3`` every configuration runs under both stages (the same launch code, only the DeepSpeed
+config's ``zero_optimization`` differs: ``ds_config``):
   lora          PEFT LoRA r=8 on q,v trained by torch AdamW (fused) — DeepSpeed LoRA-only
   lora+adamw    the same plus full-rank mlp.gate_proj, all with AdamW (no projection)
   gorp-flat     GORP: LoRA q,v + full-rank gate_proj projected Adam (k=8, T=--gap), full gradients of
@@ -23,6 +25,12 @@ and peak memory), MFU, peak memory per GPU (max allocated over all timed steps, 
 included; the JSON lines also give it for refresh steps and the other steps apart), and for GORP the refresh overhead: the median time of the timed refresh steps minus the
 median step, and that as a share of training at T = 10 and T = 20 (overhead / (T · median step)).
 
+Beside each measured peak the memory model's prediction (``gorp_ds/zero/memory_model.py``, the same
+shape, batch, stage and DeepSpeed settings; none for gorp-flat) and the ratio measured/predicted.
+A configuration that ``gorp_ds.initialize`` refuses at a stage (GORP at ZeRO-3 before the stage-3
+engine path exists) is reported with the refusal's message, the others are still measured, and the
+script exits with status 1 at the end.
+
 MFU counts only the FLOPs a step executes (``executed_flops_per_token``), per token, for a LLaMA of
 L layers, hidden h, MLP width i, vocabulary V, sequence s, LoRA rank r on q and v, GORP rank k:
   forward      F = L·(2·(4h² + 3hi) + 2sh + 8rh) + 2Vh
@@ -37,7 +45,11 @@ MFU = flops per token × tokens/s / 766 TFLOP/s (bf16 dense peak measured on an 
 (G formed, 2hi per layer more) are excluded from the median and so from the MFU.
 
     deepspeed --num_gpus 1 bench/zero_gorp.py --out bench/results/zero_gorp_h200.md
+    deepspeed --num_gpus 1 bench/zero_gorp.py --configs lora,gorp --stage 2,3 --steps 9 \
+        --out bench/results/zero_gorp_stage3_h200.md                     # ZeRO-3 beside ZeRO-2
     DS_ACCELERATOR=cpu deepspeed --num_gpus 1 bench/zero_gorp.py --tiny    # CPU smoke run (~2 min)
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 1 bench/zero_gorp.py --tiny --seq 64 --micro 2 --configs lora,gorp \
+        --stage 2,3 --steps 3 --warmup 1 --gap 2 --out /tmp/zero_gorp/out.md   # both stages (~1 min)
 """
 
 from __future__ import annotations
@@ -82,34 +94,54 @@ def build_model(args, device):
     return model
 
 
-def make_engine(name: str, args, device):
+def ds_config(args, stage: int) -> dict:
+    """The DeepSpeed config of every configuration at ``stage``: the same launch path for stage 2 and 3,
+    only ``zero_optimization`` differs (stage 3 with DeepSpeed's default bucket and persistence
+    settings written out, so the memory model reads the same values)."""
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 5e8}
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5,
+                    stage3_max_live_parameters=1e9, stage3_max_reuse_distance=1e9)
+    else:
+        zero.update(reduce_scatter=True, allgather_bucket_size=5e8)
+    config = {
+        "train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+        "zero_optimization": zero, "steps_per_print": 10**9,
+    }
+    if not args.tiny:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+class StageRefused(RuntimeError):
+    """gorp_ds.initialize refused the ZeRO stage (ZeRO-3 before the stage-3 engine path exists)."""
+
+
+def make_engine(name: str, args, device, stage: int = 2):
     import deepspeed
     from peft import LoraConfig, get_peft_model
 
     import gorp_ds
     from gorp_ds.models import RoleConfig, build_param_groups
     from gorp_ds.optim import GORP
+    from gorp_ds.zero import UnsupportedSetupError
 
     model = build_model(args, device)
     if name != "gorp-nockpt" and not args.no_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    config = {
-        "train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
-                              "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
-        "steps_per_print": 10**9,
-    }
-    if not args.tiny:
-        config["bf16"] = {"enabled": True}
+    config = ds_config(args, stage)
     roles = RoleConfig(rank=8, update_gap=args.gap, scale=0.25, lr_lora=2e-4, lr_full=1e-6)
     if name.startswith("gorp"):
         optimizer = GORP(build_param_groups(model, "gorp", roles))
         optimizer.time_refreshes = True
         full_gradients = "flat" if name == "gorp-flat" else "projected"
         refresh_from = "gradient" if name == "gorp-grefresh" else "sketch"
-        engine, *_ = gorp_ds.initialize(model=model, optimizer=optimizer, config=config, full_gradients=full_gradients,
-                                        refresh_from=refresh_from)
+        try:
+            engine, *_ = gorp_ds.initialize(model=model, optimizer=optimizer, config=config,
+                                            full_gradients=full_gradients, refresh_from=refresh_from)
+        except UnsupportedSetupError as err:
+            raise StageRefused(f"configuration {name} at ZeRO-{stage}: gorp_ds.initialize refused it: {err}") from None
         return engine, optimizer
     groups = build_param_groups(model, "gorp", roles)  # LoRA + gate_proj; roles ignored by AdamW
     if name == "lora":
@@ -140,13 +172,33 @@ def executed_flops_per_token(cfg, seq: int, name: str, checkpointing: bool, lora
     return float(forward + recompute + input_grads + weight_grads)
 
 
-def run_config(name: str, args, device) -> dict:
+def predicted_memory(name: str, args, stage: int, world: int, config) -> dict:
+    """The memory model's per-GPU peak for this configuration (``None`` where it has no model: gorp-flat,
+    whose full-rank gradients go through DeepSpeed's flat buffers)."""
+    from gorp_ds.zero.memory_model import GIB, GorpShape, ModelShape, RunShape, ZeroShape, worst_rank
+
+    if name == "gorp-flat":
+        return {"predicted_peak_gib": None}
+    gorp = GorpShape(refresh_from="gradient" if name == "gorp-grefresh" else "sketch")
+    if name == "lora":
+        gorp = GorpShape(full_targets=(), optimizer="adamw")
+    elif name == "lora+adamw":
+        gorp = GorpShape(optimizer="adamw")
+    run = RunShape(args.micro, args.seq, name != "gorp-nockpt" and not args.no_ckpt, "fp32" if args.tiny else "bf16")
+    prediction = worst_rank(ModelShape.from_config(config), gorp, ZeroShape.from_ds_config(ds_config(args, stage), world),
+                            run)
+    return {"predicted_peak_gib": prediction.peak / GIB, "predicted_peak_phase": prediction.peak_phase,
+            "predicted_terms_gib": {t.name: round(t.bytes / GIB, 4) for t in prediction.terms if t.numel}}
+
+
+def run_config(name: str, args, device, stage: int = 2) -> dict:
     gc.collect()
     at_start = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0  # leftovers of earlier configurations
-    engine, optimizer = make_engine(name, args, device)
+    engine, optimizer = make_engine(name, args, device, stage)
     vocab = engine.module.config.vocab_size
     generator = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
-    n_params = sum(p.numel() for p in engine.module.parameters())
+    # ZeRO-3 releases partitioned parameters (numel 0 outside their module's forward): count ds_numel.
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     times = []
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -177,7 +229,8 @@ def run_config(name: str, args, device) -> dict:
     flops = executed_flops_per_token(engine.module.config, args.seq, name, checkpointing)
     overhead = (statistics.median([times[i] for i in refresh_steps]) - median) if refresh_steps else None
     result = {
-        "config": name, "world_size": dist.get_world_size(), "layers": engine.module.config.num_hidden_layers,
+        "config": name, "zero_stage": stage, "world_size": dist.get_world_size(),
+        "layers": engine.module.config.num_hidden_layers,
         "seq": args.seq, "micro_batch": args.micro, "mem_gib_at_start": at_start / gib, "params_b": n_params / 1e9, "median_step_s": median,
         "tokens_per_s_per_gpu": tokens / median, "flops_per_token": flops,
         "mfu": flops * tokens / median / (PEAK_TFLOPS * 1e12),
@@ -192,6 +245,7 @@ def run_config(name: str, args, device) -> dict:
         "refresh_share_T20": overhead / (20 * median) if overhead is not None else None,
         "refresh_seconds_total": getattr(optimizer, "stats", {}).get("refresh_seconds"),
         "refreshes": getattr(optimizer, "stats", {}).get("refreshes"),
+        **predicted_memory(name, args, stage, dist.get_world_size(), engine.module.config),
     }
     engine.destroy()
     del engine, optimizer
@@ -202,18 +256,29 @@ def run_config(name: str, args, device) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    base = next((r for r in results if r["config"] == "lora"), results[0])
-    lines = ["| config | step s | tokens/s/GPU | × lora | MFU | peak GiB/GPU | × lora mem | refresh overhead s "
-             "| % at T=10 | % at T=20 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per configuration and ZeRO stage; ratios to lora at the same stage; the memory model's
+    predicted peak beside the measured one."""
+    lines = ["| config | ZeRO | step s | tokens/s/GPU | × lora | MFU | peak GiB/GPU | predicted GiB | measured/predicted "
+             "| × lora mem | refresh overhead s | % at T=10 | % at T=20 |", "|---" * 13 + "|"]
     for r in results:
+        stage = r.get("zero_stage", 2)
+        if r.get("refused"):
+            lines.append(f"| {r['config']} | {stage} | refused: {r['refused']} |" + " |" * 10)
+            continue
+        same = [b for b in results if b.get("zero_stage", 2) == stage and not b.get("refused")]
+        base = next((b for b in same if b["config"] == "lora"), same[0])
         none = r["refresh_overhead_s"] is None
         overhead = "–" if none else f"{r['refresh_overhead_s']:.3f}"
         t10 = "–" if none else f"{100 * r['refresh_share_T10']:.1f}"
         t20 = "–" if none else f"{100 * r['refresh_share_T20']:.1f}"
-        memory = r["peak_mem_gib"] / base["peak_mem_gib"] if base["peak_mem_gib"] == base["peak_mem_gib"] else float("nan")
-        lines.append(f"| {r['config']} | {r['median_step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | "
+        measured = r["peak_mem_gib"]
+        memory = measured / base["peak_mem_gib"] if base["peak_mem_gib"] == base["peak_mem_gib"] else float("nan")
+        predicted = r.get("predicted_peak_gib")
+        pred = "–" if predicted is None else f"{predicted:.1f}"
+        ratio = "–" if predicted is None or measured != measured else f"{measured / predicted:.3f}"
+        lines.append(f"| {r['config']} | {stage} | {r['median_step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | "
                      f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.3f} | {100 * r['mfu']:.1f}% | "
-                     f"{r['peak_mem_gib']:.1f} | {memory:.2f} | {overhead} | {t10} | {t20} |")
+                     f"{measured:.1f} | {pred} | {ratio} | {memory:.2f} | {overhead} | {t10} | {t20} |")
     return "\n".join(lines)
 
 
@@ -235,6 +300,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--configs", default="lora,lora+adamw,gorp-flat,gorp,gorp-grefresh")
+    parser.add_argument("--stage", default="2", help="ZeRO stages to run every configuration at: 2, 3 or 2,3")
     parser.add_argument("--no-ckpt", action="store_true", help="no gradient checkpointing in any configuration")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 model for a CPU smoke run")
     parser.add_argument("--out", default=None, help="write the markdown table here (rank 0)")
@@ -243,9 +309,16 @@ def main() -> None:
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)  # child process: write the result here
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    names = args.configs.split(",")
+    try:
+        stages = [int(v) for v in args.stage.split(",")]
+    except ValueError:
+        stages = []
+    if not stages or any(v not in (2, 3) for v in stages):
+        print(f"gorp_ds: error: --stage {args.stage!r}: use 2, 3 or 2,3", file=sys.stderr)
+        raise SystemExit(2)
+    runs = [(name, stage) for stage in stages for name in args.configs.split(",")]
     if not args.in_process and args.result_file is None:
-        run_isolated(args, names)
+        run_isolated(args, runs)
         return
     import deepspeed
 
@@ -254,8 +327,16 @@ def main() -> None:
         torch.cuda.set_device(args.local_rank)
     device = torch.device("cuda", args.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     results = []
-    for name in names:
-        result = run_config(name, args, device)
+    for name, stage in runs:
+        try:
+            result = run_config(name, args, device, stage)
+        except StageRefused as err:
+            if args.result_file is not None:  # child: the parent records the refusal and goes on
+                if dist.get_rank() == 0:
+                    Path(args.result_file).write_text(json.dumps({"config": name, "zero_stage": stage,
+                                                                  "refused": str(err)}))
+                raise SystemExit(REFUSED) from None
+            result = {"config": name, "zero_stage": stage, "refused": str(err)}
         results.append(result)
         if args.result_file is not None:
             if dist.get_rank() == 0:
@@ -267,9 +348,21 @@ def main() -> None:
                 write_results(args, results)
     if dist.get_rank() == 0 and args.result_file is None:
         print(table(results))
+        report_refusals(results)
 
 
-def run_isolated(args, names: list[str]) -> None:
+REFUSED = 3  # a child's exit status when gorp_ds.initialize refused its ZeRO stage
+
+
+def report_refusals(results: list[dict]) -> None:
+    refused = [r for r in results if r.get("refused")]
+    if refused:
+        for r in refused:
+            print(f"zero_gorp: error: {r['refused']}", file=sys.stderr)
+        raise SystemExit(f"zero_gorp: {len(refused)} configuration(s) refused; the others were measured")
+
+
+def run_isolated(args, runs: list[tuple[str, int]]) -> None:
     """Each configuration in a child process of its own (this process, one per rank under the
     launcher, never initialises torch.distributed: child ``i`` of every rank meets on
     ``MASTER_PORT + 1 + i``, so consecutive children never share a rendezvous)."""
@@ -278,14 +371,14 @@ def run_isolated(args, names: list[str]) -> None:
     passed = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     results = []
     with tempfile.TemporaryDirectory(prefix="zero_gorp_") as tmp:
-        for index, name in enumerate(names):
+        for index, (name, stage) in enumerate(runs):
             result_file = Path(tmp) / f"{index}.json"
             env = dict(os.environ, MASTER_PORT=str(base_port + 1 + index))
-            command = [sys.executable, str(Path(__file__).resolve()), *passed, "--configs", name,
+            command = [sys.executable, str(Path(__file__).resolve()), *passed, "--configs", name, "--stage", str(stage),
                        "--result-file", str(result_file), f"--local_rank={args.local_rank}"]
             done = subprocess.run(command, env=env)
-            if done.returncode != 0:
-                raise SystemExit(f"zero_gorp: configuration {name} failed (exit status {done.returncode})")
+            if done.returncode not in (0, REFUSED):
+                raise SystemExit(f"zero_gorp: configuration {name} at ZeRO-{stage} failed (exit status {done.returncode})")
             if rank != 0:
                 continue
             results.append(json.loads(result_file.read_text()))
@@ -294,18 +387,23 @@ def run_isolated(args, names: list[str]) -> None:
                 write_results(args, results, world=int(os.environ.get("WORLD_SIZE", "1")))
     if rank == 0:
         print(table(results))
+        report_refusals(results)
 
 
 def write_results(args, results: list[dict], world: int | None = None) -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     world = dist.get_world_size() if world is None else world
     ckpt = "no gradient checkpointing" if args.no_ckpt else "gradient checkpointing (except gorp-nockpt)"
-    header = (f"# GORP under ZeRO-2 vs LoRA-only — {gpu} × {world}, torch {torch.__version__}, "
+    measured = [r for r in results if not r.get("refused")]
+    layers = measured[0]["layers"] if measured else args.layers
+    stages = ", ".join(sorted({f"ZeRO-{r.get('zero_stage', 2)}" for r in results}))
+    header = (f"# GORP under {stages} vs LoRA-only — {gpu} × {world}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}\n\n{'Tiny model' if args.tiny else 'LLaMA-2-7B shape'} "
-              f"({results[0]['layers']} layers, random init), {'fp32' if args.tiny else 'bf16'}, seq {args.seq}, "
+              f"({layers} layers, random init), {'fp32' if args.tiny else 'bf16'}, seq {args.seq}, "
               f"micro-batch {args.micro}/GPU, {ckpt}, GORP k=8, T={args.gap}, "
               f"{'all configurations in one process' if args.in_process else 'each configuration in a fresh process'}; median of the timed steps "
-              f"without a refresh ({args.steps} timed after {args.warmup} warm-up).\n\n")
+              f"without a refresh ({args.steps} timed after {args.warmup} warm-up). Predicted: the memory model "
+              f"(gorp_ds/zero/memory_model.py) for the same shape, stage and DeepSpeed settings.\n\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(header + table(results) + "\n\n" + FORMULA + "\n")
     Path(args.out).with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
