@@ -40,7 +40,7 @@ def collect(dirs: list[Path]) -> tuple[dict[str, dict[str, Any]], list[dict[str,
                 record = json.loads(line)
                 ledger[record["run"]] = record  # the last launch of a key counts
         specs = {f"{r['group']}/{r['order']}/{r['label']}": r for r in plan.get("runs", [])} if plan else {}
-        for key, record in {**specs, **ledger}.items():
+        for key in {**specs, **ledger}:
             spec = ledger.get(key, specs.get(key))
             safe = "".join(c if c.isalnum() or c in "._=-" else "_" for c in spec["label"])
             results = directory / spec["group"] / spec["order"] / safe / spec["method"] / "results.json"
@@ -127,21 +127,23 @@ def sweep_table(sweep: dict[tuple[str, str], dict[str, Any]], main: dict[tuple[s
     otherwise the method comparison's run of the method on that order."""
     lines = ["| order | method | setting | AA | BWT | FWT | forgetting | ΔAA | ΔBWT | reference |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for (order, label), entry in sorted(sweep.items(), key=lambda kv: (kv[0][0], kv[1]["method"], kv[0][1])):
+    for (order, _), entry in sorted(sweep.items(), key=lambda kv: (kv[0][0], kv[1]["method"], kv[0][1])):
         method = entry["method"]
         reference = sweep.get((order, f"{method}_default")) or main.get((order, method))
         m = entry["results"]["metrics"]
         ref = reference["results"]["metrics"] if reference else {}
         where = "" if reference is None else ("sweep default" if reference["group"] == "sweep" else "comparison run")
-
-        def delta(key: str) -> str:
-            if not ref or m.get(key) is None or ref.get(key) is None or reference is entry:
-                return "–" if reference is not entry else "0"
-            return _fmt(m[key] - ref[key], True)
-
+        deltas = {}
+        for key in ("AA", "BWT"):
+            if reference is entry:
+                deltas[key] = "0"
+            elif m.get(key) is None or ref.get(key) is None:
+                deltas[key] = "–"
+            else:
+                deltas[key] = _fmt(m[key] - ref[key], True)
         changed = ", ".join(f"{k}={v}" for k, v in entry["settings"].items()) or "(defaults)"
         lines.append(f"| {order} | {method} | {changed} | {_fmt(m['AA'])} | {_fmt(m['BWT'], True)} | "
-                     f"{_fmt(m['FWT'], True)} | {_fmt(m['forgetting'])} | {delta('AA')} | {delta('BWT')} | {where} |")
+                     f"{_fmt(m['FWT'], True)} | {_fmt(m['forgetting'])} | {deltas['AA']} | {deltas['BWT']} | {where} |")
     return lines
 
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from gorp_ds.models import LoraSettings, ModelConfig, RoleConfig, add_lora, build_param_groups, load_model_and_tokenizer
+from gorp_ds.models import (
+    LoraSettings,
+    ModelConfig,
+    RoleConfig,
+    add_lora,
+    build_param_groups,
+    load_model_and_tokenizer,
+)
 from gorp_ds.models.lora import (
     base_master,
     lora_layers,
