@@ -295,7 +295,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=12, help="runs at once on the one device")
     parser.add_argument("--deadline", type=float, default=0.0,
                         help="seconds after the start: stop launching, end the runs still going (0: none)")
-    parser.add_argument("--eval-batch-size", type=int, default=300, help="generation batch (capped at the examples)")
+    parser.add_argument("--eval-batch-size", type=int, default=64,
+                        help="generation batch (the runner's default; larger batches raise the peak memory reported)")
     parser.add_argument("--rerun", action="store_true", help="also run what already has results.json in --out")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check: tiny random LLaMA, 2 steps per task, 4 test examples, batch 4")
