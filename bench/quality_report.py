@@ -147,6 +147,43 @@ def sweep_table(sweep: dict[tuple[str, str], dict[str, Any]], main: dict[tuple[s
     return lines
 
 
+def sampling_error(main: dict[tuple[str, str], dict[str, Any]], budgets: dict[str, Any]) -> list[str]:
+    """Binomial standard error of one run's AA per order, from its final accuracies p_j and the n
+    test examples per task: sqrt(Σ_j p_j (1 − p_j) / n) / T, averaged over the order's runs."""
+    lines = []
+    for order in sorted({o for o, _ in main}):
+        if order not in budgets:
+            continue
+        n = budgets[order][1]
+        errors = []
+        for (o, _), entry in main.items():
+            if o != order:
+                continue
+            final = [v / 100 for v in entry["results"]["R"][-1]]
+            errors.append(100 * (sum(p * (1 - p) / n for p in final) ** 0.5) / len(final))
+        if errors:
+            lines.append(f"order {order} ({n} test examples per task): ±{mean(errors):.1f}")
+    if not lines:
+        return []
+    return ["Sampling error of one run's AA (binomial standard error; a BWT has about √2 times it): "
+            + "; ".join(lines) + "."]
+
+
+def best_settings(sweep: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """Per (order, method): the sweep entry with the highest AA and the one with the highest BWT."""
+    lines = []
+    for order, method in sorted({(o, e["method"]) for (o, _), e in sweep.items()}):
+        entries = [e for (o, _), e in sweep.items() if o == order and e["method"] == method]
+        for key in ("AA", "BWT"):
+            scored = [e for e in entries if e["results"]["metrics"].get(key) is not None]
+            if len(scored) > 1:
+                best = max(scored, key=lambda e: e["results"]["metrics"][key])
+                changed = ", ".join(f"{k}={v}" for k, v in best["settings"].items()) or "the defaults"
+                lines.append(f"- order {order}, {method}: highest {key} {_fmt(best['results']['metrics'][key])} "
+                             f"with {changed} (of {len(scored)} settings)")
+    return lines
+
+
 def write_report(dirs: list[Path], results_dir: Path, tag: str) -> str:
     from gorp_ds.cl.report import heatmap, markdown_table
 
@@ -170,9 +207,11 @@ def write_report(dirs: list[Path], results_dir: Path, tag: str) -> str:
     if main:
         out += ["## Methods, averaged over orders", ""] + method_table(main, methods, orders) + [""]
         out += ["## AA / BWT per order", ""] + order_table(main, methods, orders) + [""]
+        out += sampling_error(main, budgets) + [""]
         out += ["## Targets", ""] + targets(main, orders) + [""]
     if sweep:
         out += ["## Sweep: one setting at a time (sensitivity)", ""] + sweep_table(sweep, main) + [""]
+        out += best_settings(sweep) + [""]
     if unfinished:
         out += ["## Not finished", ""] + [f"- {u['group']}/{u['order']}/{u['label']}: {u['status']}"
                                             for u in sorted(unfinished, key=lambda u: (u["group"], u["order"]))] + [""]

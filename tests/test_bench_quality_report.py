@@ -84,6 +84,10 @@ def test_report_averages_targets_and_sweep(tmp_path) -> None:
     assert "o-lora BWT ≥ seq-lora BWT on every order: A −15.0 vs −17.5, B −12.0 vs −10.0 → not met" in text
     sweep_row = next(line for line in text.splitlines() if "rank=4" in line)
     assert "| −2.0 | −3.0 | sweep default |" in sweep_row, sweep_row  # ΔAA = −6/3, ΔBWT = −6/2
+    finals_a = [f for (o, _), f in finals.items() if o == "A"] + [[85.0, 75.0, 92.0]]
+    se_a = sum((sum(v / 100 * (1 - v / 100) / 300 for v in f) ** 0.5) * 100 / 3 for f in finals_a) / len(finals_a)
+    assert f"order A (300 test examples per task): ±{se_a:.1f}" in text
+    assert "- order A, gorp: highest AA 80.0 with the defaults (of 2 settings)" in text
     assert "- main/B/mtl: not run" in text
     assert (tmp_path / "results" / "quality_test_A_gorp_R.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "results" / "quality_test.json").read_text())
