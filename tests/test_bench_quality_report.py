@@ -103,3 +103,26 @@ def test_bad_sweep_setting_is_one_line_error(tmp_path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("gorp_ds: error: --sweep entry 'x': unknown setting 'epsilon_s'"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_built_in_run_resolves_to_its_settings(tmp_path) -> None:
+    """Each launch's argv goes through the runner's own parser: the budget is the issue's, the sweep
+    changes exactly its setting, and the embedded model's preset supplies the rest."""
+    import argparse
+
+    from bench.quality import BUDGETS, METHODS, Run, command, load_sweeps
+    from gorp_ds.cl import add_arguments, build_run_config
+
+    args = argparse.Namespace(smoke=False, data_dir=str(tmp_path), eval_batch_size=64)
+    runs = [Run("main", order, method, method) for order in BUDGETS for method in METHODS]
+    runs += load_sweeps("gorp,olora", ["A"])
+    assert len(runs) == 18 + 14 + 4
+    for run in runs:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        argv = command(run, args, tmp_path, "embedded", tmp_path / "ds.json")[2:]  # after python launch/train.py
+        cfg = build_run_config(parser.parse_args(argv))
+        assert {k: getattr(cfg, k) for k in run.settings} == run.settings, run.key
+        assert (cfg.max_steps_per_task, cfg.eval_samples, cfg.global_batch_size) == (*BUDGETS[run.order], 16)
+        assert cfg.methods == [run.method] and cfg.order == run.order and not cfg.checkpoints
+        assert cfg.lr_lora == 1e-3 and cfg.sources["lr_lora"].startswith("preset embedded"), run.key
