@@ -325,9 +325,8 @@ class MethodSession:
     def close_adapters(self, task_index: int) -> None:
         """docs/algorithm.md §4 step 2, before the task's row of R is measured: merge every LoRA into its base
         weight in fp32 from the fp32 masters (accumulated exactly in fp32 across tasks: a bf16 W keeps
-        its low bits) and re-initialise it (B = 0, so
-        the adapter adds exactly nothing). The row is then measured on exactly the weights an
-        export writes. O-LoRA first remembers the finished task's A (its fp32 master: the value merged)."""
+        its low bits) and re-initialise it (B = 0, so the adapter adds exactly nothing). The row is
+        then measured on exactly the weights an export writes. O-LoRA first remembers the finished task's A (its fp32 master: the value merged)."""
         if self.method not in LORA_METHODS:
             return
         module = self.engine.module
