@@ -52,26 +52,28 @@ GLOBAL_BATCH = 16
 # One setting changed at a time from the defaults (the embedded preset: ε_S 0.9, k 8, T 10, s 0.25,
 # lr_full 5e-6, new adapters started off S, projectors aligned). Labels name the change.
 SWEEPS: dict[str, list[dict[str, Any]]] = {
-    "gorp": [  # in launch order: what a deadline cuts first comes last
+    "gorp": [  # priority 1 first; within a priority, in this order (what a deadline cuts comes last)
         {"label": "default", "method": "gorp", "settings": {}},
-        {"label": "eps_S=0.95", "method": "gorp", "settings": {"shared_threshold": 0.95}},
         {"label": "eps_S=0.99", "method": "gorp", "settings": {"shared_threshold": 0.99}},
         {"label": "eps_S=0.8", "method": "gorp", "settings": {"shared_threshold": 0.8}},
         {"label": "lr_full=2e-5", "method": "gorp", "settings": {"lr_full": 2e-5}},
         {"label": "scale=1", "method": "gorp", "settings": {"scale": 1.0}},
-        {"label": "scale=0.5", "method": "gorp", "settings": {"scale": 0.5}},
         {"label": "T=20", "method": "gorp", "settings": {"update_gap": 20}},
-        {"label": "T=5", "method": "gorp", "settings": {"update_gap": 5}},
         {"label": "k=16", "method": "gorp", "settings": {"rank": 16}},
         {"label": "init_off_shared=off", "method": "gorp", "settings": {"lora_init_off_shared": False}},
         {"label": "align_projector=off", "method": "gorp", "settings": {"align_projector": False}},
-        {"label": "k=4", "method": "gorp", "settings": {"rank": 4}},
-        {"label": "lr_full=1e-6", "method": "gorp", "settings": {"lr_full": 1e-6}},
+        {"label": "eps_S=0.95", "method": "gorp", "settings": {"shared_threshold": 0.95}, "priority": 3},
+        {"label": "scale=0.5", "method": "gorp", "settings": {"scale": 0.5}, "priority": 3},
+        {"label": "T=5", "method": "gorp", "settings": {"update_gap": 5}, "priority": 3},
+        {"label": "k=4", "method": "gorp", "settings": {"rank": 4}, "priority": 3},
+        {"label": "lr_full=1e-6", "method": "gorp", "settings": {"lr_full": 1e-6}, "priority": 3},
     ],
-    # O-LoRA's λ1 on the orders where the default protected least in the issue's measurement.
+    # O-LoRA's λ1 on the orders where the default protected least in an earlier measurement.
     "olora": [
-        {"label": "lambda1=0.1", "method": "o-lora", "settings": {"olora_lambda": 0.1}, "orders": ["B", "C"]},
-        {"label": "lambda1=2", "method": "o-lora", "settings": {"olora_lambda": 2.0}, "orders": ["B", "C"]},
+        {"label": "lambda1=2", "method": "o-lora", "settings": {"olora_lambda": 2.0}, "orders": ["B", "C"],
+         "priority": 2},
+        {"label": "lambda1=0.1", "method": "o-lora", "settings": {"olora_lambda": 0.1}, "orders": ["B", "C"],
+         "priority": 2},
     ],
 }
 
@@ -91,6 +93,7 @@ class Run:
     method: str
     label: str
     settings: dict[str, Any] = field(default_factory=dict)
+    priority: int = 1  # sweep entries: lower launches first
 
     @property
     def key(self) -> str:
@@ -126,7 +129,7 @@ def check_settings(settings: dict[str, Any], where: str) -> None:
 
 def load_sweeps(spec: str | None, orders: list[str]) -> list[Run]:
     """``--sweep gorp,olora`` (built-in lists) or ``--sweep FILE.json`` (a list of {label, method,
-    settings[, orders]}); each entry runs on its own orders or ``orders``."""
+    settings[, orders][, priority]}); each entry runs on its own orders or ``orders``."""
     if not spec:
         return []
     entries: list[dict[str, Any]] = []
@@ -152,7 +155,8 @@ def load_sweeps(spec: str | None, orders: list[str]) -> list[Run]:
         settings = dict(entry.get("settings") or {})
         check_settings(settings, f"--sweep entry {entry['label']!r}")
         for order in entry.get("orders") or orders:
-            runs.append(Run("sweep", order, method, f"{method}_{entry['label']}", settings))
+            runs.append(Run("sweep", order, method, f"{method}_{entry['label']}", settings,
+                            int(entry.get("priority", 1))))
     return runs
 
 
@@ -177,14 +181,14 @@ CORE_METHODS = ("gorp", "mtl", "o-lora", "seq-lora")
 def launch_order(runs: list[Run]) -> list[Run]:
     """What a deadline may cut comes last: every method on the longest order (its runs also take the
     longest: started first, the tail is short), then the core methods of the other orders, then
-    galore and seq-ft there; the sweep after the comparison, in its list order."""
+    galore and seq-ft there; the sweep after the comparison, by its entries' priority, then in list order."""
     longest = max((r.order for r in runs), key=lambda o: BUDGETS[o][0] * BUDGETS[o][1], default="A")
     priority = {m: i for i, m in enumerate(CORE_METHODS + tuple(m for m in METHODS if m not in CORE_METHODS))}
 
     def key(item: tuple[int, Run]) -> tuple:
         index, run = item
         if run.group != "main":
-            return (3, index)
+            return (3, run.priority, index)
         tier = 0 if run.order == longest else (1 if run.method in CORE_METHODS else 2)
         return (tier, run.order, priority[run.method])
 
