@@ -33,15 +33,14 @@ from ..models import (
 from ..models.loading import DTYPES, fingerprint_mismatch, model_fingerprint
 from ..models.lora import (
     init_lora_,
-    lora_a_weights,
     lora_factor_names,
     lora_layers,
     lora_merge_record,
     merge_lora_,
-    orthogonality_loss,
     project_lora_a_off_,
     replay_lora_merges_,
 )
+from ..models.olora import OLoraPenalty
 from ..models.roles import LORA_METHODS
 from ..optim import GORP
 from ..zero import CheckpointError, has_checkpoint, initialize, load_checkpoint, save_checkpoint
@@ -144,13 +143,23 @@ class MethodSession:
                                             refresh_memory_mib=cfg.refresh_memory_mib)
         self.monitor = Monitor(self.engine)
         self.accumulation = self.engine.gradient_accumulation_steps()
-        self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A of every finished task
+        self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A (fp32 master) of every finished task
+        self.olora: OLoraPenalty | None = None
         # Per finished task, the LoRA factors merged into the frozen base weights (replayed on resume).
         self.merges: list[dict[str, dict[str, torch.Tensor]]] = []
         self.preemption = preemption.current()
         self.device = next(self.engine.module.parameters()).device
         self.prompt_format = PromptFormat(cfg.prompt_format)
         self.prompt_format.check(self.tokenizer)
+        self._build_olora()
+
+    def _build_olora(self) -> None:
+        """o-lora: the regularisers of the task about to train, against the finished tasks' A's."""
+        if self.method != "o-lora":
+            return
+        penalty = OLoraPenalty(self.engine.module, self.old_lora_a, self.cfg.olora_lambda, self.cfg.olora_l2,
+                               self.device)
+        self.olora = penalty if penalty.active else None
 
     # ------------------------------------------------------------------ schedule
     def steps_for(self, task: Task) -> int:
@@ -173,8 +182,8 @@ class MethodSession:
         rows, cols = batch["answer_positions"].unbind(1)  # position p predicts token p+1
         logits = core.get_output_embeddings()(hidden[rows, cols])
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["answer_targets"])
-        if self.method == "o-lora" and self.old_lora_a and self.cfg.olora_lambda > 0:
-            loss = loss + self.cfg.olora_lambda * orthogonality_loss(module, self.old_lora_a)
+        if self.olora is not None:
+            loss = loss + self.olora(module)
         return loss
 
     def _micro_batches(self, task: Task, indices: list[int]) -> tuple[list[dict[str, torch.Tensor]], int]:
@@ -316,16 +325,17 @@ class MethodSession:
 
     def close_adapters(self, task_index: int) -> None:
         """docs/algorithm.md §4 step 2, before the task's row of R is measured: merge every LoRA into its base
-        weight in fp32 from the fp32 masters (rounded into W once) and re-initialise it (B = 0, so
-        the adapter adds exactly nothing). The row is then measured on exactly the weights an
-        export writes. O-LoRA first remembers the finished task's A."""
+        weight in fp32 from the fp32 masters (accumulated exactly in fp32 across tasks: a bf16 W keeps
+        its low bits) and re-initialise it (B = 0, so the adapter adds exactly nothing). The row is
+        then measured on exactly the weights an export writes. O-LoRA first remembers the finished task's A (its fp32 master: the value merged)."""
         if self.method not in LORA_METHODS:
             return
         module = self.engine.module
-        if self.method == "o-lora":
-            for name, a in lora_a_weights(module).items():
-                self.old_lora_a.setdefault(name, []).append(a.cpu())
         masters = self._lora_masters()
+        if self.method == "o-lora":
+            for name in lora_layers(module):
+                self.old_lora_a.setdefault(name, []).append(masters[f"{name}.lora_A"].detach().cpu().clone())
+            self._build_olora()
         # The checkpoint stores this merge (the exact fp32 values merged), not the merged weights.
         self.merges.append(lora_merge_record(module, masters))
         changed = merge_and_reinit_(module, self.cfg.seed, task_index, masters)
@@ -426,6 +436,7 @@ class MethodSession:
             for record in self.merges:
                 for name, merge in record.items():
                     self.old_lora_a.setdefault(name, []).append(merge["A"])
+            self._build_olora()
         progress = Progress.from_state(client["progress"])
         if record_changes:
             self._apply_run_settings(client.get("config"), progress)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..naming import PEFT_PREFIX as _PEFT_PREFIX
 from ..naming import canonical_name  # noqa: F401  (re-exported: models.lora.canonical_name)
+from ..optim.bf16_split import join, split_, zero_remainder
 from ..settings import SettingError, check_settings, setting
 
 
@@ -30,8 +31,10 @@ class LoraSettings:
     targets: list[str] = setting(["q_proj", "v_proj"], "module-name patterns that get an adapter (a pattern "
                                  "matches at a dot boundary; re:<regex> for a regular expression)")
     init_off_shared: bool = setting(True, "(ours) gorp: a new task's LoRA A starts orthogonal to the shared space")
-    olora_lambda: float = setting(0.5, "o-lora: weight of the orthogonality loss between new and old LoRA A",
-                                  minimum=0.0, flat="olora_lambda")
+    olora_lambda: float = setting(0.5, "o-lora: λ1, weight of the orthogonality loss Σ|A_old A_newᵀ| between the "
+                                       "new task's LoRA A and every earlier task's", minimum=0.0, flat="olora_lambda")
+    olora_l2: float = setting(0.0, "o-lora: λ2, weight of Σ(‖A‖_F + ‖B‖_F) of the new task's LoRA (0: off, as in "
+                                   "O-LoRA's objective)", minimum=0.0, flat="olora_l2")
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, (int, float)) and not self.alpha > 0:
@@ -109,7 +112,8 @@ def lora_merge_record(model: nn.Module, masters: dict[str, torch.Tensor] | None 
 
 @torch.no_grad()
 def replay_lora_merges_(model: nn.Module, records: list[dict[str, dict[str, torch.Tensor]]]) -> int:
-    """Re-apply, in order, the merges of finished tasks to a freshly loaded model's base weights.
+    """Re-apply, in order, the merges of finished tasks to a freshly loaded model's base weights
+    (with :func:`merge_into_base_`, so the weights and their fp32 remainders come back bit-exactly).
     Base weights that train (a LoRA target that is also a full-rank target) are skipped: their
     merged values come back with the fp32 masters. Returns the number of matrices changed."""
     layers = lora_layers(model)
@@ -118,12 +122,41 @@ def replay_lora_merges_(model: nn.Module, records: list[dict[str, dict[str, torc
         for name, merge in record.items():
             if name not in layers:
                 raise KeyError(f"the checkpoint merges LoRA into {name!r}, which this model has no LoRA layer for")
-            base = layers[name].get_base_layer().weight
-            if base.requires_grad:
+            if layers[name].get_base_layer().weight.requires_grad:
                 continue
-            base.data.copy_(merged_base_weight(layers[name], merge["A"], merge["B"]))
+            merge_into_base_(layers[name], merge["A"], merge["B"])
             changed += 1
     return changed
+
+
+# The frozen base weight's fp32 low bits, on the base Linear: a non-persistent int16 buffer (not in
+# state dicts, checkpoints or exports: the merge records replay it), created by the first merge.
+REMAINDER = "lora_merge_remainder"
+
+
+def merge_remainder(layer: nn.Module) -> torch.Tensor | None:
+    """The int16 remainder of a bf16 base weight that LoRA merges accumulate into (None: none yet)."""
+    return getattr(layer.get_base_layer(), REMAINDER, None)
+
+
+@torch.no_grad()
+def base_master(layer: nn.Module) -> torch.Tensor:
+    """The base weight's exact fp32 value (``m × n``, a new tensor): a bf16 weight joined with its
+    merge remainder (gorp_ds/optim/bf16_split.py), otherwise the weight in fp32."""
+    weight = layer.get_base_layer().weight
+    remainder = merge_remainder(layer)
+    if remainder is None or weight.dtype != torch.bfloat16:
+        return weight.detach().float().clone()
+    return join(weight.data, remainder.to(weight.device))
+
+
+def _lora_delta(layer: nn.Module, a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """``(α/r) B A`` in fp32 on the weight's device (``m × n``)."""
+    adapter = next(iter(layer.lora_A))
+    a = layer.lora_A[adapter].weight if a is None else a
+    b = layer.lora_B[adapter].weight if b is None else b
+    device = layer.get_base_layer().weight.device
+    return (b.to(device, torch.float32) @ a.to(device, torch.float32)) * float(layer.scaling[adapter])
 
 
 @torch.no_grad()
@@ -131,14 +164,31 @@ def merged_base_weight(layer: nn.Module, a: torch.Tensor | None = None, b: torch
                        base: torch.Tensor | None = None) -> torch.Tensor:
     """``W + (α/r) B A`` of one PEFT LoRA layer, computed in fp32 and rounded once to W's dtype.
     ``a`` (``r × n``) and ``b`` (``m × r``) are the fp32 masters of the factors, ``base`` (``m × n``)
-    W's own master when W is trained too; without them the layer's (possibly bf16) tensors are used."""
-    adapter = next(iter(layer.lora_A))
-    a = layer.lora_A[adapter].weight if a is None else a
-    b = layer.lora_B[adapter].weight if b is None else b
+    W's own master when W is trained too; without them the layer's (possibly bf16) tensors are used,
+    W in its exact fp32 value (:func:`base_master`: earlier merges' low bits included)."""
     weight = layer.get_base_layer().weight
-    base = weight if base is None else base
-    delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * float(layer.scaling[adapter])
-    return (base.to(weight.device, torch.float32) + delta).to(weight.dtype)
+    base = base_master(layer) if base is None else base.to(weight.device, torch.float32)
+    return (base + _lora_delta(layer, a, b)).to(weight.dtype)
+
+
+@torch.no_grad()
+def merge_into_base_(layer: nn.Module, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                     base: torch.Tensor | None = None) -> None:
+    """``W ← W + (α/r) B A`` in place, exact in fp32 across any number of merges: a bf16 W keeps the
+    low 16 bits of its fp32 value in an int16 remainder (2 bytes per element, on W's device), so
+    the k-th merge rounds ``W₀ + Σ_{i≤k} ΔW_i`` (summed in fp32) once, not k times. ``base``: W's own
+    fp32 master when W is trained (it then owns W's value; no remainder is kept)."""
+    module = layer.get_base_layer()
+    weight = module.weight
+    if base is not None or weight.dtype != torch.bfloat16:
+        weight.data.copy_(merged_base_weight(layer, a, b, base))
+        return
+    remainder = merge_remainder(layer)
+    if remainder is None:  # a weight as loaded is exactly its bf16 value
+        remainder = zero_remainder(weight.data)
+        module.register_buffer(REMAINDER, remainder, persistent=False)
+    master = join(weight.data, remainder) + _lora_delta(layer, a, b)
+    split_(master, weight.data, remainder)
 
 
 @torch.no_grad()
@@ -147,9 +197,9 @@ def merge_and_reinit_(model: nn.Module, seed: int, task_index: int,
     """docs/algorithm.md §4 step 2: ``W ← W + (α/r) B A`` for every LoRA layer, then A re-drawn and B zeroed
     (equivalent to freezing the old adapter, as O-LoRA does). ``masters`` (``{canonical factor
     name: fp32 tensor}``) gives the factors' fp32 master values (and W's, under its module name,
-    when W is trained as well): the merge is then computed in fp32 from them and rounded into W
-    once, so a bf16 run loses nothing of the adapter but W's own rounding. Deterministic per (seed, task, name), identical on every rank. Returns the canonical
-    names of the re-initialised factors."""
+    when W is trained as well): the merge is computed in fp32 from them and accumulated exactly
+    (:func:`merge_into_base_`). Deterministic per (seed, task, name), identical on every rank.
+    Returns the canonical names of the re-initialised factors."""
     merge_lora_(model, masters)
     return init_lora_(model, seed, task_index + 1)
 
@@ -162,7 +212,7 @@ def merge_lora_(model: nn.Module, masters: Mapping[str, torch.Tensor] | None = N
         a = masters.get(f"{name}.lora_A") if masters else None
         b = masters.get(f"{name}.lora_B") if masters else None
         base = masters.get(name) if masters else None
-        layer.get_base_layer().weight.data.copy_(merged_base_weight(layer, a, b, base))
+        merge_into_base_(layer, a, b, base)
 
 
 @torch.no_grad()
@@ -182,28 +232,3 @@ def project_lora_a_off_(model: nn.Module, bases: dict[str, torch.Tensor]) -> lis
             a.data.copy_((a32 - (a32 @ s) @ s.mT).to(a.dtype))
             changed.append(f"{name}.lora_A")
     return changed
-
-
-def lora_a_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{layer name: A (r × n)}`` detached copies, for O-LoRA's orthogonality loss."""
-    result = {}
-    for name, layer in lora_layers(model).items():
-        for adapter in layer.lora_A:
-            result[name] = layer.lora_A[adapter].weight.detach().clone()
-    return result
-
-
-def orthogonality_loss(model: nn.Module, old_a: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-    """O-LoRA's λ-free term ``Σ_layers Σ_old |A_new A_oldᵀ|₁`` (sum of absolute entries)."""
-    total = None
-    for name, layer in lora_layers(model).items():
-        previous = old_a.get(name)
-        if not previous:
-            continue
-        a = next(iter(layer.lora_A.values())).weight
-        stacked = torch.cat([p.to(a.device, a.dtype) for p in previous], dim=0)  # (tasks·r) × n
-        term = (a @ stacked.mT).abs().sum()
-        total = term if total is None else total + term
-    if total is None:
-        return torch.zeros((), device=next(model.parameters()).device)
-    return total

@@ -10,8 +10,9 @@ resolution (``lr_full`` 1e-6 at 7B) accumulate exactly as in fp32.
 Rounding: ``hi`` is the master rounded to nearest bf16, ties away from zero (``+0x8000`` on the
 magnitude bits), which differs from round-to-nearest-even only on exact ties.
 
-Pure tensor functions (bit arithmetic on int32 views); callers process a matrix (or a few) at a
-time so that the fp32 temporaries stay small.
+The encoding (``join``, ``split_``) lives in gorp_ds/optim/bf16_split.py (the LoRA merge uses it
+too); here is the update. Callers process a matrix (or a few) at a time so that the fp32
+temporaries stay small.
 """
 
 from __future__ import annotations
@@ -19,30 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def join(hi: Tensor, lo: Tensor) -> Tensor:
-    """The fp32 master (a new tensor) from its bf16 part ``hi`` and int16 remainder ``lo``."""
-    bits = hi.view(torch.int16).to(torch.int32)
-    bits.bitwise_left_shift_(16)
-    bits.add_(lo)  # int16 operand promoted on the fly: no second temporary
-    return bits.view(torch.float32)
-
-
-def split_(master: Tensor, hi: Tensor, lo: Tensor) -> None:
-    """Write fp32 ``master`` into ``hi`` (bf16, rounded to nearest) and ``lo`` (int16) in place
-    (one int32 temporary)."""
-    bits = master.view(torch.int32)
-    upper = bits + 0x8000
-    upper.bitwise_right_shift_(16)  # arithmetic shift: the rounded upper half, sign-extended
-    hi.view(torch.int16).copy_(upper)  # int32 -> int16 keeps the low 16 bits: the bf16 pattern
-    upper.bitwise_left_shift_(16)
-    torch.sub(bits, upper, out=upper)  # in [-0x8000, 0x7FFF]
-    lo.copy_(upper)
-
-
-def zero_remainder(hi: Tensor) -> Tensor:
-    """The remainder of a master that equals its bf16 weight exactly."""
-    return torch.zeros(hi.shape, dtype=torch.int16, device=hi.device)
+from ..optim.bf16_split import join, split_, zero_remainder  # noqa: F401  (the encoding; re-exported)
 
 
 def _fused_update(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: Tensor, step: Tensor):

@@ -1,0 +1,128 @@
+"""bench/quality.py's report on hand-made run directories: averages over orders recomputed from R by
+hand, the targets' verdicts, the sweep's differences to its reference, what is missing, and a bad
+sweep setting refused with a one-line error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.quality_report import write_report  # noqa: E402
+
+TASKS = ["t1", "t2", "t3"]
+
+
+def _r(diagonal: float, final: list[float]) -> list[list[float]]:
+    """R with row 0 = 0, row i holding ``diagonal`` on its task, and the given last row."""
+    rows = [[0.0, 0.0, 0.0]]
+    for i in range(1, 3):
+        rows.append([diagonal if j == i - 1 else 10.0 * i for j in range(3)])
+    rows.append(final)
+    return rows
+
+
+def _write_run(out: Path, group: str, order: str, method: str, label: str, r, settings=None, train_s=10.0):
+    directory = out / group / order / label / method
+    directory.mkdir(parents=True, exist_ok=True)
+    from gorp_ds.cl.metrics import all_metrics
+
+    result = {"method": method, "tasks": TASKS, "R": r, "metrics": all_metrics(r),
+              "timings": {"train_s": train_s}, "peak_memory_gib": 1.5}
+    (directory / "results.json").write_text(json.dumps(result))
+    record = {"run": f"{group}/{order}/{label}", "group": group, "order": order, "method": method, "label": label,
+              "settings": settings or {}, "status": "done", "max_concurrent": 5}
+    with open(out / "runs.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return record
+
+
+def test_report_averages_targets_and_sweep(tmp_path) -> None:
+    out = tmp_path / "runs"
+    out.mkdir()
+    runs = []
+    # gorp keeps its diagonal (BWT from the last row), o-lora forgets more, seq-lora more still.
+    finals = {("A", "gorp"): [80.0, 70.0, 90.0], ("B", "gorp"): [78.0, 72.0, 90.0],
+              ("A", "o-lora"): [70.0, 60.0, 90.0], ("B", "o-lora"): [76.0, 60.0, 90.0],
+              ("A", "seq-lora"): [60.0, 65.0, 90.0], ("B", "seq-lora"): [79.0, 61.0, 90.0]}
+    for (order, method), final in finals.items():
+        runs.append(_write_run(out, "main", order, method, method, _r(80.0, final)))
+    mtl = [[0.0, 0.0, 0.0], None, None, [85.0, 75.0, 92.0]]
+    runs.append(_write_run(out, "main", "A", "mtl", "mtl", mtl))
+    runs.append(_write_run(out, "sweep", "A", "gorp", "gorp_default", _r(80.0, [80.0, 70.0, 90.0])))
+    runs.append(_write_run(out, "sweep", "A", "gorp", "gorp_k=4", _r(80.0, [74.0, 70.0, 90.0]), {"rank": 4}))
+    plan = {"budgets": {"A": [100, 300], "B": [60, 200]}, "global_batch": 16, "smoke": False,
+            "runs": [{k: r[k] for k in ("group", "order", "method", "label", "settings")} for r in runs]
+            + [{"group": "main", "order": "B", "method": "mtl", "label": "mtl", "settings": {}}]}
+    (out / "plan.json").write_text(json.dumps(plan))
+
+    text = write_report([out], tmp_path / "results", "test")
+
+    def aa(final):
+        return sum(final) / 3
+
+    def bwt(final):
+        return ((final[0] - 80.0) + (final[1] - 80.0)) / 2
+
+    gorp_aa = (aa(finals[("A", "gorp")]) + aa(finals[("B", "gorp")])) / 2
+    gorp_bwt = (bwt(finals[("A", "gorp")]) + bwt(finals[("B", "gorp")])) / 2
+    row = next(line for line in text.splitlines() if line.startswith("| gorp | A,B |"))
+    assert f"| {gorp_aa:.1f} | {gorp_bwt:+.1f} |".replace("-", "−") in row, row
+    assert "| 10 | 1.50 |" in row  # train seconds (mean), peak memory (max)
+    olora_aa = (aa(finals[("A", "o-lora")]) + aa(finals[("B", "o-lora")])) / 2
+    assert f"gorp AA ≥ o-lora AA + 3 (mean over A,B): {gorp_aa - olora_aa:+.1f} points → met" in text
+    assert "gorp BWT ≥ −1 on every order" in text and "not met" in text.split("gorp BWT")[1].splitlines()[0]
+    assert f"gorp AA within 1 point of mtl (mean over A): {aa(finals[('A', 'gorp')]) - aa([85.0, 75.0, 92.0]):+.1f}" \
+        .replace("-", "−") in text
+    # o-lora ≥ seq-lora on A (−15 vs −17.5) but not on B (−12 vs −10): not met.
+    assert "o-lora BWT ≥ seq-lora BWT on every order: A −15.0 vs −17.5, B −12.0 vs −10.0 → not met" in text
+    sweep_row = next(line for line in text.splitlines() if "rank=4" in line)
+    assert "| −2.0 | −3.0 | sweep default |" in sweep_row, sweep_row  # ΔAA = −6/3, ΔBWT = −6/2
+    finals_a = [f for (o, _), f in finals.items() if o == "A"] + [[85.0, 75.0, 92.0]]
+    se_a = sum((sum(v / 100 * (1 - v / 100) / 300 for v in f) ** 0.5) * 100 / 3 for f in finals_a) / len(finals_a)
+    assert f"order A (300 test examples per task): ±{se_a:.1f}" in text
+    assert "- order A, gorp: highest AA 80.0 with the defaults (of 2 settings)" in text
+    assert "- main/B/mtl: not run" in text
+    assert (tmp_path / "results" / "quality_test_A_gorp_R.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "results" / "quality_test.json").read_text())
+    assert saved["runs"]["main/A/gorp"]["metrics"]["AA"] == pytest.approx(aa(finals[("A", "gorp")]))
+
+
+def test_bad_sweep_setting_is_one_line_error(tmp_path) -> None:
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps([{"label": "x", "method": "gorp", "settings": {"epsilon_s": 0.5}}]))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--out", str(tmp_path / "o"),
+                           "--data-dir", str(tmp_path), "--no-main", "--sweep", str(sweep)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("gorp_ds: error: --sweep entry 'x': unknown setting 'epsilon_s'"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_built_in_run_resolves_to_its_settings(tmp_path) -> None:
+    """Each launch's argv goes through the runner's own parser: the budget is the issue's, the sweep
+    changes exactly its setting, and the embedded model's preset supplies the rest."""
+    import argparse
+
+    from bench.quality import BUDGETS, METHODS, Run, command, load_sweeps
+    from gorp_ds.cl import add_arguments, build_run_config
+
+    args = argparse.Namespace(smoke=False, data_dir=str(tmp_path), eval_batch_size=64)
+    runs = [Run("main", order, method, method) for order in BUDGETS for method in METHODS]
+    runs += load_sweeps("gorp,olora", ["A"])
+    assert len(runs) == 18 + 14 + 4
+    for run in runs:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        argv = command(run, args, tmp_path, "embedded", tmp_path / "ds.json")[2:]  # after python launch/train.py
+        cfg = build_run_config(parser.parse_args(argv))
+        assert {k: getattr(cfg, k) for k in run.settings} == run.settings, run.key
+        assert (cfg.max_steps_per_task, cfg.eval_samples, cfg.global_batch_size) == (*BUDGETS[run.order], 16)
+        assert cfg.methods == [run.method] and cfg.order == run.order and not cfg.checkpoints
+        assert cfg.lr_lora == 1e-3 and cfg.sources["lr_lora"].startswith("preset embedded"), run.key
