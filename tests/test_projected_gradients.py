@@ -141,3 +141,22 @@ def test_projectors_from_products_equal_projectors_from_the_gradient(m, n):
     top = torch.linalg.svd(g64).S[:3].norm()
     captured = (g64 @ p64).norm() if m >= n else (p64.mT @ g64).norm()
     assert captured >= 0.99 * top, float(captured / top)
+
+
+def test_compiled_in_place_split_master_update_is_the_fp32_update():
+    """The fused update the GPU path compiles (in place on the bf16 weight and its low bits), compiled
+    here on the CPU: the master it leaves is decay·master − step·left@right to fp32 rounding (float64
+    reference), with the bf16 weight the rounded master."""
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 48, 24, 3
+    master = torch.randn(m, n, generator=g)
+    hi, lo = master.bfloat16(), torch.zeros(m, n, dtype=torch.int16)
+    split_master.split_(master, hi, lo)
+    left, right = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    decay, step = torch.tensor(0.999), torch.tensor(3e-4)
+    split_master.compiled_update()(hi, lo, left, right, decay, step)
+    expected = master.double() * 0.999 - 3e-4 * (left.double() @ right.double())
+    got = split_master.join(hi, lo)
+    assert float((got.double() - expected).abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(expected.abs().max())
+    assert torch.equal(hi, got.bfloat16()), "the bf16 weight must be the master rounded to nearest"
+    assert not torch.equal(got, master), "the update must have been applied"

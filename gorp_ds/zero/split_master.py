@@ -23,18 +23,29 @@ from torch import Tensor
 from ..optim.bf16_split import join, split_, zero_remainder  # noqa: F401  (the encoding; re-exported)
 
 
-def _fused_update(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: Tensor, step: Tensor):
-    """``split(decay · join(hi, lo) − step · left @ right)`` as new ``(hi, lo)``; written for
-    ``torch.compile`` (one elementwise kernel around the GEMM; scalars as tensors so that changing
-    step sizes do not recompile)."""
+def _fused_update_(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: Tensor, step: Tensor) -> None:
+    """``(hi, lo) ← split(decay · join(hi, lo) − step · left @ right)`` in place; written for
+    ``torch.compile`` (the GEMM, then one elementwise kernel that reads ``hi``, ``lo`` and the product
+    and writes ``hi``, ``lo`` back: the compiler turns the copies into the kernel's stores; scalars
+    as tensors so that changing step sizes do not recompile)."""
     bits = (hi.view(torch.int16).to(torch.int32) << 16) + lo.to(torch.int32)
     master = bits.view(torch.float32) * decay - step * (left @ right)
     out = master.view(torch.int32)
     upper = (out + 0x8000) >> 16
-    return upper.to(torch.int16).view(torch.bfloat16), (out - (upper << 16)).to(torch.int16)
+    hi.view(torch.int16).copy_(upper.to(torch.int16))
+    lo.copy_((out - (upper << 16)).to(torch.int16))
 
 
 _compiled: dict[str, object] = {}
+
+
+def compiled_update():
+    """The compiled :func:`_fused_update_` (compiled on first use)."""
+    fn = _compiled.get("fn")
+    if fn is None:
+        fn = _compiled["fn"] = torch.compile(_fused_update_, dynamic=False, fullgraph=True)
+    return fn
+
 
 
 def scalars(decay: float, step_size: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -53,13 +64,8 @@ def update_(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: float, s
     warning, to the eager sequence (join, ``addmm_``, split: ~90 bytes per element)."""
     if hi.is_cuda and _compiled.get("fn") is not False:
         try:
-            fn = _compiled.get("fn")
-            if fn is None:
-                fn = _compiled["fn"] = torch.compile(_fused_update, dynamic=False, fullgraph=True)
             decay_t, step_t = scalar_tensors if scalar_tensors is not None else scalars(decay, step_size, hi.device)
-            new_hi, new_lo = fn(hi, lo, left, right, decay_t, step_t)
-            hi.copy_(new_hi)
-            lo.copy_(new_lo)
+            compiled_update()(hi, lo, left, right, decay_t, step_t)
             return
         except Exception as err:  # noqa: BLE001 - any compiler failure: the eager path is exact too
             from ..log import get_logger
