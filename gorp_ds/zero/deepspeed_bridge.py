@@ -260,6 +260,16 @@ class ZeroHandle:
                 else:
                     master.copy_(param.data.reshape(-1)[start:end])
 
+    @staticmethod
+    def is_partitioned(tensor: Tensor) -> bool:
+        """Whether ``tensor`` is a ZeRO-3 parameter (empty outside :meth:`gathered`)."""
+        return is_partitioned(tensor)
+
+    @staticmethod
+    def numel(tensor: Tensor) -> int:
+        """Elements of the whole tensor (a ZeRO-3 parameter's too)."""
+        return int(tensor.ds_numel) if is_partitioned(tensor) else tensor.numel()
+
     @contextmanager
     def gathered(self, params: Iterable[Tensor], modify: bool = False) -> Iterator[None]:
         """Inside, ``params`` are whole on every rank (ZeRO-3 gathers them; otherwise a no-op).
@@ -290,10 +300,17 @@ class ZeroHandle:
         if strategy == "hooks":
             yield strategy
             return
-        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+        import deepspeed
 
-        with contextmanager(unwrap_model_for_generation)(self.engine):
-            yield strategy
+        offload = self.engine.optimizer.parameter_offload  # owner of stage 3's module hooks
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield strategy
+            finally:
+                offload._register_deepspeed_module(offload.module)
 
     def _model_fits(self) -> bool:
         """Whether the whole model's parameters fit in free device memory (with a 20 % margin);
