@@ -3,8 +3,9 @@ relative on every step), through projector refreshes (steps 0, 3, 5, 8) and a ta
 extended and the LoRA is merged into its (partitioned, frozen) base weight; a checkpoint saved on 2 ranks
 resumes on 3. Start-up refusals of ZeRO-3 settings GORP does not support are checked without DeepSpeed.
 
-Two process groups in all (start-up dominates): 2 ranks run every scenario and save mid-task 2; 3 ranks
-run every scenario and resume from the 2-rank checkpoint.
+Three process groups in all (start-up dominates): 1 rank (the whole-tensor partitions of one GPU: fp32
+and bf16 only); 2 ranks run every scenario and save mid-task 2; 3 ranks run every scenario and resume
+from the 2-rank checkpoint.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3")
     checkpoint = str(root / "ckpt")
-    return {2: run_ranks(2, z3.scenarios, checkpoint, "save", out_dir=str(root / "w2")),
+    return {1: run_ranks(1, z3.scenarios, checkpoint, "one", out_dir=str(root / "w1")),
+            2: run_ranks(2, z3.scenarios, checkpoint, "save", out_dir=str(root / "w2")),
             3: run_ranks(3, z3.scenarios, checkpoint, "load", out_dir=str(root / "w3"))}
 
 
@@ -37,10 +39,12 @@ def _max_rel_err(trajectory: dict[int, torch.Tensor], reference: list[torch.Tens
     return max(float((trajectory[s] - reference[s]).norm() / reference[s].norm()) for s in trajectory)
 
 
+CASES = [(world, *case) for world in (2, 3) for case in (("clip", 2, True), ("sketch", 1, True),
+                                                         ("persistent", 2, True), ("flat", 2, False))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("scenario, gas, projected", [("clip", 2, True), ("sketch", 1, True), ("persistent", 2, True),
-                                                      ("flat", 2, False)])
+@pytest.mark.parametrize("world, scenario, gas, projected", [(1, "clip", 2, True)] + CASES)
 def test_stage3_trajectory_matches_single_process(runs, world, scenario, gas, projected):
     reference = z3.reference_trajectory(world, gas, 0.3, projected=projected)
     for rank, result in enumerate(runs[world]):
@@ -80,7 +84,7 @@ def test_stage3_resume_saved_on_2_ranks_continues_on_3_ranks(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [1, 2, 3])
 def test_stage3_bf16_slices_are_the_rounded_fp32_masters(runs, world):
     reference = z3.reference_trajectory(world, 2, 0.3, merge=False)
     for rank, result in enumerate(runs[world]):

@@ -151,10 +151,14 @@ def config(**kwargs) -> dict:
 
 
 def scenarios(rank: int, world: int, checkpoint_dir: str, mode: str) -> dict:
-    """Everything one process group checks; ``mode``: "save" (2 ranks) or "load" (3 ranks)."""
+    """Everything one process group checks; ``mode``: "save" (2 ranks), "load" (3 ranks) or "one"
+    (1 rank: every partition is the whole tensor; only "clip" and "bf16")."""
     results = {}
     results["clip"] = run_engine(rank, world, config(clip=0.3, world=world),
                                  save_to=checkpoint_dir if mode == "save" else None)
+    if mode == "one":
+        results["bf16"] = run_engine(rank, world, config(clip=0.3, bf16=True, world=world), merge=False)
+        return results
     # One micro-batch per step (sketch refreshes from the activations); overlapped reduction.
     results["sketch"] = run_engine(rank, world, config(gas=1, clip=0.3, overlap=True, world=world))
     # DeepSpeed's default persistence: these tiny tensors stay gathered and are re-gathered after each step.

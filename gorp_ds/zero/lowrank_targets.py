@@ -288,13 +288,15 @@ class LowRankTargets:
     def _apply(self, member: Member, update: LowRankStep, position: int, cfg: UpdateConfig) -> None:
         weight = self._weight(member)
         left, right = low_rank_factors(update)
-        if self.partition is not None:
+        m, n = left.shape[-2], right.shape[-1]
+        if (member.start, member.end) != (0, m * n):  # a ZeRO-3 slice
             self._apply_slice(member, weight, left[position], right[position], cfg.decay, update.step_size)
             return
+        weight = weight.view(m, n)  # the whole matrix (a ZeRO-3 partition of a world of one too)
         if member.remainder is None:
             apply_low_rank_member_(weight, update, position, cfg)
             return
-        split_master.update_(weight, member.remainder, left[position], right[position],
+        split_master.update_(weight, member.remainder.view(m, n), left[position], right[position],
                              cfg.decay, update.step_size)
 
     @staticmethod
