@@ -62,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_model(args: argparse.Namespace):
+def build_model(args: argparse.Namespace, device: torch.device):
+    """The random LLaMA, built directly on ``device`` in its dtype (a 7B shape initialises on the GPU
+    in seconds), LoRA-wrapped, with GORP's param groups."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gorp_ds.models import RoleConfig, add_lora, build_param_groups
@@ -72,7 +74,9 @@ def build_model(args: argparse.Namespace):
                          or 2 * args.hidden + 8, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    with device:
+        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16 if args.dtype == "bf16"
+                                              else torch.float32)
     model = add_lora(model, LoraSettings())
     groups = build_param_groups(model, "gorp", RoleConfig(full_targets=["mlp.gate_proj"], rank=8))
     return model, groups
@@ -92,8 +96,8 @@ def measure(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
     from gorp_ds.optim import GORP
 
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
-    model, groups = build_model(args)
-    model.to(device)
+    model, groups = build_model(args, device)
+    model.to(device)  # the LoRA factors
     ids, mask = prompts(args, device)
     never = -1  # no end-of-sequence: every row generates --new-tokens tokens
     with torch.no_grad():
@@ -161,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         import deepspeed
         import torch.distributed as dist
 
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed.init_distributed()
         results = measure(dist.get_rank(), dist.get_world_size(), args)
     else:  # CPU: spawn --ranks gloo processes
