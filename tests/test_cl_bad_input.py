@@ -284,7 +284,7 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
         "empty_sentence": ({"--tasks": "TC/topics,XX/emptysent"},
                            (str(bench / "XX/emptysent/train.json"), "entry 1", "empty")),
         "ds_stage_not_a_number": ({"--ds_config": _ds(tmp / "ds_two.json", zero_optimization={"stage": "two"})},
-                                  (str(tmp / "ds_two.json"), "zero_optimization.stage", "'two'", "1 or 2")),
+                                  (str(tmp / "ds_two.json"), "zero_optimization.stage", "'two'", "1, 2 or 3")),
         "ds_zero_not_an_object": ({"--ds_config": _ds(tmp / "ds_yes.json", zero_optimization="yes")},
                                   (str(tmp / "ds_yes.json"), "'zero_optimization'", "not an object")),
         "ds_scheduler": ({"--ds_config": _ds(tmp / "ds_sched.json", scheduler={
