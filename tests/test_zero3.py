@@ -133,3 +133,18 @@ def test_stage3_config_is_accepted():
     assert check_supported(config) == 3
     assert check_supported(_stage3(offload_param={"device": "none"})) == 3
     assert json.loads((REPO / "ds_configs" / "zero3.json").read_text())["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_stage3_step_marked_non_finite_changes_nothing(runs, world):
+    """GORP.skip_next_step set before a refresh step (3): no sub-group steps and the full targets
+    neither (weights bit-identical, every step counter unchanged), the skip is counted once, and the
+    next step trains on from step 2's state."""
+    for rank, result in enumerate(runs[world]):
+        facts, uninterrupted = result["skip"], result["clip"]["trajectory"]
+        assert torch.equal(facts["trajectory"][3], facts["trajectory"][2]), f"rank {rank}: the skipped step moved weights"
+        assert facts["skipped_steps"] == 1
+        assert facts["counters"][2] == facts["counters"][3] == [3] and facts["counters"][4] == [4], facts["counters"]
+        assert torch.equal(facts["trajectory"][2], uninterrupted[2])
+        assert not torch.equal(facts["trajectory"][4], uninterrupted[4])  # step 4 trained on batch 4 from step 2's state

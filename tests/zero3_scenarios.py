@@ -94,7 +94,8 @@ def merge_partitioned_(engine, model, record: dict[str, torch.Tensor] | None = N
 
 
 def run_engine(rank: int, world: int, config: dict, *, steps: range = range(zs.STEPS), load_from: str | None = None,
-               save_to: str | None = None, full_gradients: str = "projected", merge: bool = True) -> dict:
+               save_to: str | None = None, full_gradients: str = "projected", merge: bool = True,
+               skip_at: int | None = None) -> dict:
     import gorp_ds
     from gorp_ds.zero import load_checkpoint, save_checkpoint
 
@@ -111,13 +112,16 @@ def run_engine(rank: int, world: int, config: dict, *, steps: range = range(zs.S
         if client.get("merge") is not None:
             merge_partitioned_(engine, model, client["merge"])
     record = None
-    trajectory = {}
+    trajectory, counters = {}, {}
     for step in steps:
         chunks = zs.micro_batches(step, world, gas)
         for micro in range(gas):
             x, y = chunks[micro * world + rank]
             engine.backward(zs.loss_fn(engine.module, x, y))
+            if step == skip_at and micro == gas - 1:
+                opt.skip_next_step = True  # as the trainer's non-finite check marks a bad step
             engine.step()
+        counters[step] = sorted({int(st["step"]) for n, st in opt.state.items() if isinstance(n, str) and "step" in st})
         if step == steps[-1]:  # between steps: empty placeholders, except DeepSpeed's persistent parameters
             facts["partitioned"] = {n: p.numel() == 0 for n, p in zip(TRACKED, tracked(model))}
         if step + 1 == zs.TASK_STEPS[0]:
@@ -131,6 +135,8 @@ def run_engine(rank: int, world: int, config: dict, *, steps: range = range(zs.S
         if save_to is not None and step + 1 == zs.SAVE_AFTER:
             save_checkpoint(engine, save_to, tag="mid_task", client_state={"merge": record})
     facts["trajectory"] = trajectory
+    facts["skipped_steps"] = opt.skipped_steps
+    facts["counters"] = counters  # the step counters of every tensor's state after each step
     facts["held"] = {n: (s, e) for n, (s, e, _) in handle.held_masters().items()}
     facts["cut"] = sorted({t.name for layout in opt.driver.layouts for t in layout.cut_tensors()})
     facts["shared"] = {n: s.shape[1] for n, s in opt.shared.items()}
@@ -165,6 +171,8 @@ def scenarios(rank: int, world: int, checkpoint_dir: str, mode: str) -> dict:
     results["persistent"] = run_engine(rank, world, config(clip=0.3, world=world, extra={}))
     results["flat"] = run_engine(rank, world, config(clip=0.3, world=world), full_gradients="flat")
     results["bf16"] = run_engine(rank, world, config(clip=0.3, bf16=True, world=world), merge=False)
+    # A step marked non-finite at a refresh step (3): every sub-group and the full targets skip it.
+    results["skip"] = run_engine(rank, world, config(clip=0.3, world=world), steps=range(5), skip_at=3)
     if mode == "load":
         results["resumed"] = run_engine(rank, world, config(clip=0.3, world=world),
                                         steps=range(zs.SAVE_AFTER, zs.STEPS), load_from=checkpoint_dir)
