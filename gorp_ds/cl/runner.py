@@ -81,7 +81,11 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
         raw_ds_config = load_ds_config(ds_config_path)
         check_supported(raw_ds_config, ds_config_path)  # first: it checks the sections' types
         ds_config = reconcile_ds_config(raw_ds_config, cfg, _world(), ds_config_path)
-        check_supported(ds_config, ds_config_path)
+        if check_supported(ds_config, ds_config_path) == 3 and "o-lora" in cfg.methods:
+            raise UnsupportedSetupError(
+                f"{ds_config_path}: 'zero_optimization.stage' is 3, but o-lora's orthogonality loss reads every "
+                "task's LoRA A outside its layer's forward, where ZeRO-3 keeps them partitioned; run o-lora with "
+                "stage 2 (ds_configs/zero2.json) or leave it out of --method")
         if (path := path_problem(cfg.output_dir)) is not None:
             raise ConfigError(path)
         try:

@@ -319,8 +319,9 @@ class MethodSession:
     def evaluate(self) -> tuple[Evaluation, float]:
         """One row of R (and, on rank 0, the predictions when they are written)."""
         start = time.perf_counter()
-        result = evaluate_row(self.engine.module, self.tokenizer, self.tasks, **evaluation_settings(self.cfg),
-                              rank=self.rank, world=self.world)
+        with self.engine.gorp.for_generation():  # ZeRO-3: the whole model gathered once, not per token
+            result = evaluate_row(self.engine.module, self.tokenizer, self.tasks, **evaluation_settings(self.cfg),
+                                  rank=self.rank, world=self.world)
         return result, time.perf_counter() - start
 
     def close_adapters(self, task_index: int) -> None:
@@ -338,7 +339,8 @@ class MethodSession:
             self._build_olora()
         # The checkpoint stores this merge (the exact fp32 values merged), not the merged weights.
         self.merges.append(lora_merge_record(module, masters))
-        changed = merge_and_reinit_(module, self.cfg.seed, task_index, masters)
+        with self._lora_layers_gathered():
+            changed = merge_and_reinit_(module, self.cfg.seed, task_index, masters)
         # A base weight that is itself trained (a full-rank target under a LoRA) has a master too.
         self.engine.gorp.masters_from_model(changed + self._trained_lora_bases())
 
@@ -349,12 +351,21 @@ class MethodSession:
     def _trained_lora_bases(self) -> list[str]:
         return [name for name in lora_layers(self.engine.module) if name in self.engine.gorp.params_by_name]
 
+    def _lora_layers_gathered(self):
+        """Every LoRA layer's tensors (base weight, A, B) whole while changed in place identically on
+        every rank; under ZeRO-3 they are written back into the partitions on exit (then the
+        changed trainable tensors' masters are refreshed with ``masters_from_model``)."""
+        params = [p for layer in lora_layers(self.engine.module).values() for p in layer.parameters()]
+        return self.engine.gorp.gathered(params, modify=True)
+
     def end_task(self, task_index: int) -> dict[str, int]:
         """docs/algorithm.md §3–4 after the row of R: extend S from the moments and reset the optimizer;
         gorp then starts the new adapters' A off the shared space."""
         sizes = self.optimizer.end_task()
         if self.method == "gorp" and self.cfg.lora_init_off_shared:
-            changed = project_lora_a_off_(self.engine.module, self._all_shared_spaces(".lora_A"))
+            shared = self._all_shared_spaces(".lora_A")
+            with self._lora_layers_gathered():
+                changed = project_lora_a_off_(self.engine.module, shared)
             self.engine.gorp.masters_from_model(changed)
         return sizes
 
@@ -364,10 +375,12 @@ class MethodSession:
         if self.method not in LORA_METHODS:
             return
         module = self.engine.module
-        merge_lora_(module, self._lora_masters())
-        for layer in lora_layers(module).values():
-            for adapter in layer.lora_B:
-                layer.lora_B[adapter].weight.data.zero_()
+        masters = self._lora_masters()
+        with self._lora_layers_gathered():
+            merge_lora_(module, masters)
+            for layer in lora_layers(module).values():
+                for adapter in layer.lora_B:
+                    layer.lora_B[adapter].weight.data.zero_()
         self.engine.gorp.masters_from_model([n for n in lora_factor_names(module) if n.endswith(".lora_B")]
                                             + self._trained_lora_bases())
 
@@ -428,7 +441,8 @@ class MethodSession:
                                   f"--model {self.cfg.model} ({problem}); resume with the model the run started with")
         self.merges = list(client.get("lora_merges", []))
         try:
-            replay_lora_merges_(self.engine.module, self.merges)
+            with self._lora_layers_gathered():
+                replay_lora_merges_(self.engine.module, self.merges)
         except KeyError as err:
             raise CheckpointError(f"{self.checkpoint_dir}: {err.args[0]}; resume with the run's LoRA targets") from None
         if self.method == "o-lora":  # O-LoRA's old adapters are the merged A's (stored once)

@@ -54,16 +54,17 @@ def _core(module: nn.Module) -> nn.Module:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
-def _export_keys(core: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def _export_keys(core: nn.Module, handle: Any) -> list[tuple[str, torch.Tensor]]:
     """``(Hugging Face key, tensor in the model)`` for every weight to write: PEFT's LoRA tensors
     dropped, ``….base_layer.weight`` renamed back to ``….weight``, tied duplicates (e.g. an LM head
-    tied to the embeddings) written once, under their first name, as ``save_pretrained`` does."""
-    seen: set[tuple[int, tuple[int, ...]]] = set()
+    tied to the embeddings) written once, under their first name, as ``save_pretrained`` does
+    (under ZeRO-3 a tied parameter is one object: its partition placeholder has no storage)."""
+    seen: set[tuple[int, ...]] = set()
     result = []
     for key, tensor in core.state_dict(keep_vars=True).items():
         if ".lora_" in key:
             continue
-        identity = (tensor.data_ptr(), tuple(tensor.shape))
+        identity = (id(tensor),) if handle.is_partitioned(tensor) else (tensor.data_ptr(), *tensor.shape)
         if identity in seen:
             continue
         seen.add(identity)
@@ -71,13 +72,14 @@ def _export_keys(core: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return result
 
 
-def _plan_shards(entries: list[tuple[str, torch.Tensor]], dtype: torch.dtype, limit: int) -> list[list[str]]:
+def _plan_shards(entries: list[tuple[str, torch.Tensor]], dtype: torch.dtype, limit: int,
+                 numel: Any = torch.Tensor.numel) -> list[list[str]]:
     """Consecutive keys grouped into shards of at most ``limit`` bytes (by shape, before any data)."""
     shards: list[list[str]] = [[]]
     size = 0
     item = torch.empty((), dtype=dtype).element_size()
     for key, tensor in entries:
-        nbytes = tensor.numel() * (item if tensor.is_floating_point() else tensor.element_size())
+        nbytes = numel(tensor) * (item if tensor.is_floating_point() else tensor.element_size())
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -135,8 +137,8 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
     # Collective 1: the LoRA factors' fp32 masters on every rank (r × n and m × r per layer: small).
     factors = handle.gather_masters(lora_factor_names(module)) if layers else {}
     trained = {n for n in handle.params_by_name if ".lora_" not in n}
-    entries = _export_keys(core)
-    shards = _plan_shards(entries, dtype, max_shard_bytes)
+    entries = _export_keys(core, handle)
+    shards = _plan_shards(entries, dtype, max_shard_bytes, handle.numel)
     shard_of = {key: i for i, keys in enumerate(shards) for key in keys}
     names = [WEIGHTS_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -155,15 +157,17 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
         target = dtype if tensor.is_floating_point() else tensor.dtype
         # Collective: a trained tensor's master, reduced to rank 0 (every rank takes part).
         master = handle.gather_masters([name], to_rank=0).get(name) if name in trained else None
-        if rank != 0:
-            continue
-        if name in layers:  # a LoRA target: its base weight with the adapter merged in fp32
-            value = merged_base_weight(layers[name], factors[f"{name}.lora_A"], factors[f"{name}.lora_B"],
-                                       master).to(target)
-        elif master is not None:
-            value = master.to(target)
-        else:
-            value = tensor.detach().to(target)
+        # Collective under ZeRO-3: a frozen tensor whole, one at a time (a no-op otherwise).
+        with handle.gathered([] if name in trained else [tensor]):
+            if rank != 0:
+                continue
+            if name in layers:  # a LoRA target: its base weight with the adapter merged in fp32
+                value = merged_base_weight(layers[name], factors[f"{name}.lora_A"], factors[f"{name}.lora_B"],
+                                           master).to(target)
+            elif master is not None:
+                value = master.to(target)
+            else:
+                value = tensor.detach().to(target)
         pending[key] = value.contiguous().cpu()
         total_bytes += value.numel() * value.element_size()
         index = shard_of[key]

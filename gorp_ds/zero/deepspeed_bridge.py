@@ -10,13 +10,24 @@ DeepSpeed sees it and handed to :class:`~gorp_ds.zero.lowrank_targets.LowRankTar
 hooks them into DeepSpeedZeroOptimizer's ``step`` (all-reduce of ``R`` first, their step after
 DeepSpeed's) and ``scaled_global_norm`` (the combined clipping norm): the only DeepSpeed internals
 that path touches.
+
+Under ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``) DeepSpeed partitions every parameter, frozen ones
+included, and steps one sub-group at a time; the driver reads each sub-group's fp32 partition (every
+tensor's slice back to back, :class:`~gorp_ds.zero.layout.PartitionedLayout`). The owned ``full``
+targets' bf16 weights are partitioned by DeepSpeed too; their masters and the rank-k update cover
+each rank's slice (``LowRankTargets.allocate(partition=...)``), and their step is hooked into
+stage 3's ``_get_norm_groups`` (combined norm), ``_optimizer_step`` (skipped steps) and
+``_post_step`` (before DeepSpeed re-gathers its persistent parameters). Whole parameters are made
+available to the rest of the project through :meth:`ZeroHandle.gathered` and
+:meth:`ZeroHandle.for_generation`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -26,7 +37,7 @@ from torch import Tensor
 from ..log import get_logger
 from ..optim.gorp import GORP
 from .driver import ZeroDriver
-from .layout import FlatTensor, GroupLayout
+from .layout import FlatTensor, GroupLayout, PartitionedLayout, partition_numel, partition_range
 from .lowrank_targets import LowRankTargets
 from .projected_linear import ProjectedLinearError
 
@@ -74,18 +85,17 @@ def check_supported(config: dict[str, Any], source: str = "DeepSpeed config") ->
     zero = config.get("zero_optimization", {}) or {}
     raw_stage = zero.get("stage", 0)
     if isinstance(raw_stage, bool) or not isinstance(raw_stage, int):
-        refuse("zero_optimization.stage", f"is {raw_stage!r}, not an integer", "use 1 or 2")
+        refuse("zero_optimization.stage", f"is {raw_stage!r}, not an integer", "use 1, 2 or 3")
     stage = int(raw_stage)
     if "scheduler" in config:
         # DeepSpeed's scheduler would set the groups' learning rates itself, overriding the run's
         # --lr-* values while results.json records those.
         refuse("scheduler", "is set; a DeepSpeed learning-rate scheduler overrides the run's --lr-lora/--lr-full/"
                "--lr-plain", "remove the \"scheduler\" section")
+    if stage not in (1, 2, 3):
+        refuse("zero_optimization.stage", f"is {stage}", "use stage 1, 2 or 3 (on one GPU, stage 2 costs nothing)")
     if stage == 3:
-        refuse("zero_optimization.stage", "is 3, which partitions parameters and is not supported by GORP yet",
-               "use stage 1 or 2")
-    if stage not in (1, 2):
-        refuse("zero_optimization.stage", f"is {stage}", "use stage 1 or 2 (on one GPU, stage 2 costs nothing)")
+        _check_stage3(zero, refuse)
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
         if device not in (None, "none"):
@@ -105,6 +115,35 @@ def check_supported(config: dict[str, Any], source: str = "DeepSpeed config") ->
     return stage
 
 
+def _offload_device(zero: dict[str, Any], key: str) -> Any:
+    section = zero.get(key)
+    return section.get("device", "none") if isinstance(section, dict) else "none"
+
+
+def _check_stage3(zero: dict[str, Any], refuse: Any) -> None:
+    """ZeRO-3 settings whose parameter layout or update GORP does not support, each refused with
+    the field to change."""
+    if _offload_device(zero, "offload_param") not in (None, "none"):
+        # With offload_param the partitions (frozen base weights included) live on the host between
+        # uses: the `full` targets' rank-k update and their split masters would run on the CPU, and
+        # DeepSpeed then also requires its CPU Adam for the trainable partitions.
+        refuse("zero_optimization.offload_param", f"offloads parameters to {_offload_device(zero, 'offload_param')!r}, "
+               "which GORP under ZeRO-3 does not support (the full-rank targets are updated in their GPU "
+               "partitions and DeepSpeed's parameter offload needs its own CPU optimizer)",
+               "remove zero_optimization.offload_param (ZeRO-3 already partitions the frozen base weights "
+               "across the GPUs)")
+    if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+        refuse("zero_optimization.zero_hpz_partition_size", f"is {zero['zero_hpz_partition_size']}; hierarchical "
+               "secondary partitions are not supported by GORP", "remove it (or set it to 1)")
+    for key in ("zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients"):
+        if zero.get(key):
+            refuse(f"zero_optimization.{key}", "is true; quantized ZeRO-3 weights or gradients change the values "
+                   "GORP's masters and projected gradients are computed from", f"remove zero_optimization.{key}")
+    if int(zero.get("mics_shard_size", -1) or -1) > 0:
+        refuse("zero_optimization.mics_shard_size", f"is {zero['mics_shard_size']}; MiCS sharding is not supported "
+               "by GORP", "remove it (plain ZeRO-3 partitions over all ranks)")
+
+
 def _group_layout(zero_optimizer: Any, group_index: int, names_by_id: dict[int, str]) -> GroupLayout:
     """Partition geometry of one group, read off DeepSpeedZeroOptimizer (stage 1 and 2)."""
     params = zero_optimizer.round_robin_bit16_groups[group_index]
@@ -117,6 +156,37 @@ def _group_layout(zero_optimizer: Any, group_index: int, names_by_id: dict[int, 
     return GroupLayout(tensors, int(zero_optimizer.partition_size[group_index]), world)
 
 
+def _stage3_layouts(zero_optimizer: Any, names_by_id: dict[int, str], world: int) -> list[PartitionedLayout]:
+    """Partition geometry of every ZeRO-3 sub-group: each tensor's slice (``partition_numel``
+    elements, checked against DeepSpeed's) back to back in the sub-group's fp32 partition."""
+    layouts = []
+    for params, flat in zip(zero_optimizer.fp16_groups, zero_optimizer.fp32_partitioned_groups_flat):
+        tensors, offset = [], 0
+        for param in params:
+            size = int(param.partition_numel())
+            if size != partition_numel(int(param.ds_numel), world):
+                raise UnsupportedSetupError(f"ZeRO-3 partitions {names_by_id[id(param)]!r} into {size} elements per "
+                                            f"rank, not ceil({param.ds_numel}/{world}); unsupported partitioning")
+            tensors.append(FlatTensor(names_by_id[id(param)], tuple(param.ds_shape), offset))
+            offset += size
+        if offset != flat.numel():
+            raise UnsupportedSetupError(f"ZeRO-3 fp32 partition of {flat.numel()} elements for {offset} in its tensors")
+        layouts.append(PartitionedLayout(tuple(tensors), world))
+    return layouts
+
+
+def _partition_view(param: torch.nn.Parameter) -> tuple[Tensor, int, int]:
+    """A ZeRO-3 parameter's slice on this rank: ``(flat view of its valid elements, start, end)``."""
+    start, end = partition_range(int(param.ds_numel), torch_dist.get_world_size(group=param.ds_process_group),
+                                 torch_dist.get_rank(group=param.ds_process_group))
+    return param.ds_tensor.data.view(-1).narrow(0, 0, end - start), start, end
+
+
+def is_partitioned(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ZeRO-3 parameter (its ``.data`` is empty outside a gather)."""
+    return hasattr(tensor, "ds_id")
+
+
 class ZeroHandle:
     """What the rest of the project needs from a GORP-under-ZeRO engine, without DeepSpeed internals."""
 
@@ -127,6 +197,12 @@ class ZeroHandle:
         self.params_by_name = params_by_name
         self.sharded = isinstance(optimizer.driver, ZeroDriver)
         self.low_rank = low_rank  # the ``full`` targets owned outside DeepSpeed (projected gradients)
+        zero = getattr(engine, "optimizer", None)
+        self.stage3 = self.sharded and hasattr(zero, "fp32_partitioned_groups_flat")
+        # The data-parallel group (DeepSpeed's) and the trainable tensors' device.
+        self.group = (zero.dp_process_group if self.stage3 else zero.real_dp_process_group[0]) if self.sharded else None
+        first = next(iter(params_by_name.values()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
 
     @property
     def driver(self) -> ZeroDriver:
@@ -147,8 +223,11 @@ class ZeroHandle:
 
     def replicated_names(self) -> set[str]:
         """Tensors every rank holds whole and updates identically (the ``full`` targets trained from
-        projected gradients); checkpoints write them once."""
-        return {m.name for m in self.low_rank.members} if self.low_rank is not None else set()
+        projected gradients, except under ZeRO-3 where each rank holds its slice); checkpoints
+        write them once."""
+        if self.low_rank is None or self.stage3:
+            return set()
+        return {m.name for m in self.low_rank.members}
 
     def primary_holders(self) -> set[str]:
         """Names of the tensors whose whole low-rank state and S this rank writes to checkpoints:
@@ -175,7 +254,77 @@ class ZeroHandle:
         for name in names:
             if name in masters:
                 start, end, master = masters[name]
-                master.copy_(self.params_by_name[name].data.reshape(-1)[start:end])
+                param = self.params_by_name[name]
+                if self.stage3:  # the changed values are in this rank's partition (see gathered(modify=True))
+                    master.copy_(_partition_view(param)[0])
+                else:
+                    master.copy_(param.data.reshape(-1)[start:end])
+
+    @staticmethod
+    def is_partitioned(tensor: Tensor) -> bool:
+        """Whether ``tensor`` is a ZeRO-3 parameter (empty outside :meth:`gathered`)."""
+        return is_partitioned(tensor)
+
+    @staticmethod
+    def numel(tensor: Tensor) -> int:
+        """Elements of the whole tensor (a ZeRO-3 parameter's too)."""
+        return int(tensor.ds_numel) if is_partitioned(tensor) else tensor.numel()
+
+    @contextmanager
+    def gathered(self, params: Iterable[Tensor], modify: bool = False) -> Iterator[None]:
+        """Inside, ``params`` are whole on every rank (ZeRO-3 gathers them; otherwise a no-op).
+        ``modify``: changes made inside (identically on every rank) are kept: rank 0's values are
+        written back into every rank's partition on exit; the fp32 masters of trainable tensors are
+        then refreshed with :meth:`masters_from_model`. Collective under ZeRO-3."""
+        params = [p for p in params if is_partitioned(p)]
+        if not (self.stage3 and params):
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+            yield
+
+    @contextmanager
+    def for_generation(self, strategy: str = "auto") -> Iterator[str]:
+        """Evaluation and generation under ZeRO-3. ``"gather"``: every parameter is gathered once
+        and stage 3's per-module hooks are off inside (no gather per module and token); ``"hooks"``:
+        DeepSpeed gathers each module's parameters at every forward (per token when generating);
+        ``"auto"``: gather when the whole model fits beside what is allocated, else hooks. Yields the
+        strategy used (``"none"`` without ZeRO-3). Collective under ZeRO-3."""
+        if not self.stage3:
+            yield "none"
+            return
+        if strategy == "auto":
+            strategy = "gather" if self._model_fits() else "hooks"
+        if strategy == "hooks":
+            yield strategy
+            return
+        import deepspeed
+
+        offload = self.engine.optimizer.parameter_offload  # owner of stage 3's module hooks
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield strategy
+            finally:
+                offload._register_deepspeed_module(offload.module)
+
+    def _model_fits(self) -> bool:
+        """Whether the whole model's parameters fit in free device memory (with a 20 % margin);
+        always on the CPU."""
+        if self.device.type != "cuda":
+            return True
+        need = sum(int(p.ds_numel) * p.element_size() if is_partitioned(p) else p.numel() * p.element_size()
+                   for p in self.engine.module.parameters())
+        free, _ = torch.cuda.mem_get_info(self.device)
+        fits = need * 1.2 < free
+        agreed = torch.tensor([1.0 if fits else 0.0], device=self.device)
+        if self.world_size > 1:  # every rank must choose alike (the gather is collective)
+            torch_dist.all_reduce(agreed, op=torch_dist.ReduceOp.MIN, group=self.group)
+        return bool(agreed.item())
 
     @torch.no_grad()
     def gather_masters(self, names: Iterable[str], to_rank: int | None = None) -> dict[str, Tensor]:
@@ -188,10 +337,11 @@ class ZeroHandle:
         if not self.sharded:
             return {n: self.params_by_name[n].data.float().clone() for n in names}
         masters = self.held_masters()
+        shapes = {name: self.optimizer.tensor_meta[name][1] for name in names}  # a ZeRO-3 parameter's own is empty
         offsets, total = {}, 0
         for name in names:
             offsets[name] = total
-            total += self.params_by_name[name].numel()
+            total += FlatTensor(name, shapes[name], 0).numel
         device = self.params_by_name[names[0]].device if names else torch.device("cpu")
         buffer = torch.zeros(total, dtype=torch.float32, device=device)
         for name in names:
@@ -205,8 +355,7 @@ class ZeroHandle:
                 torch_dist.reduce(buffer, dst=to_rank)
         if to_rank is not None and self.rank != to_rank:
             return {}
-        return {n: buffer[offsets[n] : offsets[n] + self.params_by_name[n].numel()].view(self.params_by_name[n].shape)
-                for n in names}
+        return {n: buffer[offsets[n] : offsets[n] + FlatTensor(n, shapes[n], 0).numel].view(shapes[n]) for n in names}
 
     def barrier(self) -> None:
         if torch_dist.is_available() and torch_dist.is_initialized():
@@ -253,7 +402,7 @@ class ZeroHandle:
         per-parameter views). One fused non-finite check per rank, one 1-element all-reduce (MAX)
         so that all ranks decide alike; no host sync."""
         zero = self.engine.optimizer
-        device = self.optimizer.param_groups[0]["params"][0].device
+        device = self.device
         found = torch.zeros(1, dtype=torch.float32, device=device)
         grads: list[Tensor] = []
         for part in getattr(zero, "averaged_gradients", {}).values():
@@ -275,16 +424,23 @@ class ZeroHandle:
         if loss is not None:
             found = torch.maximum(found, (~torch.isfinite(loss.detach().float())).float().reshape(1).to(device))
         if self.sharded and torch_dist.is_available() and torch_dist.is_initialized():
-            torch_dist.all_reduce(found, op=torch_dist.ReduceOp.MAX, group=zero.real_dp_process_group[0])
+            torch_dist.all_reduce(found, op=torch_dist.ReduceOp.MAX, group=self.group)
         return found[0] == 0
 
     @torch.no_grad()
     def model_from_masters(self) -> None:
         """Push fp32 masters into the (bf16) model weights on every rank after loading masters."""
-        if self.sharded:
+        if self.stage3:
+            zero = self.engine.optimizer
+            zero.parameter_offload.partition_all_parameters()  # nothing gathered holds stale values
+            for sub_group in range(len(zero.fp16_groups)):  # fp32 partition -> bf16 partition
+                zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+        elif self.sharded:
             self.engine.optimizer.update_lp_params()
         if self.low_rank is not None:
             self.low_rank.write_back_masters()
+        if self.stage3 and zero.persistent_parameters:  # DeepSpeed keeps these gathered at all times
+            zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
 
 
 FULL_GRADIENTS = ("projected", "flat")
@@ -311,6 +467,7 @@ def initialize(
     its activations when a step has one micro-batch (randomized projector), never forming G;
     ``"auto"`` (default) batches from G when all of a shape's due G's fit the budget, else sketches."""
     import deepspeed
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if not isinstance(optimizer, GORP):
@@ -371,12 +528,16 @@ def initialize(
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, **kwargs
     )
-    if type(engine.optimizer) is not DeepSpeedZeroOptimizer or engine.optimizer.optimizer is not optimizer:
+    expected = DeepSpeedZeroOptimizer_Stage3 if stage == 3 else DeepSpeedZeroOptimizer
+    if type(engine.optimizer) is not expected or engine.optimizer.optimizer is not optimizer:
         raise UnsupportedSetupError(
-            f"{source}: DeepSpeed built {type(engine.optimizer).__name__} around GORP; only the plain ZeRO-1/2 "
+            f"{source}: DeepSpeed built {type(engine.optimizer).__name__} around GORP; only the plain ZeRO-1/2/3 "
             "optimizer is supported"
         )
     zero_optimizer = engine.optimizer
+    if stage == 3:
+        _install_stage3(engine, optimizer, params_by_name, names_by_id, low_rank, source)
+        return engine, ds_optimizer, loader, scheduler
     if stage == 1 and engine.zero_overlap_comm() and engine.gradient_accumulation_steps() > 1:
         # Measured with DeepSpeed 0.19.8: ZeRO-1 + overlap_comm + accumulation drifts from the
         # single-process trajectory even with torch AdamW (2e-2 relative after one step).
@@ -410,6 +571,103 @@ def initialize(
                  f"DeepSpeed (R all-reduce {low_rank.flat_low_rank.numel() * 4 / 2**20:.2f} MiB per step)")
     engine.gorp = ZeroHandle(engine, optimizer, params_by_name, low_rank)
     return engine, ds_optimizer, loader, scheduler
+
+
+def _install_stage3(engine: Any, optimizer: GORP, params_by_name: dict[str, torch.nn.Parameter],
+                    names_by_id: dict[int, str], low_rank: LowRankTargets | None, source: Any) -> None:
+    """The ZeRO-3 driver (per sub-group layouts of the fp32 partitions) and, with projected
+    gradients, the owned ``full`` targets on their partitions."""
+    zero_optimizer = engine.optimizer
+    if zero_optimizer.offload_optimizer or zero_optimizer.offload_param:
+        raise UnsupportedSetupError(f"{source}: ZeRO-3 offload is active; remove zero_optimization.offload_optimizer "
+                                    "and zero_optimization.offload_param")
+    group = zero_optimizer.dp_process_group
+    world = torch_dist.get_world_size(group=group)
+    if world != torch_dist.get_world_size() or any(
+            torch_dist.get_world_size(group=p.ds_process_group) != world for p in engine.module.parameters()):
+        raise UnsupportedSetupError(f"{source}: ZeRO-3 partitions some parameters over another group than the "
+                                    "data-parallel world; GORP needs one partition group (all ranks)")
+    layouts = _stage3_layouts(zero_optimizer, names_by_id, world)
+    rank = torch_dist.get_rank(group=group)
+
+    def all_reduce(tensor: Tensor) -> None:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=group)
+
+    optimizer.driver = ZeroDriver(layouts, rank, all_reduce, flats=list(zero_optimizer.fp32_partitioned_groups_flat))
+    log.info(f"GORP under ZeRO-3: {len(params_by_name)} tensors in {len(layouts)} sub-groups, each partitioned "
+             f"over {world} ranks; {len(zero_optimizer.persistent_parameters)} small parameters kept gathered")
+    if low_rank is not None:
+        low_rank.allocate(partition=_partition_view)
+        low_rank.all_reduce = all_reduce
+        low_rank.is_boundary = engine.is_gradient_accumulation_boundary
+        low_rank.accumulation = engine.gradient_accumulation_steps()
+        log.info(f"GORP: {len(low_rank.members)} full-rank tensors trained from projected gradients on their ZeRO-3 "
+                 f"partitions (R all-reduce {low_rank.flat_low_rank.numel() * 4 / 2**20:.2f} MiB per step)")
+    _own_stage3_step(zero_optimizer, optimizer, low_rank)
+    original_backward = engine.backward
+
+    def backward(loss: Tensor, *args: Any, **kwargs: Any) -> Any:
+        # Stage 3 counts micro-steps (copy the first micro-batch's gradient partition, add the
+        # others) in engine.forward(); the trainer calls the module or its decoder directly, so
+        # the count is advanced here, before each backward (idempotent after an engine.forward()).
+        zero_optimizer.clear_backward_seen_flag()
+        return original_backward(loss, *args, **kwargs)
+
+    engine.backward = backward
+    engine.gorp = ZeroHandle(engine, optimizer, params_by_name, low_rank)
+
+
+def _own_stage3_step(zero_optimizer: Any, optimizer: GORP, targets: LowRankTargets | None) -> None:
+    """Hook GORP into DeepSpeedZeroOptimizer_Stage3's step, which calls ``GORP.step`` once per
+    sub-group: a step the trainer marked non-finite (``GORP.skip_next_step``) skips every
+    sub-group (``_optimizer_step``) and is counted once; with owned ``full`` targets, ``R`` is
+    all-reduced first, ``_get_norm_groups`` gains ``‖R‖`` (the combined clipping norm), and the
+    targets step on their partitions in ``_post_step``, before DeepSpeed re-gathers its persistent
+    (small, always gathered) parameters from the partitions; not at all on an overflow."""
+    from deepspeed.runtime.utils import combine_grad_norm_groups
+
+    original_step = zero_optimizer.step
+    original_optimizer_step = zero_optimizer._optimizer_step
+    original_post_step = zero_optimizer._post_step
+    original_norm_groups = zero_optimizer._get_norm_groups
+    this = {"skip": False, "stepped": False}
+
+    def norm_groups():
+        groups = original_norm_groups()
+        if targets is not None:
+            groups = list(groups) + [torch.sqrt(targets.squared_norm())]
+            targets.total_norm = combine_grad_norm_groups(groups)
+        return groups
+
+    def optimizer_step(sub_group_id: int) -> None:
+        if not this["skip"]:
+            original_optimizer_step(sub_group_id)
+
+    def post_step(timer_names) -> None:
+        if targets is not None and not this["skip"]:
+            targets.step_(float(zero_optimizer.clip_grad))
+            this["stepped"] = True
+        original_post_step(timer_names)
+
+    def step(closure=None):
+        this["skip"], this["stepped"] = bool(optimizer.skip_next_step), False
+        try:
+            if targets is not None:
+                targets.reduce_()
+            result = original_step(closure)
+            if this["skip"]:
+                optimizer.step()  # counts the skipped step and clears the flag (every group is empty here)
+            if targets is not None and not this["stepped"]:
+                targets.undo_refreshes()
+        finally:
+            if targets is not None:
+                targets.reset()
+        return result
+
+    zero_optimizer._get_norm_groups = norm_groups
+    zero_optimizer._optimizer_step = optimizer_step
+    zero_optimizer._post_step = post_step
+    zero_optimizer.step = step
 
 
 def _own_full_targets_step(zero_optimizer: Any, targets: LowRankTargets) -> None:

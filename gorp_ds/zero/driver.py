@@ -17,6 +17,11 @@ single batched update implementation (``GORP.update_batch``) on them:
   agree) and applies its own slice.
 
 The batches are derived from the layout once, at start-up; nothing of them is stored.
+
+Under ZeRO-3 the layouts are per sub-group (:class:`~.layout.PartitionedLayout`: every tensor cut
+across the ranks, so LoRA factors take the cut-tensor path above) and DeepSpeed steps one
+sub-group at a time with only that group's flat partition in ``param_groups`` (the others empty):
+``flats`` then names each layout's fp32 partition, and a group is found by its partition.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torch import Tensor
 
 from ..optim.gorp import GORP
 from ..optim.update import BatchUpdate, UpdateConfig, apply_direction_
-from .layout import GroupLayout, Piece
+from .layout import GroupLayout, PartitionedLayout, Piece
 
 AllReduce = Callable[[Tensor], None]
 
@@ -77,18 +82,28 @@ class ZeroDriver:
     """Drives GORP on one rank's ZeRO partitions. ``all_reduce`` sums a tensor over the
     data-parallel group in place."""
 
-    def __init__(self, layouts: list[GroupLayout], rank: int, all_reduce: AllReduce) -> None:
+    def __init__(self, layouts: list[GroupLayout] | list[PartitionedLayout], rank: int, all_reduce: AllReduce,
+                 flats: list[Tensor] | None = None) -> None:
         self.layouts = layouts
         self.rank = rank
         self.all_reduce = all_reduce
+        # ZeRO-3: the fp32 partition of each layout (sub-group), and layout index by partition.
+        self.flats = flats
+        self._by_flat = {id(flat): i for i, flat in enumerate(flats)} if flats is not None else {}
         self.pieces: list[list[Piece]] = [layout.pieces(rank) for layout in layouts]
         self.cut: list[list] = [layout.cut_tensors() for layout in layouts]
         self.whole: list[list[WholeBatch]] = [whole_batches(pieces) for pieces in self.pieces]
 
     def group_index(self, optimizer: GORP, group: dict[str, Any]) -> int:
+        """The layout of ``group``: its param group (ZeRO-1/2) or the sub-group whose fp32
+        partition it carries now (ZeRO-3)."""
+        if self.flats is not None:
+            return self._by_flat[id(group["params"][0])]
         return optimizer.tensor_meta[group["names"][0]][2]
 
     def step_group(self, optimizer: GORP, group: dict[str, Any]) -> None:
+        if not group["params"]:  # ZeRO-3 steps one sub-group at a time; the other groups are empty then
+            return
         index = self.group_index(optimizer, group)
         flat_param: Tensor = group["params"][0]
         flat_grad = flat_param.grad
@@ -149,7 +164,7 @@ class ZeroDriver:
         """``{name: (piece, fp32 master slice)}`` for every piece this rank holds (views, not copies)."""
         result = {}
         for index, pieces in enumerate(self.pieces):
-            flat = optimizer.param_groups[index]["params"][0]
+            flat = self.flats[index] if self.flats is not None else optimizer.param_groups[index]["params"][0]
             for piece in pieces:
                 result[piece.name] = (piece, flat.narrow(0, piece.local_start, piece.local_end - piece.local_start))
         return result

@@ -2,9 +2,15 @@
 
 ZeRO-1/2 flatten each param group into one buffer (tensors at recorded offsets, padded for
 alignment) and cut it into ``world_size`` equal partitions; rank ``r`` owns elements
-``[r·P, (r+1)·P)``. A tensor may be cut anywhere, mid-row included. For every rank this module
-lists the *pieces* it holds: which elements of which tensor, and where they sit in its fp32
-partition. Nothing here is stored in checkpoints.
+``[r·P, (r+1)·P)``. A tensor may be cut anywhere, mid-row included (:class:`GroupLayout`).
+
+ZeRO-3 partitions every tensor on its own: a tensor of ``N`` elements is padded to a multiple of
+the world size and rank ``r`` owns its elements ``[r·p, (r+1)·p)``, ``p = ⌈N / W⌉``; each rank's
+fp32 partition of a (sub-)group is its tensors' slices back to back (:class:`PartitionedLayout`).
+So every tensor with at least ``W`` elements is cut across all ranks.
+
+For every rank both list the *pieces* it holds: which elements of which tensor, and where they sit
+in its fp32 partition. Nothing here is stored in checkpoints.
 """
 
 from __future__ import annotations
@@ -45,8 +51,31 @@ class Piece:
         return self.elem_start == 0 and self.elem_end == FlatTensor(self.name, self.shape, 0).numel
 
 
+class _Owners:
+    """Owners and cut tensors from ``pieces`` (shared by both layouts)."""
+
+    tensors: tuple[FlatTensor, ...]
+    world_size: int
+
+    def pieces(self, rank: int) -> list[Piece]:  # pragma: no cover - implemented by the layouts
+        raise NotImplementedError
+
+    def owners(self) -> dict[str, list[int]]:
+        """Ranks holding part of each tensor (more than one for tensors cut by a boundary)."""
+        result: dict[str, list[int]] = {t.name: [] for t in self.tensors}
+        for rank in range(self.world_size):
+            for piece in self.pieces(rank):
+                result[piece.name].append(rank)
+        return result
+
+    def cut_tensors(self) -> list[FlatTensor]:
+        """Tensors split across ranks, in flat-buffer order (the same list on every rank)."""
+        owners = self.owners()
+        return [t for t in self.tensors if len(owners[t.name]) > 1]
+
+
 @dataclass(frozen=True)
-class GroupLayout:
+class GroupLayout(_Owners):
     """All tensors of one param group and its partitioning across ``world_size`` ranks."""
 
     tensors: tuple[FlatTensor, ...]
@@ -64,15 +93,32 @@ class GroupLayout:
                 held.append(Piece(t.name, t.shape, lo - t.offset, hi - t.offset, lo - start, hi - start))
         return held
 
-    def owners(self) -> dict[str, list[int]]:
-        """Ranks holding part of each tensor (more than one for tensors cut by a boundary)."""
-        result: dict[str, list[int]] = {t.name: [] for t in self.tensors}
-        for rank in range(self.world_size):
-            for piece in self.pieces(rank):
-                result[piece.name].append(rank)
-        return result
 
-    def cut_tensors(self) -> list[FlatTensor]:
-        """Tensors split across ranks, in flat-buffer order (the same list on every rank)."""
-        owners = self.owners()
-        return [t for t in self.tensors if len(owners[t.name]) > 1]
+def partition_numel(numel: int, world_size: int) -> int:
+    """ZeRO-3's per-rank slice of a tensor: ``⌈numel / world_size⌉`` (the last ranks' tails are padding)."""
+    return -(-numel // world_size)
+
+
+def partition_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Elements ``[start, end)`` of a flattened tensor that rank ``rank`` owns under ZeRO-3
+    (``start == end`` when its slice is padding only)."""
+    size = partition_numel(numel, world_size)
+    start = min(rank * size, numel)
+    return start, min(start + size, numel)
+
+
+@dataclass(frozen=True)
+class PartitionedLayout(_Owners):
+    """A ZeRO-3 (sub-)group: ``tensors[i].offset`` is where tensor ``i``'s slice starts in every
+    rank's fp32 partition (the sum of the previous tensors' :func:`partition_numel`)."""
+
+    tensors: tuple[FlatTensor, ...]
+    world_size: int
+
+    def pieces(self, rank: int) -> list[Piece]:
+        held = []
+        for t in self.tensors:
+            lo, hi = partition_range(t.numel, self.world_size, rank)
+            if lo < hi:
+                held.append(Piece(t.name, t.shape, lo, hi, t.offset, t.offset + hi - lo))
+        return held

@@ -32,6 +32,11 @@ in the backward of its Linear (``gorp_ds.zero.projected_linear``). This module o
   element, and the bf16 weight is always the rounded master (no drift). An fp32 weight is its own
   master. Sharding fp32 masters instead would cost ``4/W`` bytes per element but an ``m × n``
   all-gather of the bf16 weights after every step; at W = 2 it saves nothing (2 bytes either way).
+- **Masters under ZeRO-3, sharded.** DeepSpeed partitions the bf16 weights like every other
+  parameter (``allocate(partition=...)`` gives each weight's flat slice on this rank, elements
+  ``[start, end)``); each rank keeps the 16 low bits of its slice only and applies the replicated
+  rank-k update to its slice: the rows of ``left`` that the slice touches times ``right``
+  (``(rows, n)`` fp32, one matrix at a time), cut to the slice. Nothing is gathered for the update.
 - **Clipping.** The global norm for ``gradient_clipping`` is ``√(‖g‖² + Σ‖R‖²)``: DeepSpeed's norm of
   the LoRA/``plain`` gradients combined with the norm of the ``full`` targets' projected gradients
   ``R = G Q`` (or ``Pᵀ G``; before the projection off S). ``R`` is clipped with DeepSpeed's
@@ -59,6 +64,8 @@ from . import projected_linear, split_master
 
 log = get_logger(__name__)
 AllReduce = Callable[[Tensor], None]
+# ZeRO-3: a weight's slice on this rank, as (flat view of the partition's valid elements, start, end).
+Partition = Callable[[nn.Parameter], tuple[Tensor, int, int]]
 
 
 @dataclass
@@ -70,6 +77,8 @@ class Member:
     weight: nn.Parameter
     remainder: Tensor | None  # int16 low bits of the fp32 master (bf16 weights), None for fp32 weights
     grad: Tensor | None = None  # G (fp32, m × n) while a refresh step's micro-batches run
+    start: int = 0  # ZeRO-3: the elements [start, end) of the flattened weight held here
+    end: int = -1
     calls: int = 0  # backward calls since the last step
     refreshed: bool = False
     slot: int | None = None  # position of ``grad`` in its batch's refresh stack (one micro-batch per step)
@@ -130,15 +139,19 @@ class LowRankTargets:
         self._materialized: dict[str, Tensor] = {}
         self.total_norm: Tensor | None = None
         self.flat_low_rank = torch.zeros(0)
+        self.partition: Partition | None = None  # ZeRO-3: weights partitioned by DeepSpeed
         projected_linear.install(self.modules, {m.name: m.key for m in self.members}, self)
 
-    def allocate(self) -> None:
+    def allocate(self, partition: Partition | None = None) -> None:
         """Buffers on the weights' device and in their final dtype: call once the model is placed
-        (after ``deepspeed.initialize`` moved it). A bf16 weight's master starts equal to it."""
+        (after ``deepspeed.initialize`` moved it). A bf16 weight's master starts equal to it.
+        ``partition`` (ZeRO-3): each weight's slice on this rank; masters then cover that slice."""
+        self.partition = partition
         for m in self.members:
             if m.weight.dtype not in (torch.bfloat16, torch.float32):
                 raise ValueError(f"full-rank target {m.name!r} is {m.weight.dtype}; projected gradients need bf16 or fp32")
-            m.remainder = split_master.zero_remainder(m.weight.data) if m.weight.dtype == torch.bfloat16 else None
+            weight = self._weight(m)
+            m.remainder = split_master.zero_remainder(weight) if m.weight.dtype == torch.bfloat16 else None
         device = self.members[0].weight.device
         sizes = [len(b.names) * self._low_rank_numel(b) for b in self.batches]
         self.flat_low_rank = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
@@ -325,16 +338,43 @@ class LowRankTargets:
                 for position, j in enumerate(update.index):
                     self._apply(batch.members[j], update.step, position, cfg, scalars)
 
-    @staticmethod
-    def _apply(member: Member, update: LowRankStep, position: int, cfg: UpdateConfig,
+    def _weight(self, member: Member) -> Tensor:
+        """The weight this rank updates: the whole ``m × n`` matrix, or under ZeRO-3 the flat view
+        of its partition's valid elements (``member.start``/``end`` set here)."""
+        if self.partition is None:
+            member.start, member.end = 0, member.weight.numel()
+            return member.weight.data
+        view, member.start, member.end = self.partition(member.weight)
+        return view
+
+    def _apply(self, member: Member, update: LowRankStep, position: int, cfg: UpdateConfig,
                scalars: tuple[Tensor, Tensor] | None) -> None:
-        weight = member.weight.data
+        weight = self._weight(member)
+        left, right = low_rank_factors(update)
+        m, n = left.shape[-2], right.shape[-1]
+        if (member.start, member.end) != (0, m * n):  # a ZeRO-3 slice
+            self._apply_slice(member, weight, left[position], right[position], cfg.decay, update.step_size)
+            return
+        weight = weight.view(m, n)  # the whole matrix (a ZeRO-3 partition of a world of one too)
         if member.remainder is None:
             apply_low_rank_member_(weight, update, position, cfg)
             return
-        left, right = low_rank_factors(update)
-        split_master.update_(weight, member.remainder, left[position], right[position],
+        split_master.update_(weight, member.remainder.view(m, n), left[position], right[position],
                              cfg.decay, update.step_size, scalars)
+
+    @staticmethod
+    def _apply_slice(member: Member, weight: Tensor, left: Tensor, right: Tensor, decay: float, step: float) -> None:
+        """``W ← decay · W − step · left @ right`` on elements ``[start, end)`` of the flattened
+        ``W`` only: the rows the slice touches (``left[r0:r1] @ right``, ``(r1 − r0) × n`` fp32)."""
+        if member.start >= member.end:
+            return
+        n = right.shape[-1]
+        r0, r1 = member.start // n, (member.end - 1) // n + 1
+        product = (left[r0:r1] @ right).reshape(-1)[member.start - r0 * n : member.end - r0 * n]
+        if member.remainder is None:
+            weight.mul_(decay).sub_(product, alpha=step)
+            return
+        split_master.update_flat_(weight, member.remainder, product, decay, step)
 
     def reset(self) -> None:
         """After every optimizer step (also a skipped one): empty ``R``, re-plan the next step."""
@@ -353,13 +393,16 @@ class LowRankTargets:
         copy whose changes take effect at :meth:`write_back_masters` (checkpoint loads)."""
         result = {}
         for m in self.members:
+            weight = self._weight(m)
+            if m.start >= m.end:  # ZeRO-3: this rank's slice is padding only
+                continue
             if m.remainder is None:
-                master = m.weight.data.view(-1)
+                master = weight.reshape(-1)
             else:
                 master = self._materialized.get(m.name)
                 if master is None:
-                    master = self._materialized[m.name] = split_master.join(m.weight.data, m.remainder).view(-1)
-            result[m.name] = (0, m.weight.numel(), master)
+                    master = self._materialized[m.name] = split_master.join(weight, m.remainder).view(-1)
+            result[m.name] = (m.start, m.end, master)
         return result
 
     @torch.no_grad()
@@ -367,7 +410,8 @@ class LowRankTargets:
         for m in self.members:
             master = self._materialized.get(m.name)
             if master is not None:
-                split_master.split_(master.view(m.weight.shape), m.weight.data, m.remainder)
+                weight = self._weight(m)
+                split_master.split_(master.view(weight.shape), weight, m.remainder)
         self._materialized.clear()
 
     def remove(self) -> None:

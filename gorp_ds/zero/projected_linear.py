@@ -13,6 +13,9 @@ not require a gradient, so autograd never forms ``G`` and DeepSpeed never sees t
   where neither the input nor the weight requires a gradient (e.g. a first layer fed by frozen
   embeddings).
 - Without autograd (evaluation, generation) the layer is a plain ``F.linear``.
+- Under ZeRO-3 the weight saved by forward is the parameter itself; DeepSpeed's pre-backward hook
+  of the module gathers it again before this backward runs. Backward checks that it is whole
+  (``m × n``, a host-side shape check), never the empty partition placeholder.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class _ProjectedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
+        if weight.dim() != 2 or weight.shape[0] != grad_out.shape[-1]:
+            raise RuntimeError(f"projected Linear {ctx.key}: the weight in backward has shape {tuple(weight.shape)}, "
+                               "not the gathered matrix (a ZeRO-3 partition placeholder?)")
         grad_in = grad_out @ weight if ctx.needs_input_grad[0] else None  # (…, m) @ (m, n)
         ctx.sink.linear_backward(ctx.key, x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1]))
         return grad_in, None, None, None, None, None

@@ -36,6 +36,14 @@ def _fused_update_(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: T
     lo.copy_((out - (upper << 16)).to(torch.int16))
 
 
+def update_flat_(hi: Tensor, lo: Tensor, product: Tensor, decay: float, step_size: float) -> None:
+    """``master ← decay · master − step_size · product`` on a split master of any shape (a ZeRO-3
+    slice), ``product`` fp32 of the same number of elements; in place, eager."""
+    master = join(hi, lo)
+    master.mul_(decay).sub_(product.view(master.shape), alpha=step_size)
+    split_(master, hi, lo)
+
+
 _compiled: dict[str, object] = {}
 
 
