@@ -5,6 +5,8 @@ boundary after 5 steps, S in use, right and left projection: 21×7, 22×7 and 7�
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from gorp_ds.optim import GORP
@@ -54,12 +56,17 @@ def projectors_for_step(opt: GORP, grads: dict[str, torch.Tensor]) -> dict[str, 
     return result
 
 
-def reference_trajectory(world: int, gas: int, clip: float) -> list[torch.Tensor]:
+def reference_trajectory(world: int, gas: int, clip: float, *, projected: bool = True,
+                         at_task_end: Callable[[torch.nn.Module], object] | None = None,
+                         params: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Single-process GORP on full gradients, clipped by the projected-gradient norm
-    ``√(Σ_{lora, plain} ‖g‖² + Σ_full ‖R‖²)`` with ``R = G Q`` (``m >= n``) or ``Pᵀ G``."""
+    ``√(Σ_{lora, plain} ‖g‖² + Σ_full ‖R‖²)`` with ``R = G Q`` (``m >= n``) or ``Pᵀ G`` (by ‖G‖ with
+    ``projected=False``: the flat path's groups); ``at_task_end(model)`` after ``end_task()`` (e.g. a
+    LoRA merge); ``params(model)`` is what each step records (default :func:`flat_params`)."""
     model = zs.TinyNet()
-    opt = build_optimizer(model)
+    opt = build_optimizer(model) if projected else zs.build_optimizer(model)
     names = dict(zip(TRACKED, tracked(model)))
+    record = params or flat_params
     trajectory = []
     for step in range(zs.STEPS):
         opt.zero_grad()
@@ -68,11 +75,14 @@ def reference_trajectory(world: int, gas: int, clip: float) -> list[torch.Tensor
             (zs.loss_fn(model, x, y) / len(chunks)).backward()
         if clip > 0:
             grads = {n: p.grad for n, p in names.items()}
-            projectors = projectors_for_step(opt, {n: grads[n] for n in zs.FULL})
             squares = [grads[n].pow(2).sum() for n in ("lora_a", "lora_b", "norm")]
+            projectors = projectors_for_step(opt, {n: grads[n] for n in zs.FULL}) if projected else {}
             for n in zs.FULL:
-                g, q = grads[n], projectors[n]
-                squares.append((g @ q if g.shape[0] >= g.shape[1] else q.mT @ g).pow(2).sum())
+                g = grads[n]
+                if projected:
+                    q = projectors[n]
+                    g = g @ q if g.shape[0] >= g.shape[1] else q.mT @ g
+                squares.append(g.pow(2).sum())
             coef = (torch.sqrt(sum(squares)) + 1e-6) / clip
             if coef > 1:
                 for g in grads.values():
@@ -80,7 +90,9 @@ def reference_trajectory(world: int, gas: int, clip: float) -> list[torch.Tensor
         opt.step()
         if step + 1 == zs.TASK_STEPS[0]:
             opt.end_task()
-        trajectory.append(flat_params(model))
+            if at_task_end is not None:
+                at_task_end(model)
+        trajectory.append(record(model))
     return trajectory
 
 

@@ -55,19 +55,29 @@ def weights(model: Stack) -> torch.Tensor:
     return torch.cat([m.weight.detach().reshape(-1) for m in model.up] + [model.scale.detach()])
 
 
-def reference() -> list[torch.Tensor]:
-    model = Stack()
-    opt = optimizer(model)
+def train(model: Stack, opt: GORP, targets: LowRankTargets | None = None) -> list[torch.Tensor]:
+    """The weights after each step; with ``targets``, the ``full`` tensors step through them."""
     trajectory = []
     for step in range(STEPS):
         opt.zero_grad()
         x, y = batch(step)
         (model(x) - y).pow(2).mean().backward()
+        if targets is not None:
+            targets.reduce_()
+            targets.step_(0.0)
         opt.step()
+        if targets is not None:
+            targets.reset()
         if step + 1 == TASK_END:
             opt.end_task()
         trajectory.append(weights(model))
     return trajectory
+
+
+def reference() -> list[torch.Tensor]:
+    """The single-process GORP fed with the full gradients G."""
+    model = Stack()
+    return train(model, optimizer(model))
 
 
 def projected(refresh_from: str, memory_mib: float) -> tuple[list[torch.Tensor], list[list[int]]]:
@@ -86,18 +96,7 @@ def projected(refresh_from: str, memory_mib: float) -> tuple[list[torch.Tensor],
         return original(names, index, grads, cfg, products)
 
     opt.refresh_members = counting
-    trajectory = []
-    for step in range(STEPS):
-        opt.zero_grad()
-        x, y = batch(step)
-        (model(x) - y).pow(2).mean().backward()
-        targets.reduce_()
-        targets.step_(0.0)
-        opt.step()
-        targets.reset()
-        if step + 1 == TASK_END:
-            opt.end_task()
-        trajectory.append(weights(model))
+    trajectory = train(model, opt, targets)
     targets.remove()
     return trajectory, calls
 

@@ -43,36 +43,8 @@ def reference_trajectory(world: int, gas: int, clip: float, *, projected: bool =
                          merge: bool = True) -> list[torch.Tensor]:
     """Single-process GORP on full gradients (clipped by the projected-gradient norm when
     ``projected``, by ‖G‖ otherwise), end_task() and the merge after task 1."""
-    model = zs.TinyNet()
-    opt = ls.build_optimizer(model) if projected else zs.build_optimizer(model)
-    names = dict(zip(ls.TRACKED, ls.tracked(model)))
-    trajectory = []
-    for step in range(zs.STEPS):
-        opt.zero_grad()
-        chunks = zs.micro_batches(step, world, gas)
-        for x, y in chunks:
-            (zs.loss_fn(model, x, y) / len(chunks)).backward()
-        if clip > 0:
-            grads = {n: p.grad for n, p in names.items()}
-            squares = [grads[n].pow(2).sum() for n in ("lora_a", "lora_b", "norm")]
-            projectors = ls.projectors_for_step(opt, {n: grads[n] for n in zs.FULL}) if projected else {}
-            for n in zs.FULL:
-                g = grads[n]
-                if projected:
-                    q = projectors[n]
-                    g = g @ q if g.shape[0] >= g.shape[1] else q.mT @ g
-                squares.append(g.pow(2).sum())
-            coef = (torch.sqrt(sum(squares)) + 1e-6) / clip
-            if coef > 1:
-                for g in grads.values():
-                    g.mul_(1.0 / coef)
-        opt.step()
-        if step + 1 == zs.TASK_STEPS[0]:
-            opt.end_task()
-            if merge:
-                merge_single_(model)
-        trajectory.append(flat_params(model))
-    return trajectory
+    return ls.reference_trajectory(world, gas, clip, projected=projected,
+                                   at_task_end=merge_single_ if merge else None, params=flat_params)
 
 
 def merge_partitioned_(engine, model, record: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

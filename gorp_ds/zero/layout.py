@@ -15,6 +15,8 @@ in its fp32 partition. Nothing here is stored in checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass
 
 
@@ -57,8 +59,7 @@ class _Owners:
     tensors: tuple[FlatTensor, ...]
     world_size: int
 
-    def pieces(self, rank: int) -> list[Piece]:  # pragma: no cover - implemented by the layouts
-        raise NotImplementedError
+    pieces: Callable[[int], list[Piece]]  # each layout's own: rank -> its pieces
 
     def owners(self) -> dict[str, list[int]]:
         """Ranks holding part of each tensor (more than one for tensors cut by a boundary)."""
