@@ -67,6 +67,7 @@ SWEEPS: dict[str, list[dict[str, Any]]] = {
         {"label": "T=5", "method": "gorp", "settings": {"update_gap": 5}, "priority": 3},
         {"label": "k=4", "method": "gorp", "settings": {"rank": 4}, "priority": 3},
         {"label": "lr_full=1e-6", "method": "gorp", "settings": {"lr_full": 1e-6}, "priority": 3},
+        {"label": "lr_lora=5e-4", "method": "gorp", "settings": {"lr_lora": 5e-4}, "priority": 3},
     ],
     # O-LoRA's λ1 on the orders where the default protected least in an earlier measurement.
     "olora": [
