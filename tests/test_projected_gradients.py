@@ -83,7 +83,7 @@ def test_split_master_is_exact_fp32_and_accumulates_updates_below_bf16_resolutio
     reference = master.clone()
     for _ in range(200):  # lr-1e-6-sized steps: each far below bf16 resolution of |w| ~ 0.02
         reference.addmm_(left, right, beta=1.0, alpha=-1e-7)
-        split_master.update_(hi, lo, left, right, 1.0, 1e-7)
+        split_master.update_([hi], [lo], left[None], right[None], 1.0, 1e-7)
     assert torch.equal(split_master.join(hi, lo), reference)
     assert torch.equal(hi, reference.bfloat16())
     naive = master.bfloat16()
@@ -144,19 +144,66 @@ def test_projectors_from_products_equal_projectors_from_the_gradient(m, n):
 
 
 def test_compiled_in_place_split_master_update_is_the_fp32_update():
-    """The fused update the GPU path compiles (in place on the bf16 weight and its low bits), compiled
-    here on the CPU: the master it leaves is decay·master − step·left@right to fp32 rounding (float64
-    reference), with the bf16 weight the rounded master."""
+    """The fused update the GPU path compiles (one call for a batch of targets: a batched GEMM, then
+    in place on each bf16 weight and its low bits), compiled here on the CPU: every master it leaves
+    is decay·master − step·left[j]@right[j] to fp32 rounding (float64 reference), with the bf16 weight
+    the rounded master; the eager path (one member at a time) gives the same masters."""
     g = torch.Generator().manual_seed(0)
-    m, n, k = 48, 24, 3
-    master = torch.randn(m, n, generator=g)
-    hi, lo = master.bfloat16(), torch.zeros(m, n, dtype=torch.int16)
-    split_master.split_(master, hi, lo)
-    left, right = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
-    decay, step = torch.tensor(0.999), torch.tensor(3e-4)
-    split_master.compiled_update()(hi, lo, left, right, decay, step)
-    expected = master.double() * 0.999 - 3e-4 * (left.double() @ right.double())
-    got = split_master.join(hi, lo)
-    assert float((got.double() - expected).abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(expected.abs().max())
-    assert torch.equal(hi, got.bfloat16()), "the bf16 weight must be the master rounded to nearest"
-    assert not torch.equal(got, master), "the update must have been applied"
+    c, m, n, k = 3, 48, 24, 3
+    masters = [torch.randn(m, n, generator=g) * (j + 1) for j in range(c)]
+    left, right = torch.randn(c, m, k, generator=g), torch.randn(c, n, k, generator=g).mT  # a strided Qᵀ, as in use
+    results = {}
+    for path in ("compiled", "eager"):
+        his = [w.bfloat16() for w in masters]
+        los = [torch.zeros(m, n, dtype=torch.int16) for _ in range(c)]
+        for w, hi, lo in zip(masters, his, los):
+            split_master.split_(w, hi, lo)
+        if path == "compiled":
+            split_master.compiled_update()(his, los, left, right, torch.tensor(0.999), torch.tensor(3e-4))
+        else:
+            split_master.update_(his, los, left, right, 0.999, 3e-4)
+        results[path] = [split_master.join(hi, lo) for hi, lo in zip(his, los)]
+        for j, (w, hi) in enumerate(zip(masters, his)):
+            expected = w.double() * 0.999 - 3e-4 * (left[j].double() @ right[j].double())
+            got = results[path][j]
+            tolerance = 4 * torch.finfo(torch.float32).eps * float(expected.abs().max())
+            assert float((got.double() - expected).abs().max()) <= tolerance, (path, j)
+            assert torch.equal(hi, got.bfloat16()), "the bf16 weight must be the master rounded to nearest"
+            assert not torch.equal(got, w), "the update must have been applied"
+    for a, b in zip(results["compiled"], results["eager"]):
+        assert float((a - b).abs().max()) <= 2 * torch.finfo(torch.float32).eps * float(b.abs().max())
+
+
+def test_split_master_updates_are_chunked_and_skip_members_on_other_paths():
+    """``LowRankTargets`` updates the whole bf16 targets of a batch together, in chunks bounded by
+    ``update_bytes``; members at positions it is not given (a ZeRO-3 slice, an fp32 weight) are
+    untouched, and a chunk of non-adjacent positions takes the right factors (float64 reference)."""
+    from gorp_ds.optim import GORP
+    from gorp_ds.optim.update import BatchUpdate, LowRankStep
+    from gorp_ds.zero.lowrank_targets import LowRankTargets
+
+    g = torch.Generator().manual_seed(3)
+    m, n, k, layers = 20, 12, 3, 4
+    model = nn.Sequential(*[nn.Linear(n, m, bias=False) for _ in range(layers)]).to(torch.bfloat16)
+    names = [str(i) for i in range(layers)]
+    opt = GORP([{"params": list(model.parameters()), "names": names, "role": "full", "lr": 1e-2, "rank": k}])
+    targets = LowRankTargets(opt, opt.detach_groups("full"), model, rank=0, world=1, all_reduce=lambda t: None,
+                             is_boundary=lambda: True, accumulation=1)
+    targets.allocate()
+    for member in targets.members:  # masters below bf16 resolution: the low bits must carry them
+        member.remainder.copy_(torch.randint(-2**15, 2**15, (m, n), generator=g, dtype=torch.int16))
+    before = [split_master.join(mb.weight.data, mb.remainder).double() for mb in targets.members]
+    targets.update_bytes = 2 * m * n * 4  # two products at a time
+    normalised, projector = torch.randn(layers, m, k, generator=g), torch.randn(layers, n, k, generator=g)
+    update = BatchUpdate(list(range(layers)), LowRankStep(normalised, projector, 0.05, (m, n)))
+    batch = targets.batches[0]
+    cfg = targets.cfg(batch)
+    targets._apply_split(batch, update, [0, 2, 3], cfg)  # position 1 takes another path
+    for j, member in enumerate(targets.members):
+        got = split_master.join(member.weight.data, member.remainder).double()
+        if j == 1:
+            assert torch.equal(got, before[j])
+            continue
+        expected = cfg.decay * before[j] - 0.05 * (normalised[j].double() @ projector[j].double().mT)
+        assert float((got - expected).abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(expected.abs().max()), j
+    targets.remove()

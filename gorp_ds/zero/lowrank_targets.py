@@ -59,11 +59,15 @@ from ..log import get_logger
 from ..optim.gorp import GORP
 from ..optim.lowrank_grad import accumulate_full_gradient_, accumulate_low_rank_, full_gradient
 from ..optim.projector import GradientProducts, Side, project_gradient, projection_side
-from ..optim.update import LowRankStep, UpdateConfig, apply_low_rank_member_, low_rank_factors
+from ..optim.update import BatchUpdate, LowRankStep, UpdateConfig, apply_low_rank_member_, low_rank_factors
 from . import projected_linear, split_master
 
 log = get_logger(__name__)
 AllReduce = Callable[[Tensor], None]
+# The split-master update forms ``left @ right`` for several targets at once ((c, m, n) fp32): at most
+# this many bytes of them (after the backward, when activations are gone; 256 MiB keeps 7B's
+# 11008 × 4096 one at a time).
+UPDATE_BYTES = 256 * 2**20
 # ZeRO-3: a weight's slice on this rank, as (flat view of the partition's valid elements, start, end).
 Partition = Callable[[nn.Parameter], tuple[Tensor, int, int]]
 
@@ -113,6 +117,7 @@ class LowRankTargets:
         # "auto" (batched from G where the due G's fit the budget, else the sketch), "sketch", "gradient"
         self.refresh_from = refresh_from
         self.refresh_bytes = int(refresh_memory_mib * 2**20)  # transient fp32 G's of one batched refresh
+        self.update_bytes = UPDATE_BYTES  # transient fp32 products of one batched master update
         self.all_reduce, self.is_boundary, self.accumulation = all_reduce, is_boundary, accumulation
         names = [name for group in groups for name in group["names"]]
         self.modules = projected_linear.linear_modules(model, names)
@@ -332,11 +337,32 @@ class LowRankTargets:
             cfg = self.cfg(batch)
             for update in self.optimizer.low_rank_batch(batch.names, batch.low_rank, cfg):
                 assert isinstance(update.step, LowRankStep)
-                scalars = None
-                if any(batch.members[j].remainder is not None for j in update.index) and batch.members[0].weight.is_cuda:
-                    scalars = split_master.scalars(cfg.decay, update.step.step_size, batch.members[0].weight.device)
+                split = []  # positions of whole bf16 matrices with split masters: updated together
                 for position, j in enumerate(update.index):
-                    self._apply(batch.members[j], update.step, position, cfg, scalars)
+                    if not self._apply(batch.members[j], update.step, position, cfg):
+                        split.append(position)
+                if split:
+                    self._apply_split(batch, update, split, cfg)
+
+    def _apply_split(self, batch: Batch, update: BatchUpdate, positions: list[int], cfg: UpdateConfig) -> None:
+        """The split-master update of the members at ``positions`` of ``update``, as few calls as the
+        ``(c, m, n)`` fp32 products allow (``update_bytes``): all 30 gate_proj of a 135M model in
+        one call, one at a time at 7B."""
+        left, right = low_rank_factors(update.step)  # (B, m, k), (B, k, n)
+        m, n = batch.shape
+        chunk = max(1, self.update_bytes // (m * n * 4))
+        members = [batch.members[update.index[p]] for p in positions]
+        scalars = split_master.scalars(cfg.decay, update.step.step_size, left.device) if left.is_cuda else None
+        for s in range(0, len(positions), chunk):
+            part = positions[s : s + chunk]
+            if part == list(range(part[0], part[0] + len(part))):  # the usual case: a view, no copy
+                lefts, rights = left[part[0] : part[-1] + 1], right[part[0] : part[-1] + 1]
+            else:
+                lefts, rights = torch.stack([left[p] for p in part]), torch.stack([right[p] for p in part])
+            chunk_members = members[s : s + chunk]
+            split_master.update_([self._weight(mb).view(m, n) for mb in chunk_members],
+                                 [mb.remainder.view(m, n) for mb in chunk_members], lefts, rights,
+                                 cfg.decay, update.step.step_size, scalars)
 
     def _weight(self, member: Member) -> Tensor:
         """The weight this rank updates: the whole ``m × n`` matrix, or under ZeRO-3 the flat view
@@ -347,20 +373,19 @@ class LowRankTargets:
         view, member.start, member.end = self.partition(member.weight)
         return view
 
-    def _apply(self, member: Member, update: LowRankStep, position: int, cfg: UpdateConfig,
-               scalars: tuple[Tensor, Tensor] | None) -> None:
+    def _apply(self, member: Member, update: LowRankStep, position: int, cfg: UpdateConfig) -> bool:
+        """Apply ``member``'s update where it needs a path of its own (a ZeRO-3 slice, an fp32 weight);
+        ``False`` for a whole bf16 matrix with a split master (the caller batches those)."""
         weight = self._weight(member)
         left, right = low_rank_factors(update)
         m, n = left.shape[-2], right.shape[-1]
         if (member.start, member.end) != (0, m * n):  # a ZeRO-3 slice
             self._apply_slice(member, weight, left[position], right[position], cfg.decay, update.step_size)
-            return
-        weight = weight.view(m, n)  # the whole matrix (a ZeRO-3 partition of a world of one too)
+            return True
         if member.remainder is None:
-            apply_low_rank_member_(weight, update, position, cfg)
-            return
-        split_master.update_(weight, member.remainder.view(m, n), left[position], right[position],
-                             cfg.decay, update.step_size, scalars)
+            apply_low_rank_member_(weight.view(m, n), update, position, cfg)
+            return True
+        return False
 
     @staticmethod
     def _apply_slice(member: Member, weight: Tensor, left: Tensor, right: Tensor, decay: float, step: float) -> None:

@@ -9,9 +9,8 @@ not require a gradient, so autograd never forms ``G`` and DeepSpeed never sees t
 
 - The sink is called only from backward: under (non-reentrant) gradient checkpointing the
   forward runs twice, the backward once, so nothing is accumulated twice.
-- A zero-size ``anchor`` that requires grad is an input of every call, so the backward runs even
-  where neither the input nor the weight requires a gradient (e.g. a first layer fed by frozen
-  embeddings).
+- Where the input does not require a gradient (e.g. a first layer fed by frozen embeddings), a
+  zero-size ``anchor`` that does is an extra input of the call, so the backward runs anyway.
 - Without autograd (evaluation, generation) the layer is a plain ``F.linear``.
 - Under ZeRO-3 the weight saved by forward is the parameter itself; DeepSpeed's pre-backward hook
   of the module gathers it again before this backward runs. Backward checks that it is whole
@@ -36,7 +35,7 @@ class GradientSink(Protocol):
 
 class _ProjectedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, anchor: Tensor, sink: GradientSink,
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, anchor: Tensor | None, sink: GradientSink,
                 key: int) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.sink, ctx.key = sink, key
@@ -56,7 +55,9 @@ class _ProjectedLinear(torch.autograd.Function):
 def _projected_forward(self: nn.Linear, x: Tensor) -> Tensor:
     if not torch.is_grad_enabled():
         return F.linear(x, self.weight, self.bias)
-    anchor = torch.empty(0, device=x.device, requires_grad=True)
+    # The anchor only where nothing else makes autograd run this backward: a fresh leaf per call
+    # costs an allocation forward and an AccumulateGrad node backward, on the host-bound hot path.
+    anchor = None if x.requires_grad else torch.empty(0, device=x.device, requires_grad=True)
     return _ProjectedLinear.apply(x, self.weight, self.bias, anchor, self._gorp_sink, self._gorp_key)
 
 

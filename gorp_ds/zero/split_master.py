@@ -23,17 +23,28 @@ from torch import Tensor
 from ..optim.bf16_split import join, split_, zero_remainder  # noqa: F401  (the encoding; re-exported)
 
 
-def _fused_update_(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: Tensor, step: Tensor) -> None:
-    """``(hi, lo) ← split(decay · join(hi, lo) − step · left @ right)`` in place; written for
-    ``torch.compile`` (the GEMM, then one elementwise kernel that reads ``hi``, ``lo`` and the product
-    and writes ``hi``, ``lo`` back: the compiler turns the copies into the kernel's stores; scalars
-    as tensors so that changing step sizes do not recompile)."""
+def _fused_member_(hi: Tensor, lo: Tensor, product: Tensor, decay: Tensor, step: Tensor) -> None:
+    """``(hi, lo) ← split(decay · join(hi, lo) − step · product)`` in place (``product`` fp32, the
+    shape of ``hi``): one elementwise kernel once compiled, reading ``hi``, ``lo`` and the product and
+    writing ``hi``, ``lo`` back (the compiler turns the copies into the kernel's stores)."""
     bits = (hi.view(torch.int16).to(torch.int32) << 16) + lo.to(torch.int32)
-    master = bits.view(torch.float32) * decay - step * (left @ right)
+    master = bits.view(torch.float32) * decay - step * product
     out = master.view(torch.int32)
     upper = (out + 0x8000) >> 16
     hi.view(torch.int16).copy_(upper.to(torch.int16))
     lo.copy_((out - (upper << 16)).to(torch.int16))
+
+
+def _fused_update_(his: list[Tensor], los: list[Tensor], left: Tensor, right: Tensor, decay: Tensor,
+                   step: Tensor) -> None:
+    """Member ``j``: ``(his[j], los[j]) ← split(decay · join − step · left[j] @ right[j])``; ``left``
+    ``(c, m, k)``, ``right`` ``(c, k, n)``. Written for ``torch.compile``: one batched GEMM for the
+    ``c`` products (``(c, m, n)`` fp32), then one elementwise kernel per member, all from one call
+    (one guard check and one launch sequence per batch of targets instead of one per target).
+    Scalars as tensors so that changing step sizes do not recompile."""
+    product = torch.bmm(left, right)
+    for j in range(len(his)):
+        _fused_member_(his[j], los[j], product[j], decay, step)
 
 
 def update_flat_(hi: Tensor, lo: Tensor, product: Tensor, decay: float, step_size: float) -> None:
@@ -48,12 +59,11 @@ _compiled: dict[str, object] = {}
 
 
 def compiled_update():
-    """The compiled :func:`_fused_update_` (compiled on first use)."""
+    """The compiled :func:`_fused_update_` (compiled on first use; once per batch size ``c``)."""
     fn = _compiled.get("fn")
     if fn is None:
         fn = _compiled["fn"] = torch.compile(_fused_update_, dynamic=False, fullgraph=True)
     return fn
-
 
 
 def scalars(decay: float, step_size: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -63,17 +73,20 @@ def scalars(decay: float, step_size: float, device: torch.device) -> tuple[Tenso
             torch.full((), step_size, dtype=torch.float32, device=device))
 
 
-def update_(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: float, step_size: float,
+def update_(his: list[Tensor], los: list[Tensor], left: Tensor, right: Tensor, decay: float, step_size: float,
             scalar_tensors: tuple[Tensor, Tensor] | None = None) -> None:
-    """``master ← decay · master − step_size · left @ right`` on a split master, in place.
+    """``master_j ← decay · master_j − step_size · left[j] @ right[j]`` on the split masters
+    ``(his[j], los[j])`` (``m × n`` each; ``left`` ``(c, m, k)``, ``right`` ``(c, k, n)``), in place.
 
-    On CUDA a ``torch.compile``d kernel reads ``hi``, ``lo`` and the GEMM's product once and writes
-    ``hi``, ``lo`` once (~16 bytes per element); if compiling fails it falls back, once and with a
-    warning, to the eager sequence (join, ``addmm_``, split: ~90 bytes per element)."""
-    if hi.is_cuda and _compiled.get("fn") is not False:
+    On CUDA one ``torch.compile``d call does all ``c``: a batched GEMM, then per member a kernel that
+    reads ``hi``, ``lo`` and the product once and writes ``hi``, ``lo`` once (~16 bytes per element;
+    the caller bounds ``c`` so that the ``(c, m, n)`` fp32 products stay small). If compiling fails it
+    falls back, once and with a warning, to the eager sequence (join, ``addmm_``, split: ~90 bytes per
+    element, one member at a time). Both are exact fp32 arithmetic on the master."""
+    if his[0].is_cuda and _compiled.get("fn") is not False:
         try:
-            decay_t, step_t = scalar_tensors if scalar_tensors is not None else scalars(decay, step_size, hi.device)
-            compiled_update()(hi, lo, left, right, decay_t, step_t)
+            decay_t, step_t = scalar_tensors if scalar_tensors is not None else scalars(decay, step_size, his[0].device)
+            compiled_update()(list(his), list(los), left, right, decay_t, step_t)
             return
         except Exception as err:  # noqa: BLE001 - any compiler failure: the eager path is exact too
             from ..log import get_logger
@@ -81,6 +94,7 @@ def update_(hi: Tensor, lo: Tensor, left: Tensor, right: Tensor, decay: float, s
             get_logger(__name__).warning(f"fused split-master update unavailable ({type(err).__name__}: {err}); "
                                          "using the eager path")
             _compiled["fn"] = False
-    master = join(hi, lo)
-    master.addmm_(left, right, beta=decay, alpha=-step_size)
-    split_(master, hi, lo)
+    for hi, lo, a, b in zip(his, los, left, right):
+        master = join(hi, lo)
+        master.addmm_(a, b, beta=decay, alpha=-step_size)
+        split_(master, hi, lo)
