@@ -51,13 +51,15 @@ def collect(dirs: list[Path]) -> tuple[dict[str, dict[str, Any]], list[dict[str,
     unfinished: dict[str, dict[str, Any]] = {}
     plan: dict[str, Any] = {}
     for directory in dirs:
-        plan = json.loads((directory / "plan.json").read_text()) if (directory / "plan.json").is_file() else plan
+        own = json.loads((directory / "plan.json").read_text()) if (directory / "plan.json").is_file() else {}
+        # budgets and batch from the latest plan; the planned runs of every directory
+        plan = {**plan, **own, "runs": plan.get("runs", []) + own.get("runs", [])} if own else plan
         ledger: dict[str, dict[str, Any]] = {}
         for line in (directory / "runs.jsonl").read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
                 ledger[record["run"]] = record  # the last launch of a key counts
-        specs = {f"{r['group']}/{r['order']}/{r['label']}": r for r in plan.get("runs", [])} if plan else {}
+        specs = {f"{r['group']}/{r['order']}/{r['label']}": r for r in own.get("runs", [])}
         for key in {**specs, **ledger}:
             spec = ledger.get(key, specs.get(key))
             safe = "".join(c if c.isalnum() or c in "._=-" else "_" for c in spec["label"])
