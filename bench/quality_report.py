@@ -1,7 +1,10 @@
 """The report of bench/quality.py: tables, the issue's targets checked, heatmaps (``--report``).
 
 Reads ``plan.json``, ``runs.jsonl`` and each run's ``results.json`` under the given directories (a
-later directory's run of the same key replaces an earlier one) and reports only what finished.
+later directory's run of the same key replaces an earlier one; the report says so where the two
+differ) and reports only what finished. A sweep entry is compared with the run of its order and
+method whose configuration differs from its own only in the entry's settings (the sweep's default or
+the method comparison's run); where none does, the closest one, with the other differences named.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from statistics import mean
 from typing import Any
 
 METRICS = ("AA", "BWT", "FWT", "forgetting")
+# Run settings that say where a run's files go, not what it learns: left out of configuration comparisons.
+NOT_LEARNING = frozenset({"output_dir", "data_dir", "checkpoints", "keep_checkpoints", "save_every", "export",
+                          "export_every_task", "predictions", "profile", "eval_batch_size"})
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -26,27 +32,46 @@ def _mean(values: list[float | None]) -> float | None:
     return mean(present) if present else None
 
 
+def config_changes(entry: dict[str, Any], other: dict[str, Any], skip: set[str] = frozenset()) -> dict[str, tuple]:
+    """``{setting: (entry's value, other's value)}`` where the two runs' configurations differ, leaving
+    out where files go and ``skip``; empty when either run's results.json has no configuration."""
+    mine, theirs = entry["results"].get("config"), other["results"].get("config")
+    if not mine or not theirs:
+        return {}
+    return {k: (mine.get(k), theirs.get(k)) for k in sorted(set(mine) | set(theirs))
+            if k not in NOT_LEARNING and k not in skip and mine.get(k) != theirs.get(k)}
+
+
 def collect(dirs: list[Path]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """``({run key: entry}, [unfinished records], plan)``; an entry holds the run's spec, its
-    ``results.json`` and its ledger record (status, wall time, concurrency)."""
+    ``results.json`` and its ledger record (status, wall time, concurrency). An entry that replaced
+    an earlier directory's run of the same key whose R or configuration differed lists it under
+    ``"replaced"``."""
     finished: dict[str, dict[str, Any]] = {}
     unfinished: dict[str, dict[str, Any]] = {}
     plan: dict[str, Any] = {}
     for directory in dirs:
-        plan = json.loads((directory / "plan.json").read_text()) if (directory / "plan.json").is_file() else plan
+        own = json.loads((directory / "plan.json").read_text()) if (directory / "plan.json").is_file() else {}
+        # budgets and batch from the latest plan; the planned runs of every directory
+        plan = {**plan, **own, "runs": plan.get("runs", []) + own.get("runs", [])} if own else plan
         ledger: dict[str, dict[str, Any]] = {}
         for line in (directory / "runs.jsonl").read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
                 ledger[record["run"]] = record  # the last launch of a key counts
-        specs = {f"{r['group']}/{r['order']}/{r['label']}": r for r in plan.get("runs", [])} if plan else {}
+        specs = {f"{r['group']}/{r['order']}/{r['label']}": r for r in own.get("runs", [])}
         for key in {**specs, **ledger}:
             spec = ledger.get(key, specs.get(key))
             safe = "".join(c if c.isalnum() or c in "._=-" else "_" for c in spec["label"])
             results = directory / spec["group"] / spec["order"] / safe / spec["method"] / "results.json"
             if results.is_file():
                 entry = {**spec, "record": ledger.get(key, {}), "results": json.loads(results.read_text()),
-                         "directory": str(directory)}
+                         "directory": str(directory), "replaced": []}
+                earlier = finished.get(key)
+                if earlier is not None:
+                    entry["replaced"] = earlier["replaced"]
+                    if earlier["results"]["R"] != entry["results"]["R"] or config_changes(entry, earlier):
+                        entry["replaced"] = entry["replaced"] + [earlier["directory"]]
                 finished[key] = entry
                 unfinished.pop(key, None)
             elif key not in finished:
@@ -122,32 +147,137 @@ def targets(main: dict[tuple[str, str], dict[str, Any]], orders: list[str]) -> l
     return lines or ["- (no order has the runs a target needs)"]
 
 
+def setting_text(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "(defaults)"
+
+
+def _value(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def reference(entry: dict[str, Any], sweep: dict[tuple[str, str], dict[str, Any]],
+              main: dict[tuple[str, str], dict[str, Any]]) -> tuple[dict[str, Any] | None, str, dict[str, tuple]]:
+    """``(reference run, where, other differences)`` of a sweep entry: of the sweep's own
+    ``<method>_default`` on the entry's order and the comparison's run of the method there, the first
+    whose configuration differs from the entry's only in the entry's settings; where neither does,
+    the first that exists, with the other differences ``{setting: (entry's, reference's)}``."""
+    order, method = entry["order"], entry["method"]
+    candidates = [(sweep.get((order, f"{method}_default")), "sweep default"), (main.get((order, method)), "comparison run")]
+    candidates = [(c, where) for c, where in candidates if c is not None]
+    if not candidates:
+        return None, "", {}
+    changes = [(c, where, config_changes(entry, c, set(entry["settings"]))) for c, where in candidates]
+    return next((c for c in changes if not c[2]), changes[0])
+
+
+def _delta(entry: dict[str, Any], ref: dict[str, Any] | None, key: str) -> str:
+    if ref is None:
+        return "–"
+    if ref is entry:
+        return "0"
+    a, b = entry["results"]["metrics"].get(key), ref["results"]["metrics"].get(key)
+    return "–" if a is None or b is None else _fmt(a - b, True)
+
+
+def _differences(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k} {_value(a)} here, {_value(b)} there" for k, (a, b) in changes.items())
+
+
+def max_r_difference(r: list[list[float | None]], other: list[list[float | None]]) -> float:
+    """Largest |difference| between two R matrices over the cells both have."""
+    cells = [abs(a - b) for row, row_other in zip(r, other) if row and row_other
+             for a, b in zip(row, row_other) if a is not None and b is not None]
+    return max(cells, default=0.0)
+
+
 def sweep_table(sweep: dict[tuple[str, str], dict[str, Any]], main: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
-    """Each sweep entry against its reference: the sweep's own ``<method>_default`` on that order,
-    otherwise the method comparison's run of the method on that order."""
+    """Every sweep entry with its differences to its :func:`reference`."""
     lines = ["| order | method | setting | AA | BWT | FWT | forgetting | ΔAA | ΔBWT | reference |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (order, _), entry in sorted(sweep.items(), key=lambda kv: (kv[0][0], kv[1]["method"], kv[0][1])):
         method = entry["method"]
-        reference = sweep.get((order, f"{method}_default")) or main.get((order, method))
+        ref, where, changes = reference(entry, sweep, main)
         m = entry["results"]["metrics"]
-        ref = reference["results"]["metrics"] if reference else {}
-        where = "" if reference is None else ("sweep default" if reference["group"] == "sweep" else "comparison run")
-        deltas = {}
-        for key in ("AA", "BWT"):
-            if reference is entry:
-                deltas[key] = "0"
-            elif m.get(key) is None or ref.get(key) is None:
-                deltas[key] = "–"
-            else:
-                deltas[key] = _fmt(m[key] - ref[key], True)
-        changed = ", ".join(f"{k}={v}" for k, v in entry["settings"].items()) or "(defaults)"
-        lines.append(f"| {order} | {method} | {changed} | {_fmt(m['AA'])} | {_fmt(m['BWT'], True)} | "
-                     f"{_fmt(m['FWT'], True)} | {_fmt(m['forgetting'])} | {deltas['AA']} | {deltas['BWT']} | {where} |")
+        if changes:
+            where += f" (also differs: {_differences(changes)})"
+        same = main.get((order, method))
+        if same is not None and same is not ref and entry["results"].get("config") and not config_changes(entry, same):
+            gap = max_r_difference(entry["results"]["R"], same["results"]["R"])
+            where += "; the same configuration as the comparison run" + (
+                ", the same R" if gap == 0 else f", R differs by up to {gap:.1f}")
+        lines.append(f"| {order} | {method} | {setting_text(entry['settings'])} | {_fmt(m['AA'])} | "
+                     f"{_fmt(m['BWT'], True)} | {_fmt(m['FWT'], True)} | {_fmt(m['forgetting'])} | "
+                     f"{_delta(entry, ref, 'AA')} | {_delta(entry, ref, 'BWT')} | {where} |")
     return lines
 
 
-def sampling_error(main: dict[tuple[str, str], dict[str, Any]], budgets: dict[str, Any]) -> list[str]:
+def sensitivity_table(sweep: dict[tuple[str, str], dict[str, Any]], main: dict[tuple[str, str], dict[str, Any]],
+                      method: str) -> list[str]:
+    """One row per setting of ``method``'s sweep, one column per order it ran on: ``AA / BWT
+    (ΔAA / ΔBWT)`` against the entry's :func:`reference` (empty where the setting did not run)."""
+    entries = [e for e in sweep.values() if e["method"] == method]
+    orders = sorted({e["order"] for e in entries})
+    settings: list[str] = []
+    for entry in entries:  # in the order the sweeps listed them, the default first
+        text = setting_text(entry["settings"])
+        if text not in settings:
+            settings.append(text)
+    settings.sort(key=lambda t: t != "(defaults)")
+    lines = [f"| {method}: setting | " + " | ".join(f"order {o}" for o in orders) + " |",
+             "|---|" + "---|" * len(orders)]
+    for text in settings:
+        cells = []
+        for order in orders:
+            entry = next((e for e in entries if e["order"] == order and setting_text(e["settings"]) == text), None)
+            if entry is None:
+                cells.append("")
+                continue
+            ref, _, _ = reference(entry, sweep, main)
+            m = entry["results"]["metrics"]
+            cell = _fmt(m["AA"]) + ("" if m.get("BWT") is None else f" / {_fmt(m['BWT'], True)}")
+            if ref is not None and ref is not entry:
+                cell += f" ({_delta(entry, ref, 'AA')} / {_delta(entry, ref, 'BWT')})"
+            cells.append(cell)
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    compared = [main.get((o, method)) for o in orders]
+    if any(compared):
+        lines.append("| comparison run | " + " | ".join(
+            "" if c is None else _fmt(c["results"]["metrics"]["AA"])
+            + ("" if c["results"]["metrics"].get("BWT") is None else f" / {_fmt(c['results']['metrics']['BWT'], True)}")
+            for c in compared) + " |")
+    return lines
+
+
+def sweep_bases(sweep: dict[tuple[str, str], dict[str, Any]], main: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """Where a sweep's default differs from the comparison's run of its method on the same order:
+    the sweep then measured around other defaults than the comparison's, which must be said."""
+    lines = []
+    for (order, label), entry in sorted(sweep.items()):
+        if label != f"{entry['method']}_default" or (order, entry["method"]) not in main:
+            continue
+        changes = config_changes(entry, main[(order, entry["method"])])
+        if changes:
+            lines.append(f"- order {order}: the sweep's {entry['method']} default ran with "
+                         + ", ".join(f"{k} {_value(a)}" for k, (a, _) in changes.items()) + "; the comparison's "
+                         + entry["method"] + " with " + ", ".join(f"{k} {_value(b)}" for k, (_, b) in changes.items()))
+    return lines
+
+
+def identical_runs(sweep: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """Sweep entries of one order and method with the very same R: their settings act as one."""
+    lines = []
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for entry in sweep.values():
+        groups.setdefault((entry["order"], entry["method"], json.dumps(entry["results"]["R"])), []).append(
+            setting_text(entry["settings"]))
+    for (order, method, _), texts in sorted(groups.items()):
+        if len(texts) > 1:
+            lines.append(f"- order {order}, {method}: {' and '.join(sorted(texts))} gave the same R, entry for entry")
+    return lines
+
+
+def sampling_error(main: dict[tuple[str, str], dict[str, Any]], budgets: dict[str, Any],
+                   what: str = "of one run's AA") -> list[str]:
     """Binomial standard error of one run's AA per order, from its final accuracies p_j and the n
     test examples per task: sqrt(Σ_j p_j (1 − p_j) / n) / T, averaged over the order's runs."""
     lines = []
@@ -165,7 +295,7 @@ def sampling_error(main: dict[tuple[str, str], dict[str, Any]], budgets: dict[st
             lines.append(f"order {order} ({n} test examples per task): ±{mean(errors):.1f}")
     if not lines:
         return []
-    return ["Sampling error of one run's AA (binomial standard error; a BWT has about √2 times it): "
+    return [f"Sampling error {what} (binomial standard error; a BWT has about √2 times it): "
             + "; ".join(lines) + "."]
 
 
@@ -178,13 +308,16 @@ def best_settings(sweep: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
             scored = [e for e in entries if e["results"]["metrics"].get(key) is not None]
             if len(scored) > 1:
                 best = max(scored, key=lambda e: e["results"]["metrics"][key])
-                changed = ", ".join(f"{k}={v}" for k, v in best["settings"].items()) or "the defaults"
-                lines.append(f"- order {order}, {method}: highest {key} {_fmt(best['results']['metrics'][key])} "
+                changed = setting_text(best["settings"]).replace("(defaults)", "the defaults")
+                lines.append(f"- order {order}, {method}: highest {key} "
+                             f"{_fmt(best['results']['metrics'][key], key != 'AA')} "
                              f"with {changed} (of {len(scored)} settings)")
     return lines
 
 
-def write_report(dirs: list[Path], results_dir: Path, tag: str) -> str:
+def write_report(dirs: list[Path], results_dir: Path, tag: str, notes: str | None = None) -> str:
+    """Write ``quality_<tag>.md``, ``quality_<tag>.json`` and the comparison's heatmaps into
+    ``results_dir``; ``notes`` (markdown) goes right after the header."""
     from gorp_ds.cl.report import heatmap, markdown_table
 
     finished, unfinished, plan = collect(dirs)
@@ -204,14 +337,31 @@ def write_report(dirs: list[Path], results_dir: Path, tag: str) -> str:
            "concurrency and are not comparable to isolated runs; quality and peak memory (per process) are not "
            "affected." + (" **Smoke run (tiny random model): the numbers mean nothing.**" if plan.get("smoke") else ""),
            ""]
+    if notes:
+        out += [notes.strip(), ""]
     if main:
         out += ["## Methods, averaged over orders", ""] + method_table(main, methods, orders) + [""]
         out += ["## AA / BWT per order", ""] + order_table(main, methods, orders) + [""]
         out += sampling_error(main, budgets) + [""]
         out += ["## Targets", ""] + targets(main, orders) + [""]
     if sweep:
-        out += ["## Sweep: one setting at a time (sensitivity)", ""] + sweep_table(sweep, main) + [""]
+        out += ["## Sweep: sensitivity to each setting", "",
+                "Each cell: AA / BWT of the setting on that order (ΔAA / ΔBWT against the sweep's default on the "
+                "same order, or the comparison's run where the sweep has no default there). Settings are those "
+                "changed from the defaults of the run; the last row is the method comparison's run."]
+        out += [""] + sweep_bases(sweep, main) if sweep_bases(sweep, main) else []
+        out += [""] + sampling_error(sweep, budgets, "of one sweep run's AA") + [
+            "Two runs scored on the same test examples differ by less than √2 times that from sampling alone.", ""]
+        for method in sorted({e["method"] for e in sweep.values()}):
+            out += sensitivity_table(sweep, main, method) + [""]
+        out += identical_runs(sweep) + [""] if identical_runs(sweep) else []
+        out += ["### Every sweep run", ""] + sweep_table(sweep, main) + [""]
         out += best_settings(sweep) + [""]
+    replaced = [(k, e) for k, e in sorted(finished.items()) if e["replaced"]]
+    if replaced:
+        out += ["## Runs of one key in several directories", ""] + [
+            f"- {k}: the run in {e['directory']} is reported; it differs from the one in {', '.join(e['replaced'])}"
+            for k, e in replaced] + [""]
     if unfinished:
         out += ["## Not finished", ""] + [f"- {u['group']}/{u['order']}/{u['label']}: {u['status']}"
                                             for u in sorted(unfinished, key=lambda u: (u["group"], u["order"]))] + [""]

@@ -137,8 +137,10 @@ def test_boolean_flags_take_every_form() -> None:
 
 def test_presets_are_visible_and_optional() -> None:
     embedded = _build()  # --model embedded, no data: the embedded quick run
-    assert (embedded.lr_lora, embedded.update_gap, embedded.max_steps_per_task) == (1e-3, 10, 40)
-    assert embedded.sources["lr_lora"].startswith("preset embedded ")
+    assert (embedded.lr_lora, embedded.update_gap, embedded.shared_threshold, embedded.max_steps_per_task) \
+        == (1e-3, 20, 0.99, 40)
+    for name in ("lr_lora", "update_gap", "shared_threshold"):
+        assert embedded.sources[name].startswith("preset embedded "), name
     assert embedded.sources["max_steps_per_task"].startswith("preset embedded_quick")
     with_data = _build("--tasks", "emb_color")  # the model's preset only
     assert with_data.lr_lora == 1e-3 and with_data.max_steps_per_task is None
