@@ -68,6 +68,12 @@ AllReduce = Callable[[Tensor], None]
 # this many bytes of them (after the backward, when activations are gone; 256 MiB keeps 7B's
 # 11008 × 4096 one at a time).
 UPDATE_BYTES = 256 * 2**20
+# The fused (``torch.compile``d) split-master update pays for its compilation (8–16 s in a fresh
+# process, measured on one H200) where the update's memory traffic matters: 16 bytes per element
+# against the eager path's ~90. Below this many ``full``-target elements in all (135M's 30 gate_proj:
+# 26.5M, 0.5 ms of extra traffic per step) the eager path is used; above (7B's 32 gate_proj: 1.44G,
+# ~25 ms per step) the fused one.
+FUSED_UPDATE_MIN_ELEMENTS = 2**28
 # ZeRO-3: a weight's slice on this rank, as (flat view of the partition's valid elements, start, end).
 Partition = Callable[[nn.Parameter], tuple[Tensor, int, int]]
 
@@ -118,6 +124,7 @@ class LowRankTargets:
         self.refresh_from = refresh_from
         self.refresh_bytes = int(refresh_memory_mib * 2**20)  # transient fp32 G's of one batched refresh
         self.update_bytes = UPDATE_BYTES  # transient fp32 products of one batched master update
+        self.fused_update = False  # decided by allocate() from the targets' size
         self.all_reduce, self.is_boundary, self.accumulation = all_reduce, is_boundary, accumulation
         names = [name for group in groups for name in group["names"]]
         self.modules = projected_linear.linear_modules(model, names)
@@ -152,6 +159,7 @@ class LowRankTargets:
         (after ``deepspeed.initialize`` moved it). A bf16 weight's master starts equal to it.
         ``partition`` (ZeRO-3): each weight's slice on this rank; masters then cover that slice."""
         self.partition = partition
+        self.fused_update = sum(m.weight.numel() for m in self.members) >= FUSED_UPDATE_MIN_ELEMENTS
         for m in self.members:
             if m.weight.dtype not in (torch.bfloat16, torch.float32):
                 raise ValueError(f"full-rank target {m.name!r} is {m.weight.dtype}; projected gradients need bf16 or fp32")
@@ -352,7 +360,8 @@ class LowRankTargets:
         m, n = batch.shape
         chunk = max(1, self.update_bytes // (m * n * 4))
         members = [batch.members[update.index[p]] for p in positions]
-        scalars = split_master.scalars(cfg.decay, update.step.step_size, left.device) if left.is_cuda else None
+        scalars = (split_master.scalars(cfg.decay, update.step.step_size, left.device)
+                   if left.is_cuda and self.fused_update else None)
         for s in range(0, len(positions), chunk):
             part = positions[s : s + chunk]
             if part == list(range(part[0], part[0] + len(part))):  # the usual case: a view, no copy
@@ -362,7 +371,7 @@ class LowRankTargets:
             chunk_members = members[s : s + chunk]
             split_master.update_([self._weight(mb).view(m, n) for mb in chunk_members],
                                  [mb.remainder.view(m, n) for mb in chunk_members], lefts, rights,
-                                 cfg.decay, update.step.step_size, scalars)
+                                 cfg.decay, update.step.step_size, scalars, fused=self.fused_update)
 
     def _weight(self, member: Member) -> Tensor:
         """The weight this rank updates: the whole ``m × n`` matrix, or under ZeRO-3 the flat view

@@ -74,16 +74,17 @@ def scalars(decay: float, step_size: float, device: torch.device) -> tuple[Tenso
 
 
 def update_(his: list[Tensor], los: list[Tensor], left: Tensor, right: Tensor, decay: float, step_size: float,
-            scalar_tensors: tuple[Tensor, Tensor] | None = None) -> None:
+            scalar_tensors: tuple[Tensor, Tensor] | None = None, *, fused: bool = True) -> None:
     """``master_j ← decay · master_j − step_size · left[j] @ right[j]`` on the split masters
     ``(his[j], los[j])`` (``m × n`` each; ``left`` ``(c, m, k)``, ``right`` ``(c, k, n)``), in place.
 
-    On CUDA one ``torch.compile``d call does all ``c``: a batched GEMM, then per member a kernel that
-    reads ``hi``, ``lo`` and the product once and writes ``hi``, ``lo`` once (~16 bytes per element;
-    the caller bounds ``c`` so that the ``(c, m, n)`` fp32 products stay small). If compiling fails it
+    On CUDA and with ``fused``, one ``torch.compile``d call does all ``c``: a batched GEMM, then per
+    member a kernel that reads ``hi``, ``lo`` and the product once and writes ``hi``, ``lo`` once
+    (~16 bytes per element; the caller bounds ``c`` so that the ``(c, m, n)`` fp32 products stay small). If compiling fails it
     falls back, once and with a warning, to the eager sequence (join, ``addmm_``, split: ~90 bytes per
-    element, one member at a time). Both are exact fp32 arithmetic on the master."""
-    if his[0].is_cuda and _compiled.get("fn") is not False:
+    element, one member at a time; also the path without ``fused``, which the caller picks where the
+    compilation would cost more than the traffic it saves). Both are exact fp32 arithmetic on the master."""
+    if fused and his[0].is_cuda and _compiled.get("fn") is not False:
         try:
             decay_t, step_t = scalar_tensors if scalar_tensors is not None else scalars(decay, step_size, his[0].device)
             compiled_update()(list(his), list(los), left, right, decay_t, step_t)
