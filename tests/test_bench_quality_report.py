@@ -190,6 +190,8 @@ def test_every_built_in_run_resolves_to_its_settings(tmp_path) -> None:
     runs = [Run("main", order, method, method) for order in BUDGETS for method in METHODS]
     runs += load_sweeps("gorp,olora", ["A"])
     assert len(runs) == 18 + 15 + 4
+    runs += load_sweeps(str(REPO / "bench" / "sweeps" / "quality_stage2.json"), ["A"])  # the committed stage 2
+    assert len(runs) == 18 + 15 + 4 + 14
     for run in runs:
         parser = argparse.ArgumentParser()
         add_arguments(parser)
