@@ -32,7 +32,19 @@ DEFAULT_DS_CONFIG = {"bf16": REPO / "ds_configs" / "zero2.json", "fp32": REPO / 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gorp_ds.cl import ConfigError, add_arguments, build_run_config
+    from gorp_ds.cl import add_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    finally:
+        _shutdown_distributed()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gorp_ds.cl import ConfigError, build_run_config
     from gorp_ds.cl.config import format_config
     from gorp_ds.cl.nonfinite import NonFiniteError
     from gorp_ds.cl.preemption import Preempted
@@ -41,9 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     from gorp_ds.settings import SettingError
     from gorp_ds.zero import CheckpointError, UnsupportedSetupError
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
     user_errors = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError, SettingError,
                    NonFiniteError)
     try:
@@ -70,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return REQUEUE_STATUS
     return 0
+
+
+def _shutdown_distributed() -> None:
+    """Destroy the process group before the interpreter exits, whatever the exit status: the
+    communication library's threads and sockets are closed in order instead of by the interpreter's
+    teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _close_progress_bars() -> None:
