@@ -106,7 +106,7 @@ def test_orthogonality_term_and_gradient_match_float64(tiny_model_dir) -> None:
         layer.lora_B["default"].weight.data.normal_(generator=generator)
     lambda_orth, lambda_l2 = 0.7, 0.3
     penalty = OLoraPenalty(model, old, lambda_orth, lambda_l2, torch.device("cpu"))
-    value = penalty(model)
+    value = penalty()
     value.backward()
 
     expected = torch.zeros((), dtype=torch.float64)
@@ -127,7 +127,7 @@ def test_orthogonality_term_and_gradient_match_float64(tiny_model_dir) -> None:
     for layer in layers.values():
         layer.lora_B["default"].weight.data.zero_()
         layer.lora_B["default"].weight.grad = None
-    OLoraPenalty(model, {}, 0.0, 1.0, torch.device("cpu"))(model).backward()
+    OLoraPenalty(model, {}, 0.0, 1.0, torch.device("cpu"))().backward()
     for layer in layers.values():
         assert torch.equal(layer.lora_B["default"].weight.grad, torch.zeros_like(layer.lora_B["default"].weight))
 
@@ -146,18 +146,18 @@ def test_old_adapters_stay_frozen_while_a_task_trains(tiny_model_dir) -> None:
               for n, layer in lora_layers(model).items()}
     kept = {n: [a.clone() for a in v] for n, v in old_a.items()}
     penalty = OLoraPenalty(model, old_a, 0.5, 0.0, torch.device("cpu"))
-    before = penalty.orthogonality(model).item()
+    before = penalty.orthogonality().item()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (4, 16), generator=generator)
     for _ in range(5):
         optimizer.zero_grad()
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        (loss + penalty(model)).backward()
+        (loss + penalty()).backward()
         optimizer.step()
     for name, layer in lora_layers(model).items():
         assert torch.equal(layer.get_base_layer().weight, frozen[name][0]), name
         assert torch.equal(merge_remainder(layer), frozen[name][1]), name
         assert all(torch.equal(a, b) for a, b in zip(old_a[name], kept[name], strict=True)), name
         assert layer.lora_B["default"].weight.abs().sum().item() > 0, f"{name}: the new adapter trained"
-    assert penalty.orthogonality(model).item() < 0.5 * before
+    assert penalty.orthogonality().item() < 0.5 * before

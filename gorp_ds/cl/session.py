@@ -183,7 +183,7 @@ class MethodSession:
         logits = core.get_output_embeddings()(hidden[rows, cols])
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["answer_targets"])
         if self.olora is not None:
-            loss = loss + self.olora(module)
+            loss = loss + self.olora()
         return loss
 
     def _micro_batches(self, task: Task, indices: list[int]) -> tuple[list[dict[str, torch.Tensor]], int]:

@@ -29,56 +29,61 @@ def _current(layer: nn.Module, factor: str) -> Tensor:
 
 class OLoraPenalty:
     """The two terms for one task, with the old A's stacked once (``(tasks·r) × n`` per layer, fp32,
-    on ``device``). ``old_a``: ``{layer name: [A_1, …, A_{t−1}]}`` (each ``r × n``)."""
+    on ``device``) and the trained factors looked up once (the same ``Parameter`` objects for the
+    whole task: merges and re-initialisation write into them), so a training step walks no module
+    tree. ``old_a``: ``{layer name: [A_1, …, A_{t−1}]}`` (each ``r × n``)."""
 
     def __init__(self, model: nn.Module, old_a: Mapping[str, list[Tensor]], lambda_orth: float,
                  lambda_l2: float, device: torch.device) -> None:
         self.lambda_orth, self.lambda_l2 = float(lambda_orth), float(lambda_l2)
+        self.device = device
         layers = lora_layers(model)
-        # (A's shape, old rows) -> (layer names, old A's as L × (tasks·r) × n)
-        groups: dict[tuple[tuple[int, ...], int], list[str]] = {}
-        self._old: dict[tuple[tuple[int, ...], int], Tensor] = {}
+        # Per (A's shape, old rows): the layers' current A's and their old A's as L × (tasks·r) × n.
+        self._orth: list[tuple[list[Tensor], Tensor]] = []
         if self.lambda_orth > 0:
             stacked = {n: torch.cat([a.float() for a in old_a[n]], dim=0) for n in layers if old_a.get(n)}
+            groups: dict[tuple[tuple[int, ...], int], list[str]] = {}
             for name, rows in stacked.items():
                 groups.setdefault((tuple(_current(layers[name], "lora_A").shape), rows.shape[0]), []).append(name)
-            for key, names in groups.items():
-                self._old[key] = torch.stack([stacked[n] for n in names]).to(device)
-        self._orth_groups = groups
-        self._shapes: dict[tuple[str, tuple[int, ...]], list[str]] = {}  # (factor, shape) -> layers, for λ2
+            for names in groups.values():
+                self._orth.append(([_current(layers[n], "lora_A") for n in names],
+                                   torch.stack([stacked[n] for n in names]).to(device)))
+        # Per (factor, shape), for λ2: the new adapter's factors of that shape.
+        self._l2: list[list[Tensor]] = []
         if self.lambda_l2 > 0:
-            for name, layer in layers.items():
+            shapes: dict[tuple[str, tuple[int, ...]], list[Tensor]] = {}
+            for layer in layers.values():
                 for factor in ("lora_A", "lora_B"):
-                    self._shapes.setdefault((factor, tuple(_current(layer, factor).shape)), []).append(name)
+                    weight = _current(layer, factor)
+                    shapes.setdefault((factor, tuple(weight.shape)), []).append(weight)
+            self._l2 = list(shapes.values())
 
     @property
     def active(self) -> bool:
-        return bool(self._old) or bool(self._shapes)
+        return bool(self._orth) or bool(self._l2)
 
-    def orthogonality(self, model: nn.Module) -> Tensor:
+    def orthogonality(self) -> Tensor:
         """``Σ_layers Σ_old |A_old A_newᵀ|`` summed over entries (the λ1-free term), fp32."""
-        layers = lora_layers(model)
         terms = []
-        for key, names in self._orth_groups.items():
-            new = torch.stack([_current(layers[n], "lora_A") for n in names]).float()  # L × r × n
-            terms.append(torch.bmm(self._old[key], new.mT).abs().sum())  # L × (tasks·r) × r overlaps
-        return torch.stack(terms).sum() if terms else torch.zeros((), device=next(model.parameters()).device)
+        for current, old in self._orth:
+            new = torch.stack(current).float()  # L × r × n
+            terms.append(torch.bmm(old, new.mT).abs().sum())  # L × (tasks·r) × r overlaps
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=self.device)
 
-    def l2(self, model: nn.Module) -> Tensor:
+    def l2(self) -> Tensor:
         """``Σ_layers ‖A‖_F + ‖B‖_F`` of the adapter being trained (the λ2-free term), fp32."""
-        layers = lora_layers(model)
         terms = []
-        for (factor, _), names in self._shapes.items():
-            stack = torch.stack([_current(layers[n], factor) for n in names]).float()
+        for factors in self._l2:
+            stack = torch.stack(factors).float()
             # ‖·‖_F with a zero subgradient at 0 (B starts at zero): sqrt(max(x, tiny)) keeps it finite.
             terms.append(stack.square().sum(dim=(1, 2)).clamp_min(1e-30).sqrt().sum())
-        return torch.stack(terms).sum() if terms else torch.zeros((), device=next(model.parameters()).device)
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=self.device)
 
-    def __call__(self, model: nn.Module) -> Tensor:
+    def __call__(self) -> Tensor:
         """``λ1 · orthogonality + λ2 · l2`` (only the terms with a positive weight are computed)."""
-        total = torch.zeros((), device=next(model.parameters()).device)
-        if self._old:
-            total = total + self.lambda_orth * self.orthogonality(model)
-        if self._shapes:
-            total = total + self.lambda_l2 * self.l2(model)
+        total = torch.zeros((), device=self.device)
+        if self._orth:
+            total = total + self.lambda_orth * self.orthogonality()
+        if self._l2:
+            total = total + self.lambda_l2 * self.l2()
         return total

@@ -59,6 +59,7 @@ from ..log import get_logger
 from ..optim.gorp import GORP
 from ..optim.lowrank_grad import accumulate_full_gradient_, accumulate_low_rank_, full_gradient
 from ..optim.projector import GradientProducts, Side, project_gradient, projection_side
+from ..optim.stacks import select
 from ..optim.update import BatchUpdate, LowRankStep, UpdateConfig, apply_low_rank_member_, low_rank_factors
 from . import projected_linear, split_master
 
@@ -363,11 +364,8 @@ class LowRankTargets:
         scalars = (split_master.scalars(cfg.decay, update.step.step_size, left.device)
                    if left.is_cuda and self.fused_update else None)
         for s in range(0, len(positions), chunk):
-            part = positions[s : s + chunk]
-            if part == list(range(part[0], part[0] + len(part))):  # the usual case: a view, no copy
-                lefts, rights = left[part[0] : part[-1] + 1], right[part[0] : part[-1] + 1]
-            else:
-                lefts, rights = torch.stack([left[p] for p in part]), torch.stack([right[p] for p in part])
+            part = positions[s : s + chunk]  # consecutive (the usual case): views, no copy
+            lefts, rights = select(left, part, len(left)), select(right, part, len(right))
             chunk_members = members[s : s + chunk]
             split_master.update_([self._weight(mb).view(m, n) for mb in chunk_members],
                                  [mb.remainder.view(m, n) for mb in chunk_members], lefts, rights,

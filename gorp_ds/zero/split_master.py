@@ -25,14 +25,10 @@ from ..optim.bf16_split import join, split_, zero_remainder  # noqa: F401  (the 
 
 def _fused_member_(hi: Tensor, lo: Tensor, product: Tensor, decay: Tensor, step: Tensor) -> None:
     """``(hi, lo) ← split(decay · join(hi, lo) − step · product)`` in place (``product`` fp32, the
-    shape of ``hi``): one elementwise kernel once compiled, reading ``hi``, ``lo`` and the product and
-    writing ``hi``, ``lo`` back (the compiler turns the copies into the kernel's stores)."""
-    bits = (hi.view(torch.int16).to(torch.int32) << 16) + lo.to(torch.int32)
-    master = bits.view(torch.float32) * decay - step * product
-    out = master.view(torch.int32)
-    upper = (out + 0x8000) >> 16
-    hi.view(torch.int16).copy_(upper.to(torch.int16))
-    lo.copy_((out - (upper << 16)).to(torch.int16))
+    shape of ``hi``), with the encoding's own ``join`` and ``split_``: compiled, one elementwise
+    kernel that reads ``hi``, ``lo`` and the product and writes ``hi``, ``lo`` back (the compiler
+    turns the temporaries and copies into the kernel's registers and stores)."""
+    split_(join(hi, lo) * decay - step * product, hi, lo)
 
 
 def _fused_update_(his: list[Tensor], los: list[Tensor], left: Tensor, right: Tensor, decay: Tensor,
