@@ -103,5 +103,28 @@ def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
 
 
+def _exit(status: int) -> None:
+    """Exit with ``status`` once everything is written, without the interpreter's teardown.
+
+    Two-rank CPU launches were seen to abort after a clean finish, in the teardown that follows
+    ``sys.exit`` ("terminate called without an active exception" from a C++ destructor; about one
+    launch in sixty of the test suite, never reproduced alone), and the launcher then reported 250
+    instead of 0, 2 or 75: a pre-empted SLURM job would not be requeued. So the Python-level
+    clean-up runs here, in order: the ``atexit`` handlers (W&B's finish among them), the logging
+    handlers, the standard streams; then ``os._exit`` skips the module teardown and the C++ static
+    destructors, where nothing of the run is left to write (results, checkpoints and TensorBoard
+    events are written and flushed as they are produced)."""
+    import atexit
+    import logging
+
+    try:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

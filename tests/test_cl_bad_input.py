@@ -511,3 +511,25 @@ def test_exit_status_through_two_rank_launcher(tmp_path: Path, tiny_model_dir: P
     assert "--rank 33" in lines[0]
     assert "Traceback" not in output
     _assert_nothing_written(tmp_path / "out" / "rank_too_large")
+
+
+def test_launcher_exit_runs_the_python_clean_up_then_keeps_the_status(tmp_path: Path) -> None:
+    """launch/train.py leaves through ``_exit``: atexit handlers run, unflushed output and log
+    records reach their streams and files, and the process status is exactly the one given (75 here,
+    the requeue status), with the interpreter's teardown skipped."""
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import atexit, importlib.util, logging, sys\n"
+        f"spec = importlib.util.spec_from_file_location('train_main', {str(REPO / 'launch' / 'train.py')!r})\n"
+        "train = importlib.util.module_from_spec(spec); spec.loader.exec_module(train)\n"
+        f"handler = logging.FileHandler({str(tmp_path / 'run.log')!r}); logging.getLogger('t').addHandler(handler)\n"
+        "logging.getLogger('t').warning('last record')\n"
+        f"atexit.register(lambda: open({str(tmp_path / 'atexit.txt')!r}, 'w').write('ran'))\n"
+        "sys.stdout.write('no newline, not flushed')\n"
+        "train._exit(75)\n"
+        "print('not reached')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert proc.stdout == "no newline, not flushed"
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert (tmp_path / "run.log").read_text() == "last record\n"
