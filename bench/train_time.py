@@ -4,9 +4,11 @@
         --model embedded --data-dir <cl_benchmark> --order A --method seq-lora,gorp --max-steps-per-task 100
 
 Why not the runner's own timings: the runner trains one method's whole sequence, then the next. A
-host-bound step's time drifts over a process's life (CPU clocks, the allocator, other tenants of the
-host), so the method trained last is favoured: on one H200 the same code measured gorp at 1.05×
-seq-lora trained after it and 1.14× trained before it. Here every method keeps its own live session
+host-bound step's time drifts over a process's life by a few percent (the host's speed is not
+constant; the profiles in bench/results/cl_order_a_h200.md §5 show identical operators 1.2-1.3× slower
+a minute later, or faster), so whichever method is trained later is favoured or penalised by chance: on one H200 the
+same code measured gorp at 1.05× seq-lora with gorp trained after seq-lora, and at 1.14× with gorp
+trained before it. Here every method keeps its own live session
 (model, engine, optimizer) and the tasks are interleaved:
 
 - for each task, a warm-up session (``--warmup``, untimed) trains it first, so CUDA's first-use
@@ -81,6 +83,7 @@ def main() -> None:
     from gorp_ds.cl import add_arguments, build_run_config
     from gorp_ds.cl.runner import prepare
     from gorp_ds.cl.session import MethodSession, Progress
+    from gorp_ds.models.roles import METHODS
 
     run_parser = argparse.ArgumentParser()
     add_arguments(run_parser)
@@ -89,6 +92,8 @@ def main() -> None:
     cfg = build_run_config(args)
     if "mtl" in cfg.methods or own.warmup == "mtl":
         raise SystemExit("train_time: mtl trains one mixed task, not the sequence; leave it out of --method")
+    if own.warmup not in (*METHODS, "none"):
+        raise SystemExit(f"train_time: --warmup {own.warmup!r} is not a method; choose from {', '.join(METHODS)} or none")
     if len(cfg.methods) < 2:
         raise SystemExit("train_time: give at least two methods to compare (--method seq-lora,gorp)")
     ds_config_path = args.ds_config or str(REPO / "ds_configs" / ("zero2.json" if cfg.dtype == "bf16" else "zero2_fp32.json"))
