@@ -21,7 +21,7 @@ trained before it. Here every method keeps its own live session
 
 A task's time is :meth:`MethodSession.train_task`'s own (``progress.timings["train_s/<t>"]``, the
 same number the runner reports). Written as they come: ``times.jsonl`` (one line per method and
-task), then ``summary.json`` and ``summary.md`` (totals, ratios to the first method, per task).
+task; ``position`` is its place in the task's order, 0 being the warm-up), then ``summary.json`` and ``summary.md`` (totals, ratios to the first method, per task).
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ def main() -> None:
         sessions[method] = (MethodSession(method, tasks, cfg, ds_config, os.path.join(own.out, "run", method)),
                             Progress())
     rank = next(iter(sessions.values()))[0].rank
+    if rank == 0:
+        open(os.path.join(own.out, "times.jsonl"), "w").close()  # this run's lines only
     times: dict[str, list[float]] = {m: [] for m in cfg.methods}
     for t, task in enumerate(tasks):
         order = (["warm-up"] if "warm-up" in sessions else []) + interleaved(cfg.methods, t)
