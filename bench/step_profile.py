@@ -22,29 +22,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.session_harness import bench_arguments, run_config  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for profile.jsonl and the tables")
     parser.add_argument("--top", type=int, default=25, help="operators listed per table")
     parser.add_argument("--profile-steps", type=int, default=5, help="steps of task 3 run under the profiler")
-    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
-    own, rest = parser.parse_known_args()
-    if rest and rest[0] == "--":
-        rest = rest[1:]
+    own, rest = bench_arguments(parser)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from gorp_ds.cl import add_arguments, build_run_config
     from gorp_ds.cl.runner import prepare
     from gorp_ds.cl.session import MethodSession, Progress
 
-    run_parser = argparse.ArgumentParser()
-    add_arguments(run_parser)
-    args = run_parser.parse_args(rest + ["--output-dir", os.path.join(own.out, "run"), "--overwrite",
-                                         "--checkpoints", "false", "--export", "false"])
-    cfg = build_run_config(args)
-    ds_config_path = args.ds_config or str(REPO / "ds_configs" / ("zero2.json" if cfg.dtype == "bf16" else "zero2_fp32.json"))
+    cfg, ds_config_path = run_config(rest, own.out)
     tasks, ds_config, _ = prepare(cfg, ds_config_path)
     if len(tasks) < 3:
         raise SystemExit("step_profile: needs a sequence of at least 3 tasks (warm-up, timed, profiled)")

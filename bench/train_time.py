@@ -35,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.session_harness import bench_arguments, run_config  # noqa: E402
+
 
 def interleaved(methods: list[str], task_index: int) -> list[str]:
     """The order the timed methods train task ``task_index`` in: as given on even tasks, reversed on odd."""
@@ -74,29 +76,20 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="directory for times.jsonl, summary.json and summary.md")
     parser.add_argument("--warmup", default="seq-lora",
                         help="method trained first on every task, untimed ('none': no warm-up session)")
-    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
-    own, rest = parser.parse_known_args()
-    if rest and rest[0] == "--":
-        rest = rest[1:]
+    own, rest = bench_arguments(parser)
     import torch
 
-    from gorp_ds.cl import add_arguments, build_run_config
     from gorp_ds.cl.runner import prepare
     from gorp_ds.cl.session import MethodSession, Progress
     from gorp_ds.models.roles import METHODS
 
-    run_parser = argparse.ArgumentParser()
-    add_arguments(run_parser)
-    args = run_parser.parse_args(rest + ["--output-dir", os.path.join(own.out, "run"), "--overwrite",
-                                         "--checkpoints", "false", "--export", "false"])
-    cfg = build_run_config(args)
+    cfg, ds_config_path = run_config(rest, own.out)
     if "mtl" in cfg.methods or own.warmup == "mtl":
         raise SystemExit("train_time: mtl trains one mixed task, not the sequence; leave it out of --method")
     if own.warmup not in (*METHODS, "none"):
         raise SystemExit(f"train_time: --warmup {own.warmup!r} is not a method; choose from {', '.join(METHODS)} or none")
     if len(cfg.methods) < 2:
         raise SystemExit("train_time: give at least two methods to compare (--method seq-lora,gorp)")
-    ds_config_path = args.ds_config or str(REPO / "ds_configs" / ("zero2.json" if cfg.dtype == "bf16" else "zero2_fp32.json"))
     tasks, ds_config, _ = prepare(cfg, ds_config_path)
     os.makedirs(own.out, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -118,9 +111,8 @@ def main() -> None:
         order = (["warm-up"] if "warm-up" in sessions else []) + interleaved(cfg.methods, t)
         for name in order:
             session, progress = sessions[name]
-            sync()
+            sync()  # the previous session's queued work is not this one's time
             session.train_task(t, task, progress, on_checkpoint=lambda p: None, total_tasks=len(tasks))
-            sync()
             session.close_adapters(t)
             session.end_task(t)
             progress.task, progress.step = t + 1, 0
