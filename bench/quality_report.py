@@ -92,10 +92,10 @@ def method_table(main: dict[tuple[str, str], dict[str, Any]], methods: list[str]
             continue
         values = {k: _mean([r["results"]["metrics"].get(k) for r in runs]) for k in METRICS}
         train = mean(r["results"]["timings"]["train_s"] for r in runs)
-        memory = max(r["results"]["peak_memory_gib"] for r in runs)
+        peaks = [r["results"]["peak_memory_gib"] for r in runs if r["results"].get("peak_memory_gib") is not None]
         lines.append(f"| {method} | {','.join(r['order'] for r in runs)} | {_fmt(values['AA'])} | "
                      f"{_fmt(values['BWT'], True)} | {_fmt(values['FWT'], True)} | {_fmt(values['forgetting'])} | "
-                     f"{train:.0f} | {memory:.2f} |")
+                     f"{train:.0f} | {f'{max(peaks):.2f}' if peaks else 'not measured'} |")
     return lines
 
 

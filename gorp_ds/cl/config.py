@@ -33,11 +33,11 @@ from ..models.loading import ModelConfig
 from ..models.lora import LoraSettings
 from ..models.roles import METHODS, TargetsConfig
 from ..optim.config import OptimizerConfig
+from ..resources import RECIPES
 from ..settings import SettingError, check_settings, setting
 
 RESUME_MODES = ("off", "on", "auto")
 EMBEDDED_METHODS = ["gorp", "seq-lora"]
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 # --model embedded with no --preset: the embedded model's preset; with no data settings either, the
 # embedded quick run (the main job's default).
 AUTO_PRESET_MODEL, AUTO_PRESET_SUITE = "embedded", "embedded_quick"

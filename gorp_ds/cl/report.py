@@ -103,8 +103,12 @@ def summary_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         m = r["metrics"]
         lines.append(f"| {r['method']} | {_fmt(m['AA'])} | {_fmt(m['BWT'])} | {_fmt(m['FWT'])} | "
-                     f"{_fmt(m['forgetting'])} | {r['timings']['train_s']:.0f} | {r['peak_memory_gib']:.2f} |")
+                     f"{_fmt(m['forgetting'])} | {r['timings']['train_s']:.0f} | {_gib(r.get('peak_memory_gib'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _gib(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.2f}"
 
 
 def write_summary(out_dir: str, results: list[dict[str, Any]]) -> str:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from ..log import get_logger
@@ -375,9 +374,3 @@ def settle_output_dir(cfg: RunConfig, ds_config: dict[str, Any], world_size: int
         _move_aside(out, Path(aside), boards)
     _barrier()
     return decision
-
-
-def set_device_for_collectives() -> None:
-    """Object collectives on NCCL use the current CUDA device: make it this rank's before the first."""
-    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from typing import Any
 
@@ -25,11 +24,13 @@ from .agree import agree_on_errors, in_user_terms
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .evaluate import Evaluation
 from .metrics import all_metrics
+from .peak_memory import PeakMemory
 from .preemption import Preempted
 from .preemption import current as current_preemption
 from .preflight import preflight
+from .process_group import init_process_group
 from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
-from .run_dir import Decision, path_problem, run_settings, set_device_for_collectives, settle_output_dir
+from .run_dir import Decision, path_problem, run_settings, settle_output_dir
 from .session import MethodSession, Progress, mixed_task
 
 log = get_logger(__name__)
@@ -67,11 +68,7 @@ def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
 def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, Any], Decision]:
     """Everything that can be wrong with the input, checked before any training; then the output
     directory is settled (moved aside, or checked for --resume) and config.yaml written."""
-    import deepspeed
-
-    set_device_for_collectives()
-    if not dist.is_initialized():
-        deepspeed.init_distributed()
+    init_process_group()
     if not torch.cuda.is_available():
         # CPU ranks share the machine's cores: oversubscribed BLAS threads slow every rank down.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", _world())))
@@ -105,6 +102,8 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
 def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[str, Any], out_dir: str,
                resume: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
+    peak = PeakMemory()
+    peak.start()  # this method's own peak: the model and engine it builds are part of it
     schedule = [mixed_task(tasks)] if method == "mtl" else tasks
     session = MethodSession(method, tasks, cfg, ds_config, out_dir)
     progress = session.resume() if resume and _from_rank0(session.has_checkpoint()) else Progress()
@@ -130,7 +129,7 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         log_eta(method, progress, len(schedule))
     if cfg.export:
         export(session, progress, "final")
-    result = assemble(method, tasks, cfg, progress, time.perf_counter() - started)
+    result = assemble(method, tasks, cfg, progress, time.perf_counter() - started, peak)
     session.monitor.metrics(result["metrics"], progress.global_step)
     if session.rank == 0:
         write_method_results(out_dir, result)
@@ -177,7 +176,8 @@ def log_eta(method: str, progress: Progress, total_tasks: int) -> None:
         log.info(f"[{method}] {progress.task}/{total_tasks} tasks done; about {remaining / 60:.1f} min of training left")
 
 
-def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress, wall_s: float) -> dict[str, Any]:
+def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress, wall_s: float,
+             peak: PeakMemory) -> dict[str, Any]:
     r = r_matrix(progress.rows, len(tasks))
     train_s = sum(v for k, v in progress.timings.items() if k.startswith("train_s/"))
     tokens = sum(v for k, v in progress.timings.items() if k.startswith("tokens/"))
@@ -197,7 +197,10 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
         "timings": {"wall_s": wall_s, "train_s": train_s,
                     "eval_s": sum(v for k, v in progress.timings.items() if k.startswith("eval_s/")),
                     "tokens_per_s": tokens / train_s if train_s else 0.0},
-        "peak_memory_gib": peak_memory_gib(),
+        # This method's peak since it started in this process (None: not measurable here), and what
+        # was measured: "cuda_allocated" or "rss_high_water_mark" (gorp_ds/cl/peak_memory.py).
+        "peak_memory_gib": peak.gib(),
+        "peak_memory_source": peak.source,
         "world_size": _world(),
         "config": run_settings(cfg),
         # Settings changed on a resume: {field, old, new, task, step, global_step} (the new value
@@ -205,12 +208,6 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
         "config_changes": progress.changes,
         "skipped_nonfinite_steps": progress.skipped_steps,
     }
-
-
-def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _read_json(path: str) -> Any:

@@ -12,23 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 
 
-def _single_process_env() -> None:
-    """A one-rank process group for DeepSpeed when not started by a launcher."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gorp_ds.export", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m gorp_ds.export") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a method's output directory, its checkpoints/ folder, or one tag folder")
     parser.add_argument("out_dir", help="the Hugging Face directory to write (replaced if it exists)")
@@ -45,13 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gorp_ds: error: {args.checkpoint}: not a checkpoint (expected a method's output directory with "
               "checkpoints/latest, a checkpoints/ folder, or a tag folder with gorp_state/)", file=sys.stderr)
         return 2
-    _single_process_env()
-    import deepspeed
     import torch.distributed as dist
 
+    from ..cl.process_group import init_process_group
+
     try:
-        if not dist.is_initialized():
-            deepspeed.init_distributed()
+        init_process_group()
         session = rebuild_session(*found, tasks=[], world=dist.get_world_size(),
                                   out_dir=os.path.dirname(os.path.abspath(args.out_dir)))
         session.export(args.out_dir)

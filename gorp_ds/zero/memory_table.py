@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..resources import stage_ds_config
 from .memory_model import GIB, MODELS, GorpShape, ModelShape, Prediction, RunShape, ZeroShape, worst_rank
 
 GROUPS = [  # (label, term-name prefixes) of the summary columns
@@ -87,8 +88,8 @@ def summary_table(rows: list[tuple[str, int, int, Prediction]]) -> str:
     return "\n".join(lines)
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gorp_ds.zero.memory_model", description=__doc__,
+def parse(argv: list[str] | None, prog: str = "python -m gorp_ds.zero.memory_model") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="7b", help=f"{', '.join(MODELS)}, or a directory/config.json of a LLaMA")
     parser.add_argument("--world", default="8", help="data-parallel GPUs, one value or several: 8,16,64")
@@ -112,13 +113,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-PROJECT_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
-
-
 def default_ds_config(stage: int) -> Path | None:
-    """The project's ``ds_configs/zero{stage}.json`` (what a run uses by default), if this checkout has it."""
-    path = PROJECT_CONFIGS / f"zero{stage}.json"
-    return path if path.is_file() else None
+    """The shipped ``ds_configs/zero{stage}.json`` (what a run uses by default), where there is one."""
+    return stage_ds_config(stage)
 
 
 def read_ds_config(path: str | None, stage: int) -> dict:
@@ -163,8 +160,8 @@ def predictions(args: argparse.Namespace) -> list[tuple[str, int, int, Predictio
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m gorp_ds.zero.memory_model") -> int:
+    args = parse(argv, prog)
     try:
         rows = predictions(args)
     except (CliError, ValueError) as err:
