@@ -17,7 +17,16 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["SettingError", "setting", "check_settings"]
+__all__ = ["SettingError", "setting", "check_settings", "RESUME_POLICIES"]
+
+# What ``--resume`` does when a setting differs from the run being resumed (declared on each field):
+# - "fixed": refused, naming the field (it defines which run this is: changing it would relabel R's
+#   columns, mix training across tasks or load state of another shape);
+# - "changes": allowed; the new value applies from the resumed step and is recorded as a change;
+# - "ignored": allowed and no change to the results (checkpoint cadence, outputs written, ...): a
+#   finished method is still skipped;
+# - "launch": how this launch treats the output directory, not what the run is (never compared).
+RESUME_POLICIES = ("fixed", "changes", "ignored", "launch")
 
 
 class SettingError(ValueError):
@@ -37,7 +46,7 @@ class SettingError(ValueError):
 
 def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, minimum: float | None = None,
             above: float | None = None, maximum: float | None = None, flat: str | None = None,
-            aliases: tuple[str, ...] = (), bare: Any = None, run: bool = True) -> Any:
+            aliases: tuple[str, ...] = (), bare: Any = None, run: bool = True, on_resume: str = "changes") -> Any:
     """A dataclass field that is a run setting.
 
     ``choices``: allowed values (each element, for a list); ``minimum`` / ``maximum``: inclusive
@@ -45,10 +54,13 @@ def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, 
     run-file key, ``--flag``) when it is not the field name (or the section's prefix plus it);
     ``aliases``: further flag spellings. ``bare``: the value of the flag given without a value
     (booleans: true). ``run=False``: a field of the dataclass that is no run setting (passed in
-    by the caller, e.g. the data section's sampling seed, which is the runner's seed).
+    by the caller, e.g. the data section's sampling seed, which is the runner's seed). ``on_resume``:
+    what ``--resume`` does when the value differs from the resumed run's (:data:`RESUME_POLICIES`).
     """
+    if on_resume not in RESUME_POLICIES:
+        raise ValueError(f"on_resume must be one of {RESUME_POLICIES}, got {on_resume!r}")
     meta = {"help": help, "choices": choices, "minimum": minimum, "above": above, "maximum": maximum,
-            "flat": flat, "aliases": tuple(aliases), "bare": bare, "run": run}
+            "flat": flat, "aliases": tuple(aliases), "bare": bare, "run": run, "on_resume": on_resume}
     if isinstance(default, (list, dict, tuple)) and not isinstance(default, str):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -55,33 +55,33 @@ class RunnerConfig:
     """What the runner does with the components: methods, budget, outputs, resume (``runner:``)."""
 
     methods: list[str] = setting(["gorp"], "methods to run one after another (comma-separated)",
-                                 choices=METHODS, aliases=("method",))
+                                 choices=METHODS, aliases=("method",), on_resume="fixed")
     max_steps_per_task: int | None = setting(None, "optimizer steps per task (none: --epochs over the train split)",
-                                             minimum=1)
-    epochs: float = setting(1.0, "passes over each task's train split (without --max-steps-per-task)", above=0.0)
-    global_batch_size: int = setting(16, "examples per optimizer step, all ranks together", minimum=1)
+                                             minimum=1, on_resume="fixed")
+    epochs: float = setting(1.0, "passes over each task's train split (without --max-steps-per-task)", above=0.0, on_resume="fixed")
+    global_batch_size: int = setting(16, "examples per optimizer step, all ranks together", minimum=1, on_resume="fixed")
     micro_batch_size: int = setting(1, "examples per forward pass and rank (0: the whole global batch per rank, "
-                                       "no accumulation)", minimum=0)
-    eval_batch_size: int = setting(64, "examples per generation batch in evaluation", minimum=1)
-    seed: int = setting(0, "seed of the data order, sampling and LoRA re-initialisation")
-    output_dir: str = setting("runs/gorp_ds", "where config.yaml, results, TensorBoard events and checkpoints go")
+                                       "no accumulation)", minimum=0, on_resume="fixed")
+    eval_batch_size: int = setting(64, "examples per generation batch in evaluation", minimum=1, on_resume="ignored")
+    seed: int = setting(0, "seed of the data order, sampling and LoRA re-initialisation", on_resume="fixed")
+    output_dir: str = setting("runs/gorp_ds", "where config.yaml, results, TensorBoard events and checkpoints go", on_resume="ignored")
     resume: str = setting("off", "continue each method from its last checkpoint in --output-dir (the saved "
                                  "config.yaml must describe the same run); on (plain --resume) stops when there "
-                                 "is nothing to resume, auto then starts fresh", choices=RESUME_MODES, bare="on")
+                                 "is nothing to resume, auto then starts fresh", choices=RESUME_MODES, bare="on", on_resume="launch")
     overwrite: bool = setting(False, "an --output-dir that already holds a run is moved aside to <dir>.old-<time> "
-                                     "first")
+                                     "first", on_resume="launch")
     save_every: int = setting(100, "optimizer steps between mid-task checkpoints (0: task boundaries only)",
-                              minimum=0)
-    keep_checkpoints: int = setting(2, "checkpoints kept per method (older ones are deleted)", minimum=1)
-    checkpoints: bool = setting(True, "write checkpoints (off: benchmarks; --resume then impossible)")
-    profile: bool = setting(False, "time every training phase and projector refresh with device syncs (slower)")
-    export: bool = setting(True, "write <output-dir>/<method>/export/ (a Hugging Face directory, LoRA merged)")
-    export_every_task: bool = setting(False, "also write export/task_XX/ after every task")
-    predictions: bool = setting(True, "write every evaluation's generations as JSONL under <method>/predictions/")
+                              minimum=0, on_resume="ignored")
+    keep_checkpoints: int = setting(2, "checkpoints kept per method (older ones are deleted)", minimum=1, on_resume="ignored")
+    checkpoints: bool = setting(True, "write checkpoints (off: benchmarks; --resume then impossible)", on_resume="ignored")
+    profile: bool = setting(False, "time every training phase and projector refresh with device syncs (slower)", on_resume="ignored")
+    export: bool = setting(True, "write <output-dir>/<method>/export/ (a Hugging Face directory, LoRA merged)", on_resume="ignored")
+    export_every_task: bool = setting(False, "also write export/task_XX/ after every task", on_resume="ignored")
+    predictions: bool = setting(True, "write every evaluation's generations as JSONL under <method>/predictions/", on_resume="ignored")
     eval_only: bool = setting(False, "evaluate --model (an exported directory or a checkpoint) on the task list; "
-                                     "no training")
+                                     "no training", on_resume="fixed")
     max_bad_steps: int = setting(3, "consecutive steps with a non-finite loss or gradient (each skipped) before "
-                                    "the run stops", minimum=1)
+                                    "the run stops", minimum=1, on_resume="ignored")
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, list) and not self.methods:
@@ -118,6 +118,7 @@ class Setting:
     choices: tuple[Any, ...] | None
     aliases: tuple[str, ...]
     bare: Any
+    on_resume: str  # what --resume does when the value differs (gorp_ds.settings.RESUME_POLICIES)
 
     @property
     def flag(self) -> str:
@@ -153,7 +154,7 @@ def _collect() -> dict[str, Setting]:
             if flat in found:
                 raise RuntimeError(f"setting name {flat!r} is declared twice ({found[flat].section}, {section})")
             found[flat] = Setting(section, f.name, flat, kind, optional, default, meta["help"], meta["choices"],
-                                  meta["aliases"], True if kind is bool else meta["bare"])
+                                  meta["aliases"], True if kind is bool else meta["bare"], meta["on_resume"])
     return found
 
 

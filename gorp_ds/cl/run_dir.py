@@ -30,23 +30,19 @@ from typing import Any
 import torch.distributed as dist
 
 from ..log import get_logger
-from .config import ConfigError, RunConfig, flatten_run, format_config, show
+from .config import SETTINGS, ConfigError, RunConfig, flatten_run, format_config, show
 
 log = get_logger(__name__)
 
 CONFIG_FILE = "config.yaml"
-# Settings that define which run this is: a resume that changes one would relabel R's columns, mix
-# training across tasks, or load state of another shape. --resume refuses, naming each.
-FIXED_ON_RESUME = (
-    "model", "data_dir", "tasks", "order", "methods", "max_steps_per_task", "epochs", "global_batch_size",
-    "micro_batch_size", "max_train_per_task", "eval_samples", "max_length", "dtype", "lora_r", "lora_alpha",
-    "lora_targets", "full_targets", "rank", "projector", "lora_init_off_shared", "seed",
-    "prompt_format", "max_source_length", "max_target_length", "eval_only", "full_gradients",
-)
-NOT_COMPARED = ("resume", "overwrite")  # how this launch treats the directory, not what the run is
-# Settings with no effect on a finished method's results (a finished method is skipped despite them).
-NICETIES = ("save_every", "keep_checkpoints", "checkpoints", "eval_batch_size", "gradient_checkpointing",
-            "output_dir", "max_bad_steps", "world_size", "profile", "export", "export_every_task", "predictions")
+# Each setting declares what --resume does when it differs (``setting(on_resume=...)``):
+# "fixed" ones define which run this is (a change would relabel R's columns, mix training across
+# tasks, or load state of another shape) and are refused, naming each; "launch" ones say how this
+# launch treats the directory, not what the run is; "ignored" ones have no effect on a finished
+# method's results (a finished method is skipped despite them), nor has the world size.
+FIXED_ON_RESUME = tuple(flat for flat, spec in SETTINGS.items() if spec.on_resume == "fixed")
+NOT_COMPARED = tuple(flat for flat, spec in SETTINGS.items() if spec.on_resume == "launch")
+NICETIES = (*(flat for flat, spec in SETTINGS.items() if spec.on_resume == "ignored"), "world_size")
 # The DeepSpeed settings recorded next to the run's (changes are allowed and recorded).
 DS_FIELDS = {"zero_stage": ("zero_optimization", "stage"), "bf16": ("bf16", "enabled"),
              "gradient_clipping": ("gradient_clipping",), "train_batch_size": ("train_batch_size",),

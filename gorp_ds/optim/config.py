@@ -16,12 +16,12 @@ MAX_SCALE = 100.0  # a --scale above this is a typo or an overflow in the making
 class OptimizerConfig:
     """GORP's hyperparameters (docs/algorithm.md §5 gives the LLaMA-2-7B values used as defaults)."""
 
-    rank: int = setting(8, "k: rank of the projected gradient space of full-rank targets", minimum=1)
+    rank: int = setting(8, "k: rank of the projected gradient space of full-rank targets", minimum=1, on_resume="fixed")
     update_gap: int = setting(20, "T: optimizer steps between projector refreshes", minimum=1)
     scale: float = setting(0.25, "s: multiplies the full-rank targets' low-rank update (change --lr-full for "
                                  "larger steps)", above=0.0, maximum=MAX_SCALE)
     projector: str = setting("randomized", "how projectors are computed from the gradient: randomized range "
-                                           "finder or exact SVD", choices=PROJECTOR_CHOICES)
+                                           "finder or exact SVD", choices=PROJECTOR_CHOICES, on_resume="fixed")
     oversample: int = setting(8, "extra columns of the randomized range finder (ignored by the exact projector)",
                               minimum=0)
     power_iters: int = setting(2, "power iterations of the randomized range finder", minimum=0)
