@@ -86,8 +86,8 @@ def test_wheel_installed_outside_the_checkout_runs_help_and_print_config(tmp_pat
                             cwd=where, env=_plain_env(), capture_output=True, text=True, timeout=300)
     assert memory.returncode == 0 and "| LLaMA-2-7B | 8 | 2 |" in memory.stdout, memory
     # its bucket settings come from the packaged ZeRO-2 configuration
-    assert f"{venv}/lib/python3.11/site-packages/gorp_ds/resources/ds_configs/zero2.json".replace("3.11", "{}".format(
-        sysconfig.get_python_version())) in memory.stdout, memory.stdout
+    settings_line = next(line for line in memory.stdout.splitlines() if line.startswith("ZeRO-2 buffer settings"))
+    assert str(venv) in settings_line and settings_line.endswith("gorp_ds/resources/ds_configs/zero2.json")
 
 
 @pytest.mark.slow
