@@ -51,10 +51,11 @@ def build_engine(args, device):
     from transformers import LlamaForCausalLM
 
     import gorp_ds
-    from gorp_ds.models import LoraSettings, RoleConfig, add_lora, build_param_groups
+    from gorp_ds.models import LoraSettings, TargetsConfig, add_lora, build_param_groups
     from gorp_ds.models.loading import model_fingerprint
     from gorp_ds.models.lora import init_lora_
     from gorp_ds.optim import GORP
+    from gorp_ds.optim.config import OptimizerConfig
 
     torch.manual_seed(0)
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -65,7 +66,7 @@ def build_engine(args, device):
     fingerprint = model_fingerprint(model)
     model = add_lora(model, LoraSettings(8, 32.0, ["q_proj", "v_proj"]))
     init_lora_(model, 0, 0)
-    groups = build_param_groups(model, "gorp", RoleConfig(rank=8, update_gap=args.gap, lr_lora=2e-4, lr_full=1e-6))
+    groups = build_param_groups(model, "gorp", TargetsConfig(), OptimizerConfig(rank=8, update_gap=args.gap, lr_lora=2e-4, lr_full=1e-6))
     config = {
         "train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
         "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,

@@ -81,11 +81,12 @@ def main() -> None:
 
     from gorp_ds.cl.runner import prepare
     from gorp_ds.cl.session import MethodSession, Progress
-    from gorp_ds.models.roles import METHODS
+    from gorp_ds.models.methods import METHODS, method_spec
 
     cfg, ds_config_path = run_config(rest, own.out)
-    if "mtl" in cfg.methods or own.warmup == "mtl":
-        raise SystemExit("train_time: mtl trains one mixed task, not the sequence; leave it out of --method")
+    mixed = [m for m in (*cfg.methods, own.warmup) if m in METHODS and method_spec(m).mixed_tasks]
+    if mixed:
+        raise SystemExit(f"train_time: {mixed[0]} trains one mixed task, not the sequence; leave it out of --method")
     if own.warmup not in (*METHODS, "none"):
         raise SystemExit(f"train_time: --warmup {own.warmup!r} is not a method; choose from {', '.join(METHODS)} or none")
     if len(cfg.methods) < 2:

@@ -67,8 +67,9 @@ def build_model(args: argparse.Namespace, device: torch.device):
     in seconds), LoRA-wrapped, with GORP's param groups."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gorp_ds.models import RoleConfig, add_lora, build_param_groups
+    from gorp_ds.models import TargetsConfig, add_lora, build_param_groups
     from gorp_ds.models.lora import LoraSettings
+    from gorp_ds.optim.config import OptimizerConfig
 
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate
                          or 2 * args.hidden + 8, num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -78,7 +79,7 @@ def build_model(args: argparse.Namespace, device: torch.device):
         model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16 if args.dtype == "bf16"
                                               else torch.float32)
     model = add_lora(model, LoraSettings())
-    groups = build_param_groups(model, "gorp", RoleConfig(full_targets=["mlp.gate_proj"], rank=8))
+    groups = build_param_groups(model, "gorp", TargetsConfig(full_targets=["mlp.gate_proj"]), OptimizerConfig(rank=8))
     return model, groups
 
 

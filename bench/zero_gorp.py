@@ -122,8 +122,9 @@ def make_engine(name: str, args, device, stage: int = 2):
     from peft import LoraConfig, get_peft_model
 
     import gorp_ds
-    from gorp_ds.models import RoleConfig, build_param_groups
+    from gorp_ds.models import TargetsConfig, build_param_groups
     from gorp_ds.optim import GORP
+    from gorp_ds.optim.config import OptimizerConfig
     from gorp_ds.zero import UnsupportedSetupError
 
     model = build_model(args, device)
@@ -131,9 +132,9 @@ def make_engine(name: str, args, device, stage: int = 2):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     config = ds_config(args, stage)
-    roles = RoleConfig(rank=8, update_gap=args.gap, scale=0.25, lr_lora=2e-4, lr_full=1e-6)
+    roles = TargetsConfig(), OptimizerConfig(rank=8, update_gap=args.gap, scale=0.25, lr_lora=2e-4, lr_full=1e-6)
     if name.startswith("gorp"):
-        optimizer = GORP(build_param_groups(model, "gorp", roles))
+        optimizer = GORP(build_param_groups(model, "gorp", *roles))
         optimizer.time_refreshes = True
         full_gradients = "flat" if name == "gorp-flat" else "projected"
         refresh_from = "gradient" if name == "gorp-grefresh" else "sketch"
@@ -143,7 +144,7 @@ def make_engine(name: str, args, device, stage: int = 2):
         except UnsupportedSetupError as err:
             raise StageRefused(f"configuration {name} at ZeRO-{stage}: gorp_ds.initialize refused it: {err}") from None
         return engine, optimizer
-    groups = build_param_groups(model, "gorp", roles)  # LoRA + gate_proj; roles ignored by AdamW
+    groups = build_param_groups(model, "gorp", *roles)  # LoRA + gate_proj; roles ignored by AdamW
     if name == "lora":
         for p in groups[2]["params"]:
             p.requires_grad_(False)

@@ -71,10 +71,11 @@ def _train(engine, rank: int, steps: int = STEPS) -> None:
 def _adamw_engine(stage: int):
     import deepspeed
 
-    from gorp_ds.models import RoleConfig, build_param_groups
+    from gorp_ds.models import TargetsConfig, build_param_groups
+    from gorp_ds.optim.config import OptimizerConfig
 
     model = build_model()
-    groups = build_param_groups(model, "gorp", RoleConfig(rank=K))  # lora_a, lora_b, gate_proj: trainable
+    groups = build_param_groups(model, "gorp", TargetsConfig(), OptimizerConfig(rank=K))  # lora_a, lora_b, gate_proj: trainable
     params = [{"params": g["params"]} for g in groups]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage))
@@ -153,12 +154,13 @@ def zero3_adamw(rank: int) -> dict:
 
 def zero2_gorp(rank: int) -> dict:
     import gorp_ds
-    from gorp_ds.models import RoleConfig, build_param_groups
+    from gorp_ds.models import TargetsConfig, build_param_groups
     from gorp_ds.optim import GORP
+    from gorp_ds.optim.config import OptimizerConfig
 
     model = build_model()
-    cfg = RoleConfig(rank=K, update_gap=2, shared_threshold=1.0)
-    groups = build_param_groups(model, "gorp", cfg)
+    groups = build_param_groups(model, "gorp", TargetsConfig(), OptimizerConfig(rank=K, update_gap=2,
+                                                                                  shared_threshold=1.0))
     optimizer = GORP(groups)
     config = ds_config(2)
     config.pop("zero_allow_untested_optimizer")

@@ -152,7 +152,6 @@ def test_presets_are_visible_and_optional() -> None:
 def test_one_default_per_setting() -> None:
     import torch
 
-    from gorp_ds.models import RoleConfig
     from gorp_ds.optim import GORP, UpdateConfig
     from gorp_ds.optim.config import OptimizerConfig
 
@@ -162,7 +161,6 @@ def test_one_default_per_setting() -> None:
     for name in ("rank", "update_gap", "scale", "projector", "oversample", "power_iters", "align_projector",
                  "shared_threshold", "eps", "weight_decay"):
         assert group[name] == getattr(owner, name), name
-        assert getattr(RoleConfig(), name) == getattr(owner, name), name
     assert group["betas"] == owner.betas and owner.scale == 0.25
     assert UpdateConfig.from_group({"role": "full", "lr": 1.0, "betas": owner.betas, "eps": owner.eps,
                                     "weight_decay": 0.0}).scale == owner.scale

@@ -3,6 +3,7 @@ module names, and the parameter roles of every method (table in gorp_ds/models/r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,14 +12,15 @@ import torch
 from gorp_ds.models import (
     METHODS,
     LoraSettings,
-    RoleConfig,
     RoleError,
+    TargetsConfig,
     add_lora,
     build_param_groups,
     canonical_name,
     lora_factor_names,
     merge_and_reinit_,
 )
+from gorp_ds.optim.config import OptimizerConfig
 
 R, ALPHA = 4, 8.0  # scaling α/r = 2
 LAYERS = 2
@@ -136,16 +138,17 @@ def test_canonical_name_does_not_depend_on_adapter_name(tiny_model_dir) -> None:
     assert lora == sorted(f"model.layers.{i}.self_attn.q_proj.lora_{f}" for i in range(LAYERS) for f in "AB")
 
 
-ROLES = RoleConfig(full_targets=["mlp.gate_proj"], rank=4, update_gap=7, scale=0.5, projector="exact",
-                   shared_threshold=0.8, lr_lora=1e-3, lr_full=2e-4, lr_plain=3e-5, weight_decay=0.01)
+TARGETS = TargetsConfig(full_targets=["mlp.gate_proj"])
+OPTIMIZER = OptimizerConfig(rank=4, update_gap=7, scale=0.5, projector="exact", shared_threshold=0.8, lr_lora=1e-3,
+                            lr_full=2e-4, lr_plain=3e-5, weight_decay=0.01)
 LORA_A = sorted(f"{n}.lora_A" for n in LORA_LAYERS)
 LORA_B = sorted(f"{n}.lora_B" for n in LORA_LAYERS)
 GATES = [f"model.layers.{i}.mlp.gate_proj" for i in range(LAYERS)]
 
 
-def _groups(model_dir, method: str, roles: RoleConfig = ROLES):
+def _groups(model_dir, method: str, targets: TargetsConfig = TARGETS):
     model = _base(model_dir) if method == "seq-ft" else _peft(model_dir)
-    groups = build_param_groups(model, method, roles)
+    groups = build_param_groups(model, method, targets, OPTIMIZER)
     # Exactly the grouped tensors train; each tensor in one group; names match the tensors.
     names_by_id = {id(p): canonical_name(n) for n, p in model.named_parameters()}
     grouped = [id(p) for g in groups for p in g["params"]]
@@ -190,16 +193,16 @@ def test_roles_cover_every_method() -> None:
 
 
 def test_full_targets_patterns_and_errors(tiny_model_dir) -> None:
-    regex = RoleConfig(**{**vars(ROLES), "full_targets": [r"re:layers\.1\.mlp\.(gate|up)_proj$"]})
+    regex = TargetsConfig(full_targets=[r"re:layers\.1\.mlp\.(gate|up)_proj$"])
     _, groups = _groups(tiny_model_dir, "gorp", regex)
     assert sorted(groups[2]["names"]) == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
     # Patterns match at a dot boundary: "ate_proj" is not "gate_proj".
     with pytest.raises(RoleError, match="ate_proj"):
-        build_param_groups(_peft(tiny_model_dir), "gorp", RoleConfig(**{**vars(ROLES), "full_targets": ["ate_proj"]}))
+        build_param_groups(_peft(tiny_model_dir), "gorp", TargetsConfig(full_targets=["ate_proj"]), OPTIMIZER)
     # gate_proj is 72 × 32: k = 33 does not fit.
     with pytest.raises(RoleError, match="gate_proj"):
-        build_param_groups(_peft(tiny_model_dir), "gorp", RoleConfig(**{**vars(ROLES), "rank": 33}))
+        build_param_groups(_peft(tiny_model_dir), "gorp", TARGETS, dataclasses.replace(OPTIMIZER, rank=33))
     with pytest.raises(RoleError, match="sgd"):
-        build_param_groups(_peft(tiny_model_dir), "sgd", ROLES)
+        build_param_groups(_peft(tiny_model_dir), "sgd", TARGETS, OPTIMIZER)
     with pytest.raises(RoleError):  # a LoRA method on a model without LoRA factors
-        build_param_groups(_base(tiny_model_dir), "seq-lora", ROLES)
+        build_param_groups(_base(tiny_model_dir), "seq-lora", TARGETS, OPTIMIZER)

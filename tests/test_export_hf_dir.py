@@ -9,9 +9,10 @@ import json
 import torch
 
 from gorp_ds.export import export_hf_dir
-from gorp_ds.models import LoraSettings, RoleConfig, add_lora, build_param_groups
+from gorp_ds.models import LoraSettings, TargetsConfig, add_lora, build_param_groups
 from gorp_ds.models.lora import lora_layers
 from gorp_ds.optim import GORP
+from gorp_ds.optim.config import OptimizerConfig
 from gorp_ds.zero import ZeroHandle
 
 
@@ -36,7 +37,7 @@ def test_sharded_tied_bf16_export_loads_and_holds_the_merge(tmp_path) -> None:
 
     tokenizer = make_tokenizer(tmp_path / "tok")
     model = _model(tokenizer)
-    groups = build_param_groups(model, "gorp", RoleConfig(full_targets=["mlp.gate_proj"], rank=2))
+    groups = build_param_groups(model, "gorp", TargetsConfig(full_targets=["mlp.gate_proj"]), OptimizerConfig(rank=2))
     optimizer = GORP(groups)
     params = {n: p for g in optimizer.param_groups for n, p in zip(g["names"], g["params"])}
     handle = ZeroHandle(None, optimizer, params)  # one process without ZeRO: the masters are the params

@@ -9,7 +9,7 @@ import torch
 from gorp_ds.models import (
     LoraSettings,
     ModelConfig,
-    RoleConfig,
+    TargetsConfig,
     add_lora,
     build_param_groups,
     load_model_and_tokenizer,
@@ -25,6 +25,7 @@ from gorp_ds.models.lora import (
 )
 from gorp_ds.models.olora import OLoraPenalty
 from gorp_ds.optim import GORP
+from gorp_ds.optim.config import OptimizerConfig
 
 SETTINGS = LoraSettings(r=4, alpha=16.0, targets=["q_proj", "v_proj"])  # scaling 4
 
@@ -140,7 +141,7 @@ def test_old_adapters_stay_frozen_while_a_task_trains(tiny_model_dir) -> None:
     masters = _random_masters(model, torch.Generator().manual_seed(5), scale=0.05)
     old_a = {n: [masters[f"{n}.lora_A"].clone()] for n in lora_layers(model)}
     merge_and_reinit_(model, seed=0, task_index=0, masters=masters)  # task 1 done: merged, fresh adapter
-    groups = build_param_groups(model, "o-lora", RoleConfig(lr_lora=1e-2))
+    groups = build_param_groups(model, "o-lora", TargetsConfig(), OptimizerConfig(lr_lora=1e-2))
     optimizer = GORP(groups)
     frozen = {n: (layer.get_base_layer().weight.clone(), merge_remainder(layer).clone())
               for n, layer in lora_layers(model).items()}

@@ -97,12 +97,13 @@ def test_split_master_is_exact_fp32_and_accumulates_updates_below_bf16_resolutio
 def test_a_module_both_lora_and_full_target_is_refused(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from gorp_ds.models import LoraSettings, RoleConfig, RoleError, add_lora, build_param_groups
+    from gorp_ds.models import LoraSettings, RoleError, TargetsConfig, add_lora, build_param_groups
+    from gorp_ds.optim.config import OptimizerConfig
 
     model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(targets=["q_proj", "v_proj"]))
     with pytest.raises(RoleError, match=r"both a LoRA target \(--lora-targets\) and a full-rank target \(--full-targets"):
-        build_param_groups(model, "gorp", RoleConfig(full_targets=["self_attn.q_proj"]))
-    groups = build_param_groups(model, "gorp", RoleConfig(full_targets=["mlp.gate_proj"]))
+        build_param_groups(model, "gorp", TargetsConfig(full_targets=["self_attn.q_proj"]), OptimizerConfig())
+    groups = build_param_groups(model, "gorp", TargetsConfig(full_targets=["mlp.gate_proj"]), OptimizerConfig())
     assert groups[-1]["role"] == "full"
 
 

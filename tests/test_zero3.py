@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gorp_ds.zero import UnsupportedSetupError, check_supported, load_ds_config
-from gorp_ds.zero.layout import PartitionedLayout, FlatTensor, partition_range
+from gorp_ds.zero.layout import FlatTensor, PartitionedLayout, partition_range
 from tests import zero3_scenarios as z3
 from tests import zero_scenarios as zs
 from tests.dist_utils import run_ranks

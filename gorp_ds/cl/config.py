@@ -31,13 +31,13 @@ from typing import Any
 from ..data.config import DataConfig
 from ..models.loading import ModelConfig
 from ..models.lora import LoraSettings
-from ..models.roles import METHODS, TargetsConfig
+from ..models.methods import METHODS
+from ..models.roles import TargetsConfig
 from ..optim.config import OptimizerConfig
 from ..resources import RECIPES
 from ..settings import SettingError, check_settings, setting
 
 RESUME_MODES = ("off", "on", "auto")
-EMBEDDED_METHODS = ["gorp", "seq-lora"]
 # --model embedded with no --preset: the embedded model's preset; with no data settings either, the
 # embedded quick run (the main job's default).
 AUTO_PRESET_MODEL, AUTO_PRESET_SUITE = "embedded", "embedded_quick"
@@ -54,6 +54,7 @@ class ConfigError(ValueError):
 class RunnerConfig:
     """What the runner does with the components: methods, budget, outputs, resume (``runner:``)."""
 
+    # choices: the method registry itself (a registered method is accepted by name).
     methods: list[str] = setting(["gorp"], "methods to run one after another (comma-separated)",
                                  choices=METHODS, aliases=("method",), on_resume="fixed")
     max_steps_per_task: int | None = setting(None, "optimizer steps per task (none: --epochs over the train split)",
@@ -153,7 +154,8 @@ def _collect() -> dict[str, Setting]:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             if flat in found:
                 raise RuntimeError(f"setting name {flat!r} is declared twice ({found[flat].section}, {section})")
-            found[flat] = Setting(section, f.name, flat, kind, optional, default, meta["help"], meta["choices"],
+            choices = None if meta["choices"] is None else tuple(meta["choices"])  # a registry: its names now
+            found[flat] = Setting(section, f.name, flat, kind, optional, default, meta["help"], choices,
                                   meta["aliases"], True if kind is bool else meta["bare"], meta["on_resume"])
     return found
 

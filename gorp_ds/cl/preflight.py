@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from ..data.prompting import PromptFormat
-from ..models import RoleConfig, add_lora, build_param_groups
+from ..models import add_lora, build_param_groups, method_spec
 from ..models.loading import resolve_model_source
-from ..models.roles import LORA_METHODS, RoleError
+from ..models.roles import RoleError
 from .config import RunConfig
 
 
@@ -22,15 +22,14 @@ def preflight(cfg: RunConfig) -> None:
         from transformers import AutoTokenizer
 
         PromptFormat(cfg.prompt_format).check(AutoTokenizer.from_pretrained(source, **extra))
-    roles = RoleConfig.of(cfg.targets, cfg.optimizer)
-    for method in cfg.methods:
+    for method in map(method_spec, cfg.methods):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        if method in LORA_METHODS:
+        if method.adapters:
             try:
                 model = add_lora(model, cfg.lora)
             except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
                 raise RoleError(f"--lora-targets {','.join(cfg.lora_targets)}: {str(err).splitlines()[0]}") from None
-        build_param_groups(model, method, roles)
-        if method in LORA_METHODS and cfg.lora_r > min(config.hidden_size, getattr(config, "intermediate_size", 10**9)):
+        build_param_groups(model, method, cfg.targets, cfg.optimizer)
+        if method.adapters and cfg.lora_r > min(config.hidden_size, getattr(config, "intermediate_size", 10**9)):
             raise RoleError(f"--lora-r {cfg.lora_r} is larger than the model's hidden size {config.hidden_size}")

@@ -17,7 +17,7 @@ from ..data.errors import DataError
 from ..data.registry import load_task_sequence
 from ..data.tasks import Task
 from ..log import get_logger
-from ..models import ModelError, RoleError
+from ..models import ModelError, RoleError, method_spec
 from ..settings import SettingError
 from ..zero import CheckpointError, UnsupportedSetupError, check_supported, load_ds_config
 from .agree import agree_on_errors, in_user_terms
@@ -78,11 +78,12 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
         raw_ds_config = load_ds_config(ds_config_path)
         check_supported(raw_ds_config, ds_config_path)  # first: it checks the sections' types
         ds_config = reconcile_ds_config(raw_ds_config, cfg, _world(), ds_config_path)
-        if check_supported(ds_config, ds_config_path) == 3 and "o-lora" in cfg.methods:
-            raise UnsupportedSetupError(
-                f"{ds_config_path}: 'zero_optimization.stage' is 3, but o-lora's orthogonality loss reads every "
-                "task's LoRA A outside its layer's forward, where ZeRO-3 keeps them partitioned; run o-lora with "
-                "stage 2 (ds_configs/zero2.json) or leave it out of --method")
+        stage = check_supported(ds_config, ds_config_path)
+        for spec in map(method_spec, cfg.methods):
+            if stage == 3 and spec.zero3_refusal:
+                raise UnsupportedSetupError(
+                    f"{ds_config_path}: 'zero_optimization.stage' is 3, but {spec.zero3_refusal}; run {spec.name} "
+                    "with stage 2 (ds_configs/zero2.json) or leave it out of --method")
         if (path := path_problem(cfg.output_dir)) is not None:
             raise ConfigError(path)
         try:
@@ -104,7 +105,8 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
     started = time.perf_counter()
     peak = PeakMemory()
     peak.start()  # this method's own peak: the model and engine it builds are part of it
-    schedule = [mixed_task(tasks)] if method == "mtl" else tasks
+    spec = method_spec(method)
+    schedule = [mixed_task(tasks)] if spec.mixed_tasks else tasks
     session = MethodSession(method, tasks, cfg, ds_config, out_dir)
     progress = session.resume() if resume and _from_rank0(session.has_checkpoint()) else Progress()
     if 0 not in progress.rows:
@@ -115,7 +117,7 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         # The LoRA merge (fp32, from the masters) comes before the row: R[row] is measured on
         # exactly the weights an export after this task writes.
         session.close_adapters(t)
-        row = len(tasks) if method == "mtl" else t + 1
+        row = len(tasks) if spec.mixed_tasks else t + 1
         evaluation, progress.timings[f"eval_s/{row}"] = session.evaluate()
         record_row(session, progress, row, evaluation)
         sizes = gather_sizes(session.end_task(t))

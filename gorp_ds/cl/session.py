@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +24,11 @@ from ..data.tokenize import collate_training, encode_for_training
 from ..export.hf_dir import ExportInfo, export_hf_dir
 from ..log import get_logger
 from ..models import (
-    RoleConfig,
     add_lora,
     build_param_groups,
     load_model_and_tokenizer,
     merge_and_reinit_,
+    method_spec,
     trainable_summary,
 )
 from ..models.loading import DTYPES, fingerprint_mismatch, model_fingerprint
@@ -40,8 +41,6 @@ from ..models.lora import (
     project_lora_a_off_,
     replay_lora_merges_,
 )
-from ..models.olora import OLoraPenalty
-from ..models.roles import LORA_METHODS
 from ..optim import GORP
 from ..zero import CheckpointError, has_checkpoint, initialize, load_checkpoint, save_checkpoint
 from . import preemption
@@ -122,10 +121,11 @@ class MethodSession:
         # Checkpoints hold no frozen weight: resume rebuilds the model and checks it is the same.
         self.base_fingerprint = model_fingerprint(model)
         torch.manual_seed(cfg.seed)
-        if method in LORA_METHODS:
+        self.spec = method_spec(method)  # what the method trains and does at task boundaries
+        if self.spec.adapters:
             model = add_lora(model, cfg.lora)
             init_lora_(model, cfg.seed, 0)
-        groups = build_param_groups(model, method, RoleConfig.of(cfg.targets, cfg.optimizer))
+        groups = build_param_groups(model, self.spec, cfg.targets, cfg.optimizer)
         log.info(f"[{method}] trainable: {trainable_summary(groups)}")
         self.optimizer = GORP(groups)
         self.optimizer.time_refreshes = cfg.profile  # synchronised refresh timing only when profiling
@@ -144,27 +144,30 @@ class MethodSession:
         self.monitor = Monitor(self.engine)
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A (fp32 master) of every finished task
-        self.olora: OLoraPenalty | None = None
+        # The method's loss penalty (MethodSpec.penalty), once there are finished tasks: a callable
+        # returning a scalar added to the loss.
+        self.penalty: Callable[[], torch.Tensor] | None = None
         # Per finished task, the LoRA factors merged into the frozen base weights (replayed on resume).
         self.merges: list[dict[str, dict[str, torch.Tensor]]] = []
         self.preemption = preemption.current()
         self.device = next(self.engine.module.parameters()).device
         self.prompt_format = PromptFormat(cfg.prompt_format)
         self.prompt_format.check(self.tokenizer)
-        self._build_olora()
+        self._build_penalty()
 
-    def _build_olora(self) -> None:
-        """o-lora: the regularisers of the task about to train, against the finished tasks' A's."""
-        if self.method != "o-lora":
+    def _build_penalty(self) -> None:
+        """The method's penalty for the task about to train, against the finished tasks' A's (o-lora's
+        orthogonality regularisers)."""
+        if self.spec.penalty is None:
             return
-        penalty = OLoraPenalty(self.engine.module, self.old_lora_a, self.cfg.olora_lambda, self.cfg.olora_l2,
-                               self.device)
-        self.olora = penalty if penalty.active else None
+        penalty = self.spec.penalty(self.engine.module, self.old_lora_a, self.cfg.olora_lambda, self.cfg.olora_l2,
+                                    self.device)
+        self.penalty = penalty if penalty.active else None
 
     # ------------------------------------------------------------------ schedule
     def steps_for(self, task: Task) -> int:
         """Optimizer steps for a task; multi-task training gets the sum of all tasks' budgets."""
-        if self.method == "mtl" and task not in self.tasks:
+        if self.spec.mixed_tasks and task not in self.tasks:
             return sum(self.steps_for(t) for t in self.tasks)
         if self.cfg.max_steps_per_task:
             return self.cfg.max_steps_per_task
@@ -182,8 +185,8 @@ class MethodSession:
         rows, cols = batch["answer_positions"].unbind(1)  # position p predicts token p+1
         logits = core.get_output_embeddings()(hidden[rows, cols])
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["answer_targets"])
-        if self.olora is not None:
-            loss = loss + self.olora()
+        if self.penalty is not None:
+            loss = loss + self.penalty()
         return loss
 
     def _micro_batches(self, task: Task, indices: list[int]) -> tuple[list[dict[str, torch.Tensor]], int]:
@@ -329,14 +332,14 @@ class MethodSession:
         weight in fp32 from the fp32 masters (accumulated exactly in fp32 across tasks: a bf16 W keeps
         its low bits) and re-initialise it (B = 0, so the adapter adds exactly nothing). The row is
         then measured on exactly the weights an export writes. O-LoRA first remembers the finished task's A (its fp32 master: the value merged)."""
-        if self.method not in LORA_METHODS:
+        if not self.spec.adapters:
             return
         module = self.engine.module
         masters = self._lora_masters()
-        if self.method == "o-lora":
+        if self.spec.remembers_adapters:
             for name in lora_layers(module):
                 self.old_lora_a.setdefault(name, []).append(masters[f"{name}.lora_A"].detach().cpu().clone())
-            self._build_olora()
+            self._build_penalty()
         # The checkpoint stores this merge (the exact fp32 values merged), not the merged weights.
         self.merges.append(lora_merge_record(module, masters))
         with self._lora_layers_gathered():
@@ -362,7 +365,7 @@ class MethodSession:
         """docs/algorithm.md §3–4 after the row of R: extend S from the moments and reset the optimizer;
         gorp then starts the new adapters' A off the shared space."""
         sizes = self.optimizer.end_task()
-        if self.method == "gorp" and self.cfg.lora_init_off_shared:
+        if self.spec.lora_init_off_shared and self.cfg.lora_init_off_shared:
             shared = self._all_shared_spaces(".lora_A")
             with self._lora_layers_gathered():
                 changed = project_lora_a_off_(self.engine.module, shared)
@@ -372,7 +375,7 @@ class MethodSession:
     def merge_in_place(self) -> None:
         """Merge the current adapters into the base weights in fp32 from the masters without
         re-initialising them for training (evaluation of a mid-task checkpoint): B is zeroed."""
-        if self.method not in LORA_METHODS:
+        if not self.spec.adapters:
             return
         module = self.engine.module
         masters = self._lora_masters()
@@ -445,12 +448,12 @@ class MethodSession:
                 replay_lora_merges_(self.engine.module, self.merges)
         except KeyError as err:
             raise CheckpointError(f"{self.checkpoint_dir}: {err.args[0]}; resume with the run's LoRA targets") from None
-        if self.method == "o-lora":  # O-LoRA's old adapters are the merged A's (stored once)
+        if self.spec.remembers_adapters:  # the penalty's old adapters are the merged A's (stored once)
             self.old_lora_a = {}
             for record in self.merges:
                 for name, merge in record.items():
                     self.old_lora_a.setdefault(name, []).append(merge["A"])
-            self._build_olora()
+            self._build_penalty()
         progress = Progress.from_state(client["progress"])
         if record_changes:
             self._apply_run_settings(client.get("config"), progress)

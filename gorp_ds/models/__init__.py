@@ -2,10 +2,12 @@
 
 from .loading import EMBEDDED, ModelConfig, ModelError, embedded_gguf_path, load_model_and_tokenizer
 from .lora import LoraSettings, add_lora, canonical_name, lora_factor_names, merge_and_reinit_
-from .roles import METHODS, RoleConfig, RoleError, TargetsConfig, build_param_groups, trainable_summary
+from .methods import METHODS, MethodSpec, method_spec, register
+from .roles import RoleError, TargetsConfig, build_param_groups, trainable_summary
 
 __all__ = [
     "EMBEDDED", "ModelConfig", "ModelError", "embedded_gguf_path", "load_model_and_tokenizer", "LoraSettings",
-    "add_lora", "canonical_name", "lora_factor_names", "merge_and_reinit_", "METHODS", "RoleConfig", "RoleError", "TargetsConfig",
+    "add_lora", "canonical_name", "lora_factor_names", "merge_and_reinit_", "METHODS", "MethodSpec", "method_spec", "register",
+    "RoleError", "TargetsConfig",
     "build_param_groups", "trainable_summary",
 ]

@@ -1,19 +1,14 @@
-"""Which tensors train, with which GORP role: built from module-name patterns per method.
+"""Which tensors train, with which GORP role: built from module-name patterns and the method's spec
+(:mod:`gorp_ds.models.methods`, whose table says what each method trains).
 
-| method                    | LoRA factors (targets)     | full-rank targets        | everything else |
-|---------------------------|----------------------------|--------------------------|-----------------|
-| gorp                      | lora_a / lora_b (S on)     | full, projected (S on)   | frozen          |
-| galore                    | lora_a / lora_b (no S)     | full, projected (no S)   | frozen          |
-| seq-lora, o-lora, mtl     | plain AdamW                | frozen                   | frozen          |
-| seq-ft                    | (no LoRA)                  | plain AdamW, all tensors | plain AdamW     |
-
-``galore`` is GORP with ε_S = 0: the same parameters and projected Adam, without the shared
-space, so comparing it with ``gorp`` isolates what S protects.
+LoRA factors take GORP's ``lora_a`` / ``lora_b`` roles and ``--full-targets`` train at full rank
+(``full``, projected Adam) for a method with ``gorp_roles``; its ``shared_space`` decides whether
+ε_S applies (``galore`` is GORP with ε_S = 0, so comparing it with ``gorp`` isolates what S
+protects). Every other trained tensor is ``plain`` AdamW.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +18,7 @@ from torch import nn
 from ..optim.config import OptimizerConfig
 from ..settings import SettingError, check_settings, setting
 from .lora import canonical_name
-
-METHODS = ("gorp", "galore", "seq-lora", "o-lora", "mtl", "seq-ft")
-LORA_METHODS = ("gorp", "galore", "seq-lora", "o-lora", "mtl")
-FULL_RANK_METHODS = ("gorp", "galore")
+from .methods import MethodSpec, method_spec
 
 
 class RoleError(ValueError):
@@ -62,20 +54,6 @@ class TargetsConfig:
                                "targets")
 
 
-@dataclass(kw_only=True)
-class RoleConfig(OptimizerConfig, TargetsConfig):
-    """What :func:`build_param_groups` needs: the full-rank targets and the optimizer's settings
-    (every default is the owning section's)."""
-
-    def __post_init__(self) -> None:
-        TargetsConfig.__post_init__(self)
-        OptimizerConfig.__post_init__(self)
-
-    @classmethod
-    def of(cls, targets: TargetsConfig, optimizer: OptimizerConfig) -> RoleConfig:
-        return cls(**{**dataclasses.asdict(targets), **dataclasses.asdict(optimizer)})
-
-
 def _matches(module_name: str, pattern: str) -> bool:
     """A pattern matches a module name at a dot boundary (``mlp.gate_proj`` matches
     ``model.layers.3.mlp.gate_proj``); patterns starting with ``re:`` are regular expressions."""
@@ -84,17 +62,22 @@ def _matches(module_name: str, pattern: str) -> bool:
     return module_name == pattern or module_name.endswith("." + pattern)
 
 
-def build_param_groups(model: nn.Module, method: str, cfg: RoleConfig) -> list[dict[str, Any]]:
-    """GORP param groups for ``method`` on a (PEFT-wrapped, for LoRA methods) model; sets
-    ``requires_grad`` so that exactly the grouped tensors train."""
-    if method not in METHODS:
-        raise RoleError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+def build_param_groups(model: nn.Module, method: str | MethodSpec, targets: TargetsConfig | None = None,
+                       optimizer: OptimizerConfig | None = None) -> list[dict[str, Any]]:
+    """GORP param groups for ``method`` (a spec, or a registered name) on a model (PEFT-wrapped for a
+    method with adapters); sets ``requires_grad`` so that exactly the grouped tensors train."""
+    if isinstance(method, str):
+        try:
+            method = method_spec(method)
+        except ValueError as err:
+            raise RoleError(str(err)) from None
+    targets, cfg = targets or TargetsConfig(), optimizer or OptimizerConfig()
     raw = list(model.named_parameters())
     named = [(canonical_name(n), p) for n, p in raw]
     weights = {canonical_name(n) for n, _ in raw if n.endswith(".weight")}  # canonical names drop ".weight"
     for _, param in named:
         param.requires_grad_(False)
-    if method == "seq-ft":
+    if method.train_all_weights:
         params = [(n, p) for n, p in named]
         for _, p in params:
             p.requires_grad_(True)
@@ -105,26 +88,26 @@ def build_param_groups(model: nn.Module, method: str, cfg: RoleConfig) -> list[d
     lora_b = [(n, p) for n, p in named if n.endswith(".lora_B")]
     if not lora_a:
         raise RoleError("no LoRA factors found: the LoRA target modules match nothing in this model")
-    protected = method in FULL_RANK_METHODS
-    threshold = cfg.shared_threshold if method == "gorp" else 0.0
+    protected = method.gorp_roles
+    threshold = cfg.shared_threshold if method.shared_space else 0.0
     groups: list[dict[str, Any]] = []
     for role, members in (("lora_a", lora_a), ("lora_b", lora_b)):
         groups.append({"params": [p for _, p in members], "names": [n for n, _ in members],
                        "role": role if protected else "plain", "lr": cfg.lr_lora,
                        "weight_decay": cfg.weight_decay, "shared_threshold": threshold, "betas": cfg.betas,
                        "eps": cfg.eps})
-    if protected and cfg.full_targets:
-        full = [(n, p) for n, p in named
-                if n in weights and p.dim() == 2 and ".lora_" not in n and any(_matches(n, t) for t in cfg.full_targets)]
+    if protected and targets.full_targets:
+        full = [(n, p) for n, p in named if n in weights and p.dim() == 2 and ".lora_" not in n
+                and any(_matches(n, t) for t in targets.full_targets)]
         if not full:
-            raise RoleError(f"full-rank targets {cfg.full_targets} match no 2-D weight in this model")
+            raise RoleError(f"full-rank targets {targets.full_targets} match no 2-D weight in this model")
         # A module cannot be both: the LoRA merge at a task boundary writes into the base weight that
         # the full-rank update owns (under ZeRO, silently overwritten by the owner's fp32 master).
         lora_modules = {n.removesuffix(".lora_A") for n, _ in lora_a}
         both = [n for n, _ in full if n in lora_modules]
         if both:
             raise RoleError(f"module {both[0]} is both a LoRA target (--lora-targets) and a full-rank target "
-                            f"(--full-targets {','.join(cfg.full_targets)}); remove it from one of the two settings")
+                            f"(--full-targets {','.join(targets.full_targets)}); remove it from one of the two settings")
         for name, param in full:
             if cfg.rank > min(param.shape):
                 raise RoleError(f"--rank {cfg.rank} is larger than {name} ({tuple(param.shape)}); use at most {min(param.shape)}")
