@@ -37,7 +37,6 @@ from ..resources import RECIPES
 from ..settings import SettingError, check_settings, setting
 
 RESUME_MODES = ("off", "on", "auto")
-EMBEDDED_METHODS = ["gorp", "seq-lora"]
 # --model embedded with no --preset: the embedded model's preset; with no data settings either, the
 # embedded quick run (the main job's default).
 AUTO_PRESET_MODEL, AUTO_PRESET_SUITE = "embedded", "embedded_quick"
@@ -158,7 +157,6 @@ def _collect() -> dict[str, Setting]:
 
 
 SETTINGS: dict[str, Setting] = _collect()
-FIELDS = SETTINGS  # flat name -> Setting (every run setting)
 _BY_FIELD = {(s.section, s.name): s for s in SETTINGS.values()}
 _KEYS = {**{a.replace("-", "_"): s.flat for s in SETTINGS.values() for a in s.aliases}, **{k: k for k in SETTINGS}}
 
@@ -367,11 +365,6 @@ def read_run_file(path: str, label: str | None = None) -> RunFile:
             raise ConfigError(f"{label}: unknown setting '{raw_key}' (sections: {', '.join(SECTIONS)}; flat keys: "
                               f"{', '.join(sorted(SETTINGS))})")
     return RunFile(path, settings, [str(p) for p in presets])
-
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """A run file's settings as ``{flat name: value}``."""
-    return {flat: value for flat, (value, _) in read_run_file(path).settings.items()}
 
 
 def preset_path(name: str) -> Path:
