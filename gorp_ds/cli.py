@@ -182,7 +182,7 @@ def export(argv: list[str], prog: str = "gorp-ds export") -> int:
 
 
 def memory(argv: list[str], prog: str = "gorp-ds memory") -> int:
-    from .zero.memory_table import main as memory_main
+    from .planning.memory_table import main as memory_main
 
     try:
         return memory_main(argv, prog)

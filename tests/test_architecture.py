@@ -16,10 +16,11 @@ PACKAGE = REPO / "gorp_ds"
 # layer -> the project layers it may import (docs/architecture.md)
 ALLOWED = {
     "settings": set(), "log": set(), "naming": set(), "resources": set(),
+    "planning": {"resources"},
     "optim": {"settings", "log"},
     "data": {"settings", "log"},
     "models": {"settings", "log", "naming", "optim"},
-    "zero": {"settings", "log", "naming", "optim", "resources"},
+    "zero": {"settings", "log", "naming", "optim"},
     "export": {"settings", "log", "naming", "models", "optim"},
     "cl": {"settings", "log", "naming", "optim", "data", "models", "zero", "export", "resources"},
 }

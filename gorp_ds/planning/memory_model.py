@@ -1,8 +1,8 @@
 """Per-GPU memory of GORP under DeepSpeed ZeRO-2 and ZeRO-3: named terms, from shapes alone.
 
-Pure Python (no torch, no torch.distributed): ``python -m gorp_ds.zero.memory_model --model 13b --world 8
---stage 3`` prints the table (``memory_table.py``). Every term is a count of elements on one rank times
-bytes per element, with the placement rule it follows:
+Pure Python (no torch, no torch.distributed): ``python -m gorp_ds.planning.memory_model --model 13b
+--world 8 --stage 3`` prints the table (``memory_table.py``). Every term is a count of elements on one
+rank times bytes per element, with the placement rule it follows:
 
 ``weights``
   - ``frozen``: the base model's weights outside the ``full`` targets. Stage 2: whole on every rank.
