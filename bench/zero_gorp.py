@@ -25,7 +25,7 @@ and peak memory), MFU, peak memory per GPU (max allocated over all timed steps, 
 included; the JSON lines also give it for refresh steps and the other steps apart), and for GORP the refresh overhead: the median time of the timed refresh steps minus the
 median step, and that as a share of training at T = 10 and T = 20 (overhead / (T · median step)).
 
-Beside each measured peak the memory model's prediction (``gorp_ds/zero/memory_model.py``, the same
+Beside each measured peak the memory model's prediction (``gorp_ds/planning/memory_model.py``, the same
 shape, batch, stage and DeepSpeed settings; none for gorp-flat) and the ratio measured/predicted.
 A configuration that ``gorp_ds.initialize`` refuses at a stage (GORP at ZeRO-3 before the stage-3
 engine path exists) is reported with the refusal's message, the others are still measured, and the
@@ -176,7 +176,7 @@ def executed_flops_per_token(cfg, seq: int, name: str, checkpointing: bool, lora
 def predicted_memory(name: str, args, stage: int, world: int, config) -> dict:
     """The memory model's per-GPU peak for this configuration (``None`` where it has no model: gorp-flat,
     whose full-rank gradients go through DeepSpeed's flat buffers)."""
-    from gorp_ds.zero.memory_model import GIB, GorpShape, ModelShape, RunShape, ZeroShape, worst_rank
+    from gorp_ds.planning.memory_model import GIB, GorpShape, ModelShape, RunShape, ZeroShape, worst_rank
 
     if name == "gorp-flat":
         return {"predicted_peak_gib": None}
@@ -404,7 +404,7 @@ def write_results(args, results: list[dict], world: int | None = None) -> None:
               f"micro-batch {args.micro}/GPU, {ckpt}, GORP k=8, T={args.gap}, "
               f"{'all configurations in one process' if args.in_process else 'each configuration in a fresh process'}; median of the timed steps "
               f"without a refresh ({args.steps} timed after {args.warmup} warm-up). Predicted: the memory model "
-              f"(gorp_ds/zero/memory_model.py) for the same shape, stage and DeepSpeed settings.\n\n")
+              f"(gorp_ds/planning/memory_model.py) for the same shape, stage and DeepSpeed settings.\n\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(header + table(results) + "\n\n" + FORMULA + "\n")
     Path(args.out).with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))

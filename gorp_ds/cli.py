@@ -37,6 +37,17 @@ before training with one line and status 2, printed once per node (by its local 
 node's host name; so does a run whose loss or gradients stay non-finite. Status 75: pre-empted by
 SIGTERM/SIGUSR1 after the last step was checkpointed (resume with --resume)."""
 
+EXPORT_DESCRIPTION = """\
+Export a saved checkpoint as a Hugging Face model directory, on one process:
+
+    gorp-ds export runs/order_1/gorp runs/order_1/gorp_hf                   # the method's latest checkpoint
+    gorp-ds export runs/order_1/gorp/checkpoints/task02_step000000 out/     # one tag
+
+(python -m gorp_ds.export is the same command.) The checkpoint may have been written on any
+number of ranks. The method, model and LoRA settings come from the checkpoint; the engine is rebuilt
+and the checkpoint loaded through the public checkpoint API, then the weights are written with every
+LoRA merged in fp32 from the masters."""
+
 
 def main(argv: list[str] | None = None) -> int:
     """``gorp-ds <command> …``; the status to exit with."""
@@ -176,13 +187,45 @@ def _local_rank() -> int:
 
 # ------------------------------------------------------------------------------- export, memory
 def export(argv: list[str], prog: str = "gorp-ds export") -> int:
-    from .export.__main__ import main as export_main
+    """Rebuild a checkpoint's session and write its Hugging Face directory; the exit status (0 or 2).
 
-    return export_main(argv, prog)
+    Here rather than in ``gorp_ds.export``: it rebuilds the run layer's session, and the run layer
+    imports the export layer, not the other way round."""
+    parser = argparse.ArgumentParser(prog=prog, description=EXPORT_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a method's output directory, its checkpoints/ folder, or one tag folder")
+    parser.add_argument("out_dir", help="the Hugging Face directory to write (replaced if it exists)")
+    args = parser.parse_args(argv)
+
+    from .cl.config import ConfigError
+    from .cl.restore import find_checkpoint, rebuild_session
+    from .data.errors import DataError
+    from .models import ModelError, RoleError
+    from .zero import CheckpointError, UnsupportedSetupError
+
+    found = find_checkpoint(args.checkpoint)
+    if found is None:
+        print(f"gorp_ds: error: {args.checkpoint}: not a checkpoint (expected a method's output directory with "
+              "checkpoints/latest, a checkpoints/ folder, or a tag folder with gorp_state/)", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    from .cl.process_group import init_process_group
+
+    try:
+        init_process_group()
+        session = rebuild_session(*found, tasks=[], world=dist.get_world_size(),
+                                  out_dir=os.path.dirname(os.path.abspath(args.out_dir)))
+        session.export(args.out_dir)
+        session.close()
+    except (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError) as err:
+        print(f"gorp_ds: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 def memory(argv: list[str], prog: str = "gorp-ds memory") -> int:
-    from .zero.memory_table import main as memory_main
+    from .planning.memory_table import main as memory_main
 
     try:
         return memory_main(argv, prog)

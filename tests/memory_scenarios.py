@@ -13,7 +13,7 @@ key/value heads, vocabulary 101) is built three times in one process group:
   the shared spaces S after one task (ε_S = 1: S keeps every direction of the moment, so its size is
   the worst case the model assumes) and their stacked copies in the next task's first step.
 
-Only element counts are returned; the test compares them with ``gorp_ds.zero.memory_model``.
+Only element counts are returned; the test compares them with ``gorp_ds.planning.memory_model``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 One spawned 2-rank gloo group runs every scenario. Nodes without a shared filesystem see different
 contents at the same path; that is simulated by giving rank 1 its own directory (``local``) and
 making it the first rank of its "node" (LOCAL_RANK 0). No model is loaded: ``settle_output_dir`` and
-``check_output_path`` are called directly, as ``prepare`` calls them.
+the output-path check (``path_problem``, then ``agree_on_errors``) are called directly, as
+``prepare`` calls them.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def _hold_run(folder: Path, lr: float = 1e-3, checkpoint: bool = True) -> None:
 def _scenarios(rank: int, world: int, root: str) -> dict:
     import torch.distributed as dist
 
+    from gorp_ds.cl.agree import agree_on_errors
     from gorp_ds.cl.config import ConfigError, RunConfig
-    from gorp_ds.cl.run_dir import check_output_path, settle_output_dir
+    from gorp_ds.cl.run_dir import path_problem, settle_output_dir
 
     root_path = Path(root)
     outcomes = {}
@@ -52,7 +54,8 @@ def _scenarios(rank: int, world: int, root: str) -> dict:
         if not shared and rank == 1:
             os.environ["LOCAL_RANK"] = "0"  # the first rank of another node
         try:
-            check_output_path(cfg)
+            problem = path_problem(cfg.output_dir)
+            agree_on_errors(ConfigError(problem) if problem else None)
             decision = settle_output_dir(cfg, DS, world)
             outcomes[name] = {"resume": decision.resume, "error": None}
         except ConfigError as err:
@@ -124,8 +127,9 @@ def test_fresh_run_moves_a_stale_copy_on_another_node_aside(outcome) -> None:
 
 def test_an_unwritable_path_on_one_rank_stops_all(outcome) -> None:
     first, second = (r["blocked"] for r in outcome["ranks"])
-    assert first == second and first["error"]
-    assert "is a file" in first["error"] and "rank 1" in first["error"]
+    # rank 1 saw the problem and says it; rank 0 says the same and names the rank that saw it
+    assert second["error"] and "is a file" in second["error"]
+    assert first["error"].startswith(second["error"] + " (seen by rank 1 on host ")
     assert not (outcome["root"] / "blocked" / "shared").exists()  # rank 0 wrote nothing
 
 

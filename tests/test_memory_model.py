@@ -1,4 +1,4 @@
-"""The per-GPU memory model (gorp_ds/zero/memory_model.py) against what DeepSpeed and GORP allocate.
+"""The per-GPU memory model (gorp_ds/planning/memory_model.py) against what DeepSpeed and GORP allocate.
 
 Measured on 1, 2 and 3 gloo ranks (one process group each; every group builds a ZeRO-2 AdamW engine,
 a ZeRO-3 AdamW engine and a ZeRO-2 GORP engine: tests/memory_scenarios.py) on a tiny bf16 LLaMA whose
@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from gorp_ds.zero import memory_model as mm
+from gorp_ds.planning import memory_model as mm
 from tests import memory_scenarios as ms
 from tests.dist_utils import run_ranks
 
@@ -142,7 +142,7 @@ def test_stage3_shards_what_stage2_replicates():
 
 
 def test_cli_prints_a_table_and_refuses_bad_flags():
-    run = [sys.executable, "-m", "gorp_ds.zero.memory_model"]
+    run = [sys.executable, "-m", "gorp_ds.planning.memory_model"]
     done = subprocess.run(run + ["--model", "13b", "--world", "8,16", "--stage", "2,3", "--markdown"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

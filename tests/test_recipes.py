@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gorp_ds.cl import add_arguments, build_run_config
-from gorp_ds.cl.config import read_config_file
+from gorp_ds.cl.config import read_run_file
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -19,7 +19,7 @@ def test_the_three_recipes_exist() -> None:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_parses_and_validates(recipe: Path) -> None:
-    settings = read_config_file(str(recipe))
+    settings = {flat: value for flat, (value, _) in read_run_file(str(recipe)).settings.items()}
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     cfg = build_run_config(parser.parse_args(["--config", str(recipe)]))

@@ -161,7 +161,6 @@ def _collect() -> dict[str, Setting]:
 
 
 SETTINGS: dict[str, Setting] = _collect()
-FIELDS = SETTINGS  # flat name -> Setting (every run setting)
 _BY_FIELD = {(s.section, s.name): s for s in SETTINGS.values()}
 _KEYS = {**{a.replace("-", "_"): s.flat for s in SETTINGS.values() for a in s.aliases}, **{k: k for k in SETTINGS}}
 
@@ -370,11 +369,6 @@ def read_run_file(path: str, label: str | None = None) -> RunFile:
             raise ConfigError(f"{label}: unknown setting '{raw_key}' (sections: {', '.join(SECTIONS)}; flat keys: "
                               f"{', '.join(sorted(SETTINGS))})")
     return RunFile(path, settings, [str(p) for p in presets])
-
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """A run file's settings as ``{flat name: value}``."""
-    return {flat: value for flat, (value, _) in read_run_file(path).settings.items()}
 
 
 def preset_path(name: str) -> Path:

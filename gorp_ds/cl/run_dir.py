@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,19 +313,6 @@ def _broadcast(obj: Any) -> Any:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def check_output_path(cfg: RunConfig) -> None:
-    """Every rank checks that it can write ``--output-dir`` (nodes need not share a filesystem);
-    all ranks raise the first problem found, so that they stop together."""
-    problem = path_problem(cfg.output_dir)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        problems: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, (problem, socket.gethostname()))
-        problem = next((f"{p} (seen on rank {r}, host {host})" if r else p
-                        for r, (p, host) in enumerate(problems) if p), None)
-    if problem:
-        raise ConfigError(problem)
 
 
 def settle_output_dir(cfg: RunConfig, ds_config: dict[str, Any], world_size: int) -> Decision:

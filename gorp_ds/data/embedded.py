@@ -37,7 +37,6 @@ __all__ = [
     "EMBEDDED_DEFAULT",
     "EMBEDDED_SEED",
     "embedded_task",
-    "embedded_task_names",
 ]
 
 #: Label words shared by all embedded tasks (arbitrary codes; single tokens for SmolLM2).
@@ -61,11 +60,6 @@ EMBEDDED_SEED = 1234
 
 DEFAULT_TRAIN = 2000
 DEFAULT_TEST = 200
-
-
-def embedded_task_names() -> tuple[str, ...]:
-    """All embedded task names (same as :data:`EMBEDDED_DEFAULT`)."""
-    return EMBEDDED_DEFAULT
 
 
 def _instruction(category: str) -> str:

@@ -6,7 +6,7 @@ Each instruction states the task and lists the label words exactly as they appea
 
 from __future__ import annotations
 
-__all__ = ["KNOWN_TASKS", "instruction_for"]
+__all__ = ["instruction_for"]
 
 # Keys are normalised task names (see _key); values take the formatted options list.
 _TEMPLATES: dict[str, str] = {
@@ -18,9 +18,6 @@ _TEMPLATES: dict[str, str] = {
     "imdb": "Is this movie review good or bad? Answer with one of: {options}.",
 }
 _GENERIC = "Classify the input ({name}). Answer with one of: {options}."
-
-#: Task names that have their own template (as usually spelled in CL_Benchmark).
-KNOWN_TASKS: tuple[str, ...] = ("agnews", "dbpedia", "amazon", "yelp", "SST-2", "IMDB")
 
 
 def _key(name: str) -> str:

@@ -1,5 +1,6 @@
-"""The trained model out: a plain Hugging Face directory with every LoRA merged (``hf_dir``), and
-``python -m gorp_ds.export <checkpoint> <dir>`` for any saved checkpoint (``__main__``)."""
+"""The trained model out: a plain Hugging Face directory with every LoRA merged (``hf_dir``).
+``python -m gorp_ds.export <checkpoint> <dir>`` (``__main__``) is ``gorp-ds export``, for any saved
+checkpoint."""
 
 from .hf_dir import ExportInfo, export_hf_dir
 

@@ -1,53 +1,13 @@
-"""Export a saved checkpoint as a Hugging Face model directory, on one process:
+"""``python -m gorp_ds.export <checkpoint> <dir>`` is ``gorp-ds export`` (``gorp_ds.cli.export``).
 
-    python -m gorp_ds.export runs/order_1/gorp runs/order_1/gorp_hf          # the method's latest checkpoint
-    python -m gorp_ds.export runs/order_1/gorp/checkpoints/task02_step000000 out/   # one tag
-
-The checkpoint may have been written on any number of ranks. The method, model and LoRA settings
-come from the checkpoint; the engine is rebuilt and the checkpoint loaded through the public
-checkpoint API, then the weights are written with every LoRA merged in fp32 from the masters.
-"""
+A leaf that nothing imports: the command rebuilds the run layer's session, so its code lives with
+the other commands, above the run layer, while the export package stays below it."""
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-
-def main(argv: list[str] | None = None, prog: str = "python -m gorp_ds.export") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a method's output directory, its checkpoints/ folder, or one tag folder")
-    parser.add_argument("out_dir", help="the Hugging Face directory to write (replaced if it exists)")
-    args = parser.parse_args(argv)
-
-    from ..cl.config import ConfigError
-    from ..cl.restore import find_checkpoint, rebuild_session
-    from ..data.errors import DataError
-    from ..models import ModelError, RoleError
-    from ..zero import CheckpointError, UnsupportedSetupError
-
-    found = find_checkpoint(args.checkpoint)
-    if found is None:
-        print(f"gorp_ds: error: {args.checkpoint}: not a checkpoint (expected a method's output directory with "
-              "checkpoints/latest, a checkpoints/ folder, or a tag folder with gorp_state/)", file=sys.stderr)
-        return 2
-    import torch.distributed as dist
-
-    from ..cl.process_group import init_process_group
-
-    try:
-        init_process_group()
-        session = rebuild_session(*found, tasks=[], world=dist.get_world_size(),
-                                  out_dir=os.path.dirname(os.path.abspath(args.out_dir)))
-        session.export(args.out_dir)
-        session.close()
-    except (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError) as err:
-        print(f"gorp_ds: error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
-
+from ..cli import export
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(export(sys.argv[1:], "python -m gorp_ds.export"))

@@ -46,9 +46,6 @@ class ExportInfo:
     seconds: float
     bytes: int  # size on disk of everything written
 
-    def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "seconds": round(self.seconds, 3), "bytes": self.bytes}
-
 
 def _core(module: nn.Module) -> nn.Module:
     return module.get_base_model() if hasattr(module, "get_base_model") else module

@@ -8,7 +8,7 @@ optimizer needs is
 - left projection (``m < n``, projector ``P``, ``m × k``): ``R = Pᵀ G = (δ P)ᵀ X``, ``k × n``;
 
 at ``2·T·(m + n)·k`` flops instead of ``2·T·m·n`` for ``G``, and without an ``m × n`` buffer.
-:func:`full_gradient` forms ``G`` itself (projector refresh steps only).
+:func:`accumulate_full_gradient_` forms ``G`` itself (projector refresh steps only).
 
 Products run in the activations' dtype (bf16 activations: bf16 operands, fp32 accumulation inside
 the GEMM, one rounding of the result, like the weight gradient autograd would form) and the result
@@ -23,17 +23,9 @@ from torch import Tensor
 from .projector import Side
 
 
-def low_rank_gradient(x: Tensor, delta: Tensor, projector: Tensor, side: Side) -> Tensor:
-    """``R`` of one micro-batch from ``x`` (``T × n``), ``delta`` (``T × m``) and the projector
-    (``n × k`` right, ``m × k`` left); fp32, ``m × k`` or ``k × n``."""
-    basis = projector.to(x.dtype)
-    if side == "right":
-        return (delta.mT @ (x @ basis)).float()  # δᵀ (X Q): (m, T) @ (T, k)
-    return ((delta @ basis).mT @ x).float()  # (δ P)ᵀ X: (k, T) @ (T, n)
-
-
 def accumulate_low_rank_(out: Tensor, x: Tensor, delta: Tensor, projector: Tensor, side: Side) -> None:
-    """``out += R`` of one micro-batch (``out`` fp32, ``m × k`` or ``k × n``)."""
+    """``out += R`` of one micro-batch from ``x`` (``T × n``), ``delta`` (``T × m``) and the
+    projector (``n × k`` right, ``m × k`` left); ``out`` fp32, ``m × k`` or ``k × n``."""
     if x.dtype == torch.float32 and delta.dtype == torch.float32:
         if side == "right":
             out.addmm_(delta.mT, x @ projector)
@@ -41,6 +33,7 @@ def accumulate_low_rank_(out: Tensor, x: Tensor, delta: Tensor, projector: Tenso
             out.addmm_((delta @ projector).mT, x)
         return
     basis = projector.to(x.dtype)  # a no-op when the caller cast the projectors already
+    # right: δᵀ (X Q), (m, T) @ (T, k); left: (δ P)ᵀ X, (k, T) @ (T, n)
     product = delta.mT @ (x @ basis) if side == "right" else (delta @ basis).mT @ x
     out.add_(product)  # the fp32 accumulator promotes the product in the same kernel (no .float() copy)
 
@@ -51,8 +44,3 @@ def accumulate_full_gradient_(out: Tensor, x: Tensor, delta: Tensor) -> None:
         out.addmm_(delta.mT, x)
         return
     out.add_((delta.mT @ x).float())
-
-
-def full_gradient(x: Tensor, delta: Tensor) -> Tensor:
-    """``G = δᵀ X`` (``m × n``, fp32) of one micro-batch."""
-    return (delta.mT @ x).float()

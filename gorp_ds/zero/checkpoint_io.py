@@ -44,8 +44,9 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 FORMAT_VERSION = 2
-FAULT_ENV = "GORP_DS_CKPT_FAULT"  # "<point>[@<n>]": SIGKILL at that point of the n-th save (tests)
-FAULT_POINTS = ("files", "manifest", "renamed", "latest_tmp")
+# "<point>[@<n>]": SIGKILL at that point of the n-th save (tests); the points, in the order a save
+# passes them: files, manifest, renamed, latest_tmp
+FAULT_ENV = "GORP_DS_CKPT_FAULT"
 # torch.save's bytes beyond the tensors' own: per tensor a zip record (headers, 64-byte alignment)
 # and its pickle entry (measured 250-280 B), per file the zip directory and pickle framing.
 TENSOR_OVERHEAD = 512

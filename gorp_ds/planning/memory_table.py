@@ -1,8 +1,9 @@
-"""The command line of the memory model (``python -m gorp_ds.zero.memory_model``): one table of terms
-for one setup, or a summary over world sizes and stages (``--world 8,16,64 --stage 2,3``).
+"""The command line of the memory model (``python -m gorp_ds.planning.memory_model``, ``gorp-ds
+memory``): one table of terms for one setup, or a summary over world sizes and stages (``--world
+8,16,64 --stage 2,3``).
 
-    python -m gorp_ds.zero.memory_model --model 13b --world 8 --stage 3
-    python -m gorp_ds.zero.memory_model --model 70b --world 8,16,64 --stage 2,3 --markdown
+    python -m gorp_ds.planning.memory_model --model 13b --world 8 --stage 3
+    python -m gorp_ds.planning.memory_model --model 70b --world 8,16,64 --stage 2,3 --markdown
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def summary_table(rows: list[tuple[str, int, int, Prediction]]) -> str:
     return "\n".join(lines)
 
 
-def parse(argv: list[str] | None, prog: str = "python -m gorp_ds.zero.memory_model") -> argparse.Namespace:
+def parse(argv: list[str] | None, prog: str = "python -m gorp_ds.planning.memory_model") -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="7b", help=f"{', '.join(MODELS)}, or a directory/config.json of a LLaMA")
@@ -160,7 +161,7 @@ def predictions(args: argparse.Namespace) -> list[tuple[str, int, int, Predictio
     return rows
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m gorp_ds.zero.memory_model") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m gorp_ds.planning.memory_model") -> int:
     args = parse(argv, prog)
     try:
         rows = predictions(args)

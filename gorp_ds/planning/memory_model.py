@@ -1,8 +1,8 @@
 """Per-GPU memory of GORP under DeepSpeed ZeRO-2 and ZeRO-3: named terms, from shapes alone.
 
-Pure Python (no torch, no torch.distributed): ``python -m gorp_ds.zero.memory_model --model 13b --world 8
---stage 3`` prints the table (``memory_table.py``). Every term is a count of elements on one rank times
-bytes per element, with the placement rule it follows:
+Pure Python (no torch, no torch.distributed): ``python -m gorp_ds.planning.memory_model --model 13b
+--world 8 --stage 3`` prints the table (``memory_table.py``). Every term is a count of elements on one
+rank times bytes per element, with the placement rule it follows:
 
 ``weights``
   - ``frozen``: the base model's weights outside the ``full`` targets. Stage 2: whole on every rank.
@@ -73,7 +73,7 @@ bf16/int16 outputs for one target).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -299,9 +299,6 @@ PHASES = ("head", "layer", "step")
 class Prediction:
     terms: list[Term] = field(default_factory=list)
 
-    def term(self, name: str) -> Term:
-        return next(t for t in self.terms if t.name == name)
-
     def numel(self, name: str) -> int:
         return sum(t.numel for t in self.terms if t.name == name)
 
@@ -458,19 +455,11 @@ def predict(model: ModelShape, gorp: GorpShape, zero: ZeroShape, run: RunShape, 
     return Prediction(terms)
 
 
-def predict_all_ranks(model: ModelShape, gorp: GorpShape, zero: ZeroShape, run: RunShape) -> list[Prediction]:
-    return [predict(model, gorp, zero, run, r) for r in range(zero.world)]
-
-
 def worst_rank(model: ModelShape, gorp: GorpShape, zero: ZeroShape, run: RunShape) -> Prediction:
     """The rank with the largest peak (ZeRO-2 ranks differ by the LoRA tensors touching their
     partition; only the first ranks are scanned at large world sizes: they differ by a few KiB)."""
     ranks = range(min(zero.world, 8))
     return max((predict(model, gorp, zero, run, r) for r in ranks), key=lambda p: p.peak)
-
-
-def with_world(zero: ZeroShape, world: int) -> ZeroShape:
-    return replace(zero, world=world)
 
 
 if __name__ == "__main__":
