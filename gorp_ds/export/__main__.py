@@ -1,7 +1,7 @@
 """Export a saved checkpoint as a Hugging Face model directory, on one process:
 
     python -m gorp_ds.export runs/order_1/gorp runs/order_1/gorp_hf          # the method's latest checkpoint
-    python -m gorp_ds.export runs/order_1/gorp/checkpoints/task02_step000000 out/   # one tag
+    python -m gorp_ds.export runs/order_1/gorp/checkpoints/task02_step000000 out/   # one tag: after task 1
 
 The checkpoint may have been written on any number of ranks. The method, model and LoRA settings
 come from the checkpoint; the engine is rebuilt and the checkpoint loaded through the public
