@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -110,8 +111,9 @@ def test_resumed_chain_equals_uninterrupted(chain, reference) -> None:
 
 
 def test_positions_users_see_number_tasks_from_1(chain) -> None:
-    """The chain's settings changes and last tag, against hand-computed values (4 tasks of 4 steps,
-    a checkpoint every 2 steps). A change made while resuming task 1 says task 1."""
+    """The chain's settings changes, end-of-task lines and last tag, against hand-computed values
+    (4 tasks of 4 steps, a checkpoint every 2 steps). A change made while resuming task 1 says task 1."""
+    second, last = chain["launches"][1], chain["launches"][3]
     changes = [{"field": "keep_checkpoints", "old": 2, "new": 3, "task": 1, "step": 2, "global_step": 2},
                {"field": "keep_checkpoints", "old": 3, "new": 2, "task": 2, "step": 0, "global_step": 4}]
     gorp = chain["out"] / "gorp"
@@ -121,6 +123,11 @@ def test_positions_users_see_number_tasks_from_1(chain) -> None:
     # Written with the last row of R: task 4's 4 steps done (the checkpoint after it is at task 5, step 0).
     assert (progress["task_number"], progress["step"], progress["global_step"]) == (4, 4, 16)
     assert _latest(chain["out"]) == "task05_step000000"
+    # Each launch reports the steps it ran of a resumed task, and their time.
+    assert re.search(r"\[gorp\] task 1: 2 steps in [\d.]+ s \(resumed at step 2 of 4\), ", second["out"]), \
+        second["out"][-3000:]
+    assert re.search(r"\[gorp\] task 2: 1 step in [\d.]+ s \(resumed at step 3 of 4\), ", last["out"]), last["out"][-3000:]
+    assert re.search(r"\[gorp\] task 3: 4 steps in [\d.]+ s, ", last["out"]), last["out"][-3000:]
 
 
 def _tensor_count_and_bytes(obj) -> tuple[int, int]:

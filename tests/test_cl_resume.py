@@ -16,6 +16,7 @@ With 4 steps per task and a checkpoint every 2 steps:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,17 @@ def test_crashes_are_real_and_resume_where_they_left_off(runs) -> None:
     assert third["returncode"] == 0, third["output"][-6000:]
     assert "[gorp] resumed at task 4, step 0" in third["output"], third["output"][-3000:]
     assert third["gorp_done"] and third["started"] == sorted(METHODS)
+
+
+def test_end_of_task_lines_count_the_steps_run_in_that_launch(runs) -> None:
+    """A task resumed mid-way reports the steps this launch ran (4 per task, resumed after 2), not
+    the task's total; a task started at its beginning reports all 4 with no resume note."""
+    first, second, third = (launch["output"] for launch in runs["launches"])
+    assert re.search(r"\[gorp\] task 1: 4 steps in [\d.]+ s, [\d,]+ tokens/s \(", first), first[-3000:]
+    assert re.search(r"\[gorp\] task 2: 2 steps in [\d.]+ s \(resumed at step 2 of 4\), ", second), second[-3000:]
+    assert re.search(r"\[gorp\] task 3: 4 steps in [\d.]+ s, ", second), second[-3000:]
+    assert re.search(r"\[gorp\] task 4: 4 steps in [\d.]+ s, ", third), third[-3000:]  # resumed at step 0
+    assert "resumed at step" not in third
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -190,7 +190,8 @@ class MethodSession:
         order = global_batch_order(len(task.train), self.cfg.global_batch_size, steps, self.cfg.seed, task_index)
         fault = os.environ.get(FAULT_ENV)
         number = task_number(task_index)
-        bar = tqdm(total=steps, initial=progress.step, desc=f"[{self.method}] task {number}/{total_tasks} {task.name}",
+        first_step = progress.step  # after a resume mid-task, only the steps from here on run in this process
+        bar = tqdm(total=steps, initial=first_step, desc=f"[{self.method}] task {number}/{total_tasks} {task.name}",
                    disable=self.rank != 0, dynamic_ncols=True, mininterval=1.0)
         self.engine.module.train()
         start = time.perf_counter()
@@ -258,9 +259,11 @@ class MethodSession:
                 raise preemption.Preempted(tag if self.cfg.checkpoints else None)
         bar.close()
         elapsed = time.perf_counter() - start
-        log.info(f"[{self.method}] task {number}: {steps} steps in {elapsed:.1f} s "
-                 f"({phases.summary()}; refreshes {1000 * stats['refresh_seconds']:.0f} ms so far), "
-                 f"{tokens / elapsed:,.0f} tokens/s")
+        ran = progress.step - first_step
+        resumed = f" (resumed at step {first_step} of {steps})" if first_step else ""
+        log.info(f"[{self.method}] task {number}: {ran} step{'' if ran == 1 else 's'} in {elapsed:.1f} s{resumed}, "
+                 f"{tokens / elapsed:,.0f} tokens/s ({phases.summary()}; refreshes "
+                 f"{1000 * stats['refresh_seconds']:.0f} ms so far)")
         # Summed over the processes that trained this task (a resumed task's time is split).
         for key, value in ((f"train_s/{number}", elapsed), (f"tokens/{number}", tokens)):
             progress.timings[key] = progress.timings.get(key, 0.0) + value
