@@ -121,7 +121,7 @@ def measure_old(engine, root: Path, progress: dict) -> dict:
     from gorp_ds.zero import save_gorp_state
 
     directory = root / "old"
-    tag = "task01_step000001"
+    tag = "task02_step000001"  # 1 step into task 2
     sync_gpu()
     start = time.perf_counter()
     save_gorp_state(engine.gorp, str(directory / tag))  # as main did: GORP first, then DeepSpeed
@@ -141,7 +141,7 @@ def measure_new(engine, root: Path, progress: dict, merges: list, fingerprint: d
     from gorp_ds.zero import load_checkpoint, save_checkpoint
 
     directory = root / "new"
-    tag = "task01_step000001"
+    tag = "task02_step000001"  # 1 step into task 2
     before = masters_digest(engine)
     client = {"progress": progress, "method": "gorp", "lora_merges": merges, "base_model": fingerprint}
     sync_gpu()
@@ -249,7 +249,7 @@ def main() -> None:
     train_steps(engine, args, device, 2)
     merges = close_task(engine, optimizer)
     train_steps(engine, args, device, 1)
-    progress = {"task": 1, "step": 1, "rows": {}, "timings": {}, "global_step": 3}
+    progress = {"task_number": 2, "step": 1, "rows": {}, "timings": {}, "global_step": 3}  # Progress.to_state()
     rows = {"shapes": expectations(engine, merges)}
     report(rows["shapes"])
     try:

@@ -34,8 +34,9 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from gorp_ds.cl.progress import Progress
     from gorp_ds.cl.runner import prepare
-    from gorp_ds.cl.session import MethodSession, Progress
+    from gorp_ds.cl.session import MethodSession
 
     cfg, ds_config_path = run_config(rest, own.out)
     tasks, ds_config, _ = prepare(cfg, ds_config_path)

@@ -19,7 +19,7 @@ trained before it. Here every method keeps its own live session
   the shared-space update of ``end_task``) but no evaluation, checkpoint or export, which are not
   training time.
 
-A task's time is :meth:`MethodSession.train_task`'s own (``progress.timings["train_s/<t>"]``, the
+A task's time is :meth:`MethodSession.train_task`'s own (``progress.timings["train_s/<task number>"]``, the
 same number the runner reports). Written as they come: ``times.jsonl`` (one line per method and
 task; ``position`` is its place in the task's order, 0 being the warm-up), then ``summary.json`` and ``summary.md`` (totals, ratios to the first method, per task).
 """
@@ -79,8 +79,9 @@ def main() -> None:
     own, rest = bench_arguments(parser)
     import torch
 
+    from gorp_ds.cl.progress import Progress, task_number
     from gorp_ds.cl.runner import prepare
-    from gorp_ds.cl.session import MethodSession, Progress
+    from gorp_ds.cl.session import MethodSession
     from gorp_ds.models.methods import METHODS, method_spec
 
     cfg, ds_config_path = run_config(rest, own.out)
@@ -119,11 +120,11 @@ def main() -> None:
             progress.task, progress.step = t + 1, 0
             if name == "warm-up":
                 continue
-            seconds = progress.timings[f"train_s/{t}"]
+            seconds = progress.timings[f"train_s/{task_number(t)}"]
             times[name].append(seconds)
             if rank == 0:
                 with open(os.path.join(own.out, "times.jsonl"), "a") as f:
-                    f.write(json.dumps({"method": name, "task": t + 1, "position": order.index(name),
+                    f.write(json.dumps({"method": name, "task": task_number(t), "position": order.index(name),
                                         "train_s": seconds}) + "\n")
     for session, _ in sessions.values():
         session.close()

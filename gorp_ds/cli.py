@@ -41,7 +41,7 @@ EXPORT_DESCRIPTION = """\
 Export a saved checkpoint as a Hugging Face model directory, on one process:
 
     gorp-ds export runs/order_1/gorp runs/order_1/gorp_hf                   # the method's latest checkpoint
-    gorp-ds export runs/order_1/gorp/checkpoints/task02_step000000 out/     # one tag
+    gorp-ds export runs/order_1/gorp/checkpoints/task02_step000000 out/     # one tag: after task 1
 
 (python -m gorp_ds.export is the same command.) The checkpoint may have been written on any
 number of ranks. The method, model and LoRA settings come from the checkpoint; the engine is rebuilt

@@ -227,7 +227,7 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
     held = {
         "used_dir_without_flags": {},
         "resume_no_checkpoint_yet": {},
-        "resume_without_config_yaml": {"files": {"gorp/checkpoints/latest": "task00_step000002"}, "drop_config": True},
+        "resume_without_config_yaml": {"files": {"gorp/checkpoints/latest": "task01_step000002"}, "drop_config": True},
         "resume_tasks_swapped": {}, "resume_lora_r": {}, "resume_batch_and_steps": {},
         "resume_methods_and_model": {},
         "resume_finished_with_other_lr": {"results_change": {"lr_lora": 5e-3}},

@@ -30,7 +30,7 @@ TASKS = ["emb_color", "emb_animal"]
 ARGS = ["--method", "gorp", "--dtype", "fp32", "--tasks", ",".join(TASKS), "--max-steps-per-task", "12",
         "--save-every", "4", "--keep-checkpoints", "20", "--eval-samples", "16", "--lr-lora", "3e-2",
         "--lr-full", "3e-2", "--update-gap", "2", "--export-every-task", "true"]
-MID_TASK_TAG = "task01_step000004"  # 4 steps into task 2: the adapter of task 2 is trained, not merged
+MID_TASK_TAG = "task02_step000004"  # 4 steps into task 2: the adapter of task 2 is trained, not merged
 
 
 def _fp32_ds_config(folder: Path) -> Path:

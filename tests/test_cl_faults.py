@@ -6,11 +6,13 @@ One output directory goes through this chain, and must end exactly like gorp in 
 six-method launch (made once per session, shared with test_cl_end_to_end and test_cl_resume):
 
 1. SIGKILL (``GORP_DS_CKPT_FAULT``) after the manifest of the 2nd save (the task boundary) is
-   written, before its rename: ``latest`` stays on task 1 step 2;
-2. --resume, SIGKILL after the rank files of this launch's 2nd save (task 2 step 2):
-   ``latest`` stays on the boundary;
-3. --resume, SIGTERM to rank 0 only after step 3 of task 2: both ranks stop after that step,
-   write its checkpoint and exit with the requeue status 75;
+   written, before its rename: ``latest`` stays on task 1 step 2 (``task01_step000002``);
+2. --resume with ``--keep-checkpoints 3`` (a setting that may change on resume, recorded as changed
+   at task 1, step 2), SIGKILL after the rank files of this launch's 2nd save (task 2 step 2):
+   ``latest`` stays on the boundary (``task02_step000000``);
+3. --resume (``--keep-checkpoints`` back to its default: recorded at task 2, step 0), SIGTERM to
+   rank 0 only after step 3 of task 2: both ranks stop after that step, write its checkpoint and
+   exit with the requeue status 75;
 4. --resume: finishes.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -57,8 +60,8 @@ def reference(tmp_path_factory, tiny_model_dir) -> Path:
 def chain(tmp_path_factory, tiny_model_dir, reference) -> dict:
     out = tmp_path_factory.mktemp("faults_chain")
     steps = [((), {"GORP_DS_CKPT_FAULT": "manifest@2"}),
-             (("--resume",), {"GORP_DS_CKPT_FAULT": "files@2"}),
-             (("--resume",), {"GORP_DS_SIGNAL_AT": "1,3,0"}),
+             (("--resume", "--keep-checkpoints", "3"), {"GORP_DS_CKPT_FAULT": "files@2"}),
+             (("--resume",), {"GORP_DS_SIGNAL_AT": "1,3,0"}),  # task index 1 (task 2), after step 3
              (("--resume",), {})]
     record = []
     for extra, env in steps:
@@ -71,21 +74,21 @@ def chain(tmp_path_factory, tiny_model_dir, reference) -> dict:
 
 def test_sigkill_inside_checkpoint_writes_leaves_latest_complete(chain) -> None:
     first, second = chain["launches"][:2]
-    assert first["rc"] != 0 and first["latest"] == "task00_step000002", first["out"][-3000:]
-    assert first["leftovers"] == [".tmp-task01_step000000"], "killed before the rename"
+    assert first["rc"] != 0 and first["latest"] == "task01_step000002", first["out"][-3000:]
+    assert first["leftovers"] == [".tmp-task02_step000000"], "killed before the rename"
     assert "resumed at task 1, step 2" in second["out"], second["out"][-3000:]
-    assert second["rc"] != 0 and second["latest"] == "task01_step000000", second["out"][-3000:]
-    assert second["leftovers"] == [".tmp-task01_step000002"], "the first leftover was cleaned up"
+    assert second["rc"] != 0 and second["latest"] == "task02_step000000", second["out"][-3000:]
+    assert second["leftovers"] == [".tmp-task02_step000002"], "the first leftover was cleaned up"
 
 
 def test_sigterm_to_one_rank_checkpoints_that_step_and_asks_for_requeue(chain) -> None:
     third = chain["launches"][2]
     assert "resumed at task 2, step 0" in third["out"], third["out"][-3000:]
     assert third["rc"] == 75, third["out"][-3000:]
-    assert third["latest"] == "task01_step000003", "a checkpoint of the step the signal came in"
+    assert third["latest"] == "task02_step000003", "a checkpoint of the step the signal came in"
     assert third["leftovers"] == []
     assert "Traceback" not in third["stderr"]
-    assert third["stderr"].count("pre-empted by a signal: checkpoint 'task01_step000003' written") == 1
+    assert third["stderr"].count("pre-empted by a signal: checkpoint 'task02_step000003' written") == 1
 
 
 def test_resumed_chain_equals_uninterrupted(chain, reference) -> None:
@@ -105,6 +108,26 @@ def test_resumed_chain_equals_uninterrupted(chain, reference) -> None:
     assert len(merges[0]) == len(merges[1]) == 4
     for a, b in zip(*merges):
         assert all(torch.equal(a[layer][k], b[layer][k]) for layer in a for k in ("A", "B", "scaling"))
+
+
+def test_positions_users_see_number_tasks_from_1(chain) -> None:
+    """The chain's settings changes, end-of-task lines and last tag, against hand-computed values
+    (4 tasks of 4 steps, a checkpoint every 2 steps). A change made while resuming task 1 says task 1."""
+    second, last = chain["launches"][1], chain["launches"][3]
+    changes = [{"field": "keep_checkpoints", "old": 2, "new": 3, "task": 1, "step": 2, "global_step": 2},
+               {"field": "keep_checkpoints", "old": 3, "new": 2, "task": 2, "step": 0, "global_step": 4}]
+    gorp = chain["out"] / "gorp"
+    assert json.loads((gorp / "results.json").read_text())["config_changes"] == changes
+    progress = json.loads((gorp / "progress.json").read_text())
+    assert progress["changes"] == changes
+    # Written with the last row of R: task 4's 4 steps done (the checkpoint after it is at task 5, step 0).
+    assert (progress["task_number"], progress["step"], progress["global_step"]) == (4, 4, 16)
+    assert _latest(chain["out"]) == "task05_step000000"
+    # Each launch reports the steps it ran of a resumed task, and their time.
+    assert re.search(r"\[gorp\] task 1: 2 steps in [\d.]+ s \(resumed at step 2 of 4\), ", second["out"]), \
+        second["out"][-3000:]
+    assert re.search(r"\[gorp\] task 2: 1 step in [\d.]+ s \(resumed at step 3 of 4\), ", last["out"]), last["out"][-3000:]
+    assert re.search(r"\[gorp\] task 3: 4 steps in [\d.]+ s, ", last["out"]), last["out"][-3000:]
 
 
 def _tensor_count_and_bytes(obj) -> tuple[int, int]:

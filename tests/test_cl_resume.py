@@ -5,15 +5,18 @@ The uninterrupted reference is the six-method launch of ``test_cl_end_to_end.py`
 made once per session). The crashes are real: ``GORP_DS_FAULT_AT`` makes every rank SIGKILL itself.
 With 4 steps per task and a checkpoint every 2 steps:
 
-1. fault "1,3": gorp dies after step 3 of task 2; its last checkpoint is mid-task (task 2, step 2);
-2. --resume, fault "3,1": gorp resumes there, closes tasks 2 and 3 and dies after the first step of
-   task 4, i.e. right after the task-boundary checkpoint (task 4, step 0);
+1. fault "1,3" (the hook takes the task's 0-based index): gorp dies after step 3 of task 2; its
+   last checkpoint is mid-task (``task02_step000002``: 2 steps into task 2);
+2. --resume, fault "3,1": gorp resumes there, runs the 2 steps left of task 2, closes tasks 2 and 3
+   and dies after the first step of task 4, i.e. right after the task-boundary checkpoint
+   (``task04_step000000``);
 3. --resume: gorp resumes at the boundary, then galore, seq-lora, o-lora, mtl and seq-ft run.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -48,16 +51,27 @@ def test_crashes_are_real_and_resume_where_they_left_off(runs) -> None:
     first, second, third = runs["launches"]
     assert first["returncode"] != 0, first["output"][-3000:]
     assert not first["gorp_done"] and first["started"] == ["gorp"]
-    assert first["gorp_latest"] == "task01_step000002"  # mid task 2 (0-based index 1), step 2
+    assert first["gorp_latest"] == "task02_step000002"  # 2 steps into task 2
 
     assert second["returncode"] != 0, second["output"][-3000:]
     assert "[gorp] resumed at task 2, step 2" in second["output"], second["output"][-3000:]
     assert not second["gorp_done"] and second["started"] == ["gorp"]
-    assert second["gorp_latest"] == "task03_step000000"  # the boundary before task 4
+    assert second["gorp_latest"] == "task04_step000000"  # the boundary before task 4: tasks 1-3 closed
 
     assert third["returncode"] == 0, third["output"][-6000:]
     assert "[gorp] resumed at task 4, step 0" in third["output"], third["output"][-3000:]
     assert third["gorp_done"] and third["started"] == sorted(METHODS)
+
+
+def test_end_of_task_lines_count_the_steps_run_in_that_launch(runs) -> None:
+    """A task resumed mid-way reports the steps this launch ran (4 per task, resumed after 2), not
+    the task's total; a task started at its beginning reports all 4 with no resume note."""
+    first, second, third = (launch["output"] for launch in runs["launches"])
+    assert re.search(r"\[gorp\] task 1: 4 steps in [\d.]+ s, [\d,]+ tokens/s \(", first), first[-3000:]
+    assert re.search(r"\[gorp\] task 2: 2 steps in [\d.]+ s \(resumed at step 2 of 4\), ", second), second[-3000:]
+    assert re.search(r"\[gorp\] task 3: 4 steps in [\d.]+ s, ", second), second[-3000:]
+    assert re.search(r"\[gorp\] task 4: 4 steps in [\d.]+ s, ", third), third[-3000:]  # resumed at step 0
+    assert "resumed at step" not in third
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -30,7 +30,7 @@ def _hold_run(folder: Path, lr: float = 1e-3, checkpoint: bool = True) -> None:
 
     (folder / "gorp" / "checkpoints").mkdir(parents=True)
     if checkpoint:
-        (folder / "gorp" / "checkpoints" / "latest").write_text("task00_step000002")
+        (folder / "gorp" / "checkpoints" / "latest").write_text("task01_step000002")
     (folder / "tensorboard" / "gorp").mkdir(parents=True)
     (folder / "tensorboard" / "gorp" / "events.out.tfevents.1.host").write_text("old")
     cfg = RunConfig.from_flat(output_dir=str(folder), lr_lora=lr, methods=["gorp"])

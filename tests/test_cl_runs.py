@@ -143,7 +143,7 @@ def test_overwrite_moves_the_old_run_aside(runs) -> None:
     assert len(aside) == 1, aside
     assert _listing(aside[0]).keys() == runs["A_files"].keys()  # all of A, TensorBoard events included
     assert _results(aside[0])["config"]["lr_lora"] == 5e-3
-    assert runs["killed_latest"] == "task01_step000002" and not runs["killed_has_results"]
+    assert runs["killed_latest"] == "task02_step000002" and not runs["killed_has_results"]
 
 
 def _assert_same_final_state(run: Path, reference: Path) -> dict:
@@ -183,11 +183,11 @@ def test_changed_learning_rate_is_applied_and_recorded(runs) -> None:
     got = runs["new_lr"]
     assert got["rc"] == 0, got["output"][-4000:]
     # Killed after global step 7; the checkpoint is at task 2, step 2 = global step 6.
-    change = {"field": "lr_lora", "old": 0.01, "new": 0.02, "task": 1, "step": 2, "global_step": 6}
+    change = {"field": "lr_lora", "old": 0.01, "new": 0.02, "task": 2, "step": 2, "global_step": 6}
     result = _results(runs["D2"])
     assert result["config"]["lr_lora"] == 0.02
     # The directory was copied for this case, so output_dir changed as well (recorded like any other).
-    moved = {"field": "output_dir", "old": str(runs["D"]), "new": str(runs["D2"]), "task": 1, "step": 2,
+    moved = {"field": "output_dir", "old": str(runs["D"]), "new": str(runs["D2"]), "task": 2, "step": 2,
              "global_step": 6}
     assert result["config_changes"] == [change, moved]
     assert json.loads((runs["D2"] / "gorp" / "progress.json").read_text())["changes"] == [change, moved]
@@ -231,10 +231,10 @@ def test_diverging_run_stops_with_a_clear_error_and_its_last_good_checkpoint(run
     assert "task 1, steps 2-4" in errors[0] and "--lr-plain 1e+30" in errors[0]
     out = runs["root"] / "diverge" / "seq-ft"
     assert not (out / "results.json").exists()
-    assert (out / "checkpoints" / "latest").read_text().strip() == "task00_step000001"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "task01_step000001"
     from gorp_ds.zero import read_client_state, read_masters
 
-    progress = read_client_state(str(out / "checkpoints"), "task00_step000001")["progress"]
-    assert progress["task"] == 0 and progress["step"] == 1 and progress["global_step"] == 1
-    masters = read_masters(str(out / "checkpoints"), "task00_step000001")
+    progress = read_client_state(str(out / "checkpoints"), "task01_step000001")["progress"]
+    assert progress["task_number"] == 1 and progress["step"] == 1 and progress["global_step"] == 1
+    masters = read_masters(str(out / "checkpoints"), "task01_step000001")
     assert masters and all(torch.isfinite(t).all() for t in masters.values())

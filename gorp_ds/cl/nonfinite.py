@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..log import get_logger
+from .progress import task_number
 
 log = get_logger(__name__)
 NAN_ENV = "GORP_DS_NAN_AT"
@@ -48,7 +49,7 @@ def poison_gradient(engine: Any, optimizer: Any, task_index: int, step: int) -> 
     if not _at(NAN_ENV, task_index, step):
         return None
     name = optimizer.param_groups[0]["names"][0]
-    log.info(f"{NAN_ENV}: gradient of {name} set to NaN in task {task_index + 1}, step {step}")
+    log.info(f"{NAN_ENV}: gradient of {name} set to NaN in task {task_number(task_index)}, step {step}")
     return engine.gorp.params_by_name[name].register_hook(lambda grad: torch.full_like(grad, float("nan")))
 
 

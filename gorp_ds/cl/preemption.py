@@ -23,7 +23,7 @@ REQUEUE_STATUS = 75  # EX_TEMPFAIL: "temporary failure, try again" (launch/slurm
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 GRACE_S = 5.0
 DEADLINE_ENV = "GORP_DS_PREEMPT_DEADLINE"
-SIGNAL_TEST_ENV = "GORP_DS_SIGNAL_AT"  # "task,step[,rank]": send SIGTERM to this rank there (tests)
+SIGNAL_TEST_ENV = "GORP_DS_SIGNAL_AT"  # "task index (0-based),step[,rank]": SIGTERM to this rank there (tests)
 
 
 class Preempted(Exception):

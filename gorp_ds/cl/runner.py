@@ -29,9 +29,10 @@ from .preemption import Preempted
 from .preemption import current as current_preemption
 from .preflight import preflight
 from .process_group import init_process_group
+from .progress import Progress, task_number
 from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
 from .run_dir import Decision, path_problem, run_settings, settle_output_dir
-from .session import MethodSession, Progress, mixed_task
+from .session import MethodSession, mixed_task
 
 log = get_logger(__name__)
 # Problems with the user's input (each rank's own checks): reported, never a traceback.
@@ -124,7 +125,7 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         session.monitor.shared_space(progress.global_step, sizes)
         progress.task, progress.step = t + 1, 0
         if cfg.export_every_task:
-            export(session, progress, f"task_{t + 1:02d}")
+            export(session, progress, f"task_{task_number(t):02d}")
         tag = session.save(progress)
         if t + 1 < len(schedule) and session.preemption.should_stop():  # signalled during eval/boundary
             raise Preempted(tag)
@@ -205,8 +206,8 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
         "peak_memory_source": peak.source,
         "world_size": _world(),
         "config": run_settings(cfg),
-        # Settings changed on a resume: {field, old, new, task, step, global_step} (the new value
-        # applied from that step on).
+        # Settings changed on a resume: {field, old, new, task (numbered from 1), step, global_step}
+        # (the new value applied from that step on).
         "config_changes": progress.changes,
         "skipped_nonfinite_steps": progress.skipped_steps,
     }

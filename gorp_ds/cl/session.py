@@ -10,7 +10,6 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,35 +47,11 @@ from .config import RunConfig
 from .evaluate import Evaluation, evaluate_row
 from .monitor import Monitor
 from .nonfinite import NonFiniteError, NonFiniteGuard, drop_step, poison_gradient
+from .progress import Progress, tags_to_prune, task_number
 from .run_dir import compare, describe_changes, recorded_settings
 
 log = get_logger(__name__)
-FAULT_ENV = "GORP_DS_FAULT_AT"  # "task,step": SIGKILL this process there (crash/resume tests)
-
-
-@dataclass
-class Progress:
-    """Where a method's run stands; stored in every checkpoint (JSON-able)."""
-
-    task: int = 0  # next task to train (index into the schedule)
-    step: int = 0  # next step within that task
-    rows: dict[int, list[float]] = field(default_factory=dict)  # R rows measured so far
-    timings: dict[str, float] = field(default_factory=dict)
-    global_step: int = 0
-    # settings changed on a resume: {"field", "old", "new", "task", "step", "global_step"}
-    changes: list[dict[str, Any]] = field(default_factory=list)
-    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
-
-    def to_state(self) -> dict[str, Any]:
-        return {"task": self.task, "step": self.step, "rows": {str(k): v for k, v in self.rows.items()},
-                "timings": self.timings, "global_step": self.global_step, "changes": self.changes,
-                "skipped_steps": self.skipped_steps}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Progress:
-        return cls(state["task"], state["step"], {int(k): v for k, v in state["rows"].items()},
-                   dict(state["timings"]), state["global_step"], list(state.get("changes", [])),
-                   int(state.get("skipped_steps", 0)))
+FAULT_ENV = "GORP_DS_FAULT_AT"  # "task index (0-based),step": SIGKILL this process there (crash/resume tests)
 
 
 STATS_EVERY = 10  # optimizer steps between reads of the optimizer's device statistics
@@ -217,7 +192,9 @@ class MethodSession:
         steps = self.steps_for(task)
         order = global_batch_order(len(task.train), self.cfg.global_batch_size, steps, self.cfg.seed, task_index)
         fault = os.environ.get(FAULT_ENV)
-        bar = tqdm(total=steps, initial=progress.step, desc=f"[{self.method}] task {task_index + 1}/{total_tasks} {task.name}",
+        number = task_number(task_index)
+        first_step = progress.step  # after a resume mid-task, only the steps from here on run in this process
+        bar = tqdm(total=steps, initial=first_step, desc=f"[{self.method}] task {number}/{total_tasks} {task.name}",
                    disable=self.rank != 0, dynamic_ncols=True, mininterval=1.0)
         self.engine.module.train()
         start = time.perf_counter()
@@ -247,7 +224,7 @@ class MethodSession:
                     with phases("logging"):
                         loss_value, finite = self.guard.check(
                             self.engine, self.optimizer, torch.stack(losses).mean(),
-                            f"task {task_index + 1}, step {progress.step + 1}")
+                            f"task {number}, step {progress.step + 1}")
                 with phases("optimizer"):
                     self.engine.step()
             self.optimizer.skip_next_step = False  # DeepSpeed may skip GORP.step itself (fp32 overflow check)
@@ -281,15 +258,18 @@ class MethodSession:
             preemption.signal_hook(task_index, progress.step, self.rank)
             if self.preemption.should_stop():
                 bar.close()
-                tag = self.checkpoint_tag(progress) if saved else on_checkpoint(progress)
+                tag = progress.tag if saved else on_checkpoint(progress)
                 raise preemption.Preempted(tag if self.cfg.checkpoints else None)
         bar.close()
         elapsed = time.perf_counter() - start
-        log.info(f"[{self.method}] task {task_index + 1}: {steps} steps in {elapsed:.1f} s "
-                 f"({phases.summary()}; refreshes {1000 * stats['refresh_seconds']:.0f} ms so far), "
-                 f"{tokens / elapsed:,.0f} tokens/s")
-        progress.timings[f"train_s/{task_index}"] = progress.timings.get(f"train_s/{task_index}", 0.0) + elapsed
-        progress.timings[f"tokens/{task_index}"] = progress.timings.get(f"tokens/{task_index}", 0.0) + tokens
+        ran = progress.step - first_step
+        resumed = f" (resumed at step {first_step} of {steps})" if first_step else ""
+        log.info(f"[{self.method}] task {number}: {ran} step{'' if ran == 1 else 's'} in {elapsed:.1f} s{resumed}, "
+                 f"{tokens / elapsed:,.0f} tokens/s ({phases.summary()}; refreshes "
+                 f"{1000 * stats['refresh_seconds']:.0f} ms so far)")
+        # Summed over the processes that trained this task (a resumed task's time is split).
+        for key, value in ((f"train_s/{number}", elapsed), (f"tokens/{number}", tokens)):
+            progress.timings[key] = progress.timings.get(key, 0.0) + value
 
     def _optimizer_stats(self, step: int, previous: dict[str, float | int]) -> dict[str, float | int]:
         """Read the optimizer's device statistics (refresh time, projector failures; warns about
@@ -312,7 +292,7 @@ class MethodSession:
         where = (f"the last good state is checkpoint {os.path.join(self.checkpoint_dir, tag)} (--resume continues "
                  "from there)") if tag else "no checkpoint written (--checkpoints false)"
         raise NonFiniteError(
-            f"[{self.method}] {bad} optimizer steps in a row had a non-finite loss or gradient (task {task_index + 1}, "
+            f"[{self.method}] {bad} optimizer steps in a row had a non-finite loss or gradient (task {task_number(task_index)}, "
             f"steps {progress.step - bad + 1}-{progress.step}; each skipped); {where}. The run diverged: lower the "
             f"learning rate (--lr-lora {self.cfg.lr_lora:g}, --lr-full {self.cfg.lr_full:g}, --lr-plain "
             f"{self.cfg.lr_plain:g}) or check the data; --max-bad-steps {self.cfg.max_bad_steps} sets how many "
@@ -402,16 +382,12 @@ class MethodSession:
         return {n: s for part in gathered for n, s in part.items()}
 
     # ------------------------------------------------------------------ checkpoints
-    @staticmethod
-    def checkpoint_tag(progress: Progress) -> str:
-        return f"task{progress.task:02d}_step{progress.step:06d}"
-
     def save(self, progress: Progress) -> str | None:
         """Checkpoint (collective). Old tags are deleted only after the new one is committed, so
         ``--keep-checkpoints 1`` needs room for one checkpoint plus the one being written."""
         if not self.cfg.checkpoints:
             return None
-        tag = self.checkpoint_tag(progress)
+        tag = progress.tag
         client = {"progress": progress.to_state(), "method": self.method, "lora_merges": self.merges,
                   "base_model": self.base_fingerprint,
                   "run_config": self.cfg.to_sections(),  # what `python -m gorp_ds.export` rebuilds from
@@ -423,9 +399,8 @@ class MethodSession:
         return tag
 
     def _prune(self, keep: int, newest: str) -> None:
-        tags = sorted(d for d in os.listdir(self.checkpoint_dir)
-                      if os.path.isdir(os.path.join(self.checkpoint_dir, d)) and d.startswith("task"))
-        for tag in [t for t in tags if t != newest][: max(0, len(tags) - keep)]:
+        folders = [d for d in os.listdir(self.checkpoint_dir) if os.path.isdir(os.path.join(self.checkpoint_dir, d))]
+        for tag in tags_to_prune(folders, keep, newest):
             shutil.rmtree(os.path.join(self.checkpoint_dir, tag), ignore_errors=True)
 
     def has_checkpoint(self) -> bool:
@@ -457,7 +432,7 @@ class MethodSession:
         progress = Progress.from_state(client["progress"])
         if record_changes:
             self._apply_run_settings(client.get("config"), progress)
-        log.info(f"[{self.method}] resumed at task {progress.task + 1}, step {progress.step}")
+        log.info(f"[{self.method}] resumed at task {progress.number}, step {progress.step}")
         return progress
 
     def _apply_run_settings(self, saved: dict[str, Any] | None, progress: Progress) -> None:
@@ -477,10 +452,9 @@ class MethodSession:
             raise CheckpointError(f"{self.checkpoint_dir}: the checkpoint belongs to a different run ("
                                   + "; ".join(refused) + "); pass --overwrite or another --output-dir")
         for key, old, new in changed:
-            progress.changes.append({"field": key, "old": old, "new": new, "task": progress.task,
-                                     "step": progress.step, "global_step": progress.global_step})
+            progress.record_change(key, old, new)
         if changed:
-            log.info(f"[{self.method}] changed at task {progress.task + 1}, step {progress.step} (global step "
+            log.info(f"[{self.method}] changed at task {progress.number}, step {progress.step} (global step "
                      f"{progress.global_step}), applied from here: {describe_changes(changed)}")
 
     def close(self) -> None:
