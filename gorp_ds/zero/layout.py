@@ -16,7 +16,6 @@ in its fp32 partition. Nothing here is stored in checkpoints.
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from dataclasses import dataclass
 
 

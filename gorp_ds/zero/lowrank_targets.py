@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from ..log import get_logger
 from ..optim.gorp import GORP
-from ..optim.lowrank_grad import accumulate_full_gradient_, accumulate_low_rank_, full_gradient
+from ..optim.lowrank_grad import accumulate_full_gradient_, accumulate_low_rank_
 from ..optim.projector import GradientProducts, Side, project_gradient, projection_side
 from ..optim.stacks import select
 from ..optim.update import BatchUpdate, LowRankStep, UpdateConfig, apply_low_rank_member_, low_rank_factors
