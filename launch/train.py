@@ -49,6 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     from gorp_ds.cl.nonfinite import NonFiniteError
     from gorp_ds.cl.preemption import Preempted
     from gorp_ds.data.errors import DataError
+    from gorp_ds.log import local_rank
     from gorp_ds.models import ModelError, RoleError
     from gorp_ds.settings import SettingError
     from gorp_ds.zero import CheckpointError, UnsupportedSetupError
@@ -58,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = build_run_config(args)
         if args.print_config:
-            if _local_rank() == 0 and os.environ.get("RANK", "0") == "0":
+            if local_rank() == 0 and os.environ.get("RANK", "0") == "0":
                 print(format_config(cfg), flush=True)
             return 0
         from gorp_ds.cl.runner import run
@@ -68,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         # Once per node: every rank of a launch stops with the same error (the runner agrees on it
         # across ranks), and a node's local rank 0 says so with the node's name.
         _close_progress_bars()
-        if _local_rank() == 0:
+        if local_rank() == 0:
             print(f"gorp_ds: error: {socket.gethostname()}: {err}", file=sys.stderr, flush=True)
         return 2
     except Preempted as stop:  # SIGTERM/SIGUSR1: the checkpoint of the last step is committed
@@ -97,10 +98,6 @@ def _close_progress_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
-
-
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
 
 
 def _exit(status: int) -> None:

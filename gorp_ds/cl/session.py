@@ -21,7 +21,7 @@ from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
 from ..data.tasks import Example, Task
 from ..data.tokenize import collate_training, encode_for_training
 from ..export.hf_dir import ExportInfo, export_hf_dir
-from ..log import get_logger
+from ..log import get_logger, show_progress
 from ..models import (
     RoleConfig,
     add_lora,
@@ -215,7 +215,7 @@ class MethodSession:
         order = global_batch_order(len(task.train), self.cfg.global_batch_size, steps, self.cfg.seed, task_index)
         fault = os.environ.get(FAULT_ENV)
         bar = tqdm(total=steps, initial=progress.step, desc=f"[{self.method}] task {task_index + 1}/{total_tasks} {task.name}",
-                   disable=self.rank != 0, dynamic_ncols=True, mininterval=1.0)
+                   disable=not show_progress(), dynamic_ncols=True, mininterval=1.0)
         self.engine.module.train()
         start = time.perf_counter()
         tokens = 0
