@@ -52,7 +52,7 @@ def build_engine(args, device):
 
     import gorp_ds
     from gorp_ds.models import LoraSettings, TargetsConfig, add_lora, build_param_groups
-    from gorp_ds.models.loading import model_fingerprint
+    from gorp_ds.models.loading import enable_activation_checkpointing, model_fingerprint
     from gorp_ds.models.lora import init_lora_
     from gorp_ds.optim import GORP
     from gorp_ds.optim.config import OptimizerConfig
@@ -62,7 +62,7 @@ def build_engine(args, device):
     with torch.device(device):
         model = LlamaForCausalLM(model_config(args)).to(dtype)
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     fingerprint = model_fingerprint(model)
     model = add_lora(model, LoraSettings(8, 32.0, ["q_proj", "v_proj"]))
     init_lora_(model, 0, 0)

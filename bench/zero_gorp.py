@@ -123,13 +123,14 @@ def make_engine(name: str, args, device, stage: int = 2):
 
     import gorp_ds
     from gorp_ds.models import TargetsConfig, build_param_groups
+    from gorp_ds.models.loading import enable_activation_checkpointing
     from gorp_ds.optim import GORP
     from gorp_ds.optim.config import OptimizerConfig
     from gorp_ds.zero import UnsupportedSetupError
 
     model = build_model(args, device)
     if name != "gorp-nockpt" and not args.no_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     config = ds_config(args, stage)
     roles = TargetsConfig(), OptimizerConfig(rank=8, update_gap=args.gap, scale=0.25, lr_lora=2e-4, lr_full=1e-6)

@@ -23,6 +23,8 @@ import socket
 import sys
 from collections.abc import Callable
 
+from .log import local_rank
+
 TRAIN_DESCRIPTION = """\
 A whole continual-learning task sequence in one launch: for each method, train every task, measure
 the accuracy matrix R after each, and report AA / BWT / FWT / forgetting.
@@ -109,7 +111,7 @@ def train(argv: list[str], prog: str = "gorp-ds train") -> int:
     """Parse the run's flags, run it, and return the exit status (0, 2 or 75)."""
     misplaced = [arg.split("=", 1)[0] for arg in argv if arg.split("=", 1)[0] in LAUNCHER_OPTIONS]
     if misplaced:
-        if _local_rank() == 0:
+        if local_rank() == 0:
             flag = misplaced[0]
             print(f"gorp_ds: error: {flag} is an option of the launcher, not of the run: put it before the script "
                   f"(deepspeed {flag} … launch/train.py …, torchrun {flag} … -m gorp_ds train …; with make: "
@@ -142,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = build_run_config(args)
         if args.print_config:
-            if _local_rank() == 0 and os.environ.get("RANK", "0") == "0":
+            if local_rank() == 0 and os.environ.get("RANK", "0") == "0":
                 print(format_config(cfg), flush=True)
             return 0
         from .cl.runner import run
@@ -152,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         # Once per node: every rank of a launch stops with the same error (the runner agrees on it
         # across ranks), and a node's local rank 0 says so with the node's name.
         _close_progress_bars()
-        if _local_rank() == 0:
+        if local_rank() == 0:
             print(f"gorp_ds: error: {socket.gethostname()}: {err}", file=sys.stderr, flush=True)
         return 2
     except Preempted as stop:  # SIGTERM/SIGUSR1: the checkpoint of the last step is committed
@@ -179,10 +181,6 @@ def _close_progress_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
-
-
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
 
 
 # ------------------------------------------------------------------------------- export, memory

@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gorp_ds.models import TargetsConfig, build_param_groups
+from gorp_ds.models.loading import enable_activation_checkpointing
 from gorp_ds.optim import GORP
 from gorp_ds.optim.config import OptimizerConfig
 from gorp_ds.zero.lowrank_targets import LowRankTargets
@@ -34,7 +35,7 @@ def test_no_m_by_n_tensor_of_a_full_target_survives_a_step():
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     optimizer = GORP(build_param_groups(model, "gorp", TargetsConfig(), OptimizerConfig(rank=4, update_gap=2, lr_full=1e-3)))
     owned = optimizer.detach_groups("full")

@@ -87,7 +87,7 @@ def test_stage3_resume_saved_on_2_ranks_continues_on_3_ranks(runs):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_stage3_bf16_slices_are_the_rounded_fp32_masters(runs, world):
     reference = z3.reference_trajectory(world, 2, 0.3, merge=False)
-    for rank, result in enumerate(runs[world]):
+    for result in runs[world]:
         facts = result["bf16"]
         for name in zs.FULL:
             weight, master = facts["weights"][name], facts["masters"][name]

@@ -35,7 +35,8 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = core.get_decoder(), core.get_output_embeddings()
-    # Newer transformers name the cache argument `cache`; older ones `past_key_values`.
+    # Newer transformers name the cache `cache` (argument and output field) and warn, once per
+    # process, on the old name `past_key_values`; older ones know only `past_key_values`.
     cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # B × L, left padding aware
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
@@ -52,7 +53,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
         out = decoder(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
-                      **{cache_arg: out.past_key_values})
+                      **{cache_arg: getattr(out, cache_arg)})
     return torch.stack(tokens, dim=1)
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from ..data.errors import DataError
 from ..data.registry import load_task_sequence
 from ..data.tasks import Task
-from ..log import get_logger
+from ..log import get_logger, quiet_third_party
 from ..models import ModelError, RoleError, method_spec
 from ..settings import SettingError
 from ..zero import CheckpointError, UnsupportedSetupError, check_supported, load_ds_config
@@ -41,6 +41,7 @@ USER_ERRORS = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupEr
 
 def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
     """Run every configured method over the task sequence; returns each method's results."""
+    quiet_third_party()  # before any model is loaded or engine built: their noise is what it filters
     if cfg.eval_only:
         from .eval_only import run_eval_only
 

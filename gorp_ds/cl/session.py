@@ -21,7 +21,7 @@ from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
 from ..data.tasks import Example, Task
 from ..data.tokenize import collate_training, encode_for_training
 from ..export.hf_dir import ExportInfo, export_hf_dir
-from ..log import get_logger
+from ..log import get_logger, show_progress
 from ..models import (
     add_lora,
     build_param_groups,
@@ -195,7 +195,7 @@ class MethodSession:
         number = task_number(task_index)
         first_step = progress.step  # after a resume mid-task, only the steps from here on run in this process
         bar = tqdm(total=steps, initial=first_step, desc=f"[{self.method}] task {number}/{total_tasks} {task.name}",
-                   disable=self.rank != 0, dynamic_ncols=True, mininterval=1.0)
+                   disable=not show_progress(), dynamic_ncols=True, mininterval=1.0)
         self.engine.module.train()
         start = time.perf_counter()
         tokens = 0

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from ..log import show_progress
 from .errors import DataError
 from .tasks import Example, Task
 from .templates import instruction_for
@@ -62,6 +63,8 @@ def _load(spec: str, source: str, opts: dict[str, str], data_dir: str | None) ->
     """The DatasetDict-like object and the folder the data lives in (for labels.json / the name)."""
     import datasets  # lazy: importing datasets costs a second or two
 
+    if not show_progress():  # every rank loads the data; one node's bars would share a line
+        datasets.utils.disable_progress_bars()
     try:
         if "train" in opts or "test" in opts:
             files = {

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..log import get_logger
+from ..log import get_logger, show_progress
 from ..models.lora import canonical_name, lora_factor_names, lora_layers, merged_base_weight
 
 log = get_logger(__name__)
@@ -148,7 +148,7 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
     pending: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}
     total_bytes = 0
-    bar = tqdm(entries, desc=desc, unit="tensor", disable=rank != 0, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(entries, desc=desc, unit="tensor", disable=not show_progress(), dynamic_ncols=True, mininterval=1.0)
     for key, tensor in bar:
         name = canonical_name(key)
         target = dtype if tensor.is_floating_point() else tensor.dtype

@@ -232,10 +232,20 @@ def load_model_and_tokenizer(cfg: ModelConfig):
         raise ModelError(f"--model {cfg.model}: the tokenizer has no end-of-sequence token")
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing: with the reentrant variant ZeRO's gradient epilogue can run
-        # more than once per backward.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass, non-reentrant: with the reentrant variant ZeRO's
+    gradient epilogue can run more than once per backward.
+
+    Recent transformers renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name warns, FutureWarning, and goes in v6); older versions have only the old name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "use_cache", "_attn_implementation_autoset")
