@@ -23,6 +23,8 @@ import socket
 import sys
 from collections.abc import Callable
 
+from .faults import FaultPlan
+from .faults import install as install_faults
 from .log import local_rank
 
 TRAIN_DESCRIPTION = """\
@@ -149,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         from .cl.runner import run
 
+        install_faults(FaultPlan.from_environment())  # the crash tests' faults, read once (faults.py)
         run(cfg, args.ds_config or str(default_ds_config(cfg.dtype)))
     except user_errors as err:
         # Once per node: every rank of a launch stops with the same error (the runner agrees on it

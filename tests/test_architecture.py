@@ -15,14 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "gorp_ds"
 # layer -> the project layers it may import (docs/architecture.md)
 ALLOWED = {
-    "settings": set(), "log": set(), "naming": set(), "resources": set(),
+    "settings": set(), "log": set(), "naming": set(), "resources": set(), "faults": set(),
     "planning": {"resources"},
     "optim": {"settings", "log"},
     "data": {"settings", "log"},
     "models": {"settings", "log", "naming", "optim"},
-    "zero": {"settings", "log", "naming", "optim"},
+    "zero": {"settings", "log", "naming", "optim", "faults"},
     "export": {"settings", "log", "naming", "models", "optim"},
-    "cl": {"settings", "log", "naming", "optim", "data", "models", "zero", "export", "resources"},
+    "cl": {"settings", "log", "naming", "optim", "data", "models", "zero", "export", "resources", "faults"},
 }
 ENTRY_POINTS = {"export/__main__.py", "cli.py", "__main__.py"}  # may use the run layer
 

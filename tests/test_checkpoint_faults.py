@@ -140,7 +140,9 @@ def test_write_error_removes_the_partial_tag(saved, monkeypatch, error) -> None:
 KILLED_SAVE = f"""
 import sys
 sys.path.insert(0, {str(REPO)!r})
+from gorp_ds import faults
 from tests.test_checkpoint_faults import _run_with_saves
+faults.install(faults.FaultPlan(checkpoint_kill=(sys.argv[2], 2)))  # SIGKILL at that point of the 2nd save
 _run_with_saves(sys.argv[1])
 """
 
@@ -150,8 +152,7 @@ _run_with_saves(sys.argv[1])
 def test_sigkill_during_a_save_leaves_latest_complete(tmp_path, point, expected) -> None:
     """A real SIGKILL at each point of the second save; the next run resumes from the first."""
     directory = str(tmp_path / "ckpt")
-    env = dict(os.environ, **{checkpoint_io.FAULT_ENV: f"{point}@2"})
-    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, directory], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, directory, point], env=dict(os.environ), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (Path(directory) / "latest").read_text().strip() == "first"

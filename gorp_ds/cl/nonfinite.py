@@ -7,19 +7,14 @@ the ranks, so every rank skips the same steps) in one host read, after the backw
 step's last micro-batch and before its optimizer step. A bad step sets ``GORP.skip_next_step``:
 moments, projectors, step counters and weights stay exactly as they were.
 
-Two test hooks, read from the environment like ``GORP_DS_FAULT_AT``:
-
-- ``GORP_DS_NAN_AT="task,step"`` (0-based task, 1-based step) replaces the gradient of the first
-  tensor of the first param group with NaN in that step. The loss stays finite, so only the
-  gradient check can catch it, and under ZeRO the NaN lands in one rank's partition only.
-- ``GORP_DS_DROP_AT="task,step"`` leaves that step out altogether (no forward, backward or
-  optimizer call; the data order and step count otherwise unchanged): a run without that batch,
-  which a run whose NaN step was skipped must match exactly.
+Two test faults (``gorp_ds/faults.py``: the process's fault plan, which the loop asks): a NaN
+gradient in one step (:func:`poison_gradient`; the loss stays finite, so only the gradient check
+can catch it, and under ZeRO the NaN lands in one rank's partition only), and a step left out
+altogether, the reference run that a run whose NaN step was skipped must match exactly.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -28,28 +23,14 @@ from ..log import get_logger
 from .progress import task_number
 
 log = get_logger(__name__)
-NAN_ENV = "GORP_DS_NAN_AT"
-DROP_ENV = "GORP_DS_DROP_AT"
-
-
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient; the launcher prints it (status 2)."""
 
 
-def _at(env: str, task_index: int, step: int) -> bool:
-    return os.environ.get(env) == f"{task_index},{step}"
-
-
-def drop_step(task_index: int, step: int) -> bool:
-    return _at(DROP_ENV, task_index, step)
-
-
 def poison_gradient(engine: Any, optimizer: Any, task_index: int, step: int) -> Any:
-    """Test hook: a removable handle that turns one tensor's gradient into NaN, or ``None``."""
-    if not _at(NAN_ENV, task_index, step):
-        return None
+    """Test fault: a removable hook that turns the first trained tensor's gradient into NaN."""
     name = optimizer.param_groups[0]["names"][0]
-    log.info(f"{NAN_ENV}: gradient of {name} set to NaN in task {task_number(task_index)}, step {step}")
+    log.info(f"fault plan: gradient of {name} set to NaN in task {task_number(task_index)}, step {step}")
     return engine.gorp.params_by_name[name].register_hook(lambda grad: torch.full_like(grad, float("nan")))
 
 

@@ -23,7 +23,6 @@ REQUEUE_STATUS = 75  # EX_TEMPFAIL: "temporary failure, try again" (launch/slurm
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 GRACE_S = 5.0
 DEADLINE_ENV = "GORP_DS_PREEMPT_DEADLINE"
-SIGNAL_TEST_ENV = "GORP_DS_SIGNAL_AT"  # "task index (0-based),step[,rank]": SIGTERM to this rank there (tests)
 
 
 class Preempted(Exception):
@@ -87,13 +86,3 @@ _CURRENT = Preemption()
 def current() -> Preemption:
     """The process's pre-emption state (handlers are installed by the runner)."""
     return _CURRENT
-
-
-def signal_hook(task_index: int, step: int, rank: int) -> None:
-    """The SIGNAL_TEST_ENV hook: a real SIGTERM to this process at a chosen step."""
-    spec = os.environ.get(SIGNAL_TEST_ENV)
-    if not spec:
-        return
-    parts = spec.split(",")
-    if int(parts[0]) == task_index and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == rank):
-        os.kill(os.getpid(), signal.SIGTERM)

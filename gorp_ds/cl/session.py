@@ -21,6 +21,7 @@ from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
 from ..data.tasks import Example, Task
 from ..data.tokenize import collate_training, encode_for_training
 from ..export.hf_dir import ExportInfo, export_hf_dir
+from ..faults import current as fault_plan
 from ..log import get_logger, show_progress
 from ..models import (
     add_lora,
@@ -46,12 +47,11 @@ from . import preemption
 from .config import RunConfig
 from .evaluate import Evaluation, evaluate_row
 from .monitor import Monitor
-from .nonfinite import NonFiniteError, NonFiniteGuard, drop_step, poison_gradient
+from .nonfinite import NonFiniteError, NonFiniteGuard, poison_gradient
 from .progress import Progress, tags_to_prune, task_number
 from .run_dir import compare, describe_changes, recorded_settings
 
 log = get_logger(__name__)
-FAULT_ENV = "GORP_DS_FAULT_AT"  # "task index (0-based),step": SIGKILL this process there (crash/resume tests)
 
 
 STATS_EVERY = 10  # optimizer steps between reads of the optimizer's device statistics
@@ -191,7 +191,7 @@ class MethodSession:
     def train_task(self, task_index: int, task: Task, progress: Progress, on_checkpoint, total_tasks: int) -> None:
         steps = self.steps_for(task)
         order = global_batch_order(len(task.train), self.cfg.global_batch_size, steps, self.cfg.seed, task_index)
-        fault = os.environ.get(FAULT_ENV)
+        faults = fault_plan()  # the tests' injected faults (gorp_ds/faults.py); empty in a real run
         number = task_number(task_index)
         first_step = progress.step  # after a resume mid-task, only the steps from here on run in this process
         bar = tqdm(total=steps, initial=first_step, desc=f"[{self.method}] task {number}/{total_tasks} {task.name}",
@@ -204,14 +204,15 @@ class MethodSession:
         while progress.step < steps:
             step_start = time.perf_counter()
             losses = []
-            if drop_step(task_index, progress.step + 1):  # test hook: the reference run without this batch
+            if faults.drops(task_index, progress.step + 1):  # the reference run without this batch
                 progress.step, progress.global_step = progress.step + 1, progress.global_step + 1
                 bar.update(1)
                 continue
             with phases("data"):
                 batches, step_tokens = self._micro_batches(task, order[progress.step])
             tokens += step_tokens
-            poison = poison_gradient(self.engine, self.optimizer, task_index, progress.step + 1)  # test hook
+            poison = (poison_gradient(self.engine, self.optimizer, task_index, progress.step + 1)
+                      if faults.poisons(task_index, progress.step + 1) else None)
             for index, batch in enumerate(batches):
                 with phases("forward"):
                     loss = self._loss(batch)
@@ -247,15 +248,14 @@ class MethodSession:
                     stats = self._optimizer_stats(progress.global_step, stats)
                 bar.set_postfix(loss=f"{loss_value:.3f}", refreshes=self.optimizer.refresh_count)
                 bar.update(1)
-            if fault == f"{task_index},{progress.step}":
-                os.kill(os.getpid(), 9)
+            faults.kill_point(task_index, progress.step)
             saved = False
             if self.cfg.save_every and progress.step % self.cfg.save_every == 0 and progress.step < steps:
                 with phases("checkpoints"):
                     on_checkpoint(progress)
                 saved = True
             # ---- pre-emption: every rank stops after this same step, with a checkpoint of it
-            preemption.signal_hook(task_index, progress.step, self.rank)
+            faults.signal_point(task_index, progress.step, self.rank)
             if self.preemption.should_stop():
                 bar.close()
                 tag = progress.tag if saved else on_checkpoint(progress)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import time
 import zlib
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..faults import current as fault_plan
 from ..log import get_logger
 from . import side_group
 
@@ -44,9 +44,8 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 FORMAT_VERSION = 2
-# "<point>[@<n>]": SIGKILL at that point of the n-th save (tests); the points, in the order a save
-# passes them: files, manifest, renamed, latest_tmp
-FAULT_ENV = "GORP_DS_CKPT_FAULT"
+# The crash tests' faults (gorp_ds/faults.py) kill a save at one of its points, in the order a save
+# passes them: files, manifest, renamed, latest_tmp.
 # torch.save's bytes beyond the tensors' own: per tensor a zip record (headers, 64-byte alignment)
 # and its pickle entry (measured 250-280 B), per file the zip directory and pickle framing.
 TENSOR_OVERHEAD = 512
@@ -110,13 +109,8 @@ def _save_file(obj: Any, path: str) -> WrittenFile:
 
 
 def _fault(point: str, save_index: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    name, _, count = spec.partition("@")
-    if name == point and save_index == int(count or 1):
-        log.warning(f"{FAULT_ENV}={spec}: killing this process at checkpoint point {point!r}")
-        os.kill(os.getpid(), signal.SIGKILL)
+    """The crash tests' SIGKILL at a point of a save, where the process's fault plan says so."""
+    fault_plan().at_checkpoint_point(point, save_index)
 
 
 def _describe_error(err: BaseException) -> str:
