@@ -30,5 +30,5 @@ def run_config(rest: list[str], out: str) -> tuple[Any, str]:
     args = run_parser.parse_args(rest + ["--output-dir", os.path.join(out, "run"), "--overwrite",
                                          "--checkpoints", "false", "--export", "false"])
     cfg = build_run_config(args)
-    default = "zero2.json" if cfg.dtype == "bf16" else "zero2_fp32.json"
+    default = "zero2.json" if cfg.base_model.dtype == "bf16" else "zero2_fp32.json"
     return cfg, args.ds_config or str(REPO / "ds_configs" / default)

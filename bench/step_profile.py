@@ -46,7 +46,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    for method in cfg.methods:
+    for method in cfg.runner.methods:
         session = MethodSession(method, tasks, cfg, ds_config, os.path.join(own.out, "run", method))
         progress = Progress()
         steps = session.steps_for(tasks[0])

@@ -85,12 +85,12 @@ def main() -> None:
     from gorp_ds.models.methods import METHODS, method_spec
 
     cfg, ds_config_path = run_config(rest, own.out)
-    mixed = [m for m in (*cfg.methods, own.warmup) if m in METHODS and method_spec(m).mixed_tasks]
+    mixed = [m for m in (*cfg.runner.methods, own.warmup) if m in METHODS and method_spec(m).mixed_tasks]
     if mixed:
         raise SystemExit(f"train_time: {mixed[0]} trains one mixed task, not the sequence; leave it out of --method")
     if own.warmup not in (*METHODS, "none"):
         raise SystemExit(f"train_time: --warmup {own.warmup!r} is not a method; choose from {', '.join(METHODS)} or none")
-    if len(cfg.methods) < 2:
+    if len(cfg.runner.methods) < 2:
         raise SystemExit("train_time: give at least two methods to compare (--method seq-lora,gorp)")
     tasks, ds_config, _ = prepare(cfg, ds_config_path)
     os.makedirs(own.out, exist_ok=True)
@@ -102,15 +102,15 @@ def main() -> None:
         quiet = {k: v for k, v in ds_config.items() if k != "tensorboard"}
         sessions["warm-up"] = (MethodSession(own.warmup, tasks, cfg, quiet, os.path.join(own.out, "run", "warm-up")),
                                Progress())
-    for method in cfg.methods:
+    for method in cfg.runner.methods:
         sessions[method] = (MethodSession(method, tasks, cfg, ds_config, os.path.join(own.out, "run", method)),
                             Progress())
     rank = next(iter(sessions.values()))[0].rank
     if rank == 0:
         open(os.path.join(own.out, "times.jsonl"), "w").close()  # this run's lines only
-    times: dict[str, list[float]] = {m: [] for m in cfg.methods}
+    times: dict[str, list[float]] = {m: [] for m in cfg.runner.methods}
     for t, task in enumerate(tasks):
-        order = (["warm-up"] if "warm-up" in sessions else []) + interleaved(cfg.methods, t)
+        order = (["warm-up"] if "warm-up" in sessions else []) + interleaved(cfg.runner.methods, t)
         for name in order:
             session, progress = sessions[name]
             sync()  # the previous session's queued work is not this one's time
@@ -128,7 +128,7 @@ def main() -> None:
                                         "train_s": seconds}) + "\n")
     for session, _ in sessions.values():
         session.close()
-    summary = summarise(times, cfg.methods[0])
+    summary = summarise(times, cfg.runner.methods[0])
     if rank == 0:
         with open(os.path.join(own.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

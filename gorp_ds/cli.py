@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         from .cl.runner import run
 
         install_faults(FaultPlan.from_environment())  # the crash tests' faults, read once (faults.py)
-        run(cfg, args.ds_config or str(default_ds_config(cfg.dtype)))
+        run(cfg, args.ds_config or str(default_ds_config(cfg.base_model.dtype)))
     except user_errors as err:
         # Once per node: every rank of a launch stops with the same error (the runner agrees on it
         # across ranks), and a node's local rank 0 says so with the node's name.

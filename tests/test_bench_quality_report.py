@@ -197,10 +197,10 @@ def test_every_built_in_run_resolves_to_its_settings(tmp_path) -> None:
         add_arguments(parser)
         argv = command(run, args, tmp_path, "embedded", tmp_path / "ds.json")[2:]  # after python launch/train.py
         cfg = build_run_config(parser.parse_args(argv))
-        assert {k: getattr(cfg, k) for k in run.settings} == run.settings, run.key
-        assert (cfg.max_steps_per_task, cfg.eval_samples, cfg.global_batch_size) == (*BUDGETS[run.order], 16)
-        assert cfg.methods == [run.method] and cfg.order == run.order and not cfg.checkpoints
+        assert {k: cfg.value(k) for k in run.settings} == run.settings, run.key
+        assert (cfg.runner.max_steps_per_task, cfg.data.eval_samples, cfg.runner.global_batch_size) == (*BUDGETS[run.order], 16)
+        assert cfg.runner.methods == [run.method] and cfg.data.order == run.order and not cfg.runner.checkpoints
         preset = {"lr_lora": 1e-3, "lr_full": 5e-6, "update_gap": 20, "shared_threshold": 0.99}
         for name, value in preset.items():  # the embedded preset's values where the run does not set its own
             if name not in run.settings and not (run.method != "gorp" and name == "shared_threshold"):
-                assert getattr(cfg, name) == value and cfg.sources[name].startswith("preset embedded"), (run.key, name)
+                assert cfg.value(name) == value and cfg.sources[name].startswith("preset embedded"), (run.key, name)

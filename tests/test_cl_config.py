@@ -127,26 +127,26 @@ def test_config_yaml_is_a_run_file_that_reproduces_the_run(tmp_path: Path) -> No
 
 
 def test_boolean_flags_take_every_form() -> None:
-    assert _build("--no-export").export is False
-    assert _build("--export", "false").export is False
-    assert _build("--export=true").export is True
-    assert _build("--eval-only").eval_only is True and _build().eval_only is False
-    assert _build("--resume").resume == "on" and _build("--resume", "auto").resume == "auto"
-    assert _build("--resume", "false").resume == "off"
+    assert _build("--no-export").runner.export is False
+    assert _build("--export", "false").runner.export is False
+    assert _build("--export=true").runner.export is True
+    assert _build("--eval-only").runner.eval_only is True and _build().runner.eval_only is False
+    assert _build("--resume").runner.resume == "on" and _build("--resume", "auto").runner.resume == "auto"
+    assert _build("--resume", "false").runner.resume == "off"
 
 
 def test_presets_are_visible_and_optional() -> None:
     embedded = _build()  # --model embedded, no data: the embedded quick run
-    assert (embedded.lr_lora, embedded.update_gap, embedded.shared_threshold, embedded.max_steps_per_task) \
+    assert (embedded.optimizer.lr_lora, embedded.optimizer.update_gap, embedded.optimizer.shared_threshold, embedded.runner.max_steps_per_task) \
         == (1e-3, 20, 0.99, 40)
     for name in ("lr_lora", "update_gap", "shared_threshold"):
         assert embedded.sources[name].startswith("preset embedded "), name
     assert embedded.sources["max_steps_per_task"].startswith("preset embedded_quick")
     with_data = _build("--tasks", "emb_color")  # the model's preset only
-    assert with_data.lr_lora == 1e-3 and with_data.max_steps_per_task is None
+    assert with_data.optimizer.lr_lora == 1e-3 and with_data.runner.max_steps_per_task is None
     plain = _build("--preset", "none")
     assert plain.flat() == RunConfig.from_flat().flat() and set(plain.sources.values()) == {"default"}
-    assert _build("--model", "some/model").lr_lora == 2e-4  # other models: no preset
+    assert _build("--model", "some/model").optimizer.lr_lora == 2e-4  # other models: no preset
 
 
 def test_one_default_per_setting() -> None:
@@ -164,7 +164,7 @@ def test_one_default_per_setting() -> None:
     assert group["betas"] == owner.betas and owner.scale == 0.25
     assert UpdateConfig.from_group({"role": "full", "lr": 1.0, "betas": owner.betas, "eps": owner.eps,
                                     "weight_decay": 0.0}).scale == owner.scale
-    assert RunConfig.from_flat().scale == owner.scale
+    assert RunConfig.from_flat().optimizer.scale == owner.scale
 
 
 def test_print_config_names_every_source(tmp_path: Path) -> None:

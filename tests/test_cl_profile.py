@@ -19,13 +19,13 @@ def _cfg(argv):
 
 
 def test_profile_flag(tmp_path):
-    assert _cfg([]).profile is False
-    assert _cfg(["--profile"]).profile is True
-    assert _cfg(["--profile", "false"]).profile is False
+    assert _cfg([]).runner.profile is False
+    assert _cfg(["--profile"]).runner.profile is True
+    assert _cfg(["--profile", "false"]).runner.profile is False
     run_file = tmp_path / "run.json"
     run_file.write_text(json.dumps({"profile": True}))
-    assert _cfg(["--config", str(run_file)]).profile is True
-    assert _cfg(["--checkpoints", "false"]).checkpoints is False  # other booleans still take a value
+    assert _cfg(["--config", str(run_file)]).runner.profile is True
+    assert _cfg(["--checkpoints", "false"]).runner.checkpoints is False  # other booleans still take a value
     with pytest.raises(ConfigError, match="--profile must be true or false, got 'maybe'"):
         _cfg(["--profile", "maybe"])
 

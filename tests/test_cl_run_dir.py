@@ -54,7 +54,7 @@ def _scenarios(rank: int, world: int, root: str) -> dict:
         if not shared and rank == 1:
             os.environ["LOCAL_RANK"] = "0"  # the first rank of another node
         try:
-            problem = path_problem(cfg.output_dir)
+            problem = path_problem(cfg.runner.output_dir)
             agree_on_errors(ConfigError(problem) if problem else None)
             decision = settle_output_dir(cfg, DS, world)
             outcomes[name] = {"resume": decision.resume, "error": None}

@@ -93,11 +93,11 @@ def _config(*argv: str):
 
 def test_paper_orders_default_to_the_papers_lengths() -> None:
     cfg = _config("--model", "some/dir", "--data-dir", "x", "--order", "1")
-    assert (cfg.max_source_length, cfg.max_target_length) == (512, 50)
+    assert (cfg.data.max_source_length, cfg.data.max_target_length) == (512, 50)
     cfg = _config("--model", "some/dir", "--data-dir", "x", "--order", "4", "--max-source-length", "256")
-    assert (cfg.max_source_length, cfg.max_target_length) == (256, 50)
+    assert (cfg.data.max_source_length, cfg.data.max_target_length) == (256, 50)
     cfg = _config("--model", "some/dir", "--data-dir", "x", "--order", "A")
-    assert (cfg.max_source_length, cfg.max_target_length) == (None, None)
+    assert (cfg.data.max_source_length, cfg.data.max_target_length) == (None, None)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ def test_recipe_parses_and_validates(recipe: Path) -> None:
     add_arguments(parser)
     cfg = build_run_config(parser.parse_args(["--config", str(recipe)]))
     for key, value in settings.items():
-        assert getattr(cfg, key) == value, key
-    if cfg.order in ("1", "4"):
-        assert (cfg.max_source_length, cfg.max_target_length) == (512, 50)
-        assert (cfg.lr_lora, cfg.lr_full, cfg.rank, cfg.update_gap, cfg.scale) == (2e-4, 1e-6, 8, 20, 0.25)
+        assert cfg.value(key) == value, key
+    if cfg.data.order in ("1", "4"):
+        assert (cfg.data.max_source_length, cfg.data.max_target_length) == (512, 50)
+        assert (cfg.optimizer.lr_lora, cfg.optimizer.lr_full, cfg.optimizer.rank, cfg.optimizer.update_gap, cfg.optimizer.scale) == (2e-4, 1e-6, 8, 20, 0.25)

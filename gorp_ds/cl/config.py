@@ -167,8 +167,9 @@ _KEYS = {**{a.replace("-", "_"): s.flat for s in SETTINGS.values() for a in s.al
 
 @dataclass(kw_only=True)
 class RunConfig:
-    """A run: one settings object per component. ``cfg.<flat name>`` reads a setting
-    (``cfg.rank`` is ``cfg.optimizer.rank``); :meth:`replace` returns a changed copy."""
+    """A run: one settings object per component, each handed as its own type to the code that uses
+    it (``cfg.optimizer`` is an :class:`OptimizerConfig`, read as ``cfg.optimizer.rank``);
+    :meth:`value` reads a setting by its flat name, :meth:`replace` returns a changed copy."""
 
     base_model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,11 +182,12 @@ class RunConfig:
     # flat name -> how the user wrote it ("--max-length", "--config run.yaml: data.max_length")
     written: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
-    def __getattr__(self, name: str) -> Any:  # only reached when ``name`` is no attribute
-        spec = SETTINGS.get(name)
-        if spec is None or name.startswith("__"):
-            raise AttributeError(f"RunConfig has no setting {name!r}")
-        return getattr(object.__getattribute__(self, SECTIONS[spec.section][0]), spec.name)
+    def value(self, flat: str) -> Any:
+        """The setting with flat name ``flat`` (``"lora_r"`` is ``cfg.lora.r``), read from its section."""
+        spec = SETTINGS.get(flat)
+        if spec is None:
+            raise KeyError(f"RunConfig has no setting {flat!r}")
+        return getattr(getattr(self, SECTIONS[spec.section][0]), spec.name)
 
     @classmethod
     def from_flat(cls, values: dict[str, Any] | None = None, sources: dict[str, str] | None = None,
@@ -219,13 +221,13 @@ class RunConfig:
         return None if spec is None else self.written.get(spec.flat, spec.flag)
 
     def flat(self) -> dict[str, Any]:
-        return {flat: getattr(self, flat) for flat in SETTINGS}
+        return {flat: self.value(flat) for flat in SETTINGS}
 
     def to_sections(self) -> dict[str, dict[str, Any]]:
         """``{section: {field: value}}``: a run file's layout (what config.yaml holds under ``run``)."""
         out: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
         for spec in SETTINGS.values():
-            value = getattr(self, spec.flat)
+            value = self.value(spec.flat)
             out[spec.section][spec.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -538,29 +540,29 @@ def format_config(cfg: RunConfig, sources: bool = True) -> str:
 def reconcile_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str) -> dict[str, Any]:
     """Fill batch sizes and precision into the DeepSpeed config, or fail on a contradiction."""
     ds = json.loads(json.dumps(ds))
-    micro = cfg.micro_batch_size or cfg.global_batch_size // world_size
-    if micro < 1 or cfg.global_batch_size % (micro * world_size):
+    micro = cfg.runner.micro_batch_size or cfg.runner.global_batch_size // world_size
+    if micro < 1 or cfg.runner.global_batch_size % (micro * world_size):
         raise ConfigError(
-            f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
+            f"--global-batch-size {cfg.runner.global_batch_size} is not a multiple of --micro-batch-size "
             f"{micro} × {world_size} ranks"
         )
-    accumulation = cfg.global_batch_size // (micro * world_size)
-    wanted = {"train_batch_size": cfg.global_batch_size, "train_micro_batch_size_per_gpu": micro,
+    accumulation = cfg.runner.global_batch_size // (micro * world_size)
+    wanted = {"train_batch_size": cfg.runner.global_batch_size, "train_micro_batch_size_per_gpu": micro,
               "gradient_accumulation_steps": accumulation}
     for key, value in wanted.items():
         if key in ds and ds[key] not in ("auto", value):
             raise ConfigError(f"{source}: '{key}' is {ds[key]} but the run needs {value} "
-                              f"(global batch {cfg.global_batch_size}, micro batch {micro}, "
+                              f"(global batch {cfg.runner.global_batch_size}, micro batch {micro}, "
                               f"{world_size} ranks); remove it from the DeepSpeed config or change the run")
         ds[key] = value
     bf16 = bool((ds.get("bf16") or {}).get("enabled", False))
-    if "bf16" in ds and bf16 != (cfg.dtype == "bf16"):
-        hint = " (ds_configs/zero2_fp32.json is one for fp32)" if cfg.dtype == "fp32" else ""
-        raise ConfigError(f"{source}: 'bf16.enabled' is {str(bf16).lower()} but the run's --dtype is {cfg.dtype}; "
+    if "bf16" in ds and bf16 != (cfg.base_model.dtype == "bf16"):
+        hint = " (ds_configs/zero2_fp32.json is one for fp32)" if cfg.base_model.dtype == "fp32" else ""
+        raise ConfigError(f"{source}: 'bf16.enabled' is {str(bf16).lower()} but the run's --dtype is {cfg.base_model.dtype}; "
                           f"make them agree{hint}")
-    if cfg.dtype == "bf16":
+    if cfg.base_model.dtype == "bf16":
         ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": True}
     tensorboard = ds.get("tensorboard")
     if isinstance(tensorboard, dict) and tensorboard.get("enabled") and not tensorboard.get("output_path"):
-        tensorboard["output_path"] = str(Path(cfg.output_dir) / "tensorboard")
+        tensorboard["output_path"] = str(Path(cfg.runner.output_dir) / "tensorboard")
     return ds

@@ -54,21 +54,21 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
         tasks = load_task_sequence(cfg.data)
     except DataError as err:
         raise ConfigError(str(err)) from None
-    out_dir = os.path.join(cfg.output_dir, EVAL_DIR)
+    out_dir = os.path.join(cfg.runner.output_dir, EVAL_DIR)
     started = time.perf_counter()
-    found = find_checkpoint(cfg.model)
+    found = find_checkpoint(cfg.base_model.model)
     settings = evaluation_settings(cfg)
     if found is not None:
         session = rebuild_session(*found, tasks=tasks, world=world, out_dir=out_dir,
-                                  eval_batch_size=cfg.eval_batch_size, prompt_format=cfg.prompt_format,
-                                  max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length)
+                                  eval_batch_size=cfg.runner.eval_batch_size, prompt_format=cfg.data.prompt_format,
+                                  max_source_length=cfg.data.max_source_length, max_target_length=cfg.data.max_target_length)
         session.merge_in_place()
-        model, tokenizer, source = session.engine.module, session.tokenizer, f"checkpoint {cfg.model} ({session.method})"
+        model, tokenizer, source = session.engine.module, session.tokenizer, f"checkpoint {cfg.base_model.model} ({session.method})"
     else:
         model, tokenizer = load_model_and_tokenizer(dataclasses.replace(cfg.base_model, gradient_checkpointing=False))
         model.to(_device())
-        session, source = None, f"model {cfg.model}"
-    PromptFormat(cfg.prompt_format).check(tokenizer)
+        session, source = None, f"model {cfg.base_model.model}"
+    PromptFormat(cfg.data.prompt_format).check(tokenizer)
     log.info(f"evaluating {source} on {len(tasks)} tasks: {', '.join(t.name for t in tasks)} ({world} ranks)")
     evaluation = evaluate_row(model, tokenizer, tasks, **settings, rank=rank, world=world)
     names = [t.name for t in tasks]
@@ -76,18 +76,18 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
     result = {
         "method": "eval",
         "eval_only": True,
-        "model": cfg.model,
+        "model": cfg.base_model.model,
         "tasks": names,
         "R": [evaluation.row],
         "metrics": {"AA": sum(evaluation.row) / len(evaluation.row), "BWT": None, "FWT": None, "forgetting": None},
-        "predictions": [[predictions_file("eval", j, n) for j, n in enumerate(names)]] if cfg.predictions else None,
+        "predictions": [[predictions_file("eval", j, n) for j, n in enumerate(names)]] if cfg.runner.predictions else None,
         "timings": {"wall_s": time.perf_counter() - started, "train_s": 0.0, "eval_s": time.perf_counter() - started,
                     "tokens_per_s": 0.0},
         "world_size": world,
         "config": cfg.flat(),
     }
     if rank == 0:
-        if cfg.predictions:
+        if cfg.runner.predictions:
             write_predictions(out_dir, "eval", names, evaluation.predictions or [])
         write_method_results(out_dir, result)
         log.info(f"wrote {os.path.join(out_dir, 'results.json')}")

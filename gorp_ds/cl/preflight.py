@@ -18,18 +18,18 @@ def preflight(cfg: RunConfig) -> None:
 
     source, extra = resolve_model_source(cfg.base_model)
     config = AutoConfig.from_pretrained(source, **extra)
-    if cfg.prompt_format != "plain":  # a chat format needs the tokenizer's chat template
+    if cfg.data.prompt_format != "plain":  # a chat format needs the tokenizer's chat template
         from transformers import AutoTokenizer
 
-        PromptFormat(cfg.prompt_format).check(AutoTokenizer.from_pretrained(source, **extra))
-    for method in map(method_spec, cfg.methods):
+        PromptFormat(cfg.data.prompt_format).check(AutoTokenizer.from_pretrained(source, **extra))
+    for method in map(method_spec, cfg.runner.methods):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         if method.adapters:
             try:
                 model = add_lora(model, cfg.lora)
             except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
-                raise RoleError(f"--lora-targets {','.join(cfg.lora_targets)}: {str(err).splitlines()[0]}") from None
+                raise RoleError(f"--lora-targets {','.join(cfg.lora.targets)}: {str(err).splitlines()[0]}") from None
         build_param_groups(model, method, cfg.targets, cfg.optimizer)
-        if method.adapters and cfg.lora_r > min(config.hidden_size, getattr(config, "intermediate_size", 10**9)):
-            raise RoleError(f"--lora-r {cfg.lora_r} is larger than the model's hidden size {config.hidden_size}")
+        if method.adapters and cfg.lora.r > min(config.hidden_size, getattr(config, "intermediate_size", 10**9)):
+            raise RoleError(f"--lora-r {cfg.lora.r} is larger than the model's hidden size {config.hidden_size}")

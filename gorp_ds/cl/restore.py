@@ -54,5 +54,5 @@ def rebuild_session(load_dir: str, tag: str | None, tasks: list[Task], world: in
                                     "the rebuilt engine's DeepSpeed config")
     session = MethodSession(method, tasks, cfg, ds_config, out_dir)
     session.resume(load_dir, tag, record_changes=False)  # batch sizes differ on purpose: not a resumed run
-    log.info(f"[{method}] loaded checkpoint {os.path.join(load_dir, tag or 'latest')} (model {cfg.model}, {cfg.dtype})")
+    log.info(f"[{method}] loaded checkpoint {os.path.join(load_dir, tag or 'latest')} (model {cfg.base_model.model}, {cfg.base_model.dtype})")
     return session

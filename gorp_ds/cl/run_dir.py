@@ -136,10 +136,10 @@ def tensorboard_dirs(cfg: RunConfig, ds_config: dict[str, Any]) -> list[Path]:
     if not isinstance(board, dict) or not board.get("output_path"):
         return []
     root = Path(board["output_path"]).expanduser().resolve()
-    out = Path(cfg.output_dir).expanduser().resolve()
+    out = Path(cfg.runner.output_dir).expanduser().resolve()
     if root == out or out in root.parents:
         return []
-    return [root / method for method in cfg.methods]
+    return [root / method for method in cfg.runner.methods]
 
 
 def held_run(out: Path, boards: list[Path] = ()) -> list[str]:
@@ -185,7 +185,7 @@ class Decision:
 
 def decide(cfg: RunConfig, current: dict[str, Any], boards: list[Path], stamp: str) -> Decision:
     """The decision for ``cfg.output_dir`` as seen from this process (rank 0 calls it)."""
-    out = Path(cfg.output_dir).expanduser()
+    out = Path(cfg.runner.output_dir).expanduser()
     aside = _aside(out, stamp)
     held = held_run(out, boards)
     decision = _decide(cfg, current, out, held, aside)
@@ -199,20 +199,20 @@ def _aside(out: Path, stamp: str) -> str:
 
 def _decide(cfg: RunConfig, current: dict[str, Any], out: Path, held: list[str], aside: str) -> Decision:
     if not held:
-        if cfg.resume == "on":
-            return Decision(error=f"--resume: {cfg.output_dir} holds no run to resume (no checkpoint, no results); "
+        if cfg.runner.resume == "on":
+            return Decision(error=f"--resume: {cfg.runner.output_dir} holds no run to resume (no checkpoint, no results); "
                                   "drop --resume to start one, or pass --resume auto to resume only when there is one")
         return Decision()
     listing = ", ".join(held[:4]) + (", …" if len(held) > 4 else "")
-    if cfg.overwrite:
-        return Decision(move_aside=True, aside=aside, notes=[f"--overwrite: {cfg.output_dir} held a run ({listing}); "
+    if cfg.runner.overwrite:
+        return Decision(move_aside=True, aside=aside, notes=[f"--overwrite: {cfg.runner.output_dir} held a run ({listing}); "
                                                            f"moving it aside to {aside}"])
-    if cfg.resume == "off":
-        return Decision(error=f"--output-dir {cfg.output_dir} already holds a run ({listing}); pass --resume to "
+    if cfg.runner.resume == "off":
+        return Decision(error=f"--output-dir {cfg.runner.output_dir} already holds a run ({listing}); pass --resume to "
                               "continue it, --overwrite to move it aside first, or choose another --output-dir")
     config_file = out / CONFIG_FILE
     if not config_file.is_file():
-        return Decision(error=f"--resume: {cfg.output_dir} holds a run ({listing}) but no {CONFIG_FILE}, so it "
+        return Decision(error=f"--resume: {cfg.runner.output_dir} holds a run ({listing}) but no {CONFIG_FILE}, so it "
                               "cannot be checked against this run; pass --overwrite or choose another --output-dir")
     try:
         import yaml
@@ -230,7 +230,7 @@ def _decide(cfg: RunConfig, current: dict[str, Any], out: Path, held: list[str],
                               + "\n  ".join(refused))
     problems, resumable = [], []
     settings = {k: v for k, v in current.items() if not k.startswith("deepspeed.")}
-    for method in cfg.methods:
+    for method in cfg.runner.methods:
         finished = _finished(out, method)
         if finished is not None:
             try:
@@ -244,18 +244,18 @@ def _decide(cfg: RunConfig, current: dict[str, Any], out: Path, held: list[str],
         elif _has_checkpoint(out, method):
             resumable.append(method)
     if problems:
-        return Decision(error="--resume: finished results in " + cfg.output_dir + " were produced with other "
+        return Decision(error="--resume: finished results in " + cfg.runner.output_dir + " were produced with other "
                               "settings (a finished method is not re-run); restore those settings, or pass "
                               "--overwrite or another --output-dir. Differing:\n  " + "\n  ".join(problems))
     if not resumable:
-        if cfg.resume == "on":
-            return Decision(error=f"--resume: {cfg.output_dir} holds no checkpoint or results of "
-                                  f"{', '.join(cfg.methods)} (the earlier launch stopped before its first "
+        if cfg.runner.resume == "on":
+            return Decision(error=f"--resume: {cfg.runner.output_dir} holds no checkpoint or results of "
+                                  f"{', '.join(cfg.runner.methods)} (the earlier launch stopped before its first "
                                   "checkpoint); pass --resume auto to start again from the beginning, or --overwrite")
         return Decision(move_aside=True, aside=aside,
-                        notes=[f"--resume auto: nothing to resume in {cfg.output_dir}; starting fresh (the earlier "
+                        notes=[f"--resume auto: nothing to resume in {cfg.runner.output_dir}; starting fresh (the earlier "
                                f"attempt's files ({listing}) are moved aside to {aside})"])
-    notes = [f"--resume: continuing {', '.join(resumable)} in {cfg.output_dir}"]
+    notes = [f"--resume: continuing {', '.join(resumable)} in {cfg.runner.output_dir}"]
     if changed:
         notes.append("settings changed since the saved run (the new values apply; each resumed method records "
                      f"the change): {describe_changes(changed)}")
@@ -322,21 +322,21 @@ def settle_output_dir(cfg: RunConfig, ds_config: dict[str, Any], world_size: int
     rank = dist.get_rank() if dist.is_initialized() else 0
     resolved = resolved_config(cfg, ds_config, world_size)
     boards = tensorboard_dirs(cfg, ds_config)
-    out = Path(cfg.output_dir).expanduser()
+    out = Path(cfg.runner.output_dir).expanduser()
     decision, text = None, ""
     if rank == 0:
         try:
             decision = decide(cfg, _flat(resolved), boards, time.strftime("%Y%m%d-%H%M%S"))
         except OSError as err:
-            decision = Decision(error=f"--output-dir {cfg.output_dir}: cannot inspect it ({err})")
+            decision = Decision(error=f"--output-dir {cfg.runner.output_dir}: cannot inspect it ({err})")
         if not decision.error:
             try:
                 if decision.move_aside:
-                    decision.notes.append(f"the earlier contents of {cfg.output_dir} are now in "
+                    decision.notes.append(f"the earlier contents of {cfg.runner.output_dir} are now in "
                                           f"{_move_aside(out, Path(decision.aside), boards)}")
                 text = _write_config(out, config_text(cfg, resolved))
             except OSError as err:
-                decision.error = f"--output-dir {cfg.output_dir}: {err.strerror or err} ({err.filename or out})"
+                decision.error = f"--output-dir {cfg.runner.output_dir}: {err.strerror or err} ({err.filename or out})"
     decision, text = _broadcast((decision, text))
     if decision.error:
         raise ConfigError(decision.error)
@@ -351,7 +351,7 @@ def settle_output_dir(cfg: RunConfig, ds_config: dict[str, Any], world_size: int
     if not decision.resume and rank != 0 and local_rank == 0 and held_run(out, boards) \
             and not (config_file.is_file() and config_file.read_text() == text):
         aside = _aside(out, decision.stamp)
-        log.info(f"rank {rank}: this node's {cfg.output_dir} is not rank 0's and holds an earlier run; moving it "
+        log.info(f"rank {rank}: this node's {cfg.runner.output_dir} is not rank 0's and holds an earlier run; moving it "
                  f"aside to {aside}", extra={"all_ranks": True})
         _move_aside(out, Path(aside), boards)
     _barrier()

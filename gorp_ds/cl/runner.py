@@ -42,15 +42,15 @@ USER_ERRORS = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupEr
 def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
     """Run every configured method over the task sequence; returns each method's results."""
     quiet_third_party()  # before any model is loaded or engine built: their noise is what it filters
-    if cfg.eval_only:
+    if cfg.runner.eval_only:
         from .eval_only import run_eval_only
 
         return [run_eval_only(cfg)]
     tasks, ds_config, decision = prepare(cfg, ds_config_path)
     current_preemption().install()  # SIGTERM/SIGUSR1: checkpoint the current step and exit for requeue
     results = []
-    for method in cfg.methods:
-        out_dir = os.path.join(cfg.output_dir, method)
+    for method in cfg.runner.methods:
+        out_dir = os.path.join(cfg.runner.output_dir, method)
         finished = os.path.join(out_dir, "results.json")
         # Rank 0's view decides (nodes need not share a filesystem); settle_output_dir checked that
         # these results were produced with this run's settings.
@@ -62,7 +62,7 @@ def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
             continue
         results.append(run_method(method, tasks, cfg, ds_config, out_dir, decision.resume))
     if _rank() == 0:
-        table = write_summary(cfg.output_dir, results)
+        table = write_summary(cfg.runner.output_dir, results)
         log.info("methods compared (accuracy %, higher AA and BWT closer to 0 are better):\n" + table)
     return results
 
@@ -81,12 +81,12 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
         check_supported(raw_ds_config, ds_config_path)  # first: it checks the sections' types
         ds_config = reconcile_ds_config(raw_ds_config, cfg, _world(), ds_config_path)
         stage = check_supported(ds_config, ds_config_path)
-        for spec in map(method_spec, cfg.methods):
+        for spec in map(method_spec, cfg.runner.methods):
             if stage == 3 and spec.zero3_refusal:
                 raise UnsupportedSetupError(
                     f"{ds_config_path}: 'zero_optimization.stage' is 3, but {spec.zero3_refusal}; run {spec.name} "
                     "with stage 2 (ds_configs/zero2.json) or leave it out of --method")
-        if (path := path_problem(cfg.output_dir)) is not None:
+        if (path := path_problem(cfg.runner.output_dir)) is not None:
             raise ConfigError(path)
         try:
             tasks = load_task_sequence(cfg.data)
@@ -97,8 +97,8 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
         problem = err
     agree_on_errors(problem)
     decision = settle_output_dir(cfg, ds_config, _world())
-    log.info(f"{len(tasks)} tasks: {' → '.join(t.name for t in tasks)}; methods: {', '.join(cfg.methods)}; "
-             f"{_world()} ranks, global batch {cfg.global_batch_size}, {torch.get_num_threads()} CPU threads per rank")
+    log.info(f"{len(tasks)} tasks: {' → '.join(t.name for t in tasks)}; methods: {', '.join(cfg.runner.methods)}; "
+             f"{_world()} ranks, global batch {cfg.runner.global_batch_size}, {torch.get_num_threads()} CPU threads per rank")
     return tasks, ds_config, decision
 
 
@@ -125,13 +125,13 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         sizes = gather_sizes(session.end_task(t))
         session.monitor.shared_space(progress.global_step, sizes)
         progress.task, progress.step = t + 1, 0
-        if cfg.export_every_task:
+        if cfg.runner.export_every_task:
             export(session, progress, f"task_{task_number(t):02d}")
         tag = session.save(progress)
         if t + 1 < len(schedule) and session.preemption.should_stop():  # signalled during eval/boundary
             raise Preempted(tag)
         log_eta(method, progress, len(schedule))
-    if cfg.export:
+    if cfg.runner.export:
         export(session, progress, "final")
     result = assemble(method, tasks, cfg, progress, time.perf_counter() - started, peak)
     session.monitor.metrics(result["metrics"], progress.global_step)
@@ -153,7 +153,7 @@ def export(session: MethodSession, progress: Progress, label: str) -> None:
 def record_row(session: MethodSession, progress: Progress, row: int, evaluation: Evaluation) -> None:
     names = [t.name for t in session.tasks]
     progress.rows[row] = evaluation.row
-    if session.cfg.predictions and session.rank == 0:
+    if session.cfg.runner.predictions and session.rank == 0:
         write_predictions(session.out_dir, row, names, evaluation.predictions or [])
     session.monitor.accuracy_row(row, names, progress.rows[row])
     cells = ", ".join(f"{n} {v:.1f}" for n, v in zip(names, progress.rows[row]))
@@ -195,7 +195,7 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
         "R": r,
         "metrics": all_metrics(r),
         # predictions[i][j]: the JSONL of R[i][j], relative to this directory (None: row not measured)
-        "predictions": [[predictions_file(i, j, n) for j, n in enumerate(names)] if row is not None and cfg.predictions
+        "predictions": [[predictions_file(i, j, n) for j, n in enumerate(names)] if row is not None and cfg.runner.predictions
                         else None for i, row in enumerate(r)],
         "exports": exports,
         "timings": {"wall_s": wall_s, "train_s": train_s,

@@ -95,27 +95,27 @@ class MethodSession:
         model, self.tokenizer = load_model_and_tokenizer(cfg.base_model)
         # Checkpoints hold no frozen weight: resume rebuilds the model and checks it is the same.
         self.base_fingerprint = model_fingerprint(model)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.runner.seed)
         self.spec = method_spec(method)  # what the method trains and does at task boundaries
         if self.spec.adapters:
             model = add_lora(model, cfg.lora)
-            init_lora_(model, cfg.seed, 0)
+            init_lora_(model, cfg.runner.seed, 0)
         groups = build_param_groups(model, self.spec, cfg.targets, cfg.optimizer)
         log.info(f"[{method}] trainable: {trainable_summary(groups)}")
         self.optimizer = GORP(groups)
-        self.optimizer.time_refreshes = cfg.profile  # synchronised refresh timing only when profiling
+        self.optimizer.time_refreshes = cfg.runner.profile  # synchronised refresh timing only when profiling
         # This run's group hyperparameters (lr, weight decay, update gap, ...): loading a checkpoint
         # restores the saved ones, and resume() puts these back (see _apply_run_settings).
         self.run_group_settings = [{k: v for k, v in g.items() if k not in ("params", "names")}
                                    for g in self.optimizer.param_groups]
-        self.guard = NonFiniteGuard(method, cfg.max_bad_steps)
+        self.guard = NonFiniteGuard(method, cfg.runner.max_bad_steps)
         self.settings = recorded_settings(cfg, ds_config, self.world)  # recorded in checkpoints
         ds_config = {**ds_config}
         if isinstance(ds_config.get("tensorboard"), dict):
             ds_config["tensorboard"] = {**ds_config["tensorboard"], "job_name": method}
         self.engine, _, _, _ = initialize(model=model, optimizer=self.optimizer, config=ds_config,
-                                            full_gradients=cfg.full_gradients, refresh_from=cfg.refresh_from,
-                                            refresh_memory_mib=cfg.refresh_memory_mib)
+                                            full_gradients=cfg.targets.full_gradients, refresh_from=cfg.targets.refresh_from,
+                                            refresh_memory_mib=cfg.targets.refresh_memory_mib)
         self.monitor = Monitor(self.engine)
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A (fp32 master) of every finished task
@@ -126,7 +126,7 @@ class MethodSession:
         self.merges: list[dict[str, dict[str, torch.Tensor]]] = []
         self.preemption = preemption.current()
         self.device = next(self.engine.module.parameters()).device
-        self.prompt_format = PromptFormat(cfg.prompt_format)
+        self.prompt_format = PromptFormat(cfg.data.prompt_format)
         self.prompt_format.check(self.tokenizer)
         self._build_penalty()
 
@@ -135,7 +135,7 @@ class MethodSession:
         orthogonality regularisers)."""
         if self.spec.penalty is None:
             return
-        penalty = self.spec.penalty(self.engine.module, self.old_lora_a, self.cfg.olora_lambda, self.cfg.olora_l2,
+        penalty = self.spec.penalty(self.engine.module, self.old_lora_a, self.cfg.lora.olora_lambda, self.cfg.lora.olora_l2,
                                     self.device)
         self.penalty = penalty if penalty.active else None
 
@@ -144,9 +144,9 @@ class MethodSession:
         """Optimizer steps for a task; multi-task training gets the sum of all tasks' budgets."""
         if self.spec.mixed_tasks and task not in self.tasks:
             return sum(self.steps_for(t) for t in self.tasks)
-        if self.cfg.max_steps_per_task:
-            return self.cfg.max_steps_per_task
-        return max(1, math.ceil(self.cfg.epochs * len(task.train) / self.cfg.global_batch_size))
+        if self.cfg.runner.max_steps_per_task:
+            return self.cfg.runner.max_steps_per_task
+        return max(1, math.ceil(self.cfg.runner.epochs * len(task.train) / self.cfg.runner.global_batch_size))
 
     # ------------------------------------------------------------------ training
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -170,9 +170,9 @@ class MethodSession:
         mine = rank_slice(indices, self.rank, self.world, self.accumulation)
         batches, tokens = [], 0
         for micro in split_micro_batches(mine, self.accumulation):
-            encoded = [encode_for_training(self.tokenizer, task, task.train[i], self.cfg.max_length,
-                                           prompt_format=self.prompt_format, max_source_length=self.cfg.max_source_length,
-                                           max_target_length=self.cfg.max_target_length) for i in micro]
+            encoded = [encode_for_training(self.tokenizer, task, task.train[i], self.cfg.data.max_length,
+                                           prompt_format=self.prompt_format, max_source_length=self.cfg.data.max_source_length,
+                                           max_target_length=self.cfg.data.max_target_length) for i in micro]
             batch = collate_training(encoded, self.tokenizer.pad_token_id)
             tokens += int(batch["attention_mask"].sum()) * self.world
             targets = batch["labels"][:, 1:]  # CPU: position p predicts token p+1
@@ -190,7 +190,7 @@ class MethodSession:
 
     def train_task(self, task_index: int, task: Task, progress: Progress, on_checkpoint, total_tasks: int) -> None:
         steps = self.steps_for(task)
-        order = global_batch_order(len(task.train), self.cfg.global_batch_size, steps, self.cfg.seed, task_index)
+        order = global_batch_order(len(task.train), self.cfg.runner.global_batch_size, steps, self.cfg.runner.seed, task_index)
         faults = fault_plan()  # the tests' injected faults (gorp_ds/faults.py); empty in a real run
         number = task_number(task_index)
         first_step = progress.step  # after a resume mid-task, only the steps from here on run in this process
@@ -199,7 +199,7 @@ class MethodSession:
         self.engine.module.train()
         start = time.perf_counter()
         tokens = 0
-        phases = PhaseTimer(self.device, self.cfg.profile)
+        phases = PhaseTimer(self.device, self.cfg.runner.profile)
         stats = self.optimizer.stats  # device statistics are read every STATS_EVERY steps
         while progress.step < steps:
             step_start = time.perf_counter()
@@ -250,7 +250,7 @@ class MethodSession:
                 bar.update(1)
             faults.kill_point(task_index, progress.step)
             saved = False
-            if self.cfg.save_every and progress.step % self.cfg.save_every == 0 and progress.step < steps:
+            if self.cfg.runner.save_every and progress.step % self.cfg.runner.save_every == 0 and progress.step < steps:
                 with phases("checkpoints"):
                     on_checkpoint(progress)
                 saved = True
@@ -259,7 +259,7 @@ class MethodSession:
             if self.preemption.should_stop():
                 bar.close()
                 tag = progress.tag if saved else on_checkpoint(progress)
-                raise preemption.Preempted(tag if self.cfg.checkpoints else None)
+                raise preemption.Preempted(tag if self.cfg.runner.checkpoints else None)
         bar.close()
         elapsed = time.perf_counter() - start
         ran = progress.step - first_step
@@ -294,8 +294,8 @@ class MethodSession:
         raise NonFiniteError(
             f"[{self.method}] {bad} optimizer steps in a row had a non-finite loss or gradient (task {task_number(task_index)}, "
             f"steps {progress.step - bad + 1}-{progress.step}; each skipped); {where}. The run diverged: lower the "
-            f"learning rate (--lr-lora {self.cfg.lr_lora:g}, --lr-full {self.cfg.lr_full:g}, --lr-plain "
-            f"{self.cfg.lr_plain:g}) or check the data; --max-bad-steps {self.cfg.max_bad_steps} sets how many "
+            f"learning rate (--lr-lora {self.cfg.optimizer.lr_lora:g}, --lr-full {self.cfg.optimizer.lr_full:g}, --lr-plain "
+            f"{self.cfg.optimizer.lr_plain:g}) or check the data; --max-bad-steps {self.cfg.runner.max_bad_steps} sets how many "
             "bad steps in a row are tolerated")
 
     # ------------------------------------------------------------------ evaluation and task boundary
@@ -323,7 +323,7 @@ class MethodSession:
         # The checkpoint stores this merge (the exact fp32 values merged), not the merged weights.
         self.merges.append(lora_merge_record(module, masters))
         with self._lora_layers_gathered():
-            changed = merge_and_reinit_(module, self.cfg.seed, task_index, masters)
+            changed = merge_and_reinit_(module, self.cfg.runner.seed, task_index, masters)
         # A base weight that is itself trained (a full-rank target under a LoRA) has a master too.
         self.engine.gorp.masters_from_model(changed + self._trained_lora_bases())
 
@@ -345,7 +345,7 @@ class MethodSession:
         """docs/algorithm.md §3–4 after the row of R: extend S from the moments and reset the optimizer;
         gorp then starts the new adapters' A off the shared space."""
         sizes = self.optimizer.end_task()
-        if self.spec.lora_init_off_shared and self.cfg.lora_init_off_shared:
+        if self.spec.lora_init_off_shared and self.cfg.lora.init_off_shared:
             shared = self._all_shared_spaces(".lora_A")
             with self._lora_layers_gathered():
                 changed = project_lora_a_off_(self.engine.module, shared)
@@ -369,7 +369,7 @@ class MethodSession:
 
     def export(self, directory: str) -> ExportInfo | None:
         """The model as a Hugging Face directory with every LoRA merged (all ranks call; rank 0 writes)."""
-        return export_hf_dir(self.engine.module, self.engine.gorp, self.tokenizer, DTYPES[self.cfg.dtype], directory,
+        return export_hf_dir(self.engine.module, self.engine.gorp, self.tokenizer, DTYPES[self.cfg.base_model.dtype], directory,
                              desc=f"[{self.method}] export {os.path.basename(directory)}")
 
     def _all_shared_spaces(self, suffix: str) -> dict[str, torch.Tensor]:
@@ -385,7 +385,7 @@ class MethodSession:
     def save(self, progress: Progress) -> str | None:
         """Checkpoint (collective). Old tags are deleted only after the new one is committed, so
         ``--keep-checkpoints 1`` needs room for one checkpoint plus the one being written."""
-        if not self.cfg.checkpoints:
+        if not self.cfg.runner.checkpoints:
             return None
         tag = progress.tag
         client = {"progress": progress.to_state(), "method": self.method, "lora_merges": self.merges,
@@ -394,7 +394,7 @@ class MethodSession:
                   "config": self.settings}  # what --resume compares with this run
         save_checkpoint(self.engine, self.checkpoint_dir, tag, client)
         if self.rank == 0:
-            self._prune(keep=self.cfg.keep_checkpoints, newest=tag)
+            self._prune(keep=self.cfg.runner.keep_checkpoints, newest=tag)
         self.engine.gorp.barrier()
         return tag
 
@@ -416,7 +416,7 @@ class MethodSession:
         problem = fingerprint_mismatch(client.get("base_model", {}), self.base_fingerprint)
         if problem:
             raise CheckpointError(f"{self.checkpoint_dir}: the checkpoint was trained from another base model than "
-                                  f"--model {self.cfg.model} ({problem}); resume with the model the run started with")
+                                  f"--model {self.cfg.base_model.model} ({problem}); resume with the model the run started with")
         self.merges = list(client.get("lora_merges", []))
         try:
             with self._lora_layers_gathered():
@@ -466,9 +466,9 @@ class MethodSession:
 
 def evaluation_settings(cfg: RunConfig) -> dict[str, Any]:
     """The keyword arguments of :func:`evaluate_row` a run's settings give (shared with --eval-only)."""
-    return {"eval_samples": None, "batch_size": cfg.eval_batch_size,
-            "max_length": cfg.max_source_length or cfg.max_length, "prompt_format": PromptFormat(cfg.prompt_format),
-            "max_new_tokens": cfg.max_target_length, "predictions": cfg.predictions}
+    return {"eval_samples": None, "batch_size": cfg.runner.eval_batch_size,
+            "max_length": cfg.data.max_source_length or cfg.data.max_length, "prompt_format": PromptFormat(cfg.data.prompt_format),
+            "max_new_tokens": cfg.data.max_target_length, "predictions": cfg.runner.predictions}
 
 
 class PromptedTask(Task):
