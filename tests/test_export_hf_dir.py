@@ -12,7 +12,7 @@ from gorp_ds.export import export_hf_dir
 from gorp_ds.models import LoraSettings, RoleConfig, add_lora, build_param_groups
 from gorp_ds.models.lora import lora_layers
 from gorp_ds.optim import GORP
-from gorp_ds.zero import ZeroHandle
+from gorp_ds.zero import LocalDistributor
 
 
 def _model(tokenizer):
@@ -39,7 +39,7 @@ def test_sharded_tied_bf16_export_loads_and_holds_the_merge(tmp_path) -> None:
     groups = build_param_groups(model, "gorp", RoleConfig(full_targets=["mlp.gate_proj"], rank=2))
     optimizer = GORP(groups)
     params = {n: p for g in optimizer.param_groups for n, p in zip(g["names"], g["params"])}
-    handle = ZeroHandle(None, optimizer, params)  # one process without ZeRO: the masters are the params
+    handle = LocalDistributor(optimizer, params)  # one process without ZeRO: the masters are the params
     reference = {}
     for key, value in model.get_base_model().state_dict().items():
         if ".lora_" in key:
