@@ -2,7 +2,7 @@
 
 Under ZeRO-3 every parameter is partitioned; DeepSpeed's module hooks gather a module's parameters at
 each of its forward calls and free them after, so greedy decoding gathers the whole model once per
-generated token. ``ZeroHandle.for_generation(strategy)`` offers two strategies, measured here:
+generated token. ``Distributor.for_generation(strategy)`` offers two strategies, measured here:
 
   gather   every parameter gathered once (one all-gather of the model), stage 3's hooks off while
            generating, the partitions back afterwards: needs the whole model's bytes free on each GPU

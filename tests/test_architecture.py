@@ -138,6 +138,22 @@ def test_the_math_has_no_distributed_imports(module: str) -> None:
         assert not any(name == module or name.startswith(module + ".") for name in names), path
 
 
+def test_only_the_distributors_and_the_patches_reach_into_deepspeed() -> None:
+    """docs/architecture.md: DeepSpeed's internals are known to ``gorp_ds/zero/distributor/`` and
+    ``gorp_ds/zero/deepspeed_patches.py`` only; elsewhere ``import deepspeed`` (its public
+    ``initialize``/``init_distributed``) and nothing below it."""
+    allowed = ("zero/distributor/", "zero/deepspeed_patches.py")
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.startswith(allowed):
+            continue
+        for name, line in _imported_names(path):
+            if name.startswith("deepspeed."):
+                wrong.append(f"{path.relative_to(REPO)}:{line}: imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_nothing_cites_documents_outside_the_repository() -> None:
     # Assembled from pieces, so that this file does not match the pattern itself.
     docs = ("GORP", "MEASURE", "SYSTEM")

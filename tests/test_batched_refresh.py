@@ -1,7 +1,7 @@
 """Projector refreshes of same-shape ``full`` targets on the projected path, batched across layers.
 
 A residual stack of four blocks whose four up-projections (20 × 12, right projection) are ``full``
-targets, trained on one process by :class:`LowRankTargets` (the owner the ZeRO bridge installs) and,
+targets, trained on one process by :class:`LowRankTargets` (the owner the ZeRO distributors install) and,
 as the reference, by the single-process GORP fed with the full gradients ``G`` of an identical model.
 Every refresh mode must follow the reference step for step (refresh steps 0, 3, 6 and a task
 boundary included), and the batching must be real: one ``refresh_members`` call per chunk of layers
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gorp_ds.optim import GORP
-from gorp_ds.zero.lowrank_targets import LowRankTargets
+from gorp_ds.zero.lowrank_targets import LowRankTargets, claim_targets
 
 LAYERS, WIDTH, HIDDEN, STEPS, GAP, TASK_END = 4, 12, 20, 8, 3, 4
 G_MIB = HIDDEN * WIDTH * 4 / 2**20  # one fp32 G
@@ -85,9 +85,9 @@ def projected(refresh_from: str, memory_mib: float) -> tuple[list[torch.Tensor],
     model = Stack()
     opt = optimizer(model)
     owned = opt.detach_groups("full")
-    targets = LowRankTargets(opt, owned, model, rank=0, world=1, all_reduce=lambda t: None, is_boundary=lambda: True,
-                             accumulation=1, refresh_from=refresh_from, refresh_memory_mib=memory_mib)
-    targets.allocate()
+    targets = LowRankTargets(opt, claim_targets(owned, model), rank=0, world=1, all_reduce=lambda t: None,
+                             is_boundary=lambda: True, accumulation=1, refresh_from=refresh_from,
+                             refresh_memory_mib=memory_mib)
     calls: list[list[int]] = []
     original = opt.refresh_members
 

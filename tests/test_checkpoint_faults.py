@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gorp_ds.zero import CheckpointError, ZeroHandle, checkpoint_io, load_state, save_state
+from gorp_ds.zero import CheckpointError, LocalDistributor, checkpoint_io, load_state, save_state
 from tests import zero_scenarios as zs
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST, SECOND = 3, zs.SAVE_AFTER  # two checkpoints: task 1 step 3, and after the task boundary
 
 
-def _handle(opt) -> ZeroHandle:
+def _handle(opt) -> LocalDistributor:
     params = {name: p for g in opt.param_groups for name, p in zip(g["names"], g["params"])}
-    return ZeroHandle(None, opt, params)
+    return LocalDistributor(opt, params)
 
 
 def _run_with_saves(directory: str) -> None:

@@ -13,7 +13,7 @@ from gorp_ds.models import LoraSettings, TargetsConfig, add_lora, build_param_gr
 from gorp_ds.models.lora import lora_layers
 from gorp_ds.optim import GORP
 from gorp_ds.optim.config import OptimizerConfig
-from gorp_ds.zero import ZeroHandle
+from gorp_ds.zero import LocalDistributor
 
 
 def _model(tokenizer):
@@ -40,7 +40,7 @@ def test_sharded_tied_bf16_export_loads_and_holds_the_merge(tmp_path) -> None:
     groups = build_param_groups(model, "gorp", TargetsConfig(full_targets=["mlp.gate_proj"]), OptimizerConfig(rank=2))
     optimizer = GORP(groups)
     params = {n: p for g in optimizer.param_groups for n, p in zip(g["names"], g["params"])}
-    handle = ZeroHandle(None, optimizer, params)  # one process without ZeRO: the masters are the params
+    handle = LocalDistributor(optimizer, params)  # one process without ZeRO: the masters are the params
     reference = {}
     for key, value in model.get_base_model().state_dict().items():
         if ".lora_" in key:

@@ -182,16 +182,15 @@ def test_split_master_updates_are_chunked_and_skip_members_on_other_paths():
     untouched, and a chunk of non-adjacent positions takes the right factors (float64 reference)."""
     from gorp_ds.optim import GORP
     from gorp_ds.optim.update import BatchUpdate, LowRankStep
-    from gorp_ds.zero.lowrank_targets import LowRankTargets
+    from gorp_ds.zero.lowrank_targets import LowRankTargets, claim_targets
 
     g = torch.Generator().manual_seed(3)
     m, n, k, layers = 20, 12, 3, 4
     model = nn.Sequential(*[nn.Linear(n, m, bias=False) for _ in range(layers)]).to(torch.bfloat16)
     names = [str(i) for i in range(layers)]
     opt = GORP([{"params": list(model.parameters()), "names": names, "role": "full", "lr": 1e-2, "rank": k}])
-    targets = LowRankTargets(opt, opt.detach_groups("full"), model, rank=0, world=1, all_reduce=lambda t: None,
-                             is_boundary=lambda: True, accumulation=1)
-    targets.allocate()
+    targets = LowRankTargets(opt, claim_targets(opt.detach_groups("full"), model), rank=0, world=1,
+                             all_reduce=lambda t: None, is_boundary=lambda: True, accumulation=1)
     for member in targets.members:  # masters below bf16 resolution: the low bits must carry them
         member.remainder.copy_(torch.randint(-2**15, 2**15, (m, n), generator=g, dtype=torch.int16))
     before = [split_master.join(mb.weight.data, mb.remainder).double() for mb in targets.members]

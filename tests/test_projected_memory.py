@@ -1,5 +1,5 @@
 """Live memory of the projected-gradient path around optimizer steps of a tiny bf16 LLaMA (one process,
-no DeepSpeed: the ``full`` targets' owner driven the way the ZeRO bridge drives it). Between steps no
+no DeepSpeed: the ``full`` targets' owner driven the way the ZeRO distributors drive it). Between steps no
 tensor of a ``full`` target's ``m × n`` size may stay alive except its bf16 weight and int16
 remainder (no fp32 copy of W, no G, no saved activations), and a step must not grow live memory."""
 
@@ -15,7 +15,7 @@ from gorp_ds.models import TargetsConfig, build_param_groups
 from gorp_ds.models.loading import enable_activation_checkpointing
 from gorp_ds.optim import GORP
 from gorp_ds.optim.config import OptimizerConfig
-from gorp_ds.zero.lowrank_targets import LowRankTargets
+from gorp_ds.zero.lowrank_targets import LowRankTargets, claim_targets
 
 
 def _live_storages() -> dict[int, int]:
@@ -39,9 +39,8 @@ def test_no_m_by_n_tensor_of_a_full_target_survives_a_step():
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     optimizer = GORP(build_param_groups(model, "gorp", TargetsConfig(), OptimizerConfig(rank=4, update_gap=2, lr_full=1e-3)))
     owned = optimizer.detach_groups("full")
-    targets = LowRankTargets(optimizer, owned, model, rank=0, world=1, all_reduce=lambda t: None,
+    targets = LowRankTargets(optimizer, claim_targets(owned, model), rank=0, world=1, all_reduce=lambda t: None,
                              is_boundary=lambda: True, accumulation=1)
-    targets.allocate()
     members = targets.members
     m, n = members[0].weight.shape
     allowed = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from gorp_ds.zero import ZeroHandle, load_gorp_state, save_gorp_state
+from gorp_ds.zero import LocalDistributor, load_gorp_state, save_gorp_state
 from tests import zero_scenarios as zs
 
 
-def _handle(model, opt) -> ZeroHandle:
+def _handle(model, opt) -> LocalDistributor:
     params = {name: p for g in opt.param_groups for name, p in zip(g["names"], g["params"])}
-    return ZeroHandle(None, opt, params)
+    return LocalDistributor(opt, params)
 
 
 def test_local_save_and_load_continue_bit_exactly(tmp_path):

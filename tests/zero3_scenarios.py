@@ -4,7 +4,7 @@ partitioned, frozen ones included) against the single-process GORP on the model,
 LoRA merged into its frozen base and B re-initialised, as the trainer does at task boundaries).
 
 The task-boundary merge under ZeRO-3 is the trainer's: the fp32 masters of A and B gathered
-(``ZeroHandle.gather_masters``), ``W += B A`` and ``B = 0`` inside ``ZeroHandle.gathered(modify=True)``
+(``Distributor.gather_masters``), ``W += B A`` and ``B = 0`` inside ``Distributor.gathered(modify=True)``
 (the base weight and B gathered, rank 0's values written back into every partition), then the fp32
 masters of B refreshed from the partitions (``masters_from_model``). A resumed run replays the merge
 from the checkpoint's client state (the base weight is frozen, so checkpoints do not hold it).

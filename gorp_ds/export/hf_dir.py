@@ -123,7 +123,7 @@ def _disk_bytes(directory: str) -> int:
 def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.dtype, out_dir: str, *,
                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, desc: str = "export") -> ExportInfo | None:
     """Write ``module`` (PEFT-wrapped or plain) with its LoRA merged to ``out_dir`` (written into a
-    temporary sibling first, then moved in, so an interrupted export never looks complete). ``handle`` is the engine's :class:`~gorp_ds.zero.ZeroHandle` (the masters).
+    temporary sibling first, then moved in, so an interrupted export never looks complete). ``handle`` is the engine's :class:`~gorp_ds.zero.Distributor` (the masters).
     Returns what rank 0 wrote, ``None`` on the other ranks."""
     from safetensors.torch import save_file
 

@@ -35,7 +35,7 @@ from ..optim.gorp import restore_tensor_state
 from ..optim.update import PROTECTED_ROLES
 from . import side_group
 from .checkpoint_io import LATEST, CheckpointError, commit_checkpoint, complete_tags, resolve_tag
-from .deepspeed_bridge import ZeroHandle
+from .distributor import Distributor
 
 log = get_logger(__name__)
 FORMAT_VERSION = 2
@@ -49,7 +49,7 @@ def _atomic_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _primary_holders(handle: ZeroHandle) -> set[str]:
+def _primary_holders(handle: Distributor) -> set[str]:
     """Names of protected tensors for which this rank writes the state (lowest-ranked holder)."""
     return handle.primary_holders()
 
@@ -59,7 +59,7 @@ def rank_file(rank: int) -> str:
 
 
 @torch.no_grad()
-def gorp_payload(handle: ZeroHandle) -> dict[str, Any]:
+def gorp_payload(handle: Distributor) -> dict[str, Any]:
     """This rank's share of GORP state and fp32 masters, as CPU copies."""
     opt = handle.optimizer
     primary = _primary_holders(handle)
@@ -96,7 +96,7 @@ def gorp_payload(handle: ZeroHandle) -> dict[str, Any]:
     return payload
 
 
-def save_gorp_state(handle: ZeroHandle, directory: str) -> str:
+def save_gorp_state(handle: Distributor, directory: str) -> str:
     """Write this rank's share under ``directory/gorp_state`` (no commit protocol: for a single
     process or a caller that commits itself)."""
     out = os.path.join(directory, STATE_DIR)
@@ -120,7 +120,7 @@ def _assemble(saved: list[tuple[int, int, Tensor]], start: int, end: int, what: 
 
 
 @torch.no_grad()
-def load_gorp_state(handle: ZeroHandle, directory: str) -> None:
+def load_gorp_state(handle: Distributor, directory: str) -> None:
     """Restore GORP state and fp32 masters written by :func:`save_gorp_state` at any world size."""
     files = sorted(glob.glob(os.path.join(directory, STATE_DIR, "rank_*.pt")))
     if not files:
@@ -130,7 +130,7 @@ def load_gorp_state(handle: ZeroHandle, directory: str) -> None:
 
 
 @torch.no_grad()
-def restore_gorp_payloads(handle: ZeroHandle, loaded: list[dict[str, Any]], directory: str) -> None:
+def restore_gorp_payloads(handle: Distributor, loaded: list[dict[str, Any]], directory: str) -> None:
     """Restore masters and GORP state from every rank's payload of one checkpoint."""
     opt = handle.optimizer
     saved_world = int(loaded[0]["world_size"])
@@ -169,7 +169,7 @@ def restore_gorp_payloads(handle: ZeroHandle, loaded: list[dict[str, Any]], dire
                     state[key[6:]] = saved[0][key].clone()
                 else:
                     values = _assemble([(s, t, e[key]) for (s, t), e in zip(spans, saved)], start, end, f"{name}.{key}")
-                    state[key[6:]] = values.to(device).view(shape if not handle.sharded else (-1,))
+                    state[key[6:]] = values.to(device).view(handle.held_state_shape(shape))
             if state:
                 opt.state[name] = state
         elif role in PROTECTED_ROLES:
@@ -189,8 +189,8 @@ def save_checkpoint(engine: Any, save_dir: str, tag: str, client_state: dict[str
     return save_state(engine.gorp, save_dir, tag, client_state)
 
 
-def save_state(handle: ZeroHandle, save_dir: str, tag: str, client_state: dict[str, Any] | None = None) -> str:
-    """:func:`save_checkpoint` on a :class:`ZeroHandle` (its engine may be None in one process)."""
+def save_state(handle: Distributor, save_dir: str, tag: str, client_state: dict[str, Any] | None = None) -> str:
+    """:func:`save_checkpoint` on a :class:`Distributor` (its engine may be None in one process)."""
     files: dict[str, Any] = {rank_file(handle.rank): gorp_payload(handle)}
     if handle.rank == 0:
         files[CLIENT_FILE] = {"format": FORMAT_VERSION, "client_state": client_state or {},
@@ -223,8 +223,8 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None) -> dict[
     return load_state(engine.gorp, load_dir, tag)
 
 
-def load_state(handle: ZeroHandle, load_dir: str, tag: str | None = None) -> dict[str, Any]:
-    """:func:`load_checkpoint` on a :class:`ZeroHandle`. Rank 0 picks the tag (verifying every
+def load_state(handle: Distributor, load_dir: str, tag: str | None = None) -> dict[str, Any]:
+    """:func:`load_checkpoint` on a :class:`Distributor`. Rank 0 picks the tag (verifying every
     file's size and checksum, falling back past damaged tags) and tells the others."""
     choice: tuple[str | None, str | None] = (None, None)
     if handle.rank == 0:

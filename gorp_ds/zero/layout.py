@@ -10,7 +10,9 @@ fp32 partition of a (sub-)group is its tensors' slices back to back (:class:`Par
 So every tensor with at least ``W`` elements is cut across all ranks.
 
 For every rank both list the *pieces* it holds: which elements of which tensor, and where they sit
-in its fp32 partition. Nothing here is stored in checkpoints.
+in its fp32 partition. Nothing here is stored in checkpoints. The distributors
+(``gorp_ds.zero.distributor``) read the numbers off DeepSpeed's optimizers and build the layouts
+with :func:`flat_group_layout` and :func:`partitioned_layout`; this module never sees DeepSpeed.
 """
 
 from __future__ import annotations
@@ -122,3 +124,31 @@ class PartitionedLayout(_Owners):
             if lo < hi:
                 held.append(Piece(t.name, t.shape, lo, hi, t.offset, t.offset + hi - lo))
         return held
+
+
+def flat_group_layout(tensors: list[tuple[str, tuple[int, ...], int]], partition_size: int,
+                      world_size: int) -> GroupLayout:
+    """A ZeRO-1/2 param group from ``(name, shape, offset in the flat buffer)`` of each tensor."""
+    return GroupLayout(tuple(FlatTensor(name, tuple(shape), int(offset)) for name, shape, offset in tensors),
+                       int(partition_size), world_size)
+
+
+class PartitioningMismatch(ValueError):
+    """DeepSpeed partitioned a ZeRO-3 tensor otherwise than :func:`partition_numel` says."""
+
+
+def partitioned_layout(tensors: list[tuple[str, tuple[int, ...], int, int]], flat_numel: int,
+                       world_size: int) -> PartitionedLayout:
+    """A ZeRO-3 sub-group from ``(name, shape, numel, slice elements per rank)`` of each tensor, in
+    the order of its fp32 partition of ``flat_numel`` elements: each slice must be
+    ``⌈numel / W⌉`` and the slices must fill the partition exactly."""
+    placed, offset = [], 0
+    for name, shape, numel, size in tensors:
+        if size != partition_numel(numel, world_size):
+            raise PartitioningMismatch(f"ZeRO-3 partitions {name!r} into {size} elements per rank, not "
+                                       f"ceil({numel}/{world_size}); unsupported partitioning")
+        placed.append(FlatTensor(name, tuple(shape), offset))
+        offset += size
+    if offset != flat_numel:
+        raise PartitioningMismatch(f"ZeRO-3 fp32 partition of {flat_numel} elements for {offset} in its tensors")
+    return PartitionedLayout(tuple(placed), world_size)

@@ -33,7 +33,7 @@ in the backward of its Linear (``gorp_ds.zero.projected_linear``). This module o
   master. Sharding fp32 masters instead would cost ``4/W`` bytes per element but an ``m × n``
   all-gather of the bf16 weights after every step; at W = 2 it saves nothing (2 bytes either way).
 - **Masters under ZeRO-3, sharded.** DeepSpeed partitions the bf16 weights like every other
-  parameter (``allocate(partition=...)`` gives each weight's flat slice on this rank, elements
+  parameter (the constructor's ``partition`` gives each weight's flat slice on this rank, elements
   ``[start, end)``); each rank keeps the 16 low bits of its slice only and applies the replicated
   rank-k update to its slice: the rows of ``left`` that the slice touches times ``right``
   (``(rows, n)`` fp32, one matrix at a time), cut to the slice. Nothing is gathered for the update.
@@ -44,6 +44,11 @@ in the backward of its Linear (``gorp_ds.zero.projected_linear``). This module o
 
 State lives in the ``GORP`` optimizer as for every other tensor (keyed by module name), so
 checkpoints and ``end_task`` treat these tensors like the rest.
+
+Two steps build it, because DeepSpeed must not see these weights as trainable while the owner needs
+the engine's device placement, data-parallel group and micro-step counter: :func:`claim_targets`
+(before ``deepspeed.initialize``) stops the weights requiring gradients and finds their Linear
+modules; :class:`LowRankTargets` (after it) is then built complete, buffers included.
 """
 
 from __future__ import annotations
@@ -87,9 +92,9 @@ class Member:
     index: int  # position in its batch
     weight: nn.Parameter
     remainder: Tensor | None  # int16 low bits of the fp32 master (bf16 weights), None for fp32 weights
+    start: int  # the elements [start, end) of the flattened weight held here (ZeRO-3: this rank's slice)
+    end: int
     grad: Tensor | None = None  # G (fp32, m × n) while a refresh step's micro-batches run
-    start: int = 0  # ZeRO-3: the elements [start, end) of the flattened weight held here
-    end: int = -1
     calls: int = 0  # backward calls since the last step
     refreshed: bool = False
     slot: int | None = None  # position of ``grad`` in its batch's refresh stack (one micro-batch per step)
@@ -114,61 +119,72 @@ class Batch:
     basis: Tensor | None = None  # projectors in the activations' dtype, cast once per step
 
 
-class LowRankTargets:
-    """Owner of the ``full`` tensors of ``groups`` (detached from ``optimizer``) under data parallelism."""
+@dataclass(frozen=True)
+class ClaimedTargets:
+    """The ``full`` groups taken out of the optimizer before DeepSpeed sees the model: their
+    weights no longer require a gradient (so DeepSpeed builds no flat buffer, gradient hook or
+    fp32 partition for them), ``modules`` maps each name to its ``nn.Linear`` and ``shapes`` to
+    its weight's whole ``(m, n)`` (ZeRO-3 leaves an empty placeholder in the parameter)."""
 
-    def __init__(self, optimizer: GORP, groups: list[dict[str, Any]], model: nn.Module, *, rank: int, world: int,
+    groups: list[dict[str, Any]]
+    modules: dict[str, nn.Linear]
+    shapes: dict[str, tuple[int, int]]
+
+
+def claim_targets(groups: list[dict[str, Any]], model: nn.Module) -> ClaimedTargets:
+    """Claim the ``full`` tensors of ``groups`` (detached from the optimizer) for projected
+    gradients: each must be the weight of a plain Linear of ``model``
+    (:class:`~.projected_linear.ProjectedLinearError` otherwise)."""
+    names = [name for group in groups for name in group["names"]]
+    modules = projected_linear.linear_modules(model, names)
+    shapes = {}
+    for group in groups:
+        for name, param in zip(group["names"], group["params"]):
+            if modules[name].weight is not param:
+                raise ValueError(f"full-rank target {name!r}: the optimizer's tensor is not the module's weight")
+            shapes[name] = tuple(param.shape)
+            param.requires_grad_(False)  # no weight gradient from autograd; DeepSpeed never sees it
+    return ClaimedTargets(groups, modules, shapes)
+
+
+class LowRankTargets:
+    """Owner of the claimed ``full`` tensors under data parallelism. Build it once the model is
+    placed (after ``deepspeed.initialize`` moved it): buffers go to the weights' device, and a
+    bf16 weight's master starts equal to it. ``rank``/``world``/``all_reduce``: the data-parallel
+    group (the whole world); ``is_boundary``: whether the micro-batch under way is the step's last;
+    ``accumulation``: micro-batches per step; ``partition`` (ZeRO-3): each weight's slice on this
+    rank, whose masters are then the slice's only."""
+
+    def __init__(self, optimizer: GORP, claimed: ClaimedTargets, *, rank: int, world: int,
                  all_reduce: AllReduce, is_boundary: Callable[[], bool], accumulation: int,
-                 refresh_from: str = "auto", refresh_memory_mib: float = 1024.0) -> None:
+                 partition: Partition | None = None, refresh_from: str = "auto",
+                 refresh_memory_mib: float = 1024.0) -> None:
         self.optimizer, self.rank, self.world = optimizer, rank, world
         # "auto" (batched from G where the due G's fit the budget, else the sketch), "sketch", "gradient"
         self.refresh_from = refresh_from
         self.refresh_bytes = int(refresh_memory_mib * 2**20)  # transient fp32 G's of one batched refresh
         self.update_bytes = UPDATE_BYTES  # transient fp32 products of one batched master update
-        self.fused_update = False  # decided by allocate() from the targets' size
         self.all_reduce, self.is_boundary, self.accumulation = all_reduce, is_boundary, accumulation
-        names = [name for group in groups for name in group["names"]]
-        self.modules = projected_linear.linear_modules(model, names)
+        self.partition = partition
+        self.modules = claimed.modules
         self.batches: list[Batch] = []
         self.members: list[Member] = []
         by_key: dict[tuple[int, tuple[int, int]], Batch] = {}
-        for group in groups:
+        for group in claimed.groups:
             for name, param in zip(group["names"], group["params"]):
-                if self.modules[name].weight is not param:
-                    raise ValueError(f"full-rank target {name!r}: the optimizer's tensor is not the module's weight")
-                shape = tuple(param.shape)
+                shape = claimed.shapes[name]
                 batch = by_key.get((id(group), shape))
                 if batch is None:
                     batch = by_key[(id(group), shape)] = Batch((), shape, projection_side(shape), group)
                     self.batches.append(batch)
                 batch.names += (name,)
-                member = Member(name, len(self.members), self.batches.index(batch), len(batch.members), param, None)
+                member = self._member(name, len(self.members), self.batches.index(batch), len(batch.members), param)
                 batch.members.append(member)
                 self.members.append(member)
-                param.requires_grad_(False)  # no weight gradient from autograd; DeepSpeed never sees it
-        self._due: list[list[bool]] | None = None  # per batch and member, for the step under way
-        self._projectors: list[Tensor] = []
-        self._replaced: list[Tensor | None] = []
-        self._materialized: dict[str, Tensor] = {}
-        self.total_norm: Tensor | None = None
-        self.flat_low_rank = torch.zeros(0)
-        self.partition: Partition | None = None  # ZeRO-3: weights partitioned by DeepSpeed
-        projected_linear.install(self.modules, {m.name: m.key for m in self.members}, self)
-
-    def allocate(self, partition: Partition | None = None) -> None:
-        """Buffers on the weights' device and in their final dtype: call once the model is placed
-        (after ``deepspeed.initialize`` moved it). A bf16 weight's master starts equal to it.
-        ``partition`` (ZeRO-3): each weight's slice on this rank; masters then cover that slice."""
-        self.partition = partition
         self.fused_update = sum(m.weight.numel() for m in self.members) >= FUSED_UPDATE_MIN_ELEMENTS
-        for m in self.members:
-            if m.weight.dtype not in (torch.bfloat16, torch.float32):
-                raise ValueError(f"full-rank target {m.name!r} is {m.weight.dtype}; projected gradients need bf16 or fp32")
-            weight = self._weight(m)
-            m.remainder = split_master.zero_remainder(weight) if m.weight.dtype == torch.bfloat16 else None
-        device = self.members[0].weight.device
+        # R of every target back to back, fp32; each batch's R is a (B, m, k) or (B, k, n) view of it.
         sizes = [len(b.names) * self._low_rank_numel(b) for b in self.batches]
-        self.flat_low_rank = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        self.flat_low_rank = torch.zeros(sum(sizes), dtype=torch.float32, device=self.members[0].weight.device)
         offset = 0
         for batch, size in zip(self.batches, sizes):
             m, n = batch.shape
@@ -176,6 +192,24 @@ class LowRankTargets:
             inner = (m, k) if batch.side == "right" else (k, n)
             batch.low_rank = self.flat_low_rank[offset : offset + size].view(len(batch.names), *inner)
             offset += size
+        self._due: list[list[bool]] | None = None  # per batch and member, for the step under way
+        self._projectors: list[Tensor] = []
+        self._replaced: list[Tensor | None] = []
+        self._materialized: dict[str, Tensor] = {}
+        self.total_norm: Tensor | None = None
+        projected_linear.install(self.modules, {m.name: m.key for m in self.members}, self)
+
+    def _member(self, name: str, key: int, batch: int, index: int, weight: nn.Parameter) -> Member:
+        """A target with the elements this rank holds and, for a bf16 weight, the zero low bits of
+        its master (the master starts equal to the weight)."""
+        if weight.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"full-rank target {name!r} is {weight.dtype}; projected gradients need bf16 or fp32")
+        if self.partition is None:
+            held, start, end = weight.data, 0, weight.numel()
+        else:
+            held, start, end = self.partition(weight)
+        remainder = split_master.zero_remainder(held) if weight.dtype == torch.bfloat16 else None
+        return Member(name, key, batch, index, weight, remainder, start, end)
 
     @staticmethod
     def _low_rank_numel(batch: Batch) -> int:
@@ -373,12 +407,11 @@ class LowRankTargets:
 
     def _weight(self, member: Member) -> Tensor:
         """The weight this rank updates: the whole ``m × n`` matrix, or under ZeRO-3 the flat view
-        of its partition's valid elements (``member.start``/``end`` set here)."""
+        of its partition's valid elements ``[member.start, member.end)`` (looked up at each use:
+        DeepSpeed re-points a partition's storage when it steps)."""
         if self.partition is None:
-            member.start, member.end = 0, member.weight.numel()
             return member.weight.data
-        view, member.start, member.end = self.partition(member.weight)
-        return view
+        return self.partition(member.weight)[0]
 
     def _apply(self, member: Member, update: LowRankStep, position: int, cfg: UpdateConfig) -> bool:
         """Apply ``member``'s update where it needs a path of its own (a ZeRO-3 slice, an fp32 weight);
