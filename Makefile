@@ -23,4 +23,4 @@ test: $(STAMP)
 	DS_ACCELERATOR=$(if $(HAS_GPU),cuda,cpu) $(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gorp_ds launch tests bench
+	$(VENV)/bin/ruff check gorp_ds launch tests bench scripts

@@ -30,6 +30,8 @@ if str(REPO) not in sys.path:
 README = REPO / "README.md"
 RECORDS = REPO / "bench" / "results"
 PATTERN = "embedded_default_*.json"
+# What a record's peak memory measured (gorp_ds/cl/peak_memory.py), in the table's words.
+PEAK_SOURCES = {"cuda_allocated": "the CUDA allocator's peak", "rss_high_water_mark": "the resident set's peak (RSS)"}
 BEGIN = "<!-- embedded-default-table: written by scripts/readme_numbers.py render; do not edit by hand -->"
 END = "<!-- end of embedded-default-table -->"
 
@@ -102,9 +104,10 @@ def table(records: list[dict[str, Any]]) -> str:
                          f"{wall} |")
     lines.append("")
     for rec in records:
-        sources = sorted({m["peak_memory_source"] for m in rec["methods"] if m["peak_memory_source"]})
+        sources = sorted({PEAK_SOURCES.get(m["peak_memory_source"], m["peak_memory_source"])
+                          for m in rec["methods"] if m["peak_memory_source"]})
         lines.append(f"- {rec['where']}: run on {rec['date']}, {_machine_text(rec)}; peak memory is "
-                     f"{' / '.join(sources) or 'not measured'} per method; record "
+                     f"{' / '.join(sources) or 'not measured'}, each method's own from its start; record "
                      f"`bench/results/{rec['file']}`.")
     return "\n".join(lines)
 
