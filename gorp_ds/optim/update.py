@@ -64,7 +64,7 @@ def bias_correction1(step: int, cfg: UpdateConfig) -> float:
 
 @dataclass
 class AdamStep:
-    """``W ← (1 − lr·wd) W − step_size · exp_avg / denominator`` per list entry (``lora_*``, ``plain``)."""
+    """An Adam step (``lora_*``, ``plain``): per list entry ``U = exp_avg / denominator``, scaled by ``step_size``."""
 
     exp_avgs: list[Tensor]
     denominators: list[Tensor]
@@ -127,7 +127,7 @@ def finish_refresh(new: Tensor, ok: Tensor, previous: Tensor | None, cfg: Update
 
 @dataclass
 class LowRankStep:
-    """``W ← (1 − lr·wd) W − step_size · backproject(normalised, projector)`` (``full`` role)."""
+    """A low-rank step (``full`` role): ``U = backproject(normalised, projector)``, scaled by ``step_size``."""
 
     normalised: Tensor  # (B, m, k) or (B, k, n): M̂ / (√V̂ + ε) without the bias correction of M
     projector: Tensor  # (B, n, k) or (B, m, k)
@@ -163,7 +163,7 @@ def _finish(targets: list[Tensor], work: list[Tensor]) -> None:
 
 
 def apply_adam_(targets: list[Tensor], update: AdamStep, cfg: UpdateConfig) -> None:
-    """``W ← (1 − lr·wd) W − step_size · M / denominator``. ``targets`` pairs with the update's
+    """Apply an Adam step (``U = M / denominator``, foreach). ``targets`` pairs with the update's
     lists, or, for an update on one ``(B, …)`` stack, lists its ``B`` members."""
     exp_avgs, denominators = update.exp_avgs, update.denominators
     if len(exp_avgs) == 1 and exp_avgs[0].dim() == targets[0].dim() + 1:  # one stack, its members listed
@@ -175,7 +175,7 @@ def apply_adam_(targets: list[Tensor], update: AdamStep, cfg: UpdateConfig) -> N
 
 
 def apply_direction_(targets: list[Tensor], directions: list[Tensor], step_size: float, cfg: UpdateConfig) -> None:
-    """``W ← (1 − lr·wd) W − step_size · direction`` elementwise over lists."""
+    """Apply dense directions ``U`` (a list, paired with ``targets``; foreach)."""
     work = _fp32_work(targets)
     weight_update(work, directions, cfg.decay, step_size)
     _finish(targets, work)
@@ -210,8 +210,9 @@ def apply_low_rank_member_(target: Tensor, update: LowRankStep, position: int, c
 
 
 def apply_low_rank_(targets: Tensor | list[Tensor], update: LowRankStep, cfg: UpdateConfig) -> None:
-    """``W ← (1 − lr·wd) W − step_size · backproject(N, P)`` on a ``(B, m, n)`` fp32 stack (one fused
-    batched GEMM, no dense temporary) or a list of ``B`` matrices (one fused GEMM each when fp32)."""
+    """Apply a low-rank step (``U = backproject(N, P)``) to a ``(B, m, n)`` fp32 stack (one fused
+    batched GEMM, no dense temporary) or a list of ``B`` matrices (one fused GEMM each when fp32;
+    the dense ``U`` for low-precision members)."""
     product = low_rank_factors(update)  # (U_r, Qᵀ) or (P, U_r)
     if isinstance(targets, Tensor) and targets.dtype == torch.float32:
         weight_update(targets, product, cfg.decay, update.step_size)

@@ -15,8 +15,9 @@ only in the kernel that evaluates the formula, picked from the operands:
   scalars (compiled kernels): out of place.
 
 Lists and stacks stay batched (one multi-tensor or batched kernel per call); the product form never
-materialises the dense ``U`` (the decay rides along as the GEMM's ``beta``). The kernels are the ones
-each path used before they shared this function, so results are bit for bit unchanged.
+materialises the dense ``U`` (the decay rides along as the GEMM's ``beta``); the out-of-place form
+lets the compiler fuse the update with the split master's join and split into one kernel. So sharing
+the formula costs no path a kernel or a byte of memory traffic.
 
 Pure tensor function: no distributed code, no optimizer state, no host-device synchronisation.
 """
