@@ -442,7 +442,7 @@ class MethodSession:
         FIXED_ON_RESUME field differs) is refused; config.yaml was checked at start already, this
         guards against an edited or foreign checkpoint."""
         for index, settings in enumerate(self.run_group_settings):  # detached (full) groups included
-            self.optimizer.group(index).update(settings)
+            self.optimizer.update_group(index, settings)
         if saved is None:
             log.warning(f"[{self.method}] the checkpoint records no run settings (older gorp_ds); "
                         "continuing with this run's settings, changes unrecorded")

@@ -3,16 +3,18 @@
 The optimizer is thin: per batch of same-role, same-shape tensors it calls the stacked update
 functions of :mod:`gorp_ds.optim.update` (the one implementation of the math; a single tensor is a
 batch of one) and hands the result back to a driver, which applies it. *Where* tensors live is the
-driver's business: the default driver below updates whole parameters in one process; the ZeRO
-layer (``gorp_ds.zero``) installs a driver that updates the slices a rank owns. State is keyed by
-module name and holds tensors only (per-name views into stacked buffers, :mod:`.stacks`), so
-``state_dict`` is independent of parameter objects, batching and world size.
+driver's business (:mod:`.local_driver`: whole parameters in one process by default; the ZeRO layer
+installs a driver that updates the slices a rank owns). State is keyed by module name and holds
+tensors only (per-name views into stacked buffers, :mod:`.stacks`), so ``state_dict`` is
+independent of parameter objects, batching and world size.
 
-``full`` tensors can also be trained from low-rank gradients computed elsewhere (from activations,
-``gorp_ds.zero.lowrank_targets``): ``refresh_members`` (projectors from ``G``, refresh steps only)
-and ``low_rank_batch`` (the step from ``R``) run the same refresh and low-rank step as the path
-from full gradients, on the same state; such groups are taken out of ``param_groups`` with
-``detach_groups`` so that ``step()`` and DeepSpeed do not see them.
+Each param group's hyperparameters are parsed and checked once, into an
+:class:`~.param_group.UpdateConfig`, when the group is added or changed through :meth:`GORP.update_group`;
+a step compares the group's values with those the config was built from and rebuilds it only when
+one changed (an LR scheduler or DeepSpeed's ``set_lr`` writing ``group["lr"]``).
+
+Projector refreshes run in :mod:`.refresh` (which also counts and times them); ``full`` tensors
+trained from low-rank gradients computed elsewhere are driven through :mod:`.projected_service`.
 
 No host-device synchronisation on the step path, with two exceptions: the first projector refresh
 of a task reads one success flag per batch back (it decides whether a ``full`` tensor can step at
@@ -22,133 +24,24 @@ counted on the device and read when ``stats`` is asked for (logging intervals).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any, Protocol
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..log import get_logger
 from .config import DEFAULTS
-from .projector import (
-    PROJECTOR_METHODS,
-    GradientProducts,
-    compute_projectors_op,
-    project_gradient,
-    projector_seed,
-)
+from .local_driver import LocalDriver, StepDriver
+from .param_group import PROTECTED_ROLES, UpdateConfig, group_values
+from .projected_service import ProjectedGradientService
+from .projector import GradientProducts, project_gradient
+from .refresh import ProjectorRefresher
 from .shared_space import extend_shared_space, oriented_moment, shared_side
-from .stacks import StateStack, select, store
-from .update import (
-    PROTECTED_ROLES,
-    ROLES,
-    BatchUpdate,
-    UpdateConfig,
-    adam_step_,
-    finish_refresh,
-    low_rank_step_,
-    protected_dense_step_,
-    refresh_projectors,
-)
-
-log = get_logger(__name__)
+from .stacks import StateStack, partition_by_step, restore_tensor_state, select, store
+from .update import BatchUpdate, adam_step_, low_rank_step_, protected_dense_step_
 
 
-def restore_tensor_state(state: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """Copy of a saved per-tensor state: the step counter stays on the CPU, everything else
-    (the projector failure counter included) goes to ``device``."""
-    return {k: v.clone() if k == "step" else v.to(device, copy=True) for k, v in state.items()}
-
-
-def partition_by_step(steps: list[int]) -> list[tuple[int, list[int]]]:
-    """``[(step, member positions)]``: members whose counters agree step together (normally all)."""
-    parts: dict[int, list[int]] = {}
-    for i, step in enumerate(steps):
-        parts.setdefault(step, []).append(i)
-    return list(parts.items())
-
-
-class RefreshTimer:
-    """Time spent computing projectors. With ``synchronize`` (profiling) it is wall time between
-    device synchronisations; otherwise CUDA events, read only when :meth:`seconds` is called (at
-    logging intervals), or plain wall time on the CPU."""
-
-    def __init__(self) -> None:
-        self._seconds = 0.0
-        self._events: list[tuple[Any, Any]] = []
-
-    @contextmanager
-    def __call__(self, device: torch.device, synchronize: bool) -> Iterator[None]:
-        cuda = device.type == "cuda"
-        if cuda and not synchronize:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._events.append((start, end))
-            return
-        if cuda:
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        yield
-        if cuda:
-            torch.cuda.synchronize(device)
-        self._seconds += time.perf_counter() - began
-
-    def seconds(self) -> float:
-        for start, end in self._events:
-            end.synchronize()
-            self._seconds += start.elapsed_time(end) / 1000.0
-        self._events.clear()
-        return self._seconds
-
-
-class StepDriver(Protocol):
-    """Runs one optimizer step for one param group (single process, ZeRO partition, …)."""
-
-    def step_group(self, optimizer: GORP, group: dict[str, Any]) -> None: ...
-
-
-class LocalDriver:
-    """Whole parameters in one process: the reference path. Protected tensors of one shape are
-    stacked (one copy of their gradients) and updated as one batch; ``plain`` tensors as lists."""
-
-    def __init__(self) -> None:
-        self._batches: dict[int, list[list[int]]] = {}  # group index -> positions of same-shape tensors
-
-    def _shape_batches(self, optimizer: GORP, index: int, group: dict[str, Any]) -> list[list[int]]:
-        if index not in self._batches:
-            by_shape: dict[tuple[int, ...], list[int]] = {}
-            for position, name in enumerate(group["names"]):
-                by_shape.setdefault(optimizer.tensor_meta[name][1], []).append(position)
-            self._batches[index] = list(by_shape.values())
-        return self._batches[index]
-
-    def step_group(self, optimizer: GORP, group: dict[str, Any]) -> None:
-        cfg = UpdateConfig.from_group(group)
-        params, names = group["params"], group["names"]
-        for param, name in zip(params, names):
-            if param.grad is not None and param.grad.is_sparse:
-                raise ValueError(f"GORP: sparse gradient for {name!r} is not supported")
-        if cfg.role == "plain":
-            held = [i for i, p in enumerate(params) if p.grad is not None]
-            grads = [params[i].grad if params[i].grad.dtype == torch.float32 else params[i].grad.float() for i in held]
-            for update in optimizer.update_batch([names[i] for i in held], grads, cfg):
-                update.apply_([params[held[j]] for j in update.index], cfg)
-            return
-        index = optimizer.tensor_meta[names[0]][2]
-        for positions in self._shape_batches(optimizer, index, group):
-            held = [i for i in positions if params[i].grad is not None]
-            if not held:
-                continue
-            grads = torch.stack([params[i].grad for i in held]).float()  # (B, m, n) fp32
-            for update in optimizer.update_batch([names[i] for i in held], grads, cfg):
-                update.apply_([params[held[j]] for j in update.index], cfg)
-
-
-class GORP(torch.optim.Optimizer):
+class GORP(ProjectedGradientService, torch.optim.Optimizer):
     """GORP optimizer. Param groups carry ``role`` (``lora_a``, ``lora_b``, ``full``, ``plain``) and
     ``names`` (one module name per tensor); ``full`` groups also ``rank``, ``update_gap``,
     ``scale``, ``projector`` (``"randomized"`` or ``"exact"``), ``oversample``, ``power_iters``.
@@ -191,9 +84,11 @@ class GORP(torch.optim.Optimizer):
             rank=rank, update_gap=update_gap, scale=scale, projector=projector, oversample=oversample,
             power_iters=power_iters, align_projector=align_projector,
         )
-        # Derived, never stored: name -> (role, shape, group index). Recorded (by add_param_group)
+        # Derived, never stored: name -> (role, shape, group index), and per group index its typed
+        # hyperparameters with the raw values they were built from. Recorded (by add_param_group)
         # before any wrapper (DeepSpeed) replaces the groups' params with flat partitions.
         self.tensor_meta: dict[str, tuple[str, tuple[int, ...], int]] = {}
+        self._configs: dict[int, tuple[tuple[Any, ...], UpdateConfig]] = {}
         super().__init__(groups, defaults)
         self.shared: dict[str, Tensor] = {}
         self.tasks_completed = torch.zeros((), dtype=torch.int64)
@@ -201,13 +96,7 @@ class GORP(torch.optim.Optimizer):
         # Groups stepped by an owner outside ``step()`` (``detach_groups``): the ``full`` tensors
         # trained from projected gradients. Their state is here like every other tensor's.
         self.detached_groups: list[dict[str, Any]] = []
-        # Run statistics (not state). ``time_refreshes``: time refreshes between device syncs
-        # (profiling); otherwise CUDA events are used, read only when ``stats`` is asked for.
-        self.time_refreshes = False
-        self.refresh_count = 0  # member refreshes attempted (host counter, free to read)
-        self._refresh_timer = RefreshTimer()
-        self._failures: dict[torch.device, Tensor] = {}  # failed refreshes this run, per device
-        self._failures_reported = 0
+        self.refresher = ProjectorRefresher()  # runs, counts and times the projector refreshes (not state)
         # Derived, never stored: stacked state of each batch of same-shape tensors (``stacks.py``).
         self._stacks: dict[tuple[str, ...], StateStack] = {}
         # Set by the trainer when this step's loss or gradients are non-finite: the next step()
@@ -215,7 +104,7 @@ class GORP(torch.optim.Optimizer):
         self.skip_next_step = False
         self.skipped_steps = 0
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ groups and their hyperparameters
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.add_param_group`` plus GORP's validation and name registration."""
         if getattr(self, "detached_groups", None):
@@ -223,59 +112,83 @@ class GORP(torch.optim.Optimizer):
         index = len(self.param_groups)
         super().add_param_group(param_group)
         try:
-            self._validate_group(index, self.param_groups[index])
+            self._register_group(index, self.param_groups[index])
         except ValueError:
             self.param_groups.pop()
             for name in [n for n, meta in self.tensor_meta.items() if meta[2] == index]:
                 del self.tensor_meta[name]
             raise
 
-    def _validate_group(self, index: int, group: dict[str, Any]) -> None:
+    def _register_group(self, index: int, group: dict[str, Any]) -> None:
         params = group["params"]
         names = group.get("names")
         where = f"GORP param group {index}"
         if names is None or isinstance(names, str) or len(names) != len(params):
             got = "missing" if names is None else f"{1 if isinstance(names, str) else len(names)} names: {names!r}"
             raise ValueError(f"{where}: 'names' must list one module name per tensor ({len(params)} tensors, {got})")
-        label = f"{where} ({names[0]!r}{', …' if len(names) > 1 else ''})"
-        role = group.get("role")
-        if role not in ROLES:
-            raise ValueError(f"{label}: unknown role {role!r}; expected one of {ROLES}")
-        if not group["lr"] >= 0.0:
-            raise ValueError(f"{label}: lr must be >= 0, got {group['lr']}")
-        if not group["eps"] >= 0.0:
-            raise ValueError(f"{label}: eps must be >= 0, got {group['eps']}")
-        if not group["weight_decay"] >= 0.0:
-            raise ValueError(f"{label}: weight_decay must be >= 0, got {group['weight_decay']}")
-        betas = group["betas"]
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"{label}: betas must be two numbers in [0, 1), got {betas}")
-        if not 0.0 <= group["shared_threshold"] <= 1.0:
-            raise ValueError(f"{label}: shared_threshold must be in [0, 1], got {group['shared_threshold']}")
-        if role == "full":
-            if group["projector"] not in PROJECTOR_METHODS:
-                raise ValueError(f"{label}: projector must be one of {PROJECTOR_METHODS}, got {group['projector']!r}")
-            if int(group["update_gap"]) < 1:
-                raise ValueError(f"{label}: update_gap must be >= 1, got {group['update_gap']}")
-            if not group["scale"] > 0.0:
-                raise ValueError(f"{label}: scale must be > 0, got {group['scale']}")
-            if int(group["oversample"]) < 0 or int(group["power_iters"]) < 0:
-                raise ValueError(f"{label}: oversample and power_iters must be >= 0")
+        cfg = self._parse_group(index, group)
         for param, name in zip(params, names):
             if not isinstance(name, str) or not name:
                 raise ValueError(f"{where}: every name must be a non-empty string, got {name!r}")
             if name in self.tensor_meta:
                 raise ValueError(f"{where}: module name {name!r} appears twice; names must be unique")
             shape = tuple(param.shape)
-            if role in PROTECTED_ROLES and param.dim() != 2:
-                raise ValueError(f"GORP: tensor {name!r} has role {role!r} but shape {shape}; it must be 2-D")
-            if role == "full":
-                rank = group["rank"]
-                if not isinstance(rank, int) or rank < 1 or rank > min(shape):
-                    raise ValueError(
-                        f"GORP: tensor {name!r} of shape {shape}: rank must be an integer in [1, {min(shape)}], got {rank!r}"
-                    )
-            self.tensor_meta[name] = (role, shape, index)
+            if cfg.role in PROTECTED_ROLES and param.dim() != 2:
+                raise ValueError(f"GORP: tensor {name!r} has role {cfg.role!r} but shape {shape}; it must be 2-D")
+            self._check_rank(cfg, name, shape)
+            self.tensor_meta[name] = (cfg.role, shape, index)
+        self._configs[index] = (group_values(group), cfg)
+
+    @staticmethod
+    def _parse_group(index: int, group: Mapping[str, Any]) -> UpdateConfig:
+        """``group``'s typed hyperparameters; a wrong value fails naming the group, its tensors and the key."""
+        try:
+            return UpdateConfig.from_group(group)
+        except ValueError as err:
+            names = group["names"]
+            label = f"GORP param group {index} ({names[0]!r}{', …' if len(names) > 1 else ''})"
+            raise ValueError(f"{label}: {err}") from None
+
+    @staticmethod
+    def _check_rank(cfg: UpdateConfig, name: str, shape: tuple[int, ...]) -> None:
+        if cfg.role == "full" and not cfg.rank <= min(shape):
+            raise ValueError(f"GORP: tensor {name!r} of shape {shape}: rank must be an integer in [1, {min(shape)}], "
+                             f"got {cfg.rank!r}")
+
+    def _rebuilt_config(self, index: int, group: Mapping[str, Any]) -> UpdateConfig:
+        """The typed hyperparameters of registered group ``index`` from new values ``group``."""
+        cfg = self._parse_group(index, group)
+        role = self._configs[index][1].role
+        if cfg.role != role:
+            raise ValueError(f"GORP param group {index}: role cannot change (was {role!r}, got {cfg.role!r})")
+        for name in group["names"]:
+            self._check_rank(cfg, name, self.tensor_meta[name][1])
+        return cfg
+
+    def group_config(self, group: Mapping[str, Any]) -> UpdateConfig:
+        """The typed hyperparameters of ``group`` (one of this optimizer's groups, detached ones
+        included). Rebuilt, and checked, only when one of the group's values changed since it was
+        built: an LR scheduler or DeepSpeed's ``set_lr`` writes ``group["lr"]`` between steps, and
+        the step must use the value written."""
+        index = self.tensor_meta[group["names"][0]][2]
+        values = group_values(group)
+        built, cfg = self._configs[index]
+        if values != built:
+            cfg = self._rebuilt_config(index, group)
+            self._configs[index] = (values, cfg)
+        return cfg
+
+    def update_group(self, index: int, values: Mapping[str, Any]) -> None:
+        """Change the hyperparameters of group ``index`` (numbered as in :meth:`group`) to ``values``
+        (``params`` and ``names``, which identify the group, are ignored): checked first, so a wrong
+        value raises ``ValueError`` naming its key and leaves the group as it was. A resume puts the
+        run's settings back this way, a checkpoint load the saved ones."""
+        group = self.group(index)
+        changes = {key: value for key, value in values.items() if key not in ("params", "names")}
+        candidate = {**group, **changes}
+        cfg = self._rebuilt_config(index, candidate)
+        group.update(changes)
+        self._configs[index] = (group_values(group), cfg)
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -289,7 +202,7 @@ class GORP(torch.optim.Optimizer):
             self.skipped_steps += 1
             return loss
         for group in self.param_groups:
-            self.driver.step_group(self, group)
+            self.driver.step_group(self, group, self.group_config(group))
         return loss
 
     def update_batch(self, names: list[str], grads: Tensor | list[Tensor], cfg: UpdateConfig) -> list[BatchUpdate]:
@@ -360,46 +273,11 @@ class GORP(torch.optim.Optimizer):
         low_rank = project_gradient(grad, projector)  # (B, m, k) right or (B, k, n) left
         return self._low_rank_partition(stack, low_rank, shared, step, index, cfg)
 
-    def _refresh_partition(self, stack: StateStack, grad: Tensor | None, step: int, index: list[int],
-                           cfg: UpdateConfig, products: GradientProducts | None = None) -> list[int]:
+    def _refresh_partition(self, stack: StateStack, source: Tensor | GradientProducts, step: int, index: list[int],
+                           cfg: UpdateConfig) -> list[int]:
         """New projectors for members ``index`` (all at ``step``, a refresh step) from their full
-        gradients ``grad`` (``(len(index), m, n)``), or from ``products`` of those gradients with
-        thin matrices (randomized projector only). Returns the members that have a projector now
-        (all, except members whose first refresh of the task failed)."""
-        batch, buffers = len(stack.names), stack.buffers
-        previous = select(buffers["projector"], index, batch) if step > 0 else None
-        task = int(self.tasks_completed)  # CPU tensor
-        seeds = [projector_seed(stack.names[i], task, step // cfg.update_gap) for i in index]
-        device = grad.device if grad is not None else products.device
-        with self._refresh_timer(device, self.time_refreshes):
-            if products is None:
-                projector, ok = refresh_projectors(grad, previous, cfg, seeds)
-            else:
-                new, ok = compute_projectors_op(products.apply, products.apply_t, (len(index), *stack.shape), cfg.rank,
-                                                seeds=seeds, oversample=cfg.oversample, power_iters=cfg.power_iters,
-                                                device=device)
-                projector, ok = finish_refresh(new, ok, previous, cfg)
-        self.refresh_count += len(index)
-        failed = ok.logical_not()
-        failures = select(buffers["projector_failures"], index, batch)
-        failures.add_(failed)
-        store(buffers["projector_failures"], index, failures)
-        total = self._failures.get(device)
-        if total is None:
-            total = self._failures[device] = torch.zeros((), dtype=torch.int64, device=device)
-        total.add_(failed.sum())
-        if previous is None:
-            # First refresh of the task: there is no projector to fall back on, so the host must
-            # know which members have one at all (one read per batch and task).
-            good = [j for j, flag in enumerate(ok.tolist()) if flag]
-            if len(good) < len(index):
-                projector = select(projector, good, len(index)) if good else projector
-                index = [index[j] for j in good]
-            if not index:
-                return []
-            stack.attach_low_rank(self.state, index)
-        store(buffers["projector"], index, projector)
-        return index
+        gradients (``(len(index), m, n)``) or products of them: :meth:`.refresh.ProjectorRefresher.refresh`."""
+        return self.refresher.refresh(stack, self.state, source, step, index, cfg, int(self.tasks_completed))
 
     def _low_rank_partition(self, stack: StateStack, low_rank: Tensor, shared: Tensor | None, step: int,
                             index: list[int], cfg: UpdateConfig) -> BatchUpdate:
@@ -415,64 +293,6 @@ class GORP(torch.optim.Optimizer):
         store(buffers["exp_avg_sq"], index, exp_avg_sq)
         self._advance(stack, index)
         return BatchUpdate(index, update)
-
-    # ------------------------------------------------------------------ full tensors from projected gradients
-    # The path where ``R`` is computed outside the optimizer (from activations, gorp_ds.zero.lowrank_targets):
-    # the caller asks which members refresh, hands their full gradients to ``refresh_members`` on refresh
-    # steps only, and every step hands ``R`` to ``low_rank_batch``. Same state, same functions as above.
-
-    def full_batch(self, names: tuple[str, ...], cfg: UpdateConfig, device: torch.device) -> StateStack:
-        """The bound state stack of a batch of same-shape ``full`` tensors (built on first use)."""
-        stack = self._stack(tuple(names), cfg)
-        stack.bind(self.state, device)
-        return stack
-
-    def refresh_due(self, names: tuple[str, ...], cfg: UpdateConfig, device: torch.device) -> list[bool]:
-        """Per member: does its next step refresh the projector (step counter a multiple of T)?
-        Host-side (CPU step counters): no device sync."""
-        return [step % cfg.update_gap == 0 for step in self.full_batch(names, cfg, device).steps()]
-
-    def refresh_members(self, names: tuple[str, ...], index: list[int], grads: Tensor | None, cfg: UpdateConfig,
-                        products: GradientProducts | None = None) -> list[int]:
-        """New projectors for members ``index`` of the batch ``names`` from their full gradients
-        ``grads`` (``(len(index), m, n)``, fp32, already averaged over data-parallel ranks), or,
-        with ``grads=None``, from ``products`` of those gradients (randomized projector; the
-        members must share their step counter); the members' next step must be a refresh step.
-        Returns the members that have a projector now."""
-        stack = self.full_batch(names, cfg, grads.device if grads is not None else products.device)
-        steps = stack.steps()
-        updated: list[int] = []
-        parts = partition_by_step([steps[i] for i in index])
-        if products is not None and (len(parts) > 1 or cfg.projector != "randomized"):
-            raise ValueError("GORP.refresh_members: products need one step counter and the randomized projector")
-        for step, part in parts:
-            members = [index[j] for j in part]
-            assert step % cfg.update_gap == 0, "refresh_members called on a step without a refresh"
-            grad = select(grads, part, len(index)) if grads is not None else None
-            updated += self._refresh_partition(stack, grad, step, members, cfg, products)
-        return updated
-
-    def projector_stack(self, names: tuple[str, ...], cfg: UpdateConfig, device: torch.device) -> Tensor:
-        """``(B, n, k)`` or ``(B, m, k)`` projectors of the batch (a view; garbage for members
-        without one: see :meth:`has_projector`)."""
-        return self.full_batch(names, cfg, device).buffers["projector"]
-
-    def has_projector(self, name: str) -> bool:
-        return "projector" in self.state.get(name, {})
-
-    def low_rank_batch(self, names: tuple[str, ...], low_rank: Tensor, cfg: UpdateConfig) -> list[BatchUpdate]:
-        """The low-rank step of the batch ``names`` from ``R`` (``(B, m, k)`` or ``(B, k, n)``, fp32,
-        averaged and clipped); members without a projector are left out (their step is skipped)."""
-        stack = self.full_batch(names, cfg, low_rank.device)
-        shared_all = stack.shared_stack(self.shared)
-        batch, updates = len(names), []
-        for step, index in partition_by_step(stack.steps()):
-            index = [i for i in index if self.has_projector(names[i])]
-            if not index:
-                continue
-            shared = select(shared_all, index, batch) if shared_all is not None else None
-            updates.append(self._low_rank_partition(stack, select(low_rank, index, batch), shared, step, index, cfg))
-        return updates
 
     @staticmethod
     def _advance(stack: StateStack, index: list[int]) -> None:
@@ -497,21 +317,27 @@ class GORP(torch.optim.Optimizer):
     def stats(self) -> dict[str, float | int]:
         """Refreshes attempted, their time in seconds and the projector failures of this run.
         Reading it synchronises with the device (events, counters): do it at logging intervals."""
-        return {"refreshes": self.refresh_count, "refresh_seconds": self._refresh_timer.seconds(),
+        return {"refreshes": self.refresh_count, "refresh_seconds": self.refresher.seconds(),
                 "projector_failures": self.poll_failures(), "skipped_steps": self.skipped_steps}
+
+    @property
+    def refresh_count(self) -> int:
+        """Member refreshes attempted this run (a host counter, free to read)."""
+        return self.refresher.count
+
+    @property
+    def time_refreshes(self) -> bool:
+        """Profiling: time each refresh between device syncs (otherwise CUDA events, read by ``stats``)."""
+        return self.refresher.synchronize
+
+    @time_refreshes.setter
+    def time_refreshes(self, value: bool) -> None:
+        self.refresher.synchronize = bool(value)
 
     def poll_failures(self) -> int:
         """Projector failures of this run so far (a device read); logs a warning naming the tensors
         when there are new ones since the last call."""
-        total = sum(int(count) for count in self._failures.values())
-        if total > self._failures_reported:
-            failing = [name for name, state in self._named_states()
-                       if "projector_failures" in state and int(state["projector_failures"]) > 0]
-            log.warning(f"{total - self._failures_reported} projector refresh(es) failed (non-finite gradient or "
-                        f"decomposition); the previous projectors were kept. Tensors with failures this task: "
-                        f"{', '.join(failing) or 'none held'}")
-            self._failures_reported = total
-        return total
+        return self.refresher.poll_failures(self._named_states())
 
     # ------------------------------------------------------------------ tasks
     @torch.no_grad()
@@ -521,7 +347,7 @@ class GORP(torch.optim.Optimizer):
         for the tensors whose state this process holds."""
         for name, state in self._named_states():
             role, shape, group_index = self.tensor_meta[name]
-            threshold = float(self.group(group_index)["shared_threshold"])
+            threshold = self.group_config(self.group(group_index)).shared_threshold
             if role not in PROTECTED_ROLES or "exp_avg" not in state or threshold <= 0.0:
                 continue
             side = shared_side(role, shape)
@@ -560,8 +386,8 @@ class GORP(torch.optim.Optimizer):
         groups = self.param_groups + self.detached_groups
         if [g["names"] for g in saved_groups] != [g["names"] for g in groups]:
             raise ValueError("GORP.load_state_dict: the saved param groups name different tensors than this optimizer's")
-        for group, saved in zip(groups, saved_groups):
-            group.update({k: v for k, v in saved.items() if k != "names"})
+        for index, saved in enumerate(saved_groups):  # groups numbered as in group(): detached ones last
+            self.update_group(index, saved)
         devices = {name: self._device_of(name) for name in self.tensor_meta}
         self.state.clear()
         self._stacks.clear()

@@ -131,3 +131,17 @@ def store(stack: Tensor, index: list[int], values: Tensor) -> None:
         stack[index[0] : index[0] + len(index)].copy_(values)
     else:
         torch._foreach_copy_([stack[i] for i in index], list(values.unbind(0)))
+
+
+def partition_by_step(steps: list[int]) -> list[tuple[int, list[int]]]:
+    """``[(step, member positions)]``: members whose counters agree step together (normally all)."""
+    parts: dict[int, list[int]] = {}
+    for i, step in enumerate(steps):
+        parts.setdefault(step, []).append(i)
+    return list(parts.items())
+
+
+def restore_tensor_state(state: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Copy of a saved per-tensor state: the step counter stays on the CPU, everything else
+    (the projector failure counter included) goes to ``device``."""
+    return {k: v.clone() if k == "step" else v.to(device, copy=True) for k, v in state.items()}

@@ -10,10 +10,11 @@ separate parameters) use ``torch._foreach_*`` over lists. Roles (docs/algorithm.
   (projector from the gradient ``G``, every ``update_gap`` steps) and :func:`low_rank_step` (from the
   low-rank gradient ``R``, however it was computed), so that ``R`` may come from elsewhere.
 
-The results are applied with ``W ← (1 − lr·wd) W − step_size · direction`` by :func:`apply_adam_`,
-:func:`apply_low_rank_` or :func:`apply_direction_`, to whatever part of ``W`` the caller holds
-(whole parameters, a stacked view of a ZeRO partition, a slice). Low-precision targets get fp32
-arithmetic and one rounding.
+The results are applied to whatever part of ``W`` the caller holds (whole parameters, a stacked
+view of a ZeRO partition, a slice) by :func:`apply_adam_`, :func:`apply_low_rank_` or
+:func:`apply_direction_`, which hand the step to :func:`~.weight_update.weight_update` (``W ← decay·W
+− step_size·U``, the one definition of the update) in the form that suits it: ``M / D`` lists, a
+``left @ right`` product, a dense direction. Low-precision targets get fp32 arithmetic and one rounding.
 
 Pure tensor functions: no distributed code, no optimizer state, no host-device synchronisation.
 """
@@ -27,56 +28,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import DEFAULTS
-from .projector import align_basis, back_project, compute_projectors, projection_side
+from .param_group import UpdateConfig
+from .projector import (
+    GradientProducts,
+    align_basis,
+    back_project,
+    compute_projectors,
+    compute_projectors_op,
+    projection_side,
+)
 from .shared_space import SharedSide, project_off
-
-ROLES = ("lora_a", "lora_b", "full", "plain")
-PROTECTED_ROLES = ("lora_a", "lora_b", "full")
-
-
-@dataclass(frozen=True)
-class UpdateConfig:
-    """Hyperparameters of one param group's update."""
-
-    role: str
-    lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    rank: int = DEFAULTS.rank
-    update_gap: int = DEFAULTS.update_gap
-    scale: float = DEFAULTS.scale
-    projector: str = DEFAULTS.projector
-    oversample: int = DEFAULTS.oversample
-    power_iters: int = DEFAULTS.power_iters
-    align_projector: bool = DEFAULTS.align_projector
-
-    @property
-    def decay(self) -> float:
-        """The decoupled weight-decay factor ``1 − lr·wd`` of a step."""
-        return 1.0 - self.lr * self.weight_decay
-
-    @classmethod
-    def from_group(cls, group: dict) -> UpdateConfig:
-        beta1, beta2 = group["betas"]
-        return cls(
-            role=group["role"],
-            lr=float(group["lr"]),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            rank=int(group.get("rank", DEFAULTS.rank)),
-            update_gap=int(group.get("update_gap", DEFAULTS.update_gap)),
-            scale=float(group.get("scale", DEFAULTS.scale)),
-            projector=str(group.get("projector", DEFAULTS.projector)),
-            oversample=int(group.get("oversample", DEFAULTS.oversample)),
-            power_iters=int(group.get("power_iters", DEFAULTS.power_iters)),
-            align_projector=bool(group.get("align_projector", DEFAULTS.align_projector)),
-        )
-
+from .weight_update import Product, Quotient, weight_update
 
 # ----------------------------------------------------------------------------- Adam pieces
 
@@ -102,7 +64,7 @@ def bias_correction1(step: int, cfg: UpdateConfig) -> float:
 
 @dataclass
 class AdamStep:
-    """``W ← (1 − lr·wd) W − step_size · exp_avg / denominator`` per list entry (``lora_*``, ``plain``)."""
+    """An Adam step (``lora_*``, ``plain``): per list entry ``U = exp_avg / denominator``, scaled by ``step_size``."""
 
     exp_avgs: list[Tensor]
     denominators: list[Tensor]
@@ -130,17 +92,24 @@ def protected_dense_step_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, sha
 # ----------------------------------------------------------------------------- full role
 
 
-def refresh_projectors(grads: Tensor, previous: Tensor | None, cfg: UpdateConfig,
-                       seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+def refresh_projectors(grads: Tensor | GradientProducts, previous: Tensor | None, cfg: UpdateConfig,
+                       seeds: Sequence[int], shape: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """New projectors for a ``(B, m, n)`` gradient stack and a ``(B,)`` bool success mask, on the device.
+    The stack may be known only through its products (``GradientProducts``, the randomized projector;
+    ``shape`` then gives each member's ``(m, n)``, ``B`` is ``len(seeds)``).
 
     A member whose gradient or decomposition is not finite keeps its ``previous`` projector
     (``torch.where``; docs/algorithm.md §2); with ``previous=None`` (first refresh of a task) its returned
     projector is garbage and the caller must not use it. With ``cfg.align_projector`` successful
     members are rotated towards their previous basis (:func:`align_basis`).
     """
-    new, ok = compute_projectors(grads, cfg.rank, cfg.projector, seeds=seeds, oversample=cfg.oversample,
-                                 power_iters=cfg.power_iters)
+    if isinstance(grads, GradientProducts):
+        assert shape is not None and cfg.projector == "randomized", "products need a shape and the randomized projector"
+        new, ok = compute_projectors_op(grads.apply, grads.apply_t, (len(seeds), *shape), cfg.rank, seeds=seeds,
+                                        oversample=cfg.oversample, power_iters=cfg.power_iters, device=grads.device)
+    else:
+        new, ok = compute_projectors(grads, cfg.rank, cfg.projector, seeds=seeds, oversample=cfg.oversample,
+                                     power_iters=cfg.power_iters)
     return finish_refresh(new, ok, previous, cfg)
 
 
@@ -158,7 +127,7 @@ def finish_refresh(new: Tensor, ok: Tensor, previous: Tensor | None, cfg: Update
 
 @dataclass
 class LowRankStep:
-    """``W ← (1 − lr·wd) W − step_size · backproject(normalised, projector)`` (``full`` role)."""
+    """A low-rank step (``full`` role): ``U = backproject(normalised, projector)``, scaled by ``step_size``."""
 
     normalised: Tensor  # (B, m, k) or (B, k, n): M̂ / (√V̂ + ε) without the bias correction of M
     projector: Tensor  # (B, n, k) or (B, m, k)
@@ -194,25 +163,21 @@ def _finish(targets: list[Tensor], work: list[Tensor]) -> None:
 
 
 def apply_adam_(targets: list[Tensor], update: AdamStep, cfg: UpdateConfig) -> None:
-    """``W ← (1 − lr·wd) W − step_size · M / denominator``. ``targets`` pairs with the update's
+    """Apply an Adam step (``U = M / denominator``, foreach). ``targets`` pairs with the update's
     lists, or, for an update on one ``(B, …)`` stack, lists its ``B`` members."""
     exp_avgs, denominators = update.exp_avgs, update.denominators
     if len(exp_avgs) == 1 and exp_avgs[0].dim() == targets[0].dim() + 1:  # one stack, its members listed
         (exp_avg,), (denominator,) = exp_avgs, denominators
         exp_avgs, denominators = list(exp_avg.unbind(0)), list(denominator.unbind(0))
     work = _fp32_work(targets)
-    if cfg.weight_decay != 0.0:
-        torch._foreach_mul_(work, cfg.decay)
-    torch._foreach_addcdiv_(work, exp_avgs, denominators, value=-update.step_size)
+    weight_update(work, Quotient(exp_avgs, denominators), cfg.decay, update.step_size)
     _finish(targets, work)
 
 
 def apply_direction_(targets: list[Tensor], directions: list[Tensor], step_size: float, cfg: UpdateConfig) -> None:
-    """``W ← (1 − lr·wd) W − step_size · direction`` elementwise over lists."""
+    """Apply dense directions ``U`` (a list, paired with ``targets``; foreach)."""
     work = _fp32_work(targets)
-    if cfg.weight_decay != 0.0:
-        torch._foreach_mul_(work, cfg.decay)
-    torch._foreach_add_(work, directions, alpha=-step_size)
+    weight_update(work, directions, cfg.decay, step_size)
     _finish(targets, work)
 
 
@@ -231,30 +196,30 @@ class BatchUpdate:
             apply_adam_(targets if isinstance(targets, list) else [targets], self.step, cfg)
 
 
-def low_rank_factors(update: LowRankStep) -> tuple[Tensor, Tensor]:
+def low_rank_factors(update: LowRankStep) -> Product:
     """``(left, right)`` stacks with ``backproject(N, P) = left @ right``: ``(U_r, Qᵀ)`` or ``(P, U_r)``."""
     if projection_side(update.shape) == "right":
-        return update.normalised, update.projector.mT
-    return update.projector, update.normalised
+        return Product(update.normalised, update.projector.mT)
+    return Product(update.projector, update.normalised)
 
 
 def apply_low_rank_member_(target: Tensor, update: LowRankStep, position: int, cfg: UpdateConfig) -> None:
     """Member ``position`` of a low-rank update applied to one fp32 ``m × n`` matrix (one GEMM)."""
     left, right = low_rank_factors(update)
-    target.addmm_(left[position], right[position], beta=cfg.decay, alpha=-update.step_size)
+    weight_update(target, Product(left[position], right[position]), cfg.decay, update.step_size)
 
 
 def apply_low_rank_(targets: Tensor | list[Tensor], update: LowRankStep, cfg: UpdateConfig) -> None:
-    """``W ← (1 − lr·wd) W − step_size · backproject(N, P)`` on a ``(B, m, n)`` fp32 stack (one fused
-    batched GEMM, no dense temporary) or a list of ``B`` matrices (one fused GEMM each when fp32)."""
-    decay = cfg.decay
-    left, right = low_rank_factors(update)  # (U_r, Qᵀ) or (P, U_r)
+    """Apply a low-rank step (``U = backproject(N, P)``) to a ``(B, m, n)`` fp32 stack (one fused
+    batched GEMM, no dense temporary) or a list of ``B`` matrices (one fused GEMM each when fp32;
+    the dense ``U`` for low-precision members)."""
+    product = low_rank_factors(update)  # (U_r, Qᵀ) or (P, U_r)
     if isinstance(targets, Tensor) and targets.dtype == torch.float32:
-        targets.baddbmm_(left, right, beta=decay, alpha=-update.step_size)
+        weight_update(targets, product, cfg.decay, update.step_size)
         return
     members = list(targets.unbind(0)) if isinstance(targets, Tensor) else targets
     if all(t.dtype == torch.float32 for t in members):
-        for target, a, b in zip(members, left.unbind(0), right.unbind(0), strict=True):
-            target.addmm_(a, b, beta=decay, alpha=-update.step_size)
+        for target, a, b in zip(members, product.left.unbind(0), product.right.unbind(0), strict=True):
+            weight_update(target, Product(a, b), cfg.decay, update.step_size)
         return
     apply_direction_(members, list(update.direction().unbind(0)), update.step_size, cfg)

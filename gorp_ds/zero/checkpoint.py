@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from ..log import get_logger
-from ..optim.gorp import restore_tensor_state
-from ..optim.update import PROTECTED_ROLES
+from ..optim.param_group import PROTECTED_ROLES
+from ..optim.stacks import restore_tensor_state
 from . import side_group
 from .checkpoint_io import LATEST, CheckpointError, commit_checkpoint, complete_tags, resolve_tag
 from .distributor import Distributor
@@ -139,8 +139,8 @@ def restore_gorp_payloads(handle: Distributor, loaded: list[dict[str, Any]], dir
     saved_names = [g["names"] for g in loaded[0]["param_groups"]]
     if saved_names != [g["names"] for g in opt.param_groups]:
         raise CheckpointError(f"{directory}: the checkpoint's GORP param groups name different tensors than this run's")
-    for group, saved in zip(opt.param_groups, loaded[0]["param_groups"]):
-        group.update({k: v for k, v in saved.items() if k not in ("names", "params")})
+    for index, saved in enumerate(loaded[0]["param_groups"]):  # checked, as any change of a group's values
+        opt.update_group(index, saved)
 
     pieces: dict[str, list[dict[str, Tensor]]] = {}
     low_rank: dict[str, dict[str, Tensor]] = {}

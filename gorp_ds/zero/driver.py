@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from ..optim.gorp import GORP
-from ..optim.update import BatchUpdate, UpdateConfig, apply_direction_
+from ..optim.param_group import UpdateConfig
+from ..optim.update import BatchUpdate, apply_direction_
 from .layout import GroupLayout, PartitionedLayout, Piece
 
 AllReduce = Callable[[Tensor], None]
@@ -101,7 +102,7 @@ class ZeroDriver:
             return self._by_flat[id(group["params"][0])]
         return optimizer.tensor_meta[group["names"][0]][2]
 
-    def step_group(self, optimizer: GORP, group: dict[str, Any]) -> None:
+    def step_group(self, optimizer: GORP, group: dict[str, Any], cfg: UpdateConfig) -> None:
         if not group["params"]:  # ZeRO-3 steps one sub-group at a time; the other groups are empty then
             return
         index = self.group_index(optimizer, group)
@@ -109,7 +110,6 @@ class ZeroDriver:
         flat_grad = flat_param.grad
         if flat_grad is None:
             raise RuntimeError(f"GORP/ZeRO: no gradient partition for param group {index} at step time")
-        cfg = UpdateConfig.from_group(group)
         pieces = self.pieces[index]
 
         def local(flat: Tensor, piece: Piece) -> Tensor:

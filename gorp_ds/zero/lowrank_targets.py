@@ -63,9 +63,11 @@ from torch import Tensor, nn
 from ..log import get_logger
 from ..optim.gorp import GORP
 from ..optim.lowrank_grad import accumulate_full_gradient_, accumulate_low_rank_
+from ..optim.param_group import UpdateConfig
 from ..optim.projector import GradientProducts, Side, project_gradient, projection_side
 from ..optim.stacks import select
-from ..optim.update import BatchUpdate, LowRankStep, UpdateConfig, apply_low_rank_member_, low_rank_factors
+from ..optim.update import BatchUpdate, LowRankStep, apply_low_rank_member_, low_rank_factors
+from ..optim.weight_update import weight_update
 from . import projected_linear, split_master
 
 log = get_logger(__name__)
@@ -188,7 +190,7 @@ class LowRankTargets:
         offset = 0
         for batch, size in zip(self.batches, sizes):
             m, n = batch.shape
-            k = int(batch.group["rank"])
+            k = self.cfg(batch).rank
             inner = (m, k) if batch.side == "right" else (k, n)
             batch.low_rank = self.flat_low_rank[offset : offset + size].view(len(batch.names), *inner)
             offset += size
@@ -211,13 +213,13 @@ class LowRankTargets:
         remainder = split_master.zero_remainder(held) if weight.dtype == torch.bfloat16 else None
         return Member(name, key, batch, index, weight, remainder, start, end)
 
-    @staticmethod
-    def _low_rank_numel(batch: Batch) -> int:
+    def _low_rank_numel(self, batch: Batch) -> int:
         m, n = batch.shape
-        return int(batch.group["rank"]) * (m if batch.side == "right" else n)
+        return self.cfg(batch).rank * (m if batch.side == "right" else n)
 
     def cfg(self, batch: Batch) -> UpdateConfig:
-        return UpdateConfig.from_group(batch.group)
+        """The batch's group hyperparameters, as the optimizer parsed them (current ``lr`` included)."""
+        return self.optimizer.group_config(batch.group)
 
     # ------------------------------------------------------------------ backward (the gradient sink)
     def _plan(self) -> list[list[bool]]:
@@ -295,7 +297,7 @@ class LowRankTargets:
         """Refresh from products of ``G`` through the activations (no ``G``) is possible when the
         step has one micro-batch (its ``X`` and ``δ`` are all of ``G``) and the projector is
         the randomized range finder, which touches ``G`` only through thin products."""
-        return self.accumulation == 1 and batch.group["projector"] == "randomized"
+        return self.accumulation == 1 and self.cfg(batch).projector == "randomized"
 
     def _summed(self, local: Tensor) -> Tensor:
         """``local`` summed over ranks and divided by the world size (in place)."""
@@ -429,15 +431,15 @@ class LowRankTargets:
 
     @staticmethod
     def _apply_slice(member: Member, weight: Tensor, left: Tensor, right: Tensor, decay: float, step: float) -> None:
-        """``W ← decay · W − step · left @ right`` on elements ``[start, end)`` of the flattened
-        ``W`` only: the rows the slice touches (``left[r0:r1] @ right``, ``(r1 − r0) × n`` fp32)."""
+        """The update with ``U = left @ right`` on elements ``[start, end)`` of the flattened ``W``
+        only: the rows the slice touches (``left[r0:r1] @ right``, ``(r1 − r0) × n`` fp32)."""
         if member.start >= member.end:
             return
         n = right.shape[-1]
         r0, r1 = member.start // n, (member.end - 1) // n + 1
         product = (left[r0:r1] @ right).reshape(-1)[member.start - r0 * n : member.end - r0 * n]
         if member.remainder is None:
-            weight.mul_(decay).sub_(product, alpha=step)
+            weight_update(weight, product, decay, step)
             return
         split_master.update_flat_(weight, member.remainder, product, decay, step)
 

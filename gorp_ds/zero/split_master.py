@@ -11,8 +11,9 @@ Rounding: ``hi`` is the master rounded to nearest bf16, ties away from zero (``+
 magnitude bits), which differs from round-to-nearest-even only on exact ties.
 
 The encoding (``join``, ``split_``) lives in gorp_ds/optim/bf16_split.py (the LoRA merge uses it
-too); here is the update. Callers process a matrix (or a few) at a time so that the fp32
-temporaries stay small.
+too), the update's formula in gorp_ds/optim/weight_update.py (every path's); here is how the
+update runs on split masters: join, update in fp32, split. Callers process a matrix (or a few) at
+a time so that the fp32 temporaries stay small.
 """
 
 from __future__ import annotations
@@ -21,20 +22,21 @@ import torch
 from torch import Tensor
 
 from ..optim.bf16_split import join, split_, zero_remainder  # noqa: F401  (the encoding; re-exported)
+from ..optim.weight_update import Product, weight_update
 
 
 def _fused_member_(hi: Tensor, lo: Tensor, product: Tensor, decay: Tensor, step: Tensor) -> None:
-    """``(hi, lo) ← split(decay · join(hi, lo) − step · product)`` in place (``product`` fp32, the
-    shape of ``hi``), with the encoding's own ``join`` and ``split_``: compiled, one elementwise
+    """The weight update with ``U = product`` (fp32, the shape of ``hi``) on the master ``join(hi, lo)``,
+    split back into ``(hi, lo)`` in place, with the encoding's own ``join`` and ``split_``: compiled, one elementwise
     kernel that reads ``hi``, ``lo`` and the product and writes ``hi``, ``lo`` back (the compiler
     turns the temporaries and copies into the kernel's registers and stores)."""
-    split_(join(hi, lo) * decay - step * product, hi, lo)
+    split_(weight_update(join(hi, lo), product, decay, step), hi, lo)  # 0-d tensor scalars: out of place
 
 
 def _fused_update_(his: list[Tensor], los: list[Tensor], left: Tensor, right: Tensor, decay: Tensor,
                    step: Tensor) -> None:
-    """Member ``j``: ``(his[j], los[j]) ← split(decay · join − step · left[j] @ right[j])``; ``left``
-    ``(c, m, k)``, ``right`` ``(c, k, n)``. Written for ``torch.compile``: one batched GEMM for the
+    """Member ``j``: :func:`_fused_member_` with ``U = left[j] @ right[j]``; ``left`` ``(c, m, k)``,
+    ``right`` ``(c, k, n)``. Written for ``torch.compile``: one batched GEMM for the
     ``c`` products (``(c, m, n)`` fp32), then one elementwise kernel per member, all from one call
     (one guard check and one launch sequence per batch of targets instead of one per target).
     Scalars as tensors so that changing step sizes do not recompile."""
@@ -44,10 +46,10 @@ def _fused_update_(his: list[Tensor], los: list[Tensor], left: Tensor, right: Te
 
 
 def update_flat_(hi: Tensor, lo: Tensor, product: Tensor, decay: float, step_size: float) -> None:
-    """``master ← decay · master − step_size · product`` on a split master of any shape (a ZeRO-3
-    slice), ``product`` fp32 of the same number of elements; in place, eager."""
+    """The weight update with ``U = product`` on a split master of any shape (a ZeRO-3 slice),
+    ``product`` fp32 of the same number of elements; in place, eager."""
     master = join(hi, lo)
-    master.mul_(decay).sub_(product.view(master.shape), alpha=step_size)
+    weight_update(master, product.view(master.shape), decay, step_size)
     split_(master, hi, lo)
 
 
@@ -71,8 +73,8 @@ def scalars(decay: float, step_size: float, device: torch.device) -> tuple[Tenso
 
 def update_(his: list[Tensor], los: list[Tensor], left: Tensor, right: Tensor, decay: float, step_size: float,
             scalar_tensors: tuple[Tensor, Tensor] | None = None, *, fused: bool = True) -> None:
-    """``master_j ← decay · master_j − step_size · left[j] @ right[j]`` on the split masters
-    ``(his[j], los[j])`` (``m × n`` each; ``left`` ``(c, m, k)``, ``right`` ``(c, k, n)``), in place.
+    """The weight update with ``U_j = left[j] @ right[j]`` on the split masters ``(his[j], los[j])``
+    (``m × n`` each; ``left`` ``(c, m, k)``, ``right`` ``(c, k, n)``), in place.
 
     On CUDA and with ``fused``, one ``torch.compile``d call does all ``c``: a batched GEMM, then per
     member a kernel that reads ``hi``, ``lo`` and the product once and writes ``hi``, ``lo`` once
@@ -93,5 +95,5 @@ def update_(his: list[Tensor], los: list[Tensor], left: Tensor, right: Tensor, d
             _compiled["fn"] = False
     for hi, lo, a, b in zip(his, los, left, right):
         master = join(hi, lo)
-        master.addmm_(a, b, beta=decay, alpha=-step_size)
+        weight_update(master, Product(a, b), decay, step_size)  # (m, n) fp32: one addmm_
         split_(master, hi, lo)
