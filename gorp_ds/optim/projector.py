@@ -150,7 +150,7 @@ def exact_basis(a: Tensor, k: int) -> Tensor:
 def compute_projectors(
     grads: Tensor,
     rank: int,
-    method: str = "randomized",
+    projector: str = "randomized",
     *,
     seeds: Sequence[int] | None = None,
     oversample: int = 8,
@@ -164,10 +164,10 @@ def compute_projectors(
     batch = grads.shape[0]
     # Right projection needs the right singular vectors of G = left singular vectors of Gᵀ.
     a = grads.mT if projection_side(grads.shape) == "right" else grads  # (B, d, c)
-    if method not in PROJECTOR_METHODS:
-        raise ValueError(f"unknown projector method {method!r}; expected one of {PROJECTOR_METHODS}")
+    if projector not in PROJECTOR_METHODS:
+        raise ValueError(f"unknown projector method {projector!r}; expected one of {PROJECTOR_METHODS}")
     try:
-        if method == "exact":
+        if projector == "exact":
             basis = exact_basis(a, rank)
         else:
             basis = randomized_range_basis(a, rank, oversample, power_iters, seeds if seeds is not None else [0] * batch)
@@ -196,11 +196,11 @@ def compute_projectors_op(apply: Callable[[Tensor], Tensor], apply_t: Callable[[
     return basis.contiguous(), finite_members(basis)
 
 
-def compute_projector(grad: Tensor, rank: int, method: str = "randomized", *, seed: int = 0,
+def compute_projector(grad: Tensor, rank: int, projector: str = "randomized", *, seed: int = 0,
                       oversample: int = 8, power_iters: int = 2) -> Tensor | None:
     """One matrix (``B = 1`` of :func:`compute_projectors`), ``None`` on failure. Reads the success
     flag back to the host: for tests and benchmarks, not for the optimizer's step."""
-    basis, ok = compute_projectors(grad.unsqueeze(0), rank, method, seeds=[seed], oversample=oversample,
+    basis, ok = compute_projectors(grad.unsqueeze(0), rank, projector, seeds=[seed], oversample=oversample,
                                    power_iters=power_iters)
     return basis[0] if bool(ok[0]) else None
 
