@@ -115,8 +115,8 @@ def test_full_gradients_setting_is_validated():
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert build_run_config(parser.parse_args(["--model", "x"])).full_gradients == "projected"
-    assert build_run_config(parser.parse_args(["--model", "x", "--full-gradients", "flat"])).full_gradients == "flat"
+    assert build_run_config(parser.parse_args(["--model", "x"])).targets.full_gradients == "projected"
+    assert build_run_config(parser.parse_args(["--model", "x", "--full-gradients", "flat"])).targets.full_gradients == "flat"
     with pytest.raises(ConfigError, match="--full-gradients must be one of projected, flat"):
         build_run_config(parser.parse_args(["--model", "x", "--full-gradients", "dense"]))
 
