@@ -17,15 +17,20 @@ import warnings
 _ROOT = "gorp_ds"
 
 
-def process_rank() -> int:
-    """Global rank as set by deepspeed/torchrun/SLURM launchers; 0 in a plain process."""
-    for var in ("RANK", "SLURM_PROCID"):
+def _first_int(*names: str) -> int:
+    """The first of the launcher variables ``names`` that is set to an integer; 0 when none is."""
+    for var in names:
         if var in os.environ:
             try:
                 return int(os.environ[var])
             except ValueError:
                 pass
     return 0
+
+
+def process_rank() -> int:
+    """Global rank as set by deepspeed/torchrun/SLURM launchers; 0 in a plain process."""
+    return _first_int("RANK", "SLURM_PROCID")
 
 
 class _RankZeroFilter(logging.Filter):
@@ -58,13 +63,7 @@ def local_rank() -> int:
 
     ``LOCAL_RANK`` (set per process by deepspeed/torchrun) comes first: under SLURM the deepspeed
     launcher runs as one srun task per node, so every rank inherits that task's ``SLURM_LOCALID``."""
-    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 0
+    return _first_int("LOCAL_RANK", "SLURM_LOCALID")
 
 
 def show_progress() -> bool:
