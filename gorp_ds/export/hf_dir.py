@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..log import get_logger, show_progress
 from ..models.lora import canonical_name, lora_factor_names, lora_layers, merged_base_weight
+from ..optim.bf16_split import round_to_bf16
 
 log = get_logger(__name__)
 
@@ -134,6 +135,11 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
     # Collective 1: the LoRA factors' fp32 masters on every rank (r × n and m × r per layer: small).
     factors = handle.gather_masters(lora_factor_names(module)) if layers else {}
     trained = {n for n in handle.params_by_name if ".lora_" not in n}
+    # Trained tensors whose bf16 weight the engine keeps as its fp32 master split in two (the
+    # projected ``full`` targets): exported with that split's rounding, so that the export holds
+    # exactly the weights the run evaluated (DeepSpeed's own masters round to nearest even, as
+    # ``Tensor.to`` does).
+    split_masters = {m.name for m in handle.low_rank.members if m.remainder is not None} if handle.low_rank else set()
     entries = _export_keys(core, handle)
     shards = _plan_shards(entries, dtype, max_shard_bytes, handle.numel)
     shard_of = {key: i for i, keys in enumerate(shards) for key in keys}
@@ -162,7 +168,8 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
                 value = merged_base_weight(layers[name], factors[f"{name}.lora_A"], factors[f"{name}.lora_B"],
                                            master).to(target)
             elif master is not None:
-                value = master.to(target)
+                value = round_to_bf16(master) if name in split_masters and target == torch.bfloat16 \
+                    else master.to(target)
             else:
                 value = tensor.detach().to(target)
         pending[key] = value.contiguous().cpu()

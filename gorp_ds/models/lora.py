@@ -17,7 +17,7 @@ from torch import nn
 
 from ..naming import PEFT_PREFIX as _PEFT_PREFIX
 from ..naming import canonical_name  # noqa: F401  (re-exported: models.lora.canonical_name)
-from ..optim.bf16_split import join, split_, zero_remainder
+from ..optim.bf16_split import join, round_to_bf16, split_, zero_remainder
 from ..settings import SettingError, check_settings, setting
 
 
@@ -168,7 +168,9 @@ def merged_base_weight(layer: nn.Module, a: torch.Tensor | None = None, b: torch
     W in its exact fp32 value (:func:`base_master`: earlier merges' low bits included)."""
     weight = layer.get_base_layer().weight
     base = base_master(layer) if base is None else base.to(weight.device, torch.float32)
-    return (base + _lora_delta(layer, a, b)).to(weight.dtype)
+    merged = base + _lora_delta(layer, a, b)
+    # A bf16 W stands for its fp32 master (merge_into_base_ keeps it split): the same rounding.
+    return round_to_bf16(merged) if weight.dtype == torch.bfloat16 else merged.to(weight.dtype)
 
 
 @torch.no_grad()

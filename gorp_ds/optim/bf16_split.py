@@ -9,7 +9,11 @@ frozen base weights that LoRA merges accumulate into (gorp_ds/models/lora.py): t
 the rounded fp32 value at all times, and repeated additions accumulate exactly as in fp32.
 
 Rounding: ``hi`` is ``x`` rounded to nearest bf16, ties away from zero (``+0x8000`` on the
-magnitude bits), which differs from round-to-nearest-even only on exact ties.
+magnitude bits), which differs from round-to-nearest-even only on exact ties. It cannot be
+round-to-nearest-even: at a tie, the remainder would be +2¹⁵ or −2¹⁵ with the same (even) ``hi``, and
+an int16 holds only one of them. Every bf16 value that stands for such a master (the model's weight,
+an export of it) is therefore rounded by :func:`round_to_bf16`, this module's rounding, never by
+``Tensor.to(torch.bfloat16)`` (ties to even).
 
 Pure tensor functions (bit arithmetic on int32 views).
 """
@@ -28,12 +32,25 @@ def join(hi: Tensor, lo: Tensor) -> Tensor:
     return bits.view(torch.float32)
 
 
+def _rounded_upper(bits: Tensor) -> Tensor:
+    """The upper 16 bits of fp32 ``bits`` (an int32 view) rounded to nearest, ties away from zero,
+    sign-extended in a new int32 tensor."""
+    upper = bits + 0x8000
+    upper.bitwise_right_shift_(16)  # arithmetic shift
+    return upper
+
+
+def round_to_bf16(value: Tensor) -> Tensor:
+    """fp32 ``value`` rounded to bf16 as :func:`split_` rounds it (a new tensor): the bf16 weight
+    that a master of this value has."""
+    return _rounded_upper(value.float().contiguous().view(torch.int32)).to(torch.int16).view(torch.bfloat16)
+
+
 def split_(master: Tensor, hi: Tensor, lo: Tensor) -> None:
     """Write fp32 ``master`` into ``hi`` (bf16, rounded to nearest) and ``lo`` (int16) in place
     (one int32 temporary)."""
     bits = master.view(torch.int32)
-    upper = bits + 0x8000
-    upper.bitwise_right_shift_(16)  # arithmetic shift: the rounded upper half, sign-extended
+    upper = _rounded_upper(bits)
     hi.view(torch.int16).copy_(upper)  # int32 -> int16 keeps the low 16 bits: the bf16 pattern
     upper.bitwise_left_shift_(16)
     torch.sub(bits, upper, out=upper)  # in [-0x8000, 0x7FFF]
