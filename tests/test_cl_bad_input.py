@@ -320,8 +320,8 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
                                  ("config.yaml", "different run", "\n  tasks: saved ['TC/topics', 'SC/moods'], "
                                   "this run ['SC/moods', 'TC/topics']")),
         "resume_lora_r": ({"--resume": "auto", "--lora-r": "4"}, ("different run", "\n  lora_r: saved 8, this run 4")),
-        "resume_batch_and_steps": ({"--resume": None, "--global-batch-size": "16", "--max-steps-per-task": "3"},
-                                   ("different run", "\n  global_batch_size: saved 8, this run 16",
+        "resume_batch_and_steps": ({"--resume": None, "--global-batch-size": "4", "--max-steps-per-task": "3"},
+                                   ("different run", "\n  global_batch_size: saved 8, this run 4",
                                     "\n  max_steps_per_task: saved 2, this run 3")),
         "resume_methods_and_model": ({"--resume": None, "--method": "gorp,seq-lora", "--model": other_model,
                                       "--lora-targets": "q_proj", "--full-targets": "mlp.up_proj"},

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.config import DataConfig
+from ..data.config import MAX_DRAWN_PER_TASK, MAX_SEED, DataConfig
 from ..models.loading import ModelConfig
 from ..models.lora import LoraSettings
 from ..models.methods import METHODS
@@ -57,14 +57,26 @@ class RunnerConfig:
     # choices: the method registry itself (a registered method is accepted by name).
     methods: list[str] = setting(["gorp"], "methods to run one after another (comma-separated)",
                                  choices=METHODS, aliases=("method",), on_resume="fixed")
-    max_steps_per_task: int | None = setting(None, "optimizer steps per task (none: --epochs over the train split)",
-                                             minimum=1, on_resume="fixed")
-    epochs: float = setting(1.0, "passes over each task's train split (without --max-steps-per-task)", above=0.0, on_resume="fixed")
-    global_batch_size: int = setting(16, "examples per optimizer step, all ranks together", minimum=1, on_resume="fixed")
+    # The budgets' maxima: a task's batch order is built whole before training and holds at most
+    # MAX_DRAWN_PER_TASK (2**24) example draws, steps × global batch (gorp_ds/data/config.py says
+    # why); each step draws at least one example and each epoch at least one, so no budget beyond
+    # it can finish. The product (and --epochs against the loaded tasks' sizes) is checked too.
+    max_steps_per_task: int | None = setting(None, "optimizer steps per task (none: --epochs over the train split; "
+                                             f"steps × --global-batch-size at most {MAX_DRAWN_PER_TASK})",
+                                             minimum=1, maximum=MAX_DRAWN_PER_TASK, on_resume="fixed")
+    epochs: float = setting(1.0, "passes over each task's train split (without --max-steps-per-task; the examples "
+                                 f"drawn per task at most {MAX_DRAWN_PER_TASK})", above=0.0,
+                            maximum=MAX_DRAWN_PER_TASK, on_resume="fixed")
+    global_batch_size: int = setting(16, "examples per optimizer step, all ranks together (at most each task's "
+                                         "train examples: a larger batch would hold an example twice)", minimum=1,
+                                     maximum=MAX_DRAWN_PER_TASK, on_resume="fixed")
     micro_batch_size: int = setting(1, "examples per forward pass and rank (0: the whole global batch per rank, "
                                        "no accumulation)", minimum=0, on_resume="fixed")
     eval_batch_size: int = setting(64, "examples per generation batch in evaluation", minimum=1, on_resume="ignored")
-    seed: int = setting(0, "seed of the data order, sampling and LoRA re-initialisation", on_resume="fixed")
+    # 0 .. 2**32-1: the data order reads the seed's low 32 bits (a larger one would alias a smaller
+    # one's order) and torch.manual_seed / numpy refuse what does not fit 64 bits with a traceback.
+    seed: int = setting(0, "seed of the data order, sampling and LoRA re-initialisation", minimum=0,
+                        maximum=MAX_SEED, on_resume="fixed")
     output_dir: str = setting("runs/gorp_ds", "where config.yaml, results, TensorBoard events and checkpoints go", on_resume="ignored")
     resume: str = setting("off", "continue each method from its last checkpoint in --output-dir (the saved "
                                  "config.yaml must describe the same run); on (plain --resume) stops when there "
@@ -88,6 +100,21 @@ class RunnerConfig:
         if isinstance(self.methods, list) and not self.methods:
             raise SettingError("methods", "needs at least one method", "runner")
         check_settings(self, "runner")
+        if isinstance(self.methods, list):
+            # Each method writes <output-dir>/<method>/: a second run of it would overwrite the first's results.
+            twice = next((m for i, m in enumerate(self.methods) if m in self.methods[:i]), None)
+            if twice is not None:
+                raise SettingError("methods", f"names {twice!r} twice ({','.join(self.methods)}); each method runs "
+                                   "once per launch: drop the repeat", "runner")
+        if isinstance(self.output_dir, str) and not self.output_dir.strip():
+            # An empty path would write the run into the current directory, mixed with whatever is there.
+            raise SettingError("output_dir", f"is empty ({self.output_dir!r}); give a directory, e.g. runs/gorp_ds",
+                               "runner")
+        steps, batch = self.max_steps_per_task, self.global_batch_size
+        if isinstance(steps, int) and isinstance(batch, int) and steps * batch > MAX_DRAWN_PER_TASK:
+            raise SettingError("max_steps_per_task", f"{steps} × {{global_batch_size}} {batch} = {steps * batch} "
+                               f"example draws per task; a task's batch order holds at most {MAX_DRAWN_PER_TASK}: "
+                               "train fewer steps or use a smaller batch", "runner", others=("global_batch_size",))
         if self.resume != "off" and self.overwrite:
             raise SettingError("resume", "and {overwrite} contradict each other: --resume continues the run in "
                                "--output-dir, --overwrite moves it aside; give one of them", "runner",
@@ -278,7 +305,18 @@ def coerce(spec: Setting, value: Any, where: str) -> Any:
         if spec.kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value) if not isinstance(value, str) else int(value.strip())
+            if isinstance(value, str):
+                # Text as a file's number: "1e3" is 1000 here as 1.0e+3 is in YAML, so a flag and a run
+                # file accept the same values and meet the same bounds (1e12 was refused as text but
+                # accepted, unbounded, from a file).
+                text = value.strip()
+                try:
+                    return int(text)
+                except ValueError:
+                    value = float(text)
+                    if not value.is_integer():  # also nan and inf
+                        raise
+            return int(value)
         if spec.kind is float:
             if isinstance(value, bool):
                 raise ValueError

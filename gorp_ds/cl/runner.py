@@ -6,6 +6,7 @@ close the task (S, LoRA merge), checkpoint. Reads like the algorithm; the work i
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..data.config import MAX_DRAWN_PER_TASK
 from ..data.errors import DataError
 from ..data.registry import load_task_sequence
 from ..data.tasks import Task
@@ -92,6 +94,7 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
             tasks = load_task_sequence(cfg.data)
         except DataError as err:
             raise ConfigError(in_user_terms(str(err), cfg.written_as)) from None
+        check_budgets(cfg, tasks)
         preflight(cfg)
     except USER_ERRORS as err:
         problem = err
@@ -100,6 +103,37 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
     log.info(f"{len(tasks)} tasks: {' → '.join(t.name for t in tasks)}; methods: {', '.join(cfg.runner.methods)}; "
              f"{_world()} ranks, global batch {cfg.runner.global_batch_size}, {torch.get_num_threads()} CPU threads per rank")
     return tasks, ds_config, decision
+
+
+def check_budgets(cfg: RunConfig, tasks: list[Task]) -> None:
+    """Refuse budgets the loaded tasks cannot train: a global batch larger than a task's train split
+    (a step would hold an example twice), and more example draws for one task than its batch order
+    may hold (MAX_DRAWN_PER_TASK: the order is built whole, on every rank, before the first step)."""
+    runner, flag = cfg.runner, cfg.written_as
+    smallest = min(tasks, key=lambda t: len(t.train))
+    if runner.global_batch_size > len(smallest.train):
+        raise ConfigError(f"{flag('global_batch_size')} {runner.global_batch_size} is larger than the train split of "
+                          f"task {smallest.name} ({len(smallest.train)} examples), so a step would hold an example "
+                          f"twice; use at most {len(smallest.train)}")
+
+    def drawn(task: Task) -> int:  # MethodSession.steps_for × the global batch
+        steps = runner.max_steps_per_task or max(1, math.ceil(runner.epochs * len(task.train) / runner.global_batch_size))
+        return steps * runner.global_batch_size
+
+    mixed = any(method_spec(m).mixed_tasks for m in runner.methods)  # one task of all tasks' steps
+    for name, count, size in ([("the tasks mixed", sum(map(drawn, tasks)), sum(len(t.train) for t in tasks))] if mixed
+                              else [(f"task {t.name}", drawn(t), len(t.train)) for t in tasks]):
+        if count <= MAX_DRAWN_PER_TASK:
+            continue
+        if runner.max_steps_per_task:
+            fix = f"use at most {flag('max_steps_per_task')} {max(1, MAX_DRAWN_PER_TASK * runner.max_steps_per_task // count)}"
+        else:
+            fix = f"use at most {flag('epochs')} {MAX_DRAWN_PER_TASK / count * runner.epochs:.4g}"
+        budget = (f"{flag('max_steps_per_task')} {runner.max_steps_per_task}" if runner.max_steps_per_task
+                  else f"{flag('epochs')} {runner.epochs:g}")
+        raise ConfigError(f"{budget} draws {count} examples for {name} ({size} train examples, "
+                          f"{flag('global_batch_size')} {runner.global_batch_size}); a task's batch order holds at "
+                          f"most {MAX_DRAWN_PER_TASK}: {fix}")
 
 
 def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[str, Any], out_dir: str,

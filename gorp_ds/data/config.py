@@ -7,9 +7,19 @@ from dataclasses import dataclass
 from ..settings import SettingError, check_settings, setting
 from .errors import DataError
 
-__all__ = ["DataConfig", "DataSettingError"]
+__all__ = ["DataConfig", "DataSettingError", "MAX_DRAWN_PER_TASK", "MAX_SEED"]
 
 PROMPT_FORMATS = ("plain", "chat")  # gorp_ds.data.prompting.PROMPT_FORMATS
+# Most example draws (optimizer steps × global batch) one task's batch order may hold.
+# gorp_ds.data.sampling.global_batch_order builds the whole order up front as Python lists on every
+# rank, about 50 bytes a draw at its peak (measured: an int object and two list slots), so 2**24
+# draws take ~0.8 GB. A budget beyond that (--epochs 1e12, --max-steps-per-task 1e12) would grow
+# memory until MemoryError rather than train; 2**24 is ~16M examples a task, far more than any task
+# of the CL benchmarks holds.
+MAX_DRAWN_PER_TASK = 2**24
+# The data order's generator reads only the seed's low 32 bits (sampling.epoch_permutation), so a
+# larger seed would silently give the same order as a smaller one; torch.manual_seed takes < 2**64.
+MAX_SEED = 2**32 - 1
 
 
 class DataSettingError(SettingError, DataError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import MAX_DRAWN_PER_TASK
 from .errors import DataError
 
 __all__ = ["epoch_permutation", "global_batch_order", "rank_slice", "split_micro_batches"]
@@ -39,6 +40,9 @@ def global_batch_order(
     _positive("global_batch", global_batch)
     _positive("num_steps", num_steps, allow_zero=True)
     needed = global_batch * num_steps
+    if needed > MAX_DRAWN_PER_TASK:  # the run's checks refuse such budgets first; this guards other callers
+        raise DataError(f"{num_steps} steps × global batch {global_batch} = {needed} example draws is more than "
+                        f"a task's batch order may hold ({MAX_DRAWN_PER_TASK}); train fewer steps")
     stream: list[int] = []
     epoch = 0
     while len(stream) < needed:

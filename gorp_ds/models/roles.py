@@ -52,6 +52,16 @@ class TargetsConfig:
         if not isinstance(self.full_targets, list) or not all(isinstance(t, str) and t for t in self.full_targets):
             raise SettingError("full_targets", f"must be a list of module-name patterns, got {self.full_targets!r}",
                                "targets")
+        for pattern in self.full_targets:
+            # Compiled here, not first when the roles are built: a bad expression then stops the
+            # launch with one line naming the setting instead of a traceback from re.
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as err:
+                    raise SettingError("full_targets", f"has {pattern!r}, not a valid regular expression ({err}); "
+                                       "fix the expression or drop the re: prefix for a plain module name",
+                                       "targets") from None
 
 
 def _matches(module_name: str, pattern: str) -> bool:

@@ -10,6 +10,7 @@ from ..settings import SettingError, check_settings, setting
 
 PROJECTOR_CHOICES = ("randomized", "exact")  # projector.PROJECTOR_METHODS (that module needs torch)
 MAX_SCALE = 100.0  # a --scale above this is a typo or an overflow in the making, not a GaLore scale
+MAX_POWER_ITERS = 100  # more is a typo: accuracy stops improving after a few, the cost (2 GEMMs each) does not
 
 
 @dataclass(kw_only=True)
@@ -24,7 +25,10 @@ class OptimizerConfig:
                                            "finder or exact SVD", choices=PROJECTOR_CHOICES, on_resume="fixed")
     oversample: int = setting(8, "extra columns of the randomized range finder (ignored by the exact projector)",
                               minimum=0)
-    power_iters: int = setting(2, "power iterations of the randomized range finder", minimum=0)
+    # At most MAX_POWER_ITERS: each iteration costs two GEMMs per projector refresh, and a handful
+    # already reach the accuracy of the exact SVD.
+    power_iters: int = setting(2, "power iterations of the randomized range finder (each costs two GEMMs per "
+                                  f"refresh; at most {MAX_POWER_ITERS})", minimum=0, maximum=MAX_POWER_ITERS)
     align_projector: bool = setting(True, "(ours) rotate each refreshed projector to the basis closest to the "
                                           "previous one, so Adam's moments stay in consistent coordinates")
     shared_threshold: float = setting(0.9, "ε_S: energy fraction of Adam's first moment kept in the shared "

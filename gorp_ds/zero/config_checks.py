@@ -10,6 +10,7 @@ reads those internals (``gorp_ds.zero.distributor``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -67,6 +68,13 @@ def check_supported(config: dict[str, Any], source: str = "DeepSpeed config") ->
             refuse(section, f"is {config[section]!r}, not an object",
                    f'write it as an object, e.g. "{section}": {{"stage": 2}}' if section == "zero_optimization"
                    else f'write it as an object, e.g. "{section}": {{"enabled": true}}')
+    clip = config.get("gradient_clipping")
+    # DeepSpeed reads any value: NaN turns every gradient into NaN (each step then skipped as
+    # non-finite), a negative one flips the gradients' sign, neither with a message.
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or not math.isfinite(clip) or clip < 0):
+        refuse("gradient_clipping", f"is {clip!r}", "use a finite number >= 0 (the largest gradient norm; "
+               "0 turns clipping off), e.g. 1.0")
     zero = config.get("zero_optimization", {}) or {}
     raw_stage = zero.get("stage", 0)
     if isinstance(raw_stage, bool) or not isinstance(raw_stage, int):
