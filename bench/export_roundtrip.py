@@ -71,7 +71,7 @@ def main() -> None:
     common = ["--ds_config", ds_config, "--method", args.method]
     if args.smoke:
         sys.path.insert(0, str(REPO))
-        from tests.tiny_model import make_tiny_model_dir
+        from tests.support.tiny_model import make_tiny_model_dir
 
         model = str(make_tiny_model_dir(out / "tiny_model"))
         args.num_gpus = 2

@@ -233,7 +233,7 @@ def schedule(runs: list[Run], args: argparse.Namespace, out: Path) -> list[dict[
 
     model = args.model
     if args.smoke:
-        from tests.tiny_model import make_tiny_model_dir
+        from tests.support.tiny_model import make_tiny_model_dir
 
         model = str(make_tiny_model_dir(out / "tiny_model"))
     ds_config = bench_ds_config(out)

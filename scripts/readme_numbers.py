@@ -9,7 +9,7 @@
     python scripts/readme_numbers.py render --check      # status 1 if README.md disagrees
 
 A record keeps each method's R, so that its metrics can be recomputed from R
-(tests/test_readme_numbers.py does), and says on what machine and when the run was made.
+(tests/unit/test_readme_numbers.py does), and says on what machine and when the run was made.
 """
 
 from __future__ import annotations

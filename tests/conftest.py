@@ -21,7 +21,7 @@ def _single_thread_for_optim_tests(request):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random LLaMA + BPE tokenizer directory (shared by the runner tests)."""
-    from tests.tiny_model import make_tiny_model_dir
+    from tests.support.tiny_model import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"))
 

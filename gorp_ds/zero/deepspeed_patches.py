@@ -5,7 +5,7 @@ buffers (the projected ``full`` targets) or that must skip a step it has already
 non-finite step under ZeRO-3), so the distributors replace a few methods on the *instances* they
 were given (never on DeepSpeed's classes). Each function below says what DeepSpeed does there,
 why gorp_ds needs to change it and which DeepSpeed version it was written against
-(:data:`WRITTEN_AGAINST`). ``tests/test_deepspeed_patches.py`` pins the DeepSpeed behaviour each
+(:data:`WRITTEN_AGAINST`). ``tests/integration/test_deepspeed_patches.py`` pins the DeepSpeed behaviour each
 patch relies on, so that an upgrade that changes it fails there first, not in a training run.
 """
 

@@ -1,0 +1,227 @@
+"""The trained model out and predictions in, on one 2-rank ZeRO-2 launch of the tiny LLaMA (fp32,
+so that "the same weights" can be asked bit for bit): gorp on two tasks with mid-task
+checkpoints, an export after every task and at the end.
+
+- the export is a plain Hugging Face directory, loaded by transformers alone in a fresh process,
+  and its weights equal an independent float64 merge of the saved fp32 masters;
+- ``--eval-only`` on the export (and on the checkpoint) reproduces the run's last row of R exactly
+  and its predictions line for line;
+- a checkpoint written on 2 ranks, mid-task (LoRA B ≠ 0), exports on 1 process to the float64
+  merge of its masters (≤ 1e-6), and the final one bit-identically to the run's own export.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support import REPO
+from tests.support.launch import clean_env, launch
+
+pytestmark = pytest.mark.slow
+
+TASKS = ["emb_color", "emb_animal"]
+ARGS = ["--method", "gorp", "--dtype", "fp32", "--tasks", ",".join(TASKS), "--max-steps-per-task", "12",
+        "--save-every", "4", "--keep-checkpoints", "20", "--eval-samples", "16", "--lr-lora", "3e-2",
+        "--lr-full", "3e-2", "--update-gap", "2", "--export-every-task", "true"]
+MID_TASK_TAG = "task02_step000004"  # 4 steps into task 2: the adapter of task 2 is trained, not merged
+
+
+def _fp32_ds_config(folder: Path) -> Path:
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config.pop("bf16")
+    config["tensorboard"]["enabled"] = False
+    path = folder / "zero2_fp32.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir) -> dict:
+    root = tmp_path_factory.mktemp("export_run")
+    ds = _fp32_ds_config(root)
+    proc = launch(tiny_model_dir, root / "train", "--ds_config", str(ds), *ARGS)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return {"root": root, "ds": ds, "out": root / "train" / "gorp", "log": proc.stdout + proc.stderr}
+
+
+def _eval_only(run: dict, model: Path, name: str, tiny_model_dir) -> Path:
+    out = run["root"] / name
+    proc = launch(tiny_model_dir, out, "--ds_config", str(run["ds"]), *ARGS, "--eval-only",
+                  "--model", str(model))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return out / "eval"
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _reference_merge(tag_dir: Path, scaling: float, model_dir: Path) -> dict[str, torch.Tensor]:
+    """Hugging Face weights re-derived in float64 from the base model's files and the checkpoint's
+    raw files: frozen tensors from the model directory plus every finished task's recorded merge
+    ``scaling · B_t A_t``, trained ones from the fp32 masters of both ranks' gorp_state pieces, and
+    the current adapter ``scaling · B A`` (its masters) on every LoRA layer."""
+    from safetensors.torch import load_file
+
+    base = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        base.update(load_file(file))
+    client = torch.load(tag_dir / "client_state.pt", map_location="cpu", weights_only=False)["client_state"]
+    masters: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list] = {}
+    for file in sorted(glob.glob(str(tag_dir / "gorp_state" / "rank_*.pt"))):
+        for name, entry in torch.load(file, map_location="cpu", weights_only=True)["pieces"].items():
+            pieces.setdefault(name, []).append(entry)
+    for name, entries in pieces.items():
+        numel = max(int(e["elem_end"]) for e in entries)
+        flat = torch.full((numel,), float("nan"), dtype=torch.float64)
+        for e in entries:
+            flat[int(e["elem_start"]) : int(e["elem_end"])] = e["master"].double()
+        assert not flat.isnan().any(), name
+        masters[name] = flat
+    reference = {}
+    for key, value in base.items():
+        name = key.removesuffix(".weight")
+        if name in masters:
+            reference[key] = masters[name].view(value.shape)
+            continue
+        weight = value.double()
+        for record in client["lora_merges"]:
+            if name in record:
+                weight = weight + float(record[name]["scaling"]) * (record[name]["B"].double() @ record[name]["A"].double())
+        if f"{name}.lora_A" in masters:
+            a, b = masters[f"{name}.lora_A"], masters[f"{name}.lora_B"]
+            rank = a.numel() // value.shape[1]
+            weight = weight + scaling * (b.view(value.shape[0], rank) @ a.view(rank, value.shape[1]))
+        reference[key] = weight
+    return reference
+
+
+def test_export_is_a_plain_hf_directory(run) -> None:
+    export = run["out"] / "export"
+    assert (export / "model.safetensors").is_file()
+    assert {"config.json", "generation_config.json", "tokenizer_config.json"} <= {p.name for p in export.iterdir()}
+    assert not list(export.glob("adapter_*"))  # no PEFT files
+    config = json.loads((export / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["dtype"] == "float32" and config["use_cache"] is True
+    tensors = _safetensors(export)
+    assert not [k for k in tensors if "lora" in k or "base_layer" in k or k.startswith("base_model")]
+    # the per-task exports exist, and the last one is the final export
+    assert (export / "task_01" / "model.safetensors").is_file()
+    last = _safetensors(export / "task_02")
+    assert all(torch.equal(last[k], tensors[k]) for k in tensors)
+    first = _safetensors(export / "task_01")
+    assert any(not torch.equal(first[k], tensors[k]) for k in tensors)  # task 2 changed the weights
+    result = json.loads((run["out"] / "results.json").read_text())
+    assert result["exports"]["final"]["path"] == "export" and result["exports"]["final"]["bytes"] > 0
+    assert "exported " in run["log"] and " s" in run["log"]  # time and size are logged
+
+
+FRESH = r'''
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+assert not [m for m in sys.modules if m.startswith(("gorp_ds", "peft"))], "the export must load without gorp_ds or PEFT"
+ids = torch.tensor([tokenizer("my red old horse")["input_ids"]])
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+torch.save({"ids": ids, "logits": logits, "class": type(model).__name__,
+            "state": {k: v.clone() for k, v in model.state_dict().items()}}, sys.argv[2])
+'''
+
+
+def test_export_loads_with_plain_transformers_in_a_fresh_process(run, tmp_path, tiny_model_dir) -> None:
+    export = run["out"] / "export"
+    out = tmp_path / "fresh.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(export), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = torch.load(out, weights_only=False)
+    assert fresh["class"] == "LlamaForCausalLM"
+    final_tag = (run["out"] / "checkpoints" / "latest").read_text().strip()
+    result = json.loads((run["out"] / "results.json").read_text())
+    scaling = result["config"]["lora_alpha"] / result["config"]["lora_r"]
+    reference = _reference_merge(run["out"] / "checkpoints" / final_tag, scaling, tiny_model_dir)
+    for key, value in reference.items():
+        assert (fresh["state"][key].double() - value).abs().max() <= 1e-6, key
+
+
+def test_eval_only_on_the_export_reproduces_the_last_row(run, tiny_model_dir) -> None:
+    result = json.loads((run["out"] / "results.json").read_text())
+    for model in (run["out"] / "export", run["out"]):  # the exported directory, then the checkpoint
+        evaluated = _eval_only(run, model, f"eval_{model.name}", tiny_model_dir)
+        again = json.loads((evaluated / "results.json").read_text())
+        assert again["tasks"] == TASKS
+        assert again["R"] == [result["R"][-1]]
+        assert (evaluated / "results.md").is_file()
+        for j, task in enumerate(TASKS):
+            run_lines = _lines(run["out"] / result["predictions"][-1][j])
+            eval_lines = _lines(evaluated / again["predictions"][0][j])
+            assert len(run_lines) == 16 and eval_lines == run_lines, (model, task)
+            assert {"index", "input", "label", "generation", "prediction", "correct"} <= set(run_lines[0])
+            accuracy = 100.0 * sum(r["correct"] for r in run_lines) / len(run_lines)
+            assert accuracy == pytest.approx(result["R"][-1][j], abs=1e-9)
+    # the generations are not trivially empty: there is something to compare line by line
+    all_lines = [r for j in range(len(TASKS)) for r in _lines(run["out"] / result["predictions"][-1][j])]
+    assert len({r["generation"] for r in all_lines}) > 1
+
+
+def test_predictions_for_every_entry_of_r(run) -> None:
+    result = json.loads((run["out"] / "results.json").read_text())
+    assert len(result["predictions"]) == len(TASKS) + 1
+    for i, row in enumerate(result["R"]):
+        for j, path in enumerate(result["predictions"][i]):
+            lines = _lines(run["out"] / path)
+            assert [r["index"] for r in lines] == list(range(16))  # test-set order, gathered from both ranks
+            assert 100.0 * sum(r["correct"] for r in lines) / 16 == pytest.approx(row[j], abs=1e-9)
+
+
+def _export_on_one_process(checkpoint: Path, out: Path) -> None:
+    env = clean_env(PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "gorp_ds.export", str(checkpoint), str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+def test_two_rank_checkpoint_exports_on_one_process(run, tmp_path, tiny_model_dir) -> None:
+    result = json.loads((run["out"] / "results.json").read_text())
+    scaling = result["config"]["lora_alpha"] / result["config"]["lora_r"]
+    # mid-task: the adapter is trained and unmerged, so the export's merge is what is tested
+    tag_dir = run["out"] / "checkpoints" / MID_TASK_TAG
+    _export_on_one_process(tag_dir, tmp_path / "mid")
+    exported = _safetensors(tmp_path / "mid")
+    reference = _reference_merge(tag_dir, scaling, tiny_model_dir)
+    assert sorted(exported) == sorted(reference)
+    from gorp_ds.zero import read_masters
+
+    b_norm = sum(float(v.abs().sum()) for k, v in read_masters(str(tag_dir.parent), tag_dir.name).items()
+                 if k.endswith(".lora_B"))
+    assert b_norm > 0, "the mid-task checkpoint should hold a trained adapter"
+    for key, value in reference.items():
+        assert exported[key].dtype == torch.float32
+        assert (exported[key].double() - value).abs().max() <= 1e-6, key
+    # the final checkpoint (the method's output directory) exports to the run's own export, bit for bit
+    _export_on_one_process(run["out"], tmp_path / "final")
+    final, own = _safetensors(tmp_path / "final"), _safetensors(run["out"] / "export")
+    assert sorted(final) == sorted(own)
+    assert all(torch.equal(final[k], own[k]) for k in own)

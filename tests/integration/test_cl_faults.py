@@ -1,0 +1,198 @@
+"""Faults in real 2-rank launches of launch/train.py (gorp, tiny LLaMA, the arguments of
+test_cl_end_to_end: four tasks of 4 steps, a checkpoint every 2 steps): SIGKILL inside checkpoint
+writes, SIGTERM to one rank mid-task, a full disk; and what a checkpoint holds.
+
+One output directory goes through this chain, and must end exactly like gorp in the uninterrupted
+six-method launch (made once per session, shared with test_cl_end_to_end and test_cl_resume):
+
+1. SIGKILL (``GORP_DS_CKPT_FAULT``) after the manifest of the 2nd save (the task boundary) is
+   written, before its rename: ``latest`` stays on task 1 step 2 (``task01_step000002``);
+2. --resume with ``--keep-checkpoints 3`` (a setting that may change on resume, recorded as changed
+   at task 1, step 2), SIGKILL after the rank files of this launch's 2nd save (task 2 step 2):
+   ``latest`` stays on the boundary (``task02_step000000``);
+3. --resume (``--keep-checkpoints`` back to its default: recorded at task 2, step 0), SIGTERM to
+   rank 0 only after step 3 of task 2: both ranks stop after that step, write its checkpoint and
+   exit with the requeue status 75;
+4. --resume: finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.launch import launch, six_method_run
+
+pytestmark = pytest.mark.slow
+GORP_ONLY = ("--method", "gorp")
+
+
+def _latest(out: Path) -> str | None:
+    latest = out / "gorp" / "checkpoints" / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def _launch(model_dir: Path, out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return launch(model_dir, out, *GORP_ONLY, *extra)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir) -> Path:
+    return six_method_run(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_model_dir, reference) -> dict:
+    out = tmp_path_factory.mktemp("faults_chain")
+    steps = [((), {"GORP_DS_CKPT_FAULT": "manifest@2"}),
+             (("--resume", "--keep-checkpoints", "3"), {"GORP_DS_CKPT_FAULT": "files@2"}),
+             (("--resume",), {"GORP_DS_SIGNAL_AT": "1,3,0"}),  # task index 1 (task 2), after step 3
+             (("--resume",), {})]
+    record = []
+    for extra, env in steps:
+        proc = _launch(tiny_model_dir, out, *extra, **env)
+        leftovers = sorted(p.name for p in (out / "gorp" / "checkpoints").iterdir() if p.name.startswith("."))
+        record.append({"rc": proc.returncode, "out": proc.stdout + proc.stderr, "stderr": proc.stderr,
+                       "latest": _latest(out), "leftovers": leftovers})
+    return {"out": out, "launches": record}
+
+
+def test_sigkill_inside_checkpoint_writes_leaves_latest_complete(chain) -> None:
+    first, second = chain["launches"][:2]
+    assert first["rc"] != 0 and first["latest"] == "task01_step000002", first["out"][-3000:]
+    assert first["leftovers"] == [".tmp-task02_step000000"], "killed before the rename"
+    assert "resumed at task 1, step 2" in second["out"], second["out"][-3000:]
+    assert second["rc"] != 0 and second["latest"] == "task02_step000000", second["out"][-3000:]
+    assert second["leftovers"] == [".tmp-task02_step000002"], "the first leftover was cleaned up"
+
+
+def test_sigterm_to_one_rank_checkpoints_that_step_and_asks_for_requeue(chain) -> None:
+    third = chain["launches"][2]
+    assert "resumed at task 2, step 0" in third["out"], third["out"][-3000:]
+    assert third["rc"] == 75, third["out"][-3000:]
+    assert third["latest"] == "task02_step000003", "a checkpoint of the step the signal came in"
+    assert third["leftovers"] == []
+    assert "Traceback" not in third["stderr"]
+    assert third["stderr"].count("pre-empted by a signal: checkpoint 'task02_step000003' written") == 1
+
+
+def test_resumed_chain_equals_uninterrupted(chain, reference) -> None:
+    from gorp_ds.zero import read_client_state, read_masters
+
+    last = chain["launches"][3]
+    assert last["rc"] == 0 and "resumed at task 2, step 3" in last["out"], last["out"][-3000:]
+    resumed = json.loads((chain["out"] / "gorp" / "results.json").read_text())
+    expected = json.loads((reference / "gorp" / "results.json").read_text())
+    assert resumed["R"] == expected["R"] and resumed["metrics"] == expected["metrics"]
+    folders = [str(run / "gorp" / "checkpoints") for run in (chain["out"], reference)]
+    assert _latest(chain["out"]) == _latest(reference)
+    masters = [read_masters(f) for f in folders]
+    assert sorted(masters[0]) == sorted(masters[1])
+    assert all(torch.equal(masters[0][n], masters[1][n]) for n in masters[0])
+    merges = [read_client_state(f)["lora_merges"] for f in folders]
+    assert len(merges[0]) == len(merges[1]) == 4
+    for a, b in zip(*merges):
+        assert all(torch.equal(a[layer][k], b[layer][k]) for layer in a for k in ("A", "B", "scaling"))
+
+
+def test_positions_users_see_number_tasks_from_1(chain) -> None:
+    """The chain's settings changes, end-of-task lines and last tag, against hand-computed values
+    (4 tasks of 4 steps, a checkpoint every 2 steps). A change made while resuming task 1 says task 1."""
+    second, last = chain["launches"][1], chain["launches"][3]
+    changes = [{"field": "keep_checkpoints", "old": 2, "new": 3, "task": 1, "step": 2, "global_step": 2},
+               {"field": "keep_checkpoints", "old": 3, "new": 2, "task": 2, "step": 0, "global_step": 4}]
+    gorp = chain["out"] / "gorp"
+    assert json.loads((gorp / "results.json").read_text())["config_changes"] == changes
+    progress = json.loads((gorp / "progress.json").read_text())
+    assert progress["changes"] == changes
+    # Written with the last row of R: task 4's 4 steps done (the checkpoint after it is at task 5, step 0).
+    assert (progress["task_number"], progress["step"], progress["global_step"]) == (4, 4, 16)
+    assert _latest(chain["out"]) == "task05_step000000"
+    # Each launch reports the steps it ran of a resumed task, and their time.
+    assert re.search(r"\[gorp\] task 1: 2 steps in [\d.]+ s \(resumed at step 2 of 4\), ", second["out"]), \
+        second["out"][-3000:]
+    assert re.search(r"\[gorp\] task 2: 1 step in [\d.]+ s \(resumed at step 3 of 4\), ", last["out"]), last["out"][-3000:]
+    assert re.search(r"\[gorp\] task 3: 4 steps in [\d.]+ s, ", last["out"]), last["out"][-3000:]
+
+
+def _tensor_count_and_bytes(obj) -> tuple[int, int]:
+    if isinstance(obj, torch.Tensor):
+        return 1, obj.numel() * obj.element_size()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    counts = [_tensor_count_and_bytes(v) for v in items]
+    return sum(c for c, _ in counts), sum(b for _, b in counts)
+
+
+def test_checkpoint_holds_trainable_state_only(reference, tiny_model_dir) -> None:
+    """No frozen base weight is stored, each master once, and the files are the stored tensors'
+    bytes plus format overhead. (At the tiny model's scale the state of the full-rank and LoRA
+    tensors is a large part of the model; bench/checkpoint_size.py measures the 7B shape.)"""
+    from transformers import AutoModelForCausalLM
+
+    from gorp_ds.zero import read_masters
+
+    folder = reference / "gorp" / "checkpoints"
+    tag = folder / _latest(reference)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    shapes = {n.removesuffix(".weight"): p.shape for n, p in model.named_parameters()}
+    masters = read_masters(str(folder))
+    trained = {n for n in masters if n.endswith("mlp.gate_proj")}
+    assert trained and set(masters) - trained == {n for n in masters if n.endswith((".lora_A", ".lora_B"))}
+    assert all(masters[n].numel() == shapes[n].numel() for n in trained)
+    payloads = [torch.load(f, weights_only=True) for f in sorted((tag / "gorp_state").glob("rank_*.pt"))]
+    held = sum(int(e["elem_end"] - e["elem_start"]) for p in payloads for e in p["pieces"].values())
+    assert held == sum(m.numel() for m in masters.values()), "every master element is stored exactly once"
+    client = torch.load(tag / "client_state.pt", weights_only=False)
+    count, tensor_bytes = _tensor_count_and_bytes([payloads, client])
+    on_disk = sum(p.stat().st_size for p in tag.rglob("*") if p.is_file())
+    assert tensor_bytes < on_disk < tensor_bytes + 1024 * count + 16384, (on_disk, tensor_bytes, count)
+    # The old format stored at least the whole bf16 module and the fp32 masters twice.
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    master_bytes = 4 * sum(m.numel() for m in masters.values())
+    assert on_disk < model_bytes + 2 * master_bytes
+    # The merges are kept as the low-rank factors, smaller than the q/v matrices they changed.
+    for record in client["client_state"]["lora_merges"]:
+        for layer, merge in record.items():
+            merged = merge["A"].numel() + merge["B"].numel()
+            assert merged < shapes[layer].numel(), layer
+
+
+def test_disk_full_is_one_clear_line_and_the_previous_checkpoint_loads(tmp_path, tiny_model_dir, reference) -> None:
+    from gorp_ds.zero import read_client_state, read_masters
+
+    tag = reference / "gorp" / "checkpoints" / _latest(reference)
+    size = sum(p.stat().st_size for p in tag.rglob("*") if p.is_file())
+    mount = tmp_path / "small"
+    mount.mkdir()
+    budget = 4 * size + 256 * 1024  # room for a few checkpoints (kept: all) and the TensorBoard events
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={budget}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        proc = _launch(tiny_model_dir, mount / "run", "--save-every", "1", "--keep-checkpoints", "100")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("gorp_ds: error:")]
+        assert len(errors) == 1, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "basic_ios" not in proc.stderr.replace(errors[0], "")
+        assert "not enough free space" in errors[0] or "no space left" in errors[0].lower(), errors[0]
+        assert str(mount / "run" / "gorp" / "checkpoints") in errors[0] and "is still usable" in errors[0]
+        folder = str(mount / "run" / "gorp" / "checkpoints")
+        assert read_client_state(folder)["progress"]["global_step"] >= 1
+        assert read_masters(folder)
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
