@@ -132,7 +132,7 @@ def evaluate(argv: list[str], prog: str = "gorp-ds eval") -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .cl import ConfigError, build_run_config
-    from .cl.config import format_config
+    from .cl.command_line import format_config
     from .cl.nonfinite import NonFiniteError
     from .cl.preemption import REQUEUE_STATUS, Preempted
     from .data.errors import DataError

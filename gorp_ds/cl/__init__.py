@@ -1,6 +1,7 @@
 """The continual-learning runner: task sequences, the accuracy matrix R and its metrics."""
 
-from .config import ConfigError, RunConfig, add_arguments, build_run_config
+from .command_line import add_arguments, build_run_config
+from .config import ConfigError, RunConfig
 from .metrics import all_metrics, average_accuracy, backward_transfer, forgetting, forward_transfer
 
 __all__ = [

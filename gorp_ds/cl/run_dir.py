@@ -29,7 +29,8 @@ from typing import Any
 import torch.distributed as dist
 
 from ..log import get_logger
-from .config import SETTINGS, ConfigError, RunConfig, flatten_run, format_config, show
+from .command_line import format_config
+from .config import SETTINGS, ConfigError, RunConfig, flatten_run, show
 
 log = get_logger(__name__)
 

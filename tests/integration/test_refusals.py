@@ -21,7 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gorp_ds.cl.config import SETTINGS, ConfigError, RunConfig, add_arguments, build_run_config
+from gorp_ds.cl.command_line import add_arguments, build_run_config
+from gorp_ds.cl.config import SETTINGS, ConfigError, RunConfig
 from gorp_ds.data.config import MAX_DRAWN_PER_TASK, MAX_SEED
 from gorp_ds.optim.config import MAX_POWER_ITERS
 from tests.support import REPO

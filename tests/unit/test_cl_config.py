@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gorp_ds.cl.config import SETTINGS, RunConfig, add_arguments, build_run_config, flatten_run
+from gorp_ds.cl.command_line import add_arguments, build_run_config
+from gorp_ds.cl.config import SETTINGS, RunConfig, flatten_run
 from gorp_ds.cl.run_dir import config_text, resolved_config
 from tests.support import REPO
 

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from gorp_ds.cl.config import ConfigError, add_arguments, build_run_config
+from gorp_ds.cl.command_line import add_arguments, build_run_config
+from gorp_ds.cl.config import ConfigError
 from gorp_ds.cl.session import PhaseTimer
 
 

@@ -111,7 +111,8 @@ def test_a_module_both_lora_and_full_target_is_refused(tiny_model_dir):
 def test_full_gradients_setting_is_validated():
     import argparse
 
-    from gorp_ds.cl.config import ConfigError, add_arguments, build_run_config
+    from gorp_ds.cl.command_line import add_arguments, build_run_config
+    from gorp_ds.cl.config import ConfigError
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

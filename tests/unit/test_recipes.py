@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gorp_ds.cl import add_arguments, build_run_config
-from gorp_ds.cl.config import read_run_file
+from gorp_ds.cl.command_line import read_run_file
 from tests.support import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

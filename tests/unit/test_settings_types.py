@@ -14,15 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gorp_ds.cl.config import (
-    SECTIONS,
-    SETTINGS,
-    ConfigError,
-    RunConfig,
-    Setting,
-    add_arguments,
-    build_run_config,
-)
+from gorp_ds.cl.command_line import add_arguments, build_run_config
+from gorp_ds.cl.config import SECTIONS, SETTINGS, ConfigError, RunConfig, Setting
 from gorp_ds.cl.run_dir import FIXED_ON_RESUME, NICETIES, NOT_COMPARED, compare
 from gorp_ds.settings import RESUME_POLICIES
 
