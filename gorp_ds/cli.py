@@ -131,18 +131,12 @@ def evaluate(argv: list[str], prog: str = "gorp-ds eval") -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .cl import ConfigError, build_run_config
+    from .cl import build_run_config
     from .cl.command_line import format_config
-    from .cl.nonfinite import NonFiniteError
     from .cl.preemption import REQUEUE_STATUS, Preempted
-    from .data.errors import DataError
-    from .models import ModelError, RoleError
+    from .cl.user_errors import USER_ERRORS
     from .resources import default_ds_config
-    from .settings import SettingError
-    from .zero import CheckpointError, UnsupportedSetupError
 
-    user_errors = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError, SettingError,
-                   NonFiniteError)
     try:
         cfg = build_run_config(args)
         if args.print_config:
@@ -153,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
 
         install_faults(FaultPlan.from_environment())  # the crash tests' faults, read once (faults.py)
         run(cfg, args.ds_config or str(default_ds_config(cfg.base_model.dtype)))
-    except user_errors as err:
+    except USER_ERRORS as err:
         # Once per node: every rank of a launch stops with the same error (the runner agrees on it
         # across ranks), and a node's local rank 0 says so with the node's name.
         _close_progress_bars()
@@ -198,11 +192,8 @@ def export(argv: list[str], prog: str = "gorp-ds export") -> int:
     parser.add_argument("out_dir", help="the Hugging Face directory to write (replaced if it exists)")
     args = parser.parse_args(argv)
 
-    from .cl.config import ConfigError
     from .cl.restore import find_checkpoint, rebuild_session
-    from .data.errors import DataError
-    from .models import ModelError, RoleError
-    from .zero import CheckpointError, UnsupportedSetupError
+    from .cl.user_errors import USER_ERRORS
 
     found = find_checkpoint(args.checkpoint)
     if found is None:
@@ -219,7 +210,7 @@ def export(argv: list[str], prog: str = "gorp-ds export") -> int:
                                   out_dir=os.path.dirname(os.path.abspath(args.out_dir)))
         session.export(args.out_dir)
         session.close()
-    except (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError) as err:
+    except USER_ERRORS as err:
         print(f"gorp_ds: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0

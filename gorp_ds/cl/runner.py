@@ -19,9 +19,8 @@ from ..data.errors import DataError
 from ..data.registry import load_task_sequence
 from ..data.tasks import Task
 from ..log import get_logger, quiet_third_party
-from ..models import ModelError, RoleError, method_spec
-from ..settings import SettingError
-from ..zero import CheckpointError, UnsupportedSetupError, check_supported, load_ds_config
+from ..models import method_spec
+from ..zero import UnsupportedSetupError, check_supported, load_ds_config
 from .agree import agree_on_errors, in_user_terms
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .evaluate import Evaluation
@@ -35,10 +34,9 @@ from .progress import Progress, task_number
 from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
 from .run_dir import Decision, path_problem, run_settings, settle_output_dir
 from .session import MethodSession, mixed_task
+from .user_errors import USER_ERRORS
 
 log = get_logger(__name__)
-# Problems with the user's input (each rank's own checks): reported, never a traceback.
-USER_ERRORS = (ConfigError, DataError, ModelError, RoleError, UnsupportedSetupError, CheckpointError, SettingError)
 
 
 def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
