@@ -56,18 +56,18 @@ def machine() -> dict[str, Any]:
 
 def record(run_dir: Path, where: str, wall_s: float, wall_note: str) -> dict[str, Any]:
     """The record of one finished run directory (every ``<method>/results.json`` in it)."""
-    methods = []
+    methods, order = [], []
     for path in sorted(run_dir.glob("*/results.json")):
         result = json.loads(path.read_text())
+        order = result.get("config", {}).get("methods", order)  # the run's method order (the same in each)
         methods.append({"method": result["method"], "tasks": result["tasks"], "R": result["R"],
                         "metrics": result["metrics"], "train_s": result["timings"]["train_s"],
                         "peak_memory_gib": result.get("peak_memory_gib"),
                         "peak_memory_source": result.get("peak_memory_source")})
     if not methods:
         raise SystemExit(f"readme_numbers: error: {run_dir}: no <method>/results.json (did the run finish?)")
-    config = json.loads((run_dir / methods[0]["method"] / "results.json").read_text()).get("config", {})
-    order = {m: i for i, m in enumerate(config.get("methods", []))}
-    methods.sort(key=lambda m: order.get(m["method"], len(order)))
+    position = {m: i for i, m in enumerate(order)}
+    methods.sort(key=lambda m: position.get(m["method"], len(position)))
     return {"where": where, "date": datetime.date.today().isoformat(), "machine": machine(),
             "wall_s": wall_s, "wall_note": wall_note, "run_dir": str(run_dir), "methods": methods}
 

@@ -16,6 +16,35 @@ def _ties(n: int, seed: int = 0) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
+def _nearest_bf16_ties_away(value: float) -> int:
+    """The bf16 bit pattern nearest to fp32 ``value``, ties away from zero, found by comparing the
+    two bf16 neighbours' distances in exact rational arithmetic (an independent reference)."""
+    import struct
+    from fractions import Fraction
+
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    low = bits & 0xFFFF0000  # the neighbour towards zero (truncation)
+    high = low + 0x10000  # the neighbour away from zero
+    if bits == low or (bits >> 23) & 0xFF == 0xFF:  # exactly representable, or inf/nan
+        return low >> 16
+
+    def exact(pattern: int) -> Fraction:
+        return Fraction(struct.unpack("<f", struct.pack("<I", pattern & 0xFFFFFFFF))[0]) if (
+            (pattern >> 23) & 0xFF) != 0xFF else Fraction(2) ** 128  # rounding past the largest: infinity
+
+    here = Fraction(value)
+    below, above = abs(here - exact(low)), abs(exact(high) - here)
+    return (high if above <= below else low) >> 16
+
+
+def test_round_to_bf16_against_an_independent_reference() -> None:
+    values = torch.cat([_ties(64), torch.randn(256, generator=torch.Generator().manual_seed(2)) * 1e3,
+                        torch.tensor([1e-40, -1e-40, 3.4e38])])
+    got = round_to_bf16(values).view(torch.int16).to(torch.int32) & 0xFFFF
+    expected = torch.tensor([_nearest_bf16_ties_away(v) for v in values.tolist()], dtype=torch.int32)
+    assert torch.equal(got, expected)
+
+
 def test_round_to_bf16_is_the_split_masters_rounding() -> None:
     values = torch.cat([_ties(256), torch.randn(4096, generator=torch.Generator().manual_seed(1)),
                         torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.4e38, float("inf"), -float("inf")])])
