@@ -234,7 +234,7 @@ def table(records: list[dict[str, Any]], header: list[str]) -> str:
         ratio = f"{r['generations_per_s'] / loop:.2f}" if loop else "–"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "–"
         lines.append(f"| {r['shape']} | {r['batch']} | {r['prompt_tokens']} (padded {r['padded_width']}) | {r['decoder']} | "
-                     f"{r['seconds_median']:.4f} | {r['generations_per_s']:,.1f} | {r['new_tokens_per_s']:,.0f} | "
+                     f"{r['seconds_median']:.4f} | {r['generations_per_s']:,.2f} | {r['new_tokens_per_s']:,.0f} | "
                      f"{ratio} | {r['same_rows']}/{r['batch']} | {peak} |")
     return "\n".join(lines) + "\n"
 

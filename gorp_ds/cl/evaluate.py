@@ -4,7 +4,8 @@ Each rank generates answers for every ``world``-th test example of every task; c
 summed over ranks with one all-reduce; the generations themselves can be gathered to rank 0 for
 the predictions files. An answer is correct when the normalised generation
 (lower case, punctuation and surplus white space removed, cut at the first newline) equals the
-normalised label (docs/algorithm.md §7).
+normalised label (docs/algorithm.md §7). Decoding is greedy, by transformers' generate() or by our
+own loop (:data:`DECODERS`, ``--eval-decoder``): the same tokens either way.
 """
 
 from __future__ import annotations
@@ -146,7 +147,6 @@ def evaluate_row(
     was_training = model.training
     model.eval()
     counts = torch.zeros(len(tasks), 2, dtype=torch.float64)  # correct, total
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # as encode_prompts
     local: list[list[dict[str, Any]]] = []
     for index, task in enumerate(tasks):
         examples = task.test[:eval_samples] if eval_samples else task.test
@@ -158,8 +158,9 @@ def evaluate_row(
             prompts = [fmt.prompt(tokenizer, task, examples[i]) for i in chunk]
             batch = encode_prompts(tokenizer, prompts, max_length, fmt.add_special_tokens)
             batch = {k: v.to(device) for k, v in batch.items()}
-            new_tokens = generate(model, batch["input_ids"], batch["attention_mask"], budget,
-                                  tokenizer.eos_token_id, pad)
+            # A row that has ended is filled with EOS (pad_token_id left unset): decoding skips it as it
+            # skips the EOS itself, whatever the tokenizer's pad token is.
+            new_tokens = generate(model, batch["input_ids"], batch["attention_mask"], budget, tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for i, text in zip(chunk, texts):
                 correct = is_correct(text, examples[i].label)

@@ -98,6 +98,6 @@ def test_the_table_gives_each_decoder_its_ratio_to_the_loop():
                {**base, "batch": 64, "decoder": "generate", "error": "out of memory"}]
     lines = table(records, ["# t"]).splitlines()
     assert lines[0] == "# t"
-    assert "| 7b | 8 | 128-256 (padded 250) | generate | 0.5000 | 16.0 | 256 | 2.00 | 8/8 | 14.0 |" in lines
-    assert "| 7b | 8 | 128-256 (padded 250) | loop | 1.0000 | 8.0 | 128 | 1.00 | 8/8 | 14.0 |" in lines
+    assert "| 7b | 8 | 128-256 (padded 250) | generate | 0.5000 | 16.00 | 256 | 2.00 | 8/8 | 14.0 |" in lines
+    assert "| 7b | 8 | 128-256 (padded 250) | loop | 1.0000 | 8.00 | 128 | 1.00 | 8/8 | 14.0 |" in lines
     assert any(line.startswith("| 7b | 64 |") and "out of memory" in line for line in lines)
