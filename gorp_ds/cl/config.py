@@ -34,6 +34,7 @@ from ..models.methods import METHODS
 from ..models.roles import TargetsConfig
 from ..optim.config import OptimizerConfig
 from ..settings import SettingError, check_settings, setting
+from .evaluate import DECODERS, DEFAULT_DECODER
 
 RESUME_MODES = ("off", "on", "auto")
 # --model embedded with no --preset: the embedded model's preset; with no data settings either, the
@@ -71,6 +72,10 @@ class RunnerConfig:
     micro_batch_size: int = setting(1, "examples per forward pass and rank (0: the whole global batch per rank, "
                                        "no accumulation)", minimum=0, on_resume="fixed")
     eval_batch_size: int = setting(64, "examples per generation batch in evaluation", minimum=1, on_resume="ignored")
+    # choices: the decoder registry (gorp_ds/cl/evaluate.py); both give the same tokens.
+    eval_decoder: str = setting(DEFAULT_DECODER, "how evaluation decodes: generate (transformers' generate()) or "
+                                "loop (our own greedy loop; bench/eval_throughput.py compares them)",
+                                choices=DECODERS, on_resume="ignored")
     # 0 .. 2**32-1: the data order reads the seed's low 32 bits (a larger one would alias a smaller
     # one's order) and torch.manual_seed / numpy refuse what does not fit 64 bits with a traceback.
     seed: int = setting(0, "seed of the data order, sampling and LoRA re-initialisation", minimum=0,

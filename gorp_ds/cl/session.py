@@ -468,7 +468,8 @@ def evaluation_settings(cfg: RunConfig) -> dict[str, Any]:
     """The keyword arguments of :func:`evaluate_row` a run's settings give (shared with --eval-only)."""
     return {"eval_samples": None, "batch_size": cfg.runner.eval_batch_size,
             "max_length": cfg.data.max_source_length or cfg.data.max_length, "prompt_format": PromptFormat(cfg.data.prompt_format),
-            "max_new_tokens": cfg.data.max_target_length, "predictions": cfg.runner.predictions}
+            "max_new_tokens": cfg.data.max_target_length, "predictions": cfg.runner.predictions,
+            "decoder": cfg.runner.eval_decoder}
 
 
 class PromptedTask(Task):
