@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .. import __version__
 from ..data.prompting import PromptFormat
 from ..data.tasks import ANSWER_MARK, INPUT_MARK, Example, Task
 from ..export.peft_adapter import write_json
@@ -23,6 +22,7 @@ from .evaluate import _label_budget
 from .session import evaluation_settings
 
 PROMPT_RECORD_NAME = "gorp_ds_prompt.json"
+RECORD_VERSION = 1  # raised when a field changes meaning
 INPUT_SLOT = "{input}"  # where a task's template takes the example's text (str.replace, not str.format)
 
 NORMALISATION = [
@@ -64,7 +64,7 @@ def prompt_record(tasks: list[Task], tokenizer: Any, cfg: Any, method: str) -> d
         entries.append({"name": task.name, "template": template, "labels": list(task.labels),
                         "max_new_tokens": settings["max_new_tokens"] or _label_budget(tokenizer, task, fmt)})
     return {
-        "gorp_ds_version": __version__,
+        "record_version": RECORD_VERSION,
         "method": method,
         "format": fmt.kind,
         "chat_template": chat,
