@@ -24,6 +24,7 @@ writes go through :func:`save_tensors` and :func:`write_json`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -116,18 +117,20 @@ def write_full_delta(module: nn.Module, handle: Any, dtype: torch.dtype, start_p
     names = full_target_names(handle)
     if not names:
         return None
-    # Every rank takes part in the gathers even when rank 0 cannot use them: one decision per rank
-    # would need a collective of its own.
-    start = safe_open(start_path, framework="pt") if handle.rank == 0 and os.path.isfile(start_path) else None
-    if handle.rank == 0 and start is None:
+    found = handle.rank == 0 and os.path.isfile(start_path)
+    if handle.rank == 0 and not found:
         log.warning(f"{start_path} is missing (the full targets' values at the task's start): no "
                     f"{os.path.basename(out_path)} and no adapter for this task")
     delta: dict[str, torch.Tensor] = {}
-    for key, after in _exported_values(module, handle, dtype, names):
-        if start is not None and after is not None:
-            # m × n, fp32: exact for two bf16 values (their difference has at most 8 + gap bits)
-            delta[key] = after.float() - start.get_tensor(key).float()
-    if start is None:
+    with contextlib.ExitStack() as stack:
+        start = stack.enter_context(safe_open(start_path, framework="pt")) if found else None
+        # Every rank takes part in the gathers even when rank 0 cannot use them: one decision per
+        # rank would need a collective of its own.
+        for key, after in _exported_values(module, handle, dtype, names):
+            if start is not None and after is not None:
+                # m × n, fp32: exact for two bf16 values (their difference has at most 8 + gap bits)
+                delta[key] = after.float() - start.get_tensor(key).float()
+    if not found:
         return None
     return save_tensors(delta, out_path, {"what": "full-rank targets: merged after the task minus before it, fp32"})
 

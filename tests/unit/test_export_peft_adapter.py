@@ -60,6 +60,9 @@ def _one_task(tokenizer, folder, dtype: torch.dtype) -> dict:
     export_hf_dir(model, handle, tokenizer, dtype, str(folder / "after"))
     assert write_full_delta(model, handle, dtype, str(start), str(folder / "delta.safetensors")) > 0
     assert write_adapter(model, record, str(folder / "adapter"), "tiny") > 0
+    # without the task-start values (e.g. the setting turned on by a resume in mid-task): no delta
+    assert write_full_delta(model, handle, dtype, str(folder / "missing"), str(folder / "none.safetensors")) is None
+    assert not (folder / "none.safetensors").exists()
     return {"record": record, "folder": folder}
 
 
