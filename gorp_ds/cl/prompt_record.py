@@ -18,8 +18,11 @@ from typing import Any
 from ..data.prompting import PromptFormat
 from ..data.tasks import ANSWER_MARK, INPUT_MARK, Example, Task
 from ..export.peft_adapter import write_json
+from ..log import get_logger
 from .evaluate import _label_budget
 from .session import evaluation_settings
+
+log = get_logger(__name__)
 
 PROMPT_RECORD_NAME = "gorp_ds_prompt.json"
 RECORD_VERSION = 1  # raised when a field changes meaning
@@ -59,8 +62,10 @@ def prompt_record(tasks: list[Task], tokenizer: Any, cfg: Any, method: str) -> d
         if chat:
             rendered = tokenizer.apply_chat_template([{"role": "user", "content": rendered}], tokenize=False,
                                                      add_generation_prompt=True)
-        if rendered != fmt.prompt(tokenizer, task, probe):
-            raise ValueError(f"task {task.name}: its prompt is not the record's template filled in")
+        if rendered != fmt.prompt(tokenizer, task, probe):  # not fatal: the run's results stand without it
+            log.warning(f"task {task.name}: its prompt is not instruction, input and answer cue; the prompt "
+                        "record gives no template for it")
+            template = None
         entries.append({"name": task.name, "template": template, "labels": list(task.labels),
                         "max_new_tokens": settings["max_new_tokens"] or _label_budget(tokenizer, task, fmt)})
     return {

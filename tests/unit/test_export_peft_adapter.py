@@ -193,3 +193,20 @@ def test_prompt_record_gives_the_evaluations_prompt_ids_and_budget(tokenizer, fm
                 assert ids.count(tok.bos_token_id) == 1
     fixed = prompt_record(tasks, tok, RunConfig.from_flat(prompt_format=fmt, max_target_length=7), "gorp")
     assert [e["max_new_tokens"] for e in fixed["tasks"]] == [7, 7]
+
+
+def test_a_task_with_another_prompt_gets_no_template(tokenizer) -> None:
+    """A task whose prompt is not instruction + input + answer cue: the record says so (template
+    None) instead of giving a template that would not reproduce it."""
+    from gorp_ds.cl.config import RunConfig
+    from gorp_ds.cl.prompt_record import prompt_record
+    from gorp_ds.data.tasks import Example, Task
+
+    class Reversed(Task):
+        def prompt(self, example: Example) -> str:
+            return f"{example.text}\n{self.instruction}"
+
+    tasks = [Task("plain", ("a", "b"), "Pick.", test=[Example("x", "a")]),
+             Reversed("odd", ("a", "b"), "Pick.", test=[Example("x", "a")])]
+    record = prompt_record(tasks, tokenizer, RunConfig(), "seq-lora")
+    assert [e["template"] for e in record["tasks"]] == ["Pick.\nInput: {input}\nAnswer:", None]
