@@ -93,6 +93,10 @@ class RunnerConfig:
     profile: bool = setting(False, "time every training phase and projector refresh with device syncs (slower)", on_resume="ignored")
     export: bool = setting(True, "write <output-dir>/<method>/export/ (a Hugging Face directory, LoRA merged)", on_resume="ignored")
     export_every_task: bool = setting(False, "also write export/task_XX/ after every task", on_resume="ignored")
+    export_adapters: bool = setting(True, "after every task of a LoRA method, write export/task_XX/adapter/ (the task's "
+                                          "LoRA as a PEFT adapter on the model before the task) and, with --full-targets, "
+                                          "export/task_XX/full_delta.safetensors (their change in fp32: 4 bytes per "
+                                          "element per task)", on_resume="ignored")
     predictions: bool = setting(True, "write every evaluation's generations as JSONL under <method>/predictions/", on_resume="ignored")
     eval_only: bool = setting(False, "evaluate --model (an exported directory or a checkpoint) on the task list; "
                                      "no training", on_resume="fixed")
