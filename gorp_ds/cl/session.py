@@ -477,9 +477,11 @@ class MethodSession:
             self.lr_schedule.seek(expected)
             return
         if int(saved["position"]) != expected:
+            # Each task's steps are fixed on resume; with --epochs they also follow the train splits.
             raise CheckpointError(f"{self.checkpoint_dir}: the checkpoint's learning-rate schedule is at step "
-                                  f"{saved['position']} but its progress at step {expected} of the run; the "
-                                  "checkpoint is inconsistent: resume from another one or start afresh")
+                                  f"{saved['position']} of the run, but its progress is step {expected} with this "
+                                  "run's steps per task (did a task's train split change?); resume with the data "
+                                  "the run started with, or pass --overwrite")
         self.lr_schedule.load_state_dict(saved)
 
     def close(self) -> None:
