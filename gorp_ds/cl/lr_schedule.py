@@ -28,7 +28,8 @@ def build_schedule(cfg: RunConfig, spans: list[int]) -> Schedule:
     """The schedule of one method whose tasks train ``spans`` optimizer steps each, in order."""
     opt = cfg.optimizer
     return Schedule(kind=opt.lr_schedule, warmup_steps=opt.lr_warmup_steps, warmup_ratio=opt.lr_warmup_ratio,
-                    min_ratio=opt.lr_min_ratio, scope=opt.lr_schedule_scope, spans=tuple(spans))
+                    min_ratio=opt.lr_min_ratio, scope=opt.lr_schedule_scope, spans=tuple(spans),
+                    roles=tuple(opt.lr_schedule_roles))
 
 
 def position(spans: list[int] | tuple[int, ...], progress: Progress) -> int:

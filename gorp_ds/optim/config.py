@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..settings import SettingError, check_settings, setting
-from .schedule import SCHEDULE_KINDS, SCHEDULE_SCOPES
+from .schedule import SCHEDULE_KINDS, SCHEDULE_ROLES, SCHEDULE_SCOPES
 
 PROJECTOR_CHOICES = ("randomized", "exact")  # projector.PROJECTOR_METHODS (that module needs torch)
 MAX_SCALE = 100.0  # a --scale above this is a typo or an overflow in the making, not a GaLore scale
@@ -52,6 +52,11 @@ class OptimizerConfig:
     lr_schedule_scope: str = setting("task", "task: the schedule restarts at every task, over that task's steps; "
                                              "sequence: one schedule over the whole task sequence (every task's "
                                              "steps together)", choices=SCHEDULE_SCOPES)
+    lr_schedule_roles: list[str] = setting(list(SCHEDULE_ROLES), "param-group roles whose rate follows "
+                                           "--lr-schedule (the others keep theirs): lora_a, lora_b (gorp's and "
+                                           "galore's LoRA factors), full (full-rank targets), plain (every other "
+                                           "trained tensor: seq-ft, and the other methods' LoRA factors)",
+                                           choices=SCHEDULE_ROLES)
     beta1: float = setting(0.9, "Adam's first-moment decay", minimum=0.0)
     beta2: float = setting(0.999, "Adam's second-moment decay", minimum=0.0)
     eps: float = setting(1e-8, "Adam's denominator epsilon", minimum=0.0)
@@ -65,6 +70,9 @@ class OptimizerConfig:
         for name in ("beta1", "beta2"):
             if not getattr(self, name) < 1.0:
                 raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}", "optimizer")
+        if isinstance(self.lr_schedule_roles, list) and not self.lr_schedule_roles:
+            raise SettingError("lr_schedule_roles", "is empty; name at least one role, or use --lr-schedule "
+                               "constant for fixed rates", "optimizer")
         if self.lr_warmup_steps and self.lr_warmup_ratio:
             raise SettingError("lr_warmup_steps", f"{self.lr_warmup_steps} and {{lr_warmup_ratio}} "
                                f"{self.lr_warmup_ratio} both set the warmup; give one of them", "optimizer",

@@ -32,7 +32,8 @@ _ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.
 
 
 class RoleScheduler(torch.optim.lr_scheduler.LambdaLR):
-    """``LambdaLR`` over ``optimizer``'s groups (detached ones included) with ``schedule.factor``.
+    """``LambdaLR`` over ``optimizer``'s groups (detached ones included) with ``schedule.factor``
+    (1 for a role outside ``schedule.roles``).
     Call :meth:`step` once per optimizer step, after it; :meth:`seek` sets the position directly."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule) -> None:
@@ -42,10 +43,9 @@ class RoleScheduler(torch.optim.lr_scheduler.LambdaLR):
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]  # this run's base rate (a loaded checkpoint's may differ)
 
-        def factor(position: int) -> float:  # a plain function: LambdaLR's state then holds no lambda
-            return schedule.factor(position)
-
-        super().__init__(optimizer, factor)
+        # One factor per group, by its role (bound methods and plain functions: LambdaLR's state
+        # then holds none of them).
+        super().__init__(optimizer, [schedule.factor_of(g["role"]) for g in optimizer.param_groups])
 
     @property
     def position(self) -> int:
@@ -69,7 +69,7 @@ class RoleScheduler(torch.optim.lr_scheduler.LambdaLR):
 
     def _write_detached(self) -> None:
         for group, base in zip(self.detached, self.detached_base_lrs, strict=True):
-            group["lr"] = base * self.schedule.factor(self.last_epoch)
+            group["lr"] = base * self.schedule.factor_of(group["role"])(self.last_epoch)
 
     def learning_rates(self) -> dict[str, float]:
         """``{role: lr}`` of every group now (groups of one role share their rate)."""

@@ -20,10 +20,14 @@ Plain Python: no torch, no distributed imports.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
 SCHEDULE_SCOPES = ("task", "sequence")
+# The param-group roles a schedule may apply to: param_group.ROLES (that module imports the
+# optimizer's config, which takes its choices from here; tests/unit/test_optim_schedule.py checks they agree).
+SCHEDULE_ROLES = ("lora_a", "lora_b", "full", "plain")
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
@@ -64,6 +68,8 @@ class Schedule:
     min_ratio: float = 0.0
     scope: str = "task"
     spans: tuple[int, ...] = (1,)
+    roles: tuple[str, ...] = SCHEDULE_ROLES  # the others keep their base rate
+
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
@@ -75,6 +81,8 @@ class Schedule:
         if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup must be >= 0 steps or a ratio in [0, 1], got {self.warmup_steps}, "
                              f"{self.warmup_ratio}")
+        if not set(self.roles) <= set(SCHEDULE_ROLES):
+            raise ValueError(f"roles must be among {', '.join(SCHEDULE_ROLES)}, got {self.roles}")
 
     @property
     def trivial(self) -> bool:
@@ -103,7 +111,16 @@ class Schedule:
         return position - start, totals[-1]
 
     def factor(self, position: int) -> float:
+        """The factor of the update after ``position`` updates (for a role the schedule applies to)."""
         if self.trivial:
             return 1.0
         step, total = self.locate(position)
         return lr_factor(step, total, self.warmup_of(total), self.kind, self.min_ratio)
+
+    def factor_of(self, role: str) -> Callable[[int], float]:
+        """``factor`` for a group of ``role``; a role the schedule leaves alone always gets 1."""
+        return self.factor if role in self.roles else _one
+
+
+def _one(position: int) -> float:
+    return 1.0

@@ -193,7 +193,7 @@ CASES = [
     "max_train_zero", "eval_samples_zero",
     # --- issue 25: the learning-rate schedule
     "lr_schedule_unknown", "lr_warmup_longer_than_task", "lr_warmup_longer_than_sequence", "lr_warmup_negative",
-    "lr_warmup_steps_and_ratio", "lr_min_ratio_above_one",
+    "lr_warmup_steps_and_ratio", "lr_min_ratio_above_one", "lr_schedule_roles_unknown",
 ]
 
 
@@ -380,6 +380,8 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
                                       ("--lr-warmup-steps 1 and --lr-warmup-ratio 0.5 both set the warmup",
                                        "give one of them")),
         "lr_min_ratio_above_one": ({"--lr-min-ratio": "1.5"}, ("--lr-min-ratio must be <= 1, got 1.5",)),
+        "lr_schedule_roles_unknown": ({"--lr-schedule-roles": "full,lora"},
+                                      ("--lr-schedule-roles must be one of lora_a, lora_b, full, plain", "'lora'")),
     }
     cases = [{"name": "control", "control": True, "out": str(tmp / "out" / "control"),
               "argv": _argv({**base, "--output-dir": str(tmp / "out" / "control")})}]

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from gorp_ds.optim import GORP
+from gorp_ds.optim.param_group import ROLES
 from gorp_ds.optim.role_scheduler import RoleScheduler
-from gorp_ds.optim.schedule import Schedule, lr_factor, warmup_steps
+from gorp_ds.optim.schedule import SCHEDULE_ROLES, Schedule, lr_factor, warmup_steps
 
 # 10 steps, warmup 3, decay towards min ratio 0.1 over the 7 steps after warmup, p = (k − 3) / 7.
 # linear: 0.1 + 0.9·(1 − p); cosine: 0.1 + 0.45·(1 + cos πp); warmup (k + 1) / 3.
@@ -163,3 +164,24 @@ def test_state_reloaded_mid_warmup_continues_the_exact_schedule() -> None:
             _set_grads(p, step)
             o.step()
             s.step()
+
+
+def test_a_schedule_on_some_roles_leaves_the_others_at_their_rate() -> None:
+    """``--lr-schedule-roles full``: the full-rank targets follow the table (detached or not), the
+    LoRA factors and plain tensors keep their base rate exactly."""
+    assert SCHEDULE_ROLES == ROLES
+    for detach in (False, True):
+        params, opt = _model_and_optimizer()
+        detached = opt.detach_groups("full") if detach else []
+        scheduler = RoleScheduler(opt, Schedule(kind="linear", warmup_steps=3, min_ratio=0.1, spans=(10,),
+                                                roles=("full",)))
+        for step in range(10):
+            for group in [*opt.param_groups, *detached]:
+                expected = BASE_LRS[group["role"]] * (LINEAR_10[step] if group["role"] == "full" else 1.0)
+                assert group["lr"] == pytest.approx(expected, rel=1e-9), (detach, step, group["role"])
+                if group["role"] != "full":
+                    assert group["lr"] == BASE_LRS[group["role"]]
+            if not detach:
+                _set_grads(params, step)
+                opt.step()
+            scheduler.step()
