@@ -25,8 +25,10 @@ def task_steps(cfg: RunConfig, task: Task) -> int:
 
 
 def build_schedule(cfg: RunConfig, spans: list[int]) -> Schedule:
-    """The schedule of one method whose tasks train ``spans`` optimizer steps each, in order."""
+    """The schedule of one method whose tasks train ``spans`` optimizer steps each, in order. A
+    session that never trains (``gorp-ds export`` of a checkpoint) has no tasks: one step stands in."""
     opt = cfg.optimizer
+    spans = [span for span in spans if span > 0] or [1]
     return Schedule(kind=opt.lr_schedule, warmup_steps=opt.lr_warmup_steps, warmup_ratio=opt.lr_warmup_ratio,
                     min_ratio=opt.lr_min_ratio, scope=opt.lr_schedule_scope, spans=tuple(spans),
                     roles=tuple(opt.lr_schedule_roles))

@@ -36,6 +36,13 @@ def test_task_steps_from_the_budget() -> None:
     assert task_steps(cfg.replace(max_steps_per_task=7), _task("t", 10)) == 7
 
 
+def test_a_session_without_tasks_gets_a_schedule() -> None:
+    """``gorp-ds export`` rebuilds a session with no tasks (``mtl``'s one span is then 0 steps)."""
+    cfg = RunConfig.from_flat(lr_schedule="cosine", lr_warmup_steps=3)
+    assert build_schedule(cfg, []).spans == build_schedule(cfg, [0]).spans == (1,)
+    assert build_schedule(cfg, []).factor(0) == 1.0  # the warmup cut to the one step
+
+
 def test_warmup_is_checked_against_the_shortest_task_or_the_sequence() -> None:
     tasks = [_task("long", 40), _task("short", 12)]  # 10 and 3 steps at batch 4, one epoch
     cfg = RunConfig.from_flat(global_batch_size=4, lr_schedule="linear", lr_warmup_steps=4)
