@@ -24,6 +24,7 @@ from ..zero import UnsupportedSetupError, check_supported, load_ds_config
 from .agree import agree_on_errors, in_user_terms
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .evaluate import Evaluation
+from .lr_schedule import check_schedule
 from .metrics import all_metrics
 from .peak_memory import PeakMemory
 from .preemption import Preempted
@@ -95,6 +96,7 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
         except DataError as err:
             raise ConfigError(in_user_terms(str(err), cfg.written_as)) from None
         check_budgets(cfg, tasks)
+        check_schedule(cfg, tasks)
         preflight(cfg)
     except USER_ERRORS as err:
         problem = err
