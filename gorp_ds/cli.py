@@ -144,9 +144,14 @@ def _run(args: argparse.Namespace) -> int:
                 print(format_config(cfg), flush=True)
             return 0
         from .cl.runner import run
+        from .zero.config_checks import check_ds_config_file
 
+        # An empty --ds_config is a file that does not exist, not the default.
+        ds_config = args.ds_config if args.ds_config is not None else str(default_ds_config(cfg.base_model.dtype))
+        if not cfg.runner.eval_only:  # before any process group: DeepSpeed's model and GORP's refusals
+            check_ds_config_file(ds_config)
         install_faults(FaultPlan.from_environment())  # the crash tests' faults, read once (faults.py)
-        run(cfg, args.ds_config or str(default_ds_config(cfg.base_model.dtype)))
+        run(cfg, ds_config)
     except USER_ERRORS as err:
         # Once per node: every rank of a launch stops with the same error (the runner agrees on it
         # across ranks), and a node's local rank 0 says so with the node's name.
