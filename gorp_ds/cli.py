@@ -109,8 +109,9 @@ LAUNCHER_OPTIONS = ("--master_port", "--master_addr", "--master-port", "--master
                     "--node_rank", "--node-rank", "--no_ssh", "--rdzv-endpoint", "--rdzv_endpoint")
 
 
-def train(argv: list[str], prog: str = "gorp-ds train") -> int:
-    """Parse the run's flags, run it, and return the exit status (0, 2 or 75)."""
+def train(argv: list[str], prog: str = "gorp-ds train", start: bool = True) -> int:
+    """Parse the run's flags, run it, and return the exit status (0, 2 or 75). ``start=False``:
+    only the checks made before any process group starts (:func:`check_before_start`)."""
     misplaced = [arg.split("=", 1)[0] for arg in argv if arg.split("=", 1)[0] in LAUNCHER_OPTIONS]
     if misplaced:
         if local_rank() == 0:
@@ -121,16 +122,23 @@ def train(argv: list[str], prog: str = "gorp-ds train") -> int:
         return 2
     args = train_parser(prog).parse_args(argv)
     try:
-        return _run(args)
+        return _run(args, start)
     finally:
         _shutdown_distributed()
+
+
+def check_before_start(argv: list[str], prog: str = "gorp-ds train") -> int:
+    """What ``train`` checks before any process group starts (the settings from flags, run file and
+    presets; the DeepSpeed JSON), with the output and status ``train`` gives: 0 when they pass, 2
+    with one ``gorp_ds: error:`` line when not. The property tests call it for generated input."""
+    return train(argv, prog, start=False)
 
 
 def evaluate(argv: list[str], prog: str = "gorp-ds eval") -> int:
     return train(["--eval-only", *argv], prog)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, start: bool = True) -> int:
     from .cl import build_run_config
     from .cl.command_line import format_config
     from .cl.preemption import REQUEUE_STATUS, Preempted
@@ -150,6 +158,8 @@ def _run(args: argparse.Namespace) -> int:
         ds_config = args.ds_config if args.ds_config is not None else str(default_ds_config(cfg.base_model.dtype))
         if not cfg.runner.eval_only:  # before any process group: DeepSpeed's model and GORP's refusals
             check_ds_config_file(ds_config)
+        if not start:
+            return 0
         install_faults(FaultPlan.from_environment())  # the crash tests' faults, read once (faults.py)
         run(cfg, ds_config)
     except USER_ERRORS as err:
