@@ -167,7 +167,7 @@ def _run(args: argparse.Namespace, start: bool = True) -> int:
         # across ranks), and a node's local rank 0 says so with the node's name.
         _close_progress_bars()
         if local_rank() == 0:
-            print(f"gorp_ds: error: {socket.gethostname()}: {err}", file=sys.stderr, flush=True)
+            print(f"gorp_ds: error: {socket.gethostname()}: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
     except Preempted as stop:  # SIGTERM/SIGUSR1: the checkpoint of the last step is committed
         _close_progress_bars()
@@ -175,6 +175,16 @@ def _run(args: argparse.Namespace, start: bool = True) -> int:
             print(f"gorp_ds: {stop}", file=sys.stderr, flush=True)
         return REQUEUE_STATUS
     return 0
+
+
+# What str.splitlines breaks a line at: a value or key quoted in a message (a run-file key with a
+# NEL, a path with a newline) must not make the one error line two.
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def one_line(message: object) -> str:
+    """``message`` as one line: each line break written as its escape (``\\n``)."""
+    return str(message).translate(_LINE_BREAKS)
 
 
 def _shutdown_distributed() -> None:
@@ -226,7 +236,7 @@ def export(argv: list[str], prog: str = "gorp-ds export") -> int:
         session.export(args.out_dir)
         session.close()
     except USER_ERRORS as err:
-        print(f"gorp_ds: error: {err}", file=sys.stderr, flush=True)
+        print(f"gorp_ds: error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -124,10 +124,8 @@ def read_run_file(path: str, label: str | None = None) -> RunFile:
                 raise ConfigError(f"{label}: {raw_key} must be a preset name or a list of names (recipes/<name>.yaml "
                                   f"or a file path), got {value!r}")
             presets += [n.strip() for n in value or []]
-        elif key in SECTIONS and value is not None and not isinstance(value, dict):
-            raise ConfigError(f"{label}: section '{raw_key}' must be a mapping of its settings (e.g. {key}: "
-                              f"{{{next(s.name for s in SETTINGS.values() if s.section == key)}: ...}}), got {value!r}")
-        elif key in SECTIONS:  # an empty section (`runner:` with its lines commented out) sets nothing
+        elif key in SECTIONS and (isinstance(value, dict) or (value is None and key not in _KEYS)):
+            # an empty section (`runner:` with its lines commented out) sets nothing
             for raw_name, item in (value or {}).items():
                 name = str(raw_name).replace("-", "_")
                 spec = _BY_FIELD.get((key, name)) or SETTINGS.get(_KEYS.get(name, ""))  # field or flat name
@@ -138,8 +136,11 @@ def read_run_file(path: str, label: str | None = None) -> RunFile:
                     raise ConfigError(f"{label}: unknown setting '{raw_key}.{raw_name}' (the {key} section has: "
                                       f"{known})")
                 put(spec.flat, item, f"{raw_key}.{raw_name}")
-        elif key in _KEYS:
+        elif key in _KEYS:  # a flat key ("model" is also its section's name)
             put(_KEYS[key], value, str(raw_key))
+        elif key in SECTIONS:
+            raise ConfigError(f"{label}: section '{raw_key}' must be a mapping of its settings (e.g. {key}: "
+                              f"{{{next(s.name for s in SETTINGS.values() if s.section == key)}: ...}}), got {value!r}")
         else:
             raise ConfigError(f"{label}: unknown setting '{raw_key}' (sections: {', '.join(SECTIONS)}; flat keys: "
                               f"{', '.join(sorted(SETTINGS))})")

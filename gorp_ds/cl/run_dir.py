@@ -232,7 +232,7 @@ def _decide(cfg: RunConfig, current: dict[str, Any], out: Path, held: list[str],
     try:
         import yaml
 
-        saved = yaml.safe_load(config_file.read_text())
+        saved = yaml.safe_load(config_file.read_text(encoding="utf-8"))
         if not isinstance(saved, dict) or not isinstance(saved.get("run"), dict):
             raise ValueError("not a gorp_ds run configuration")
     except Exception as err:  # yaml.YAMLError, ValueError
@@ -249,8 +249,8 @@ def _decide(cfg: RunConfig, current: dict[str, Any], out: Path, held: list[str],
         finished = _finished(out, method)
         if finished is not None:
             try:
-                recorded = flatten_run(json.loads(finished.read_text()).get("config") or {})
-            except (json.JSONDecodeError, OSError, AttributeError) as err:
+                recorded = flatten_run(json.loads(finished.read_text(encoding="utf-8")).get("config") or {})
+            except (ValueError, OSError, AttributeError) as err:  # JSONDecodeError, UnicodeDecodeError
                 problems.append(f"{finished}: unreadable ({err})")
                 continue
             differing, _ = compare(recorded, settings, refuse=tuple(settings), ignore=NICETIES)

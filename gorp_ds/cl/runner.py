@@ -249,7 +249,7 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
 
 
 def _read_json(path: str) -> Any:
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
 
