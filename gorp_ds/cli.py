@@ -180,11 +180,13 @@ def _run(args: argparse.Namespace, start: bool = True) -> int:
 # What str.splitlines breaks a line at: a value or key quoted in a message (a run-file key with a
 # NEL, a path with a newline) must not make the one error line two.
 _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+_DETAIL = "\n  "  # a message's own indented detail lines (--resume lists each differing field so)
 
 
 def one_line(message: object) -> str:
-    """``message`` as one line: each line break written as its escape (``\\n``)."""
-    return str(message).translate(_LINE_BREAKS)
+    """``message`` with each line break written as its escape (``\\n``), but for the indented detail
+    lines a message lays out itself: one ``gorp_ds: error:`` line whatever the message quotes."""
+    return _DETAIL.join(part.translate(_LINE_BREAKS) for part in str(message).split(_DETAIL))
 
 
 def _shutdown_distributed() -> None:

@@ -72,6 +72,12 @@ SCALARS: dict[str, Scalar] = {
 }
 
 
+def _key(path: str) -> str:
+    """A key as the message quotes it: ``'a.b'``, or Python's escaped form when it holds characters
+    that do not print (a line break, a control character)."""
+    return f"'{path}'" if path.isprintable() else repr(path)
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -170,7 +176,7 @@ def validate_with_deepspeed(config: dict[str, Any], fail: Callable[[str], Except
         for key in config:
             close = difflib.get_close_matches(str(key), sorted(error), n=1, cutoff=0.85)
             if key not in error and close:
-                raise fail(f"'{key}' is not a DeepSpeed setting (DeepSpeed would ignore it); did you mean "
+                raise fail(f"{_key(str(key))} is not a DeepSpeed setting (DeepSpeed would ignore it); did you mean "
                            f"'{close[0]}'? correct its name or remove it")
         return
     culprit = _culprit(config, error)
@@ -183,9 +189,9 @@ def validate_with_deepspeed(config: dict[str, Any], fail: Callable[[str], Except
     if isinstance(error, (AttributeError, TypeError, KeyError)):  # DeepSpeed's reader broke on the value
         shape = "" if isinstance(value, dict) else "; DeepSpeed reads it as an object" \
             if isinstance(error, AttributeError) and "has no attribute" in detail else ""
-        raise fail(f"'{culprit}' is {_short(value)}, which DeepSpeed cannot read ({type(error).__name__}: "
+        raise fail(f"{_key(culprit)} is {_short(value)}, which DeepSpeed cannot read ({type(error).__name__}: "
                    f"{detail}){shape}; fix its type (see DeepSpeed's configuration documentation) or remove it")
-    raise fail(f"'{culprit}': DeepSpeed refuses it: {detail}")
+    raise fail(f"{_key(culprit)}: DeepSpeed refuses it: {detail}")
 
 
 def _culprit(config: dict[str, Any], error: Exception) -> str | None:
@@ -215,16 +221,16 @@ def _describe_validation(error: ValidationError, section: str | None) -> str:
         where = f"{error.title}{'.' + '.'.join(loc[:-1]) if loc[:-1] else ''}"
         known = f" ({where} has: {', '.join(names)})" if names and len(names) <= 12 and not close else \
             f" (see DeepSpeed's {where} for its keys)" if not close else ""
-        return f"'{path}' is not a DeepSpeed setting{known}; {hint}remove it or correct its name{more}"
+        return f"{_key(path)} is not a DeepSpeed setting{known}; {hint}remove it or correct its name{more}"
     if kind == "missing":
-        return f"'{path}' is missing; DeepSpeed ({error.title}) requires it{more}"
+        return f"{_key(path)} is missing; DeepSpeed ({error.title}) requires it{more}"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         names = sorted(_field_names(_model_at(error.title, (*first["loc"], "_")))) or []
         keys = f" with the keys {', '.join(names)}" if names else ""
-        return f"'{path}' is {_short(first.get('input'))}, not an object; write it as a JSON object{keys}{more}"
+        return f"{_key(path)} is {_short(first.get('input'))}, not an object; write it as a JSON object{keys}{more}"
     said = message[0].lower() + message[1:] if message else kind
     said = said.replace("input should", "it must", 1)
-    return f"'{path}' is {_short(first.get('input'))}; {said} (DeepSpeed's {error.title}){more}"
+    return f"{_key(path)} is {_short(first.get('input'))}; {said} (DeepSpeed's {error.title}){more}"
 
 
 def _model_classes() -> dict[str, type[BaseModel]]:

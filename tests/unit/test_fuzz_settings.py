@@ -198,6 +198,16 @@ def test_a_tensorboard_path_under_a_regular_file_is_refused(tmp_path: Path) -> N
         is None
 
 
+def test_a_key_with_a_line_break_stays_on_the_one_line(tmp_path: Path) -> None:
+    """Found by the property below: a DeepSpeed key "\\x85" (NEL, a line break to str.splitlines)
+    was quoted raw and made the error two lines."""
+    path = write_ds(tmp_path / "ds.json", with_zero(**{"\x85": None}))
+    assert "'zero_optimization.\\x85' is not a DeepSpeed setting" in refused(["--preset", "none", "--ds_config", path])
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"max_steps_per_task": 2, "a\nb": 1}))
+    assert "unknown setting 'a\\nb'" in refused(["--preset", "none", "--config", str(run)])
+
+
 # ------------------------------------------------------------------ the issue's run-file and flag cases
 @pytest.mark.parametrize("text, needle", [
     ("preset: 5\n", "preset must be a preset name or a list of names"),
