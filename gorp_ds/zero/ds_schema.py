@@ -83,8 +83,25 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+INT64_MAX = 2**63 - 1  # sizes and counts become torch int64 (and C long) values
+
+
+def _huge_integers(node: Any, path: str = "") -> Iterator[tuple[str, int]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _huge_integers(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _huge_integers(value, f"{path}[{index}]")
+    elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > INT64_MAX:
+        yield path, node
+
+
 def check_scalars(config: dict[str, Any], fail: Callable[[str], Exception]) -> None:
-    """The unchecked top-level values (:data:`SCALARS`) and the batch sizes, each of its type."""
+    """The unchecked top-level values (:data:`SCALARS`), the batch sizes, each of its type, and
+    integers torch can hold (DeepSpeed's model takes any size of integer for a bucket size)."""
+    for path, value in _huge_integers(config):
+        raise fail(f"{_key(path)} is {value}, beyond a 64-bit integer; use at most {INT64_MAX}")
     for name, scalar in SCALARS.items():
         if name in config and not scalar.valid(config[name]):
             raise fail(f"'{name}' is {_short(config[name])}; use {scalar.allowed}")

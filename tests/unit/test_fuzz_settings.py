@@ -118,12 +118,15 @@ DS_CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "wall_clock_text": (zero2(wall_clock_breakdown="x"), ("'wall_clock_breakdown' is 'x'", "true or false")),
     "train_batch_size_text": (zero2(train_batch_size="x"), ("'train_batch_size' is 'x'", "integer >= 1 or \"auto\"")),
     "checkpoint_not_an_object": (zero2(checkpoint=5), ("'checkpoint' is 5", "DeepSpeed cannot read")),
+    "bucket_beyond_int64": (with_zero(reduce_bucket_size=2**70), ("'zero_optimization.reduce_bucket_size' is "
+                                                                  f"{2**70}, beyond a 64-bit integer",)),
 }
 # Legal neighbours: each passes.
 DS_NEIGHBOURS = {
     "steps_per_print_one": zero2(steps_per_print=1),
     "steps_per_print_null": zero2(steps_per_print=None),
     "reduce_bucket_size_one": with_zero(reduce_bucket_size=1),
+    "reduce_bucket_size_int64": with_zero(reduce_bucket_size=2**63 - 1),
     "offload_none": with_zero(offload_optimizer={"device": "none"}),
     "predivide_one": zero2(gradient_predivide_factor=1.0, prescale_gradients=False),
     "batch_auto": zero2(train_batch_size="auto"),
@@ -223,6 +226,19 @@ def test_a_bad_run_file_names_the_file_and_key(text: str, needle: str, tmp_path:
     run.write_text(text)
     message = refused(["--config", str(run)])
     assert message.startswith(f"--config {run}: ") and needle in message, message
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--refresh-memory-mib", "1e308", "--refresh-memory-mib must be <= 1e+12"),  # was int(inf) at engine build
+    ("--seed", str(2**70), "--seed must be <= 4294967295"),
+])
+def test_numbers_beyond_what_torch_holds_are_refused_naming_the_flag(flag: str, value: str, needle: str,
+                                                                     tmp_path: Path) -> None:
+    assert refused(["--preset", "none", flag, value]).startswith(needle)
+    run = tmp_path / "run.yaml"
+    run.write_text(f"{flag[2:].replace('-', '_')}: {value}\n")
+    assert refused(["--preset", "none", "--config", str(run)]).startswith(f"--config {run}: " + needle[2:].replace(
+        "-", "_"))
 
 
 def test_an_empty_section_sets_nothing(tmp_path: Path) -> None:
