@@ -219,6 +219,8 @@ def test_a_key_with_a_line_break_stays_on_the_one_line(tmp_path: Path) -> None:
     ("max_steps_per_task: -5\n", "max_steps_per_task must be >= 1, got -5"),
     ("runner: {max_steps_per_task: -5}\n", "runner.max_steps_per_task must be >= 1, got -5"),
     ("runner: [1]\n", "section 'runner' must be a mapping of its settings"),
+    ("resume: {}\n", "resume must be one of off, on, auto, got '{}'"),  # found by the property: str.format of '{}'
+    ("resume:\n  ? ''\n  : null\n", "resume must be one of off, on, auto, got \"{'': none}\""),
     ("seed: 1180591620717411303424\n", "seed must be <= 4294967295"),
 ])
 def test_a_bad_run_file_names_the_file_and_key(text: str, needle: str, tmp_path: Path) -> None:
@@ -239,6 +241,26 @@ def test_numbers_beyond_what_torch_holds_are_refused_naming_the_flag(flag: str, 
     run.write_text(f"{flag[2:].replace('-', '_')}: {value}\n")
     assert refused(["--preset", "none", "--config", str(run)]).startswith(f"--config {run}: " + needle[2:].replace(
         "-", "_"))
+
+
+def test_a_huge_lora_rank_is_refused_before_the_adapters_are_built(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """2**62 overflowed the (meta) adapter's size inside PEFT before the rank was compared with the
+    model (a RuntimeError traceback)."""
+    import argparse
+
+    from gorp_ds.cl.command_line import add_arguments, build_run_config
+    from gorp_ds.cl.preflight import preflight
+    from gorp_ds.models import RoleError
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    run = tmp_path / "run.yaml"
+    run.write_text(f"lora: {{r: {2**62}}}\n")
+    for argv, written in ((["--lora-r", str(2**62)], "--lora-r"), (["--config", str(run)], f"--config {run}: lora.r")):
+        cfg = build_run_config(parser.parse_args(["--preset", "none", "--model", str(tiny_model_dir), *argv]))
+        with pytest.raises(RoleError) as err:
+            preflight(cfg)
+        assert str(err.value) == f"{written} {2**62} is larger than the model's hidden size 32"
 
 
 def test_an_empty_section_sets_nothing(tmp_path: Path) -> None:
