@@ -18,6 +18,7 @@ from typing import Any
 
 from ..resources import RECIPES
 from ..settings import SettingError
+from ..zero.config_checks import MAX_NESTING, nesting_depth
 from .config import (
     _BY_FIELD,
     _KEYS,
@@ -95,6 +96,9 @@ def _load(path: str, label: str) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: the top level must be a mapping of settings")
+    if nesting_depth(data) > MAX_NESTING:
+        raise ConfigError(f"{label}: mappings or lists nested deeper than {MAX_NESTING} levels; a run file is a "
+                          "mapping of sections and settings")
     if isinstance(data.get("run"), dict) and set(data) <= {"run", "world_size", "deepspeed"}:
         data = data["run"]  # a config.yaml written by a run: its run settings
     return data

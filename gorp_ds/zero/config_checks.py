@@ -53,7 +53,29 @@ def load_ds_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]
             from None
     if not isinstance(loaded, dict):
         raise UnsupportedSetupError(f"DeepSpeed config {path}: the top level must be a JSON object")
+    if nesting_depth(loaded) > MAX_NESTING:
+        raise UnsupportedSetupError(f"DeepSpeed config {path}: objects or lists nested deeper than {MAX_NESTING} "
+                                    "levels; DeepSpeed's settings are a few levels deep")
     return loaded
+
+
+# Deeper JSON than settings ever need; Python's copy, repr and pydantic recurse once per level and
+# run out of stack near 1000 (a RecursionError traceback), while json itself loads it.
+MAX_NESTING = 32
+
+
+def nesting_depth(value: Any) -> int:
+    """How many objects or lists deep ``value`` is (0 for a plain value), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        node, depth = todo.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            deepest = max(deepest, depth)
+            continue
+        deepest = max(deepest, depth + 1)
+        todo.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 class _DuplicateKey(ValueError):

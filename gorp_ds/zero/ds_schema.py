@@ -100,8 +100,9 @@ def _huge_integers(node: Any, path: str = "") -> Iterator[tuple[str, int]]:
 def check_scalars(config: dict[str, Any], fail: Callable[[str], Exception]) -> None:
     """The unchecked top-level values (:data:`SCALARS`), the batch sizes, each of its type, and
     integers torch can hold (DeepSpeed's model takes any size of integer for a bucket size)."""
-    for path, value in _huge_integers(config):
-        raise fail(f"{_key(path)} is {value}, beyond a 64-bit integer; use at most {INT64_MAX}")
+    huge = next(_huge_integers(config), None)
+    if huge is not None:
+        raise fail(f"{_key(huge[0])} is {huge[1]}, beyond a 64-bit integer; use at most {INT64_MAX}")
     for name, scalar in SCALARS.items():
         if name in config and not scalar.valid(config[name]):
             raise fail(f"'{name}' is {_short(config[name])}; use {scalar.allowed}")

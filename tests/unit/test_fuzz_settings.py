@@ -180,6 +180,20 @@ def test_a_missing_deepspeed_json_is_left_to_the_agreed_checks(tmp_path: Path) -
     accepted(["--preset", "none", "--ds_config", str(tmp_path / "elsewhere.json")])
 
 
+@pytest.mark.parametrize("depth", [100, 900])
+def test_json_nested_too_deep_is_one_line(depth: int, tmp_path: Path) -> None:
+    """Found while building: JSON that json loads (under ~990 levels) ran Python's copy and repr out
+    of stack (a RecursionError traceback). Deeper still, json's own limit answers, in one line too."""
+    nested = "[" * depth + "]" * depth
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(zero2())[:-1] + f', "x": {nested}}}')
+    too_deep = ("nested deeper than 32 levels", "maximum recursion depth")
+    assert any(text in refused(["--preset", "none", "--ds_config", str(ds)]) for text in too_deep)
+    run = tmp_path / "run.json"
+    run.write_text(f'{{"methods": {nested}}}')
+    assert any(text in refused(["--preset", "none", "--config", str(run)]) for text in too_deep)
+
+
 def test_duplicate_keys_are_refused_in_deepspeed_json_and_run_files(tmp_path: Path) -> None:
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 2, "stage": 3}, "bf16": {"enabled": true}}')
