@@ -415,6 +415,13 @@ DS_KEYS = ["stage", "reduce_bucket_size", "offload_optimizer", "offload_param", 
            "zero_hpz_partition_size", "communication_data_type", "log_level", "scheduler", "optimizer"]
 
 
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 @st.composite
 def ds_configs(draw: Any) -> tuple[str, bytes]:
     name = draw(st.sampled_from(sorted(SHIPPED)))
@@ -433,7 +440,7 @@ def ds_configs(draw: Any) -> tuple[str, bytes]:
         elif op == "retype":
             parent[key] = draw(st.one_of(JSONISH, st.sampled_from([-1, 0, 2**70, 1e308, math.nan, math.inf, "x",
                                                                    "", [], {}, True, "cpu", "none"]),
-                                         st.integers(-10, 10)))
+                                         st.integers(-10, 10), st.integers(1, 500).map(_nested)))
         elif op == "move":  # wrong nesting: a nested key at the top, or a top-level key inside a section
             value = parent.pop(key)
             target = config if path[:-1] else config.setdefault("zero_optimization", {})
