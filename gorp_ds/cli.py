@@ -109,8 +109,9 @@ LAUNCHER_OPTIONS = ("--master_port", "--master_addr", "--master-port", "--master
                     "--node_rank", "--node-rank", "--no_ssh", "--rdzv-endpoint", "--rdzv_endpoint")
 
 
-def train(argv: list[str], prog: str = "gorp-ds train") -> int:
-    """Parse the run's flags, run it, and return the exit status (0, 2 or 75)."""
+def train(argv: list[str], prog: str = "gorp-ds train", start: bool = True) -> int:
+    """Parse the run's flags, run it, and return the exit status (0, 2 or 75). ``start=False``:
+    only the checks made before any process group starts (:func:`check_before_start`)."""
     misplaced = [arg.split("=", 1)[0] for arg in argv if arg.split("=", 1)[0] in LAUNCHER_OPTIONS]
     if misplaced:
         if local_rank() == 0:
@@ -121,16 +122,23 @@ def train(argv: list[str], prog: str = "gorp-ds train") -> int:
         return 2
     args = train_parser(prog).parse_args(argv)
     try:
-        return _run(args)
+        return _run(args, start)
     finally:
         _shutdown_distributed()
+
+
+def check_before_start(argv: list[str], prog: str = "gorp-ds train") -> int:
+    """What ``train`` checks before any process group starts (the settings from flags, run file and
+    presets; the DeepSpeed JSON), with the output and status ``train`` gives: 0 when they pass, 2
+    with one ``gorp_ds: error:`` line when not. The property tests call it for generated input."""
+    return train(argv, prog, start=False)
 
 
 def evaluate(argv: list[str], prog: str = "gorp-ds eval") -> int:
     return train(["--eval-only", *argv], prog)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, start: bool = True) -> int:
     from .cl import build_run_config
     from .cl.command_line import format_config
     from .cl.preemption import REQUEUE_STATUS, Preempted
@@ -144,15 +152,22 @@ def _run(args: argparse.Namespace) -> int:
                 print(format_config(cfg), flush=True)
             return 0
         from .cl.runner import run
+        from .zero.config_checks import check_ds_config_file
 
+        # An empty --ds_config is a file that does not exist, not the default.
+        ds_config = args.ds_config if args.ds_config is not None else str(default_ds_config(cfg.base_model.dtype))
+        if not cfg.runner.eval_only:  # before any process group: DeepSpeed's model and GORP's refusals
+            check_ds_config_file(ds_config)
+        if not start:
+            return 0
         install_faults(FaultPlan.from_environment())  # the crash tests' faults, read once (faults.py)
-        run(cfg, args.ds_config or str(default_ds_config(cfg.base_model.dtype)))
+        run(cfg, ds_config)
     except USER_ERRORS as err:
         # Once per node: every rank of a launch stops with the same error (the runner agrees on it
         # across ranks), and a node's local rank 0 says so with the node's name.
         _close_progress_bars()
         if local_rank() == 0:
-            print(f"gorp_ds: error: {socket.gethostname()}: {err}", file=sys.stderr, flush=True)
+            print(f"gorp_ds: error: {socket.gethostname()}: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
     except Preempted as stop:  # SIGTERM/SIGUSR1: the checkpoint of the last step is committed
         _close_progress_bars()
@@ -160,6 +175,18 @@ def _run(args: argparse.Namespace) -> int:
             print(f"gorp_ds: {stop}", file=sys.stderr, flush=True)
         return REQUEUE_STATUS
     return 0
+
+
+# What str.splitlines breaks a line at: a value or key quoted in a message (a run-file key with a
+# NEL, a path with a newline) must not make the one error line two.
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+_DETAIL = "\n  "  # a message's own indented detail lines (--resume lists each differing field so)
+
+
+def one_line(message: object) -> str:
+    """``message`` with each line break written as its escape (``\\n``), but for the indented detail
+    lines a message lays out itself: one ``gorp_ds: error:`` line whatever the message quotes."""
+    return _DETAIL.join(part.translate(_LINE_BREAKS) for part in str(message).split(_DETAIL))
 
 
 def _shutdown_distributed() -> None:
@@ -211,7 +238,7 @@ def export(argv: list[str], prog: str = "gorp-ds export") -> int:
         session.export(args.out_dir)
         session.close()
     except USER_ERRORS as err:
-        print(f"gorp_ds: error: {err}", file=sys.stderr, flush=True)
+        print(f"gorp_ds: error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
     return 0
 

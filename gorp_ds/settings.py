@@ -40,8 +40,13 @@ class SettingError(ValueError):
         super().__init__(self.render(lambda field: f"{section}.{field}" if section else field))
 
     def render(self, spelling: Callable[[str], str]) -> str:
-        """The message with every field named by ``spelling(field)``."""
-        return f"{spelling(self.name)} {self.problem.format(**{o: spelling(o) for o in self.others})}"
+        """The message with every field named by ``spelling(field)``. Only the ``{field}`` of
+        ``others`` is replaced: the rest is text, a user's value with braces included (``got '{}'``
+        was a KeyError of str.format)."""
+        problem = self.problem
+        for other in self.others:
+            problem = problem.replace("{" + other + "}", spelling(other))
+        return f"{spelling(self.name)} {problem}"
 
 
 def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, minimum: float | None = None,

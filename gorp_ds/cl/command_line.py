@@ -18,6 +18,7 @@ from typing import Any
 
 from ..resources import RECIPES
 from ..settings import SettingError
+from ..zero.config_checks import MAX_NESTING, nesting_depth
 from .config import (
     _BY_FIELD,
     _KEYS,
@@ -45,24 +46,59 @@ class RunFile:
     presets: list[str]
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A mapping that names each key once: JSON and YAML would keep the last of two silently."""
+    found: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _DuplicateKey(str(key))
+        found[key] = value
+    return found
+
+
+def _yaml(text: str) -> Any:
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            self.flatten_mapping(node)  # merge keys (<<) first: they may be overridden
+            pairs = [(self.construct_object(k, deep=deep), self.construct_object(v, deep=deep)) for k, v in node.value]
+            return _unique_keys(pairs)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _load(path: str, label: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{label}: file not found")
-    text = file.read_text()
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{label}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save "
+                          "it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{label}: cannot be read ({err.strerror or err})") from None
     try:
         if file.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _yaml(text)
         else:
-            data = json.loads(text)
-    except Exception as err:  # json.JSONDecodeError / yaml.YAMLError
-        raise ConfigError(f"{label}: cannot parse ({str(err).splitlines()[0]})") from None
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{label}: key '{err}' is given twice in one mapping; keep one") from None
+    except Exception as err:  # json.JSONDecodeError / yaml.YAMLError / RecursionError
+        raise ConfigError(f"{label}: cannot parse ({(str(err) or type(err).__name__).splitlines()[0]})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: the top level must be a mapping of settings")
+    if nesting_depth(data) > MAX_NESTING:
+        raise ConfigError(f"{label}: mappings or lists nested deeper than {MAX_NESTING} levels; a run file is a "
+                          "mapping of sections and settings")
     if isinstance(data.get("run"), dict) and set(data) <= {"run", "world_size", "deepspeed"}:
         data = data["run"]  # a config.yaml written by a run: its run settings
     return data
@@ -84,9 +120,17 @@ def read_run_file(path: str, label: str | None = None) -> RunFile:
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         if key == "preset":
-            presets += [value] if isinstance(value, str) else list(value or [])
-        elif key in SECTIONS and isinstance(value, dict):
-            for raw_name, item in value.items():
+            # The same names as --preset takes: a name, a comma list, or a list of names.
+            if isinstance(value, str):
+                value = [n.strip() for n in value.split(",") if n.strip()]
+            if value is not None and not (isinstance(value, list) and all(isinstance(n, str) and n.strip()
+                                                                        for n in value)):
+                raise ConfigError(f"{label}: {raw_key} must be a preset name or a list of names (recipes/<name>.yaml "
+                                  f"or a file path), got {value!r}")
+            presets += [n.strip() for n in value or []]
+        elif key in SECTIONS and (isinstance(value, dict) or (value is None and key not in _KEYS)):
+            # an empty section (`runner:` with its lines commented out) sets nothing
+            for raw_name, item in (value or {}).items():
                 name = str(raw_name).replace("-", "_")
                 spec = _BY_FIELD.get((key, name)) or SETTINGS.get(_KEYS.get(name, ""))  # field or flat name
                 if spec is not None and spec.section != key:
@@ -96,33 +140,38 @@ def read_run_file(path: str, label: str | None = None) -> RunFile:
                     raise ConfigError(f"{label}: unknown setting '{raw_key}.{raw_name}' (the {key} section has: "
                                       f"{known})")
                 put(spec.flat, item, f"{raw_key}.{raw_name}")
-        elif key in _KEYS:
+        elif key in _KEYS:  # a flat key ("model" is also its section's name)
             put(_KEYS[key], value, str(raw_key))
+        elif key in SECTIONS:
+            raise ConfigError(f"{label}: section '{raw_key}' must be a mapping of its settings (e.g. {key}: "
+                              f"{{{next(s.name for s in SETTINGS.values() if s.section == key)}: ...}}), got {value!r}")
         else:
             raise ConfigError(f"{label}: unknown setting '{raw_key}' (sections: {', '.join(SECTIONS)}; flat keys: "
                               f"{', '.join(sorted(SETTINGS))})")
     return RunFile(path, settings, [str(p) for p in presets])
 
 
-def preset_path(name: str) -> Path:
-    """``recipes/<name>.yaml`` for a bare name, otherwise the path itself."""
+def preset_path(name: str, where: str = "--preset") -> Path:
+    """``recipes/<name>.yaml`` for a bare name, otherwise the path itself (``where``: how the user
+    named it, for the message)."""
     path = RECIPES / f"{name}.yaml"
     if "/" not in name and not name.endswith((".yaml", ".yml", ".json")) and path.is_file():
         return path
     if Path(name).is_file():
         return Path(name)
     known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml"))) if RECIPES.is_dir() else "none"
-    raise ConfigError(f"--preset {name}: no such preset (recipes/{name}.yaml) or file; presets: {known}")
+    raise ConfigError(f"{where} {name}: no such preset (recipes/{name}.yaml) or file; presets: {known}")
 
 
-def _preset_layers(names: list[str], seen: tuple[str, ...] = ()) -> list[tuple[str, RunFile]]:
+def _preset_layers(names: list[str], seen: tuple[str, ...] = (), where: str = "--preset") -> list[tuple[str, RunFile]]:
     layers = []
     for name in names:
         if name in seen:
-            raise ConfigError(f"--preset {name}: presets include each other in a cycle ({' -> '.join(seen)})")
-        path = preset_path(name)
-        parsed = read_run_file(str(path), f"preset {name}" + (f" ({path})" if str(path) != name else ""))
-        layers += _preset_layers(parsed.presets, (*seen, name)) + [(name, parsed)]
+            raise ConfigError(f"{where} {name}: presets include each other in a cycle ({' -> '.join(seen)})")
+        path = preset_path(name, where)
+        label = f"preset {name}" + (f" ({path})" if str(path) != name else "")
+        parsed = read_run_file(str(path), label)
+        layers += _preset_layers(parsed.presets, (*seen, name), f"{label}: preset") + [(name, parsed)]
     return layers
 
 
@@ -210,10 +259,11 @@ def build_run_config(args: Any) -> RunConfig:
     explicit_values = {k: v for k, (v, _) in explicit.items()}
 
     flag_preset = getattr(args, "preset", None)
+    where = "--preset"
     if flag_preset is not None:
         names, how = [n.strip() for n in str(flag_preset).split(",") if n.strip()], "preset {}"
     elif run_file and run_file.presets:
-        names, how = run_file.presets, "preset {}"
+        names, how, where = run_file.presets, "preset {}", f"--config {run_file.path}: preset"
     else:
         names = _auto_presets(explicit_values)
         how = "preset {} (auto: --model embedded" + (", no data settings)" if AUTO_PRESET_SUITE in names else ")")
@@ -222,7 +272,7 @@ def build_run_config(args: Any) -> RunConfig:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {flat: "default" for flat in SETTINGS}
     spelling: dict[str, str] = {flat: spec.flag for flat, spec in SETTINGS.items()}
-    for name, layer in _preset_layers(names):
+    for name, layer in _preset_layers(names, where=where):
         for flat, (value, written) in layer.settings.items():
             values[flat], sources[flat] = value, how.format(name)
             spelling[flat] = f"preset {name}" + (f" ({layer.path})" if layer.path != name else "") + f": {written}"

@@ -23,13 +23,15 @@ def preflight(cfg: RunConfig) -> None:
 
         PromptFormat(cfg.data.prompt_format).check(AutoTokenizer.from_pretrained(source, **extra))
     for method in map(method_spec, cfg.runner.methods):
+        # Before the adapters are built: a rank of 2**62 would overflow the (meta) tensor's size first.
+        if method.adapters and cfg.lora.r > min(config.hidden_size, getattr(config, "intermediate_size", 10**9)):
+            raise RoleError(f"{cfg.written_as('lora_r')} {cfg.lora.r} is larger than the model's hidden size "
+                            f"{config.hidden_size}")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         if method.adapters:
             try:
                 model = add_lora(model, cfg.lora)
             except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
-                raise RoleError(f"--lora-targets {','.join(cfg.lora.targets)}: {str(err).splitlines()[0]}") from None
+                raise RoleError(f"{cfg.written_as('lora_targets')} {','.join(cfg.lora.targets)}: {str(err).splitlines()[0]}") from None
         build_param_groups(model, method, cfg.targets, cfg.optimizer)
-        if method.adapters and cfg.lora.r > min(config.hidden_size, getattr(config, "intermediate_size", 10**9)):
-            raise RoleError(f"--lora-r {cfg.lora.r} is larger than the model's hidden size {config.hidden_size}")

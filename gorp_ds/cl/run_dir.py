@@ -113,20 +113,34 @@ def describe_changes(changed: list[tuple[str, Any, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------- inspection
-def path_problem(output_dir: str) -> str | None:
-    """Why this process cannot create or write ``output_dir`` (``None``: it can)."""
+def path_problem(output_dir: str, flag: str = "--output-dir") -> str | None:
+    """Why this process cannot create or write ``output_dir`` (``None``: it can); ``flag`` names
+    where the path was given."""
     path = Path(output_dir).expanduser()
     if path.exists() and not path.is_dir():
-        return f"--output-dir {output_dir} is a file, not a directory; choose a directory path"
+        return f"{flag} {output_dir} is a file, not a directory; choose a directory path"
     ancestor = path
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        return (f"--output-dir {output_dir}: {ancestor} is a file, so no directory can be made under it; "
+        return (f"{flag} {output_dir}: {ancestor} is a file, so no directory can be made under it; "
                 "choose another path")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        return (f"--output-dir {output_dir}: {ancestor} is not writable by this user (or is on a read-only "
+        return (f"{flag} {output_dir}: {ancestor} is not writable by this user (or is on a read-only "
                 "filesystem); choose a writable path or fix its permissions")
+    return None
+
+
+def monitor_path_problem(ds_config: dict[str, Any], source: str) -> str | None:
+    """Why a monitor folder of the DeepSpeed config (``tensorboard.output_path``,
+    ``csv_monitor.output_path``) cannot be made: DeepSpeed makes them only when the engine starts,
+    after the model is loaded."""
+    for monitor in ("tensorboard", "csv_monitor"):
+        section = ds_config.get(monitor)
+        if isinstance(section, dict) and section.get("enabled") and section.get("output_path"):
+            problem = path_problem(str(section["output_path"]), f"{source}: '{monitor}.output_path'")
+            if problem is not None:
+                return problem
     return None
 
 
@@ -218,7 +232,7 @@ def _decide(cfg: RunConfig, current: dict[str, Any], out: Path, held: list[str],
     try:
         import yaml
 
-        saved = yaml.safe_load(config_file.read_text())
+        saved = yaml.safe_load(config_file.read_text(encoding="utf-8"))
         if not isinstance(saved, dict) or not isinstance(saved.get("run"), dict):
             raise ValueError("not a gorp_ds run configuration")
     except Exception as err:  # yaml.YAMLError, ValueError
@@ -235,8 +249,8 @@ def _decide(cfg: RunConfig, current: dict[str, Any], out: Path, held: list[str],
         finished = _finished(out, method)
         if finished is not None:
             try:
-                recorded = flatten_run(json.loads(finished.read_text()).get("config") or {})
-            except (json.JSONDecodeError, OSError, AttributeError) as err:
+                recorded = flatten_run(json.loads(finished.read_text(encoding="utf-8")).get("config") or {})
+            except (ValueError, OSError, AttributeError) as err:  # JSONDecodeError, UnicodeDecodeError
                 problems.append(f"{finished}: unreadable ({err})")
                 continue
             differing, _ = compare(recorded, settings, refuse=tuple(settings), ignore=NICETIES)

@@ -34,7 +34,7 @@ from .process_group import init_process_group
 from .progress import Progress, task_number
 from .prompt_record import write_prompt_record
 from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
-from .run_dir import Decision, path_problem, run_settings, settle_output_dir
+from .run_dir import Decision, monitor_path_problem, path_problem, run_settings, settle_output_dir
 from .session import MethodSession, mixed_task
 from .task_export import TaskExports
 from .user_errors import USER_ERRORS
@@ -90,6 +90,8 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
                     f"{ds_config_path}: 'zero_optimization.stage' is 3, but {spec.zero3_refusal}; run {spec.name} "
                     "with stage 2 (ds_configs/zero2.json) or leave it out of --method")
         if (path := path_problem(cfg.runner.output_dir)) is not None:
+            raise ConfigError(path)
+        if (path := monitor_path_problem(ds_config, ds_config_path)) is not None:
             raise ConfigError(path)
         try:
             tasks = load_task_sequence(cfg.data)
@@ -256,7 +258,7 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
 
 
 def _read_json(path: str) -> Any:
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
 

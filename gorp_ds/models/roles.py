@@ -45,7 +45,8 @@ class TargetsConfig:
         "--refresh-memory-mib, else sketch)", choices=("auto", "sketch", "gradient"))
     refresh_memory_mib: float = setting(
         1024.0, "fp32 memory for the G's of one batched projector refresh (MiB): a 135M model's 30 gate_proj "
-        "take 106, LLaMA-2-7B's 32 take 5,504 (auto then sketches)", minimum=1.0)
+        "take 106, LLaMA-2-7B's 32 take 5,504 (auto then sketches)", minimum=1.0,
+        maximum=1e12)  # its bytes (MiB × 2**20) must fit a 64-bit integer
 
     def __post_init__(self) -> None:
         check_settings(self, "targets")

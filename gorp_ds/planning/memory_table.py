@@ -125,8 +125,8 @@ def read_ds_config(path: str | None, stage: int) -> dict:
     if chosen is None:
         return {}
     try:
-        config = json.loads(chosen.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        config = json.loads(chosen.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError (not UTF-8)
         raise CliError(f"--ds-config {chosen}: {err}") from None
     if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
         raise CliError(f"--ds-config {chosen}: expected a JSON object with a zero_optimization object")

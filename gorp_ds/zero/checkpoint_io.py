@@ -257,7 +257,7 @@ def write_latest(save_dir: str, tag: str, save_index: int = 0) -> None:
 def read_latest(save_dir: str) -> str | None:
     """The tag ``latest`` names, or None when it is missing, empty or unreadable."""
     try:
-        with open(os.path.join(save_dir, LATEST)) as handle:
+        with open(os.path.join(save_dir, LATEST), encoding="utf-8") as handle:
             tag = handle.read().strip()
     except (OSError, UnicodeDecodeError):
         return None
@@ -274,7 +274,7 @@ def remove_leftovers(save_dir: str) -> None:
 
 def read_manifest(tag_dir: str) -> dict[str, Any] | None:
     try:
-        with open(os.path.join(tag_dir, MANIFEST)) as handle:
+        with open(os.path.join(tag_dir, MANIFEST), encoding="utf-8") as handle:
             manifest = json.load(handle)
     except (OSError, ValueError):
         return None

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from torch import nn
 
 from ..optim.gorp import GORP
+from .ds_schema import check_scalars, validate_with_deepspeed
 
 FULL_GRADIENTS = ("projected", "flat")
 REFRESH_FROM = ("auto", "sketch", "gradient")
@@ -28,20 +29,74 @@ class UnsupportedSetupError(ValueError):
 
 
 def load_ds_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
-    """The DeepSpeed config as a dict; a path must name a readable JSON file."""
+    """The DeepSpeed config as a dict; a path must name a readable UTF-8 JSON file whose objects
+    name each key once (``json`` would keep the last of two silently; DeepSpeed's own reader refuses
+    them)."""
     if isinstance(config, dict):
         return dict(config)
     path = os.fspath(config)
     if not os.path.isfile(path):
         raise UnsupportedSetupError(f"DeepSpeed config {path}: file not found (pass --ds_config <file.json>)")
     try:
-        with open(path) as handle:
-            loaded = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise UnsupportedSetupError(f"DeepSpeed config {path}: not valid JSON ({err})") from None
+        with open(path, encoding="utf-8") as handle:
+            loaded = json.load(handle, object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as err:
+        raise UnsupportedSetupError(f"DeepSpeed config {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                                    f"offset {err.start}); save it as UTF-8 JSON") from None
+    except OSError as err:
+        raise UnsupportedSetupError(f"DeepSpeed config {path}: cannot be read ({err.strerror or err})") from None
+    except _DuplicateKey as err:
+        raise UnsupportedSetupError(f"DeepSpeed config {path}: key '{err}' is given twice in one object; keep "
+                                    "one") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise UnsupportedSetupError(f"DeepSpeed config {path}: not valid JSON ({str(err) or 'nested too deeply'})") \
+            from None
     if not isinstance(loaded, dict):
         raise UnsupportedSetupError(f"DeepSpeed config {path}: the top level must be a JSON object")
+    if nesting_depth(loaded) > MAX_NESTING:
+        raise UnsupportedSetupError(f"DeepSpeed config {path}: objects or lists nested deeper than {MAX_NESTING} "
+                                    "levels; DeepSpeed's settings are a few levels deep")
     return loaded
+
+
+# Deeper JSON than settings ever need; Python's copy, repr and pydantic recurse once per level and
+# run out of stack near 1000 (a RecursionError traceback), while json itself loads it.
+MAX_NESTING = 32
+
+
+def nesting_depth(value: Any) -> int:
+    """How many objects or lists deep ``value`` is (0 for a plain value), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        node, depth = todo.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            deepest = max(deepest, depth)
+            continue
+        deepest = max(deepest, depth + 1)
+        todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _DuplicateKey(key)
+        found[key] = value
+    return found
+
+
+def check_ds_config_file(path: str) -> None:
+    """The DeepSpeed JSON's contents, checked before the process group starts (every rank reads the
+    same file, so every rank stops with the same line). A file this node cannot see is left to the
+    start-up checks after the group starts, which tell every rank of a problem one node found."""
+    if os.path.isfile(path):
+        check_supported(load_ds_config(path), path)
 
 
 def _enabled(section: Any) -> bool:
@@ -50,6 +105,8 @@ def _enabled(section: Any) -> bool:
 
 def _offload_device(zero: dict[str, Any], key: str) -> Any:
     section = zero.get(key)
+    if isinstance(section, str):  # "offload_optimizer": "cpu" means an offload as much as {"device": "cpu"}
+        return section
     return section.get("device", "none") if isinstance(section, dict) else "none"
 
 
@@ -68,6 +125,9 @@ def check_supported(config: dict[str, Any], source: str = "DeepSpeed config") ->
             refuse(section, f"is {config[section]!r}, not an object",
                    f'write it as an object, e.g. "{section}": {{"stage": 2}}' if section == "zero_optimization"
                    else f'write it as an object, e.g. "{section}": {{"enabled": true}}')
+    fail = lambda message: UnsupportedSetupError(f"{source}: {message}")  # noqa: E731
+    check_scalars(config, fail)
+    _check_switches(config, refuse)
     clip = config.get("gradient_clipping")
     # DeepSpeed reads any value: NaN turns every gradient into NaN (each step then skipped as
     # non-finite), a negative one flips the gradients' sign, neither with a message.
@@ -107,7 +167,34 @@ def check_supported(config: dict[str, Any], source: str = "DeepSpeed config") ->
         refuse("optimizer", "is set, but the optimizer is GORP (given in code)", "remove the \"optimizer\" section")
     if zero.get("zenflow"):
         refuse("zero_optimization.zenflow", "is set", "remove it")
+    for key, active in (("prescale_gradients", config.get("prescale_gradients") is True),
+                        ("gradient_predivide_factor", config.get("gradient_predivide_factor", 1.0) != 1.0)):
+        if active:
+            # DeepSpeed's ZeRO-2/3 reduce-scatter refuses both (an assertion at engine build), and the
+            # projected full-rank gradients are averaged by GORP's own reduction, which applies neither.
+            refuse(key, f"is {json.dumps(config[key])}; gradients are averaged over the ranks after their reduction, which "
+                   "GORP's projected gradients and ZeRO-2/3's reduce-scatter do without pre-scaling",
+                   f"remove {key} (it exists for fp16's range, and fp16 is not supported with GORP)")
+    # Last: DeepSpeed's own model of every section (types, ranges, unknown keys), on what the
+    # refusals above let through.
+    validate_with_deepspeed(config, fail)
     return stage
+
+
+# Booleans gorp_ds reads itself: a string "false" would count as true here while DeepSpeed's model
+# reads it as false, so each must be a JSON true/false (or null).
+SWITCHES = {"bf16": ("enabled",), "fp16": ("enabled",), "torch_autocast": ("enabled",), "tensorboard": ("enabled",),
+            "zero_optimization": ("cpu_offload", "zero_quantized_weights", "zero_quantized_nontrainable_weights",
+                                  "zero_quantized_gradients", "compute_grad_norm", "overlap_comm")}
+
+
+def _check_switches(config: dict[str, Any], refuse: Refuse) -> None:
+    for section, keys in SWITCHES.items():
+        values = config.get(section)
+        for key in keys if isinstance(values, dict) else ():
+            value = values.get(key)
+            if value is not None and not isinstance(value, bool):
+                refuse(f"{section}.{key}", f"is {value!r}", "use true or false (JSON booleans, without quotes)")
 
 
 def _check_stage3(zero: dict[str, Any], refuse: Refuse) -> None:
@@ -122,16 +209,20 @@ def _check_stage3(zero: dict[str, Any], refuse: Refuse) -> None:
                "partitions and DeepSpeed's parameter offload needs its own CPU optimizer)",
                "remove zero_optimization.offload_param (ZeRO-3 already partitions the frozen base weights "
                "across the GPUs)")
-    if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+    if _number(zero.get("zero_hpz_partition_size")) > 1:  # a wrong type: DeepSpeed's model names it (last)
         refuse("zero_optimization.zero_hpz_partition_size", f"is {zero['zero_hpz_partition_size']}; hierarchical "
                "secondary partitions are not supported by GORP", "remove it (or set it to 1)")
     for key in ("zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients"):
         if zero.get(key):
             refuse(f"zero_optimization.{key}", "is true; quantized ZeRO-3 weights or gradients change the values "
                    "GORP's masters and projected gradients are computed from", f"remove zero_optimization.{key}")
-    if int(zero.get("mics_shard_size", -1) or -1) > 0:
+    if _number(zero.get("mics_shard_size")) > 0:
         refuse("zero_optimization.mics_shard_size", f"is {zero['mics_shard_size']}; MiCS sharding is not supported "
                "by GORP", "remove it (plain ZeRO-3 partitions over all ranks)")
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def check_initialize_arguments(optimizer: Any, kwargs: dict[str, Any]) -> None:

@@ -57,10 +57,11 @@ def one_rank_env(**extra: str) -> dict[str, str]:
 
 
 def launch_train(args: Iterable[str], *, env: dict[str, str], timeout: int, num_gpus: int = 2,
-                 cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus <num_gpus> --master_port <free> launch/train.py <args>``, output captured."""
+                 cwd: Path = REPO, script: Path = TRAIN) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus <num_gpus> --master_port <free> launch/train.py <args>`` (or another
+    ``script``), output captured."""
     port = free_port()
-    command = [deepspeed(), "--num_gpus", str(num_gpus), "--master_port", str(port), str(TRAIN), *args]
+    command = [deepspeed(), "--num_gpus", str(num_gpus), "--master_port", str(port), str(script), *args]
     try:
         return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     finally:

@@ -143,7 +143,7 @@ def test_only_the_distributors_and_the_patches_reach_into_deepspeed() -> None:
     """docs/architecture.md: DeepSpeed's internals are known to ``gorp_ds/zero/distributor/`` and
     ``gorp_ds/zero/deepspeed_patches.py`` only; elsewhere ``import deepspeed`` (its public
     ``initialize``/``init_distributed``) and nothing below it."""
-    allowed = ("zero/distributor/", "zero/deepspeed_patches.py")
+    allowed = ("zero/distributor/", "zero/deepspeed_patches.py", "zero/ds_schema.py")
     wrong = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE).as_posix()
