@@ -25,7 +25,7 @@ equal work). Timing: ``--warmup`` untimed calls of each decoder, then ``--repeat
 call of each (alternating, so drift hits both alike), each call between ``torch.cuda.synchronize()``;
 the median is reported. Each measurement is appended to ``<out>/eval_throughput.jsonl`` and the
 table ``<out>/eval_throughput.md`` is rewritten as results come, so a timeout keeps what was
-measured. Needs torch and transformers only (not deepspeed, no data files).
+measured. Needs the project's Python dependencies (torch, transformers, pydantic), not deepspeed, and no data files.
 
     python bench/eval_throughput.py --out $OUT --shapes 135m,7b --batch-sizes 1,8,32,64    # one GPU
     python bench/eval_throughput.py --smoke --out /tmp/eval_tp                              # CPU, seconds
