@@ -36,6 +36,22 @@ def markdown_table(method: str, task_names: list[str], r: list[list[float] | Non
     return "\n".join(lines) + "\n"
 
 
+def eval_tasks_table(result: dict[str, Any]) -> str:
+    """The eval tasks' rows (--eval-tasks, never trained) and their metrics; "" without eval tasks."""
+    section = result.get("eval_tasks")
+    if not section:
+        return ""
+    names, rows = section["tasks"], section["R"]
+    lines = ["", "Eval tasks (never trained):", "", "| after \\ on | " + " | ".join(names) + " |",
+             "|" + "---|" * (len(names) + 1)]
+    for i, row in enumerate(rows):
+        cells = " | ".join(_fmt(v) for v in row) if row is not None else " | ".join("–" for _ in names)
+        lines.append(f"| {_row_label(i, result['tasks'], False)} | {cells} |")
+    m = section["metrics"]
+    lines += ["", "| eval mean | generalisation |", "|---|---|", f"| {_fmt(m['eval_mean'])} | {_fmt(m['generalisation'])} |"]
+    return "\n".join(lines) + "\n"
+
+
 def heatmap(path: str, method: str, task_names: list[str], r: list[list[float] | None], eval_only: bool = False) -> None:
     import matplotlib
 
@@ -69,7 +85,7 @@ def write_method_results(out_dir: str, result: dict[str, Any]) -> None:
     os.replace(tmp, os.path.join(out_dir, "results.json"))
     with open(os.path.join(out_dir, "results.md"), "w") as handle:
         handle.write(markdown_table(result["method"], result["tasks"], result["R"], result["metrics"],
-                                    eval_only=bool(result.get("eval_only"))))
+                                    eval_only=bool(result.get("eval_only"))) + eval_tasks_table(result))
     heatmap(os.path.join(out_dir, "R.png"), result["method"], result["tasks"], result["R"],
             eval_only=bool(result.get("eval_only")))
 
@@ -99,11 +115,17 @@ def write_predictions(out_dir: str, row: int | str, task_names: list[str],
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| method | AA | BWT | FWT | forgetting | train s | peak memory GiB |", "|---|---|---|---|---|---|---|"]
+    # --eval-tasks add two columns: the eval tasks' mean after the sequence and its generalisation.
+    unseen = any(r.get("eval_tasks") for r in results)
+    extra = (" eval mean | generalisation |", "---|---|") if unseen else ("", "")
+    lines = ["| method | AA | BWT | FWT | forgetting | train s | peak memory GiB |" + extra[0],
+             "|---|---|---|---|---|---|---|" + extra[1]]
     for r in results:
         m = r["metrics"]
+        e = (r.get("eval_tasks") or {}).get("metrics", {})
+        cells = f" {_fmt(e.get('eval_mean'))} | {_fmt(e.get('generalisation'))} |" if unseen else ""
         lines.append(f"| {r['method']} | {_fmt(m['AA'])} | {_fmt(m['BWT'])} | {_fmt(m['FWT'])} | "
-                     f"{_fmt(m['forgetting'])} | {r['timings']['train_s']:.0f} | {_gib(r.get('peak_memory_gib'))} |")
+                     f"{_fmt(m['forgetting'])} | {r['timings']['train_s']:.0f} | {_gib(r.get('peak_memory_gib'))} |" + cells)
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +138,8 @@ def write_summary(out_dir: str, results: list[dict[str, Any]]) -> str:
     with open(os.path.join(out_dir, "summary.md"), "w") as handle:
         handle.write("# Methods compared\n\n" + table + "\n")
         for r in results:
-            handle.write("\n" + markdown_table(r["method"], r["tasks"], r["R"], r["metrics"]))
+            handle.write("\n" + markdown_table(r["method"], r["tasks"], r["R"], r["metrics"]) + eval_tasks_table(r))
     with open(os.path.join(out_dir, "summary.json"), "w") as handle:
-        json.dump({r["method"]: r["metrics"] for r in results}, handle, indent=2)
+        json.dump({r["method"]: {**r["metrics"], **(r.get("eval_tasks") or {}).get("metrics", {})} for r in results},
+                  handle, indent=2)
     return table
