@@ -106,7 +106,7 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
     agree_on_errors(problem)
     decision = settle_output_dir(cfg, ds_config, _world())
     log.info(f"{len(tasks)} tasks: {' → '.join(t.name for t in tasks)}"
-             + (f"; eval tasks (never trained): {', '.join(t.name for t in unseen)}" if unseen else "") + "; methods: {', '.join(cfg.runner.methods)}; "
+             + (f"; eval tasks (never trained): {', '.join(t.name for t in unseen)}" if unseen else "") + f"; methods: {', '.join(cfg.runner.methods)}; "
              f"{_world()} ranks, global batch {cfg.runner.global_batch_size}, {torch.get_num_threads()} CPU threads per rank")
     return tasks, ds_config, decision
 
