@@ -40,7 +40,7 @@ class DataConfig:
     tasks: list[str] | None = setting(None, "task sequence: embedded names, task folders or paths relative to "
                                             "--data-dir, or hf:<dataset>", on_resume="fixed")
     order: str | None = setting(None, "named order: 1-3 (the papers' 4-task orders), 4-6 (their 15-task orders), "
-                                      "shared10 (the ten tasks of ../shared/cl_benchmark) or A, B, C (4-task "
+                                      "shared10 (ten tasks of the long orders; docs/protocol.md) or A, B, C (4-task "
                                       "substitutes); needs --data-dir; not with --tasks", on_resume="fixed")
     allow_substitutes: bool = setting(False, "run a named order whose tasks are not all in --data-dir without the "
                                              "missing ones (they are named in the log; docs/protocol.md)", on_resume="fixed")

@@ -44,7 +44,7 @@ SUBSTITUTE_ORDERS: dict[str, tuple[str, ...]] = {
     "C": ("yelp", "dbpedia", "agnews", "amazon"),
 }
 
-#: The ten tasks of the project's shared CL_Benchmark copy (../shared/cl_benchmark) as one sequence:
+#: The ten tasks of the project's shared CL_Benchmark copy (docs/protocol.md) as one sequence:
 #: order 4 without the five tasks that copy lacks (MNLI, WiC, QQP, BoolQA, yahoo), so it is what
 #: ``--order 4 --allow-substitutes`` runs there, under a name of its own.
 SHARED_ORDERS: dict[str, tuple[str, ...]] = {
