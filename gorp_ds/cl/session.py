@@ -50,6 +50,7 @@ from .monitor import Monitor
 from .nonfinite import NonFiniteError, NonFiniteGuard, poison_gradient
 from .progress import Progress, tags_to_prune, task_number
 from .run_dir import compare, describe_changes, recorded_settings
+from .wandb_log import open_wandb, take_wandb_section
 
 log = get_logger(__name__)
 
@@ -110,13 +111,13 @@ class MethodSession:
                                    for g in self.optimizer.param_groups]
         self.guard = NonFiniteGuard(method, cfg.runner.max_bad_steps)
         self.settings = recorded_settings(cfg, ds_config, self.world)  # recorded in checkpoints
-        ds_config = {**ds_config}
+        ds_config, wandb_section = take_wandb_section(ds_config)  # the project writes to W&B, not DeepSpeed
         if isinstance(ds_config.get("tensorboard"), dict):
             ds_config["tensorboard"] = {**ds_config["tensorboard"], "job_name": method}
         self.engine, _, _, _ = initialize(model=model, optimizer=self.optimizer, config=ds_config,
                                             full_gradients=cfg.targets.full_gradients, refresh_from=cfg.targets.refresh_from,
                                             refresh_memory_mib=cfg.targets.refresh_memory_mib)
-        self.monitor = Monitor(self.engine)
+        self.monitor = Monitor(self.engine, open_wandb(wandb_section, method, self.rank, self.settings))
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A (fp32 master) of every finished task
         # The method's loss penalty (MethodSpec.penalty), once there are finished tasks: a callable
@@ -458,6 +459,7 @@ class MethodSession:
                      f"{progress.global_step}), applied from here: {describe_changes(changed)}")
 
     def close(self) -> None:
+        self.monitor.close()
         self.engine.destroy()
         del self.engine
         if torch.cuda.is_available():

@@ -191,6 +191,8 @@ CASES = [
     "preset_unknown", "order_in_file_and_tasks_flag", "method_unknown_in_file", "methods_flag_alias",
     "lora_r_zero_in_section", "setting_given_twice_in_file", "rank_null_in_file", "preset_file_bad_value",
     "max_train_zero", "eval_samples_zero",
+    # --- issue 25: the W&B section (gorp_ds/cl/wandb_log.py)
+    "ds_wandb_not_an_object", "ds_wandb_unknown_field",
 ]
 
 
@@ -273,6 +275,10 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
                                   (str(tmp / "ds_two.json"), "zero_optimization.stage", "'two'", "1, 2 or 3")),
         "ds_zero_not_an_object": ({"--ds_config": _ds(tmp / "ds_yes.json", zero_optimization="yes")},
                                   (str(tmp / "ds_yes.json"), "'zero_optimization'", "not an object")),
+        "ds_wandb_not_an_object": ({"--ds_config": _ds(tmp / "ds_wandb_yes.json", wandb="yes")},
+                                   (str(tmp / "ds_wandb_yes.json"), "'wandb'", "not an object")),
+        "ds_wandb_unknown_field": ({"--ds_config": _ds(tmp / "ds_wandb_typo.json", wandb={"enabled": True, "projekt": "x"})},
+                                   (str(tmp / "ds_wandb_typo.json"), "'wandb.projekt'", "enabled, project, group, team")),
         "ds_scheduler": ({"--ds_config": _ds(tmp / "ds_sched.json", scheduler={
                              "type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-4}})},
                          (str(tmp / "ds_sched.json"), "'scheduler'", "--lr-lora", "remove")),
