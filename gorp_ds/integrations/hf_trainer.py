@@ -38,6 +38,7 @@ from ..data.config import DataConfig
 from ..data.prompting import PromptFormat
 from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
 from ..data.tasks import Task
+from ..export.hf_dir import export_hf_dir
 from ..log import get_logger
 from ..models import add_lora, build_param_groups, merge_and_reinit_, method_spec
 from ..models.lora import (
@@ -166,6 +167,10 @@ class GorpTrainer(Trainer):
         self.task_index += 1
         log.info(f"[{self.spec.name}] task {self.task_index} closed; S columns: {sum(sizes.values())} over {len(sizes)} tensors")
         return sizes
+
+    def export(self, directory: str, dtype: torch.dtype = torch.float32) -> None:
+        """The model as a Hugging Face directory with every LoRA merged (the runner's ``export/``)."""
+        export_hf_dir(self.model, self.distributor, self.processing_class, dtype, directory, desc="export")
 
     def train_tasks(self, datasets: Sequence[Dataset],
                     after_task: Callable[[GorpTrainer, int], None] | None = None) -> list[TrainOutput]:
