@@ -31,7 +31,8 @@ DEEPSPEED_OWN = "Train/Samples/"  # DeepSpeed's monitor events (TensorBoard only
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path, str]:
+def launched(tmp_path_factory, tiny_model_dir) -> tuple[Path, dict[str, Path], str]:
+    """The run's output directory, ``{method: its W&B run file}``, and what the launch printed."""
     if not has_inspect():
         pytest.skip("this wandb has no `wandb leet inspect` to read an offline run with")
     tmp = tmp_path_factory.mktemp("wandb_run")
@@ -48,7 +49,7 @@ def launched(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path, str]:
                         env=clean_env(WANDB_MODE="offline", WANDB_DIR=str(wandb_dir)), timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
-    return out, wandb_dir, output
+    return out, offline_runs(wandb_dir), output
 
 
 def test_no_scalar_rejected(launched) -> None:
@@ -58,15 +59,15 @@ def test_no_scalar_rejected(launched) -> None:
 
 
 def test_one_run_per_method_from_rank_0(launched) -> None:
-    _, wandb_dir, _ = launched
-    assert sorted(offline_runs(wandb_dir)) == sorted(METHODS)  # rank 1 opened none
+    _, runs, _ = launched
+    assert sorted(runs) == sorted(METHODS)  # rank 1 opened none
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_wandb_history_equals_tensorboard(launched, method) -> None:
-    out, wandb_dir, _ = launched
+    out, runs, _ = launched
     board = read_scalars(out, method)
-    wandb = history_by_axis(offline_runs(wandb_dir)[method], AXES)
+    wandb = history_by_axis(runs[method], AXES)
     ours = {tag: _one_per_step(tag, points) for tag, points in board.items() if not tag.startswith(DEEPSPEED_OWN)}
     assert set(wandb) == set(ours), (sorted(set(wandb) ^ set(ours)))
     for tag, points in ours.items():
