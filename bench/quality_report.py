@@ -17,7 +17,8 @@ from typing import Any
 METRICS = ("AA", "BWT", "FWT", "forgetting")
 # Run settings that say where a run's files go, not what it learns: left out of configuration comparisons.
 NOT_LEARNING = frozenset({"output_dir", "data_dir", "checkpoints", "keep_checkpoints", "save_every", "export",
-                          "export_every_task", "predictions", "profile", "eval_batch_size"})
+                          "export_every_task", "export_adapters", "predictions", "profile", "eval_batch_size",
+                          "eval_decoder"})
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:

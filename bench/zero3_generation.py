@@ -11,8 +11,10 @@ generated token. ``Distributor.for_generation(strategy)`` offers two strategies,
 Each rank builds the same random LLaMA (LoRA r=8 on q, v; ``mlp.gate_proj`` a GORP full-rank target)
 under gorp_ds.initialize with stage 3 (``stage3_param_persistence_threshold`` given by
 ``--persistence``: 0 partitions even this tiny model's tensors), then for each strategy times
-``greedy_generate`` (the evaluation's decoder loop) on a batch of random prompts, and checks the tokens
-against the unpartitioned model's (fp32: identical). One JSON line per measurement, a table at the end,
+the evaluation's decoder (``--decoder``: ``generate``, transformers' generate(), or ``loop``, our greedy
+loop) on a batch of random prompts, checks the tokens against the unpartitioned model's (fp32:
+identical) and counts the collectives issued while decoding, beyond those of entering and leaving
+``for_generation`` (``gather``: none, whatever the number of tokens). One JSON line per measurement, a table at the end,
 results appended to ``--out-dir/zero3_generation.jsonl`` as they come.
 
     python bench/zero3_generation.py --ranks 2                    # CPU (gloo ranks spawned here)
@@ -52,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per strategy (after one warm-up)")
     parser.add_argument("--persistence", type=int, default=0, help="stage3_param_persistence_threshold")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--decoder", default=None, help="generate or loop (default: the evaluation's default)")
     parser.add_argument("--out-dir", default=None, help="append results to <dir>/zero3_generation.jsonl")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = parser.parse_args(argv)
@@ -93,16 +96,20 @@ def measure(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
     import torch.distributed as dist
 
     import gorp_ds
-    from gorp_ds.cl.evaluate import greedy_generate
+    from gorp_ds.cl.evaluate import DECODERS, DEFAULT_DECODER
     from gorp_ds.optim import GORP
+    from tests.support.lowrank_scenarios import CollectiveCounter
+
+    decoder_name = args.decoder or DEFAULT_DECODER
+    decode = DECODERS[decoder_name]
 
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
     model, groups = build_model(args, device)
     model.to(device)  # the LoRA factors
     ids, mask = prompts(args, device)
-    never = -1  # no end-of-sequence: every row generates --new-tokens tokens
+    never = args.vocab  # an end-of-sequence id the head cannot produce: every row generates --new-tokens tokens
     with torch.no_grad():
-        reference = greedy_generate(model, ids, mask, args.new_tokens, never).cpu()  # unpartitioned model
+        reference = decode(model, ids, mask, args.new_tokens, never, 0).cpu()  # unpartitioned model
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": args.persistence},
                  "bf16": {"enabled": args.dtype == "bf16"}}
@@ -116,18 +123,25 @@ def measure(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
                 torch.cuda.synchronize()
             dist.barrier()
             start = time.perf_counter()
-            with handle.for_generation(strategy) as used:
-                tokens = greedy_generate(engine.module, ids, mask, args.new_tokens, never)
+            with handle.for_generation(strategy) as used, torch.no_grad():
+                tokens = decode(engine.module, ids, mask, args.new_tokens, never, 0)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if repeat:  # the first one warms up (traces, caches)
                 times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
-        result = {"strategy": used, "world": world, "rank": rank, "hidden": args.hidden, "layers": args.layers,
+        calls = []  # collectives of for_generation alone, then with a generation inside
+        for generate in (False, True):
+            with CollectiveCounter() as counter, handle.for_generation(strategy), torch.no_grad():
+                if generate:
+                    decode(engine.module, ids, mask, args.new_tokens, never, 0)
+            calls.append(len(counter.calls))
+        result = {"strategy": used, "decoder": decoder_name, "world": world, "rank": rank, "hidden": args.hidden, "layers": args.layers,
                   "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                   "dtype": args.dtype, "persistence": args.persistence, "seconds": round(seconds, 4),
                   "tokens_per_s": round(args.batch * args.new_tokens / seconds, 1),
                   "same_tokens_as_unpartitioned": bool(torch.equal(tokens.cpu(), reference)),
+                  "collectives_while_decoding": calls[1] - calls[0],
                   "device": device.type}
         results.append(result)
         if rank == 0:
@@ -141,10 +155,11 @@ def measure(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| strategy | world | tokens/s (per rank) | s per generation | tokens = unpartitioned |", "|---|---|---|---|---|"]
+    lines = ["| strategy | decoder | world | tokens/s (per rank) | s per generation | tokens = unpartitioned | "
+             "collectives while decoding |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['strategy']} | {r['world']} | {r['tokens_per_s']:,.1f} | {r['seconds']:.3f} | "
-                     f"{'yes' if r['same_tokens_as_unpartitioned'] else 'NO'} |")
+        lines.append(f"| {r['strategy']} | {r['decoder']} | {r['world']} | {r['tokens_per_s']:,.1f} | {r['seconds']:.3f} | "
+                     f"{'yes' if r['same_tokens_as_unpartitioned'] else 'NO'} | {r['collectives_while_decoding']} |")
     return "\n".join(lines)
 
 
@@ -187,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results))
         if any(not r["same_tokens_as_unpartitioned"] for r in results) and args.dtype == "fp32":
             print("ERROR: a strategy generated other tokens than the unpartitioned model", file=sys.stderr)
+            return 1
+        if any(r["strategy"] == "gather" and r["collectives_while_decoding"] for r in results):
+            print("ERROR: the model gathered once still communicates while decoding", file=sys.stderr)
             return 1
     return 0
 

@@ -34,6 +34,7 @@ from ..models.methods import METHODS
 from ..models.roles import TargetsConfig
 from ..optim.config import OptimizerConfig
 from ..settings import SettingError, check_settings, setting
+from .evaluate import DECODERS, DEFAULT_DECODER
 
 RESUME_MODES = ("off", "on", "auto")
 # --model embedded with no --preset: the embedded model's preset; with no data settings either, the
@@ -71,6 +72,10 @@ class RunnerConfig:
     micro_batch_size: int = setting(1, "examples per forward pass and rank (0: the whole global batch per rank, "
                                        "no accumulation)", minimum=0, on_resume="fixed")
     eval_batch_size: int = setting(64, "examples per generation batch in evaluation", minimum=1, on_resume="ignored")
+    # choices: the decoder registry (gorp_ds/cl/evaluate.py); both give the same tokens.
+    eval_decoder: str = setting(DEFAULT_DECODER, "how evaluation decodes: generate (transformers' generate()) or "
+                                "loop (our own greedy loop; bench/eval_throughput.py compares them)",
+                                choices=DECODERS, on_resume="ignored")
     # 0 .. 2**32-1: the data order reads the seed's low 32 bits (a larger one would alias a smaller
     # one's order) and torch.manual_seed / numpy refuse what does not fit 64 bits with a traceback.
     seed: int = setting(0, "seed of the data order, sampling and LoRA re-initialisation", minimum=0,
@@ -88,6 +93,10 @@ class RunnerConfig:
     profile: bool = setting(False, "time every training phase and projector refresh with device syncs (slower)", on_resume="ignored")
     export: bool = setting(True, "write <output-dir>/<method>/export/ (a Hugging Face directory, LoRA merged)", on_resume="ignored")
     export_every_task: bool = setting(False, "also write export/task_XX/ after every task", on_resume="ignored")
+    export_adapters: bool = setting(True, "after every task of a LoRA method, write export/task_XX/adapter/ (the task's "
+                                          "LoRA as a PEFT adapter on the model before the task) and, with --full-targets, "
+                                          "export/task_XX/full_delta.safetensors (their change in fp32: 4 bytes per "
+                                          "element per task)", on_resume="ignored")
     predictions: bool = setting(True, "write every evaluation's generations as JSONL under <method>/predictions/", on_resume="ignored")
     eval_only: bool = setting(False, "evaluate --model (an exported directory or a checkpoint) on the task list; "
                                      "no training", on_resume="fixed")

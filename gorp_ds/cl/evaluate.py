@@ -4,12 +4,15 @@ Each rank generates answers for every ``world``-th test example of every task; c
 summed over ranks with one all-reduce; the generations themselves can be gathered to rank 0 for
 the predictions files. An answer is correct when the normalised generation
 (lower case, punctuation and surplus white space removed, cut at the first newline) equals the
-normalised label (docs/algorithm.md §7).
+normalised label (docs/algorithm.md §7). Decoding is greedy, by transformers' generate() or by our
+own loop (:data:`DECODERS`, ``--eval-decoder``): the same tokens either way.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,22 +25,62 @@ from ..data.tasks import Example, Task
 from ..data.tokenize import encode_prompts, is_correct, normalize_answer
 
 
+def _core(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (its LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@torch.no_grad()
+def hf_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                eos_token_id: int, pad_token_id: int | None = None) -> torch.Tensor:
+    """Greedy decoding of a left-padded ``B × L`` batch by transformers' ``generate()`` (KV cache,
+    the LM head on the last position only): ``B × n`` new tokens, ``n <= max_new_tokens`` (it stops
+    when every row has ended); after a row's end-of-sequence token come ``pad_token_id``s (default:
+    the end-of-sequence id).
+
+    Only the settings given here decide the result: the model's own ``generation_config`` (a
+    checkpoint's ``generation_config.json`` may hold a temperature, ``max_length`` or a repetition
+    penalty) fills every setting a call leaves unset, so it is swapped for this call's, which
+    also keeps generate() from warning about sampling flags under greedy decoding.
+    ``synced_gpus=False``: under ZeRO-3 the caller has gathered the whole model first
+    (``Distributor.for_generation``), so a rank's forward passes need no other rank.
+    """
+    from transformers import GenerationConfig
+
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
+                              eos_token_id=eos_token_id, pad_token_id=pad)
+    core = _core(model)
+    saved = core.generation_config
+    core.generation_config = config
+    try:
+        out = core.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                            synced_gpus=False)  # B × (L + n)
+    finally:
+        core.generation_config = saved
+    return out[:, input_ids.shape[1]:]
+
+
+@functools.cache
+def _cache_argument(forward_class: type) -> str:
+    """The decoder's name for its KV cache: newer transformers call it ``cache`` (argument and
+    output field) and warn on the old name ``past_key_values``; older ones know only the old name."""
+    return "cache" if "cache" in inspect.signature(forward_class.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    max_new_tokens: int, eos_token_id: int) -> torch.Tensor:
-    """Greedy decoding of a left-padded batch: ``B × n`` new tokens (``n <= max_new_tokens``;
-    after a row's end-of-sequence token it repeats that token).
+                    max_new_tokens: int, eos_token_id: int, pad_token_id: int | None = None) -> torch.Tensor:
+    """The same decoding as :func:`hf_generate` (the tests compare them token for token) by a loop
+    of our own (``--eval-decoder loop``, kept for bench/eval_throughput.py's comparison).
 
-    Equivalent to ``generate(do_sample=False)`` (the tests compare them token for token) but runs
-    the LM head only on each row's last position, as one contiguous ``B × hidden`` matrix: the
-    strided slice that ``generate`` hands the head hits a slow bf16 path on CPUs (6× the whole
-    forward pass), and answers here are only a few tokens long.
+    It calls the decoder directly and runs the LM head only on each row's last position, as one
+    contiguous ``B × hidden`` matrix (generate() hands the head a strided ``B × 1 × hidden`` slice).
     """
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = _core(model)
     decoder, head = core.get_decoder(), core.get_output_embeddings()
-    # Newer transformers name the cache `cache` (argument and output field) and warn, once per
-    # process, on the old name `past_key_values`; older ones know only `past_key_values`.
-    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    cache_arg = _cache_argument(type(decoder))
+    pad = eos_token_id if pad_token_id is None else pad_token_id
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # B × L, left padding aware
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
     mask, position = attention_mask, positions[:, -1:]
@@ -45,7 +88,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     tokens = []
     for step in range(max_new_tokens):
         token = head(out.last_hidden_state[:, -1, :].contiguous()).argmax(-1)  # B
-        token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+        token = torch.where(finished, torch.full_like(token, pad), token)
         tokens.append(token)
         finished |= token == eos_token_id
         if step + 1 == max_new_tokens or bool(finished.all()):
@@ -55,6 +98,11 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         out = decoder(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
                       **{cache_arg: getattr(out, cache_arg)})
     return torch.stack(tokens, dim=1)
+
+
+# --eval-decoder: both give the same tokens; bench/eval_throughput.py measures which is faster.
+DECODERS: dict[str, Callable[..., torch.Tensor]] = {"generate": hf_generate, "loop": greedy_generate}
+DEFAULT_DECODER = "generate"
 
 
 def _label_budget(tokenizer, task: Task, fmt: PromptFormat) -> int:
@@ -87,10 +135,13 @@ def evaluate_row(
     prompt_format: PromptFormat | None = None,
     max_new_tokens: int | None = None,
     predictions: bool = False,
+    decoder: str = DEFAULT_DECODER,
 ) -> Evaluation:
     """Accuracy in percent for each task (macro: one number per task). ``max_length`` is the prompt
     budget; ``max_new_tokens`` (default: the longest label + 1) the generation budget. With
-    ``predictions`` every rank's generations are gathered to rank 0 and put in test-set order."""
+    ``predictions`` every rank's generations are gathered to rank 0 and put in test-set order.
+    ``decoder`` names the decoding (:data:`DECODERS`)."""
+    generate = DECODERS[decoder]
     fmt = prompt_format or PromptFormat()
     device = next(model.parameters()).device
     was_training = model.training
@@ -107,8 +158,9 @@ def evaluate_row(
             prompts = [fmt.prompt(tokenizer, task, examples[i]) for i in chunk]
             batch = encode_prompts(tokenizer, prompts, max_length, fmt.add_special_tokens)
             batch = {k: v.to(device) for k, v in batch.items()}
-            new_tokens = greedy_generate(model, batch["input_ids"], batch["attention_mask"], budget,
-                                         tokenizer.eos_token_id)
+            # A row that has ended is filled with EOS (pad_token_id left unset): decoding skips it as it
+            # skips the EOS itself, whatever the tokenizer's pad token is.
+            new_tokens = generate(model, batch["input_ids"], batch["attention_mask"], budget, tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for i, text in zip(chunk, texts):
                 correct = is_correct(text, examples[i].label)

@@ -24,6 +24,7 @@ from ..zero import UnsupportedSetupError, check_supported, load_ds_config
 from .agree import agree_on_errors, in_user_terms
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .evaluate import Evaluation
+from .lr_schedule import check_schedule
 from .metrics import all_metrics
 from .peak_memory import PeakMemory
 from .preemption import Preempted
@@ -31,9 +32,11 @@ from .preemption import current as current_preemption
 from .preflight import preflight
 from .process_group import init_process_group
 from .progress import Progress, task_number
+from .prompt_record import write_prompt_record
 from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
 from .run_dir import Decision, path_problem, run_settings, settle_output_dir
 from .session import MethodSession, mixed_task
+from .task_export import TaskExports
 from .user_errors import USER_ERRORS
 from .wandb_log import wandb_problem
 
@@ -96,6 +99,7 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
         except DataError as err:
             raise ConfigError(in_user_terms(str(err), cfg.written_as)) from None
         check_budgets(cfg, tasks)
+        check_schedule(cfg, tasks)
         preflight(cfg)
     except USER_ERRORS as err:
         problem = err
@@ -149,7 +153,9 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
     if 0 not in progress.rows:
         evaluation, progress.timings["eval_s/0"] = session.evaluate()
         record_row(session, progress, 0, evaluation)
+    exports = TaskExports(session)  # per task: the PEFT adapter and the full targets' delta
     for t in range(progress.task, len(schedule)):
+        exports.task_started(t, progress)
         session.train_task(t, schedule[t], progress, on_checkpoint=session.save, total_tasks=len(schedule))
         # The LoRA merge (fp32, from the masters) comes before the row: R[row] is measured on
         # exactly the weights an export after this task writes.
@@ -162,12 +168,14 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         progress.task, progress.step = t + 1, 0
         if cfg.runner.export_every_task:
             export(session, progress, f"task_{task_number(t):02d}")
+        exports.task_finished(t, schedule[t].name)
         tag = session.save(progress)
         if t + 1 < len(schedule) and session.preemption.should_stop():  # signalled during eval/boundary
             raise Preempted(tag)
         log_eta(method, progress, len(schedule))
     if cfg.runner.export:
         export(session, progress, "final")
+    exports.close()
     result = assemble(method, tasks, cfg, progress, time.perf_counter() - started, peak)
     session.monitor.metrics(result["metrics"], progress.global_step)
     if session.rank == 0:
@@ -181,6 +189,7 @@ def export(session: MethodSession, progress: Progress, label: str) -> None:
     directory = os.path.join(session.out_dir, "export", "" if label == "final" else label).rstrip("/")
     info = session.export(directory)
     if info is not None:
+        write_prompt_record(session.tasks, session.tokenizer, session.cfg, session.method, directory)
         progress.timings[f"export_s/{label}"] = info.seconds
         progress.timings[f"export_bytes/{label}"] = float(info.bytes)
 

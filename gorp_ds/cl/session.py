@@ -43,10 +43,12 @@ from ..models.lora import (
     replay_lora_merges_,
 )
 from ..optim import GORP
+from ..optim.role_scheduler import RoleScheduler
 from ..zero import CheckpointError, has_checkpoint, initialize, load_checkpoint, save_checkpoint
 from . import preemption
 from .config import RunConfig
 from .evaluate import Evaluation, evaluate_row
+from .lr_schedule import build_schedule, position
 from .monitor import Monitor
 from .nonfinite import NonFiniteError, NonFiniteGuard, poison_gradient
 from .progress import Progress, tags_to_prune, task_number
@@ -119,6 +121,11 @@ class MethodSession:
                                             full_gradients=cfg.targets.full_gradients, refresh_from=cfg.targets.refresh_from,
                                             refresh_memory_mib=cfg.targets.refresh_memory_mib)
         self.monitor = Monitor(self.engine, open_wandb(wandb_section, method, self.rank, self.settings))
+        # The learning-rate schedule over GORP's groups (the ones every ZeRO stage's step reads),
+        # one span per task trained; stepped after each optimizer step, positioned on resume.
+        self.lr_spans = ([sum(map(self.steps_for, tasks))] if self.spec.mixed_tasks
+                         else [self.steps_for(t) for t in tasks])
+        self.lr_schedule = RoleScheduler(self.optimizer, build_schedule(cfg, self.lr_spans))
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A (fp32 master) of every finished task
         # The method's loss penalty (MethodSpec.penalty), once there are finished tasks: a callable
@@ -192,6 +199,7 @@ class MethodSession:
             losses = []
             if faults.drops(task_index, progress.step + 1):  # the reference run without this batch
                 progress.step, progress.global_step = progress.step + 1, progress.global_step + 1
+                self.lr_schedule.step()
                 bar.update(1)
                 continue
             with phases("data"):
@@ -234,6 +242,7 @@ class MethodSession:
                     stats = self._optimizer_stats(progress.global_step, stats)
                 bar.set_postfix(loss=f"{loss_value:.3f}", refreshes=self.optimizer.refresh_count)
                 bar.update(1)
+            self.lr_schedule.step()  # after the step's lr was logged: the next step's rate
             faults.kill_point(task_index, progress.step)
             saved = False
             if self.cfg.runner.save_every and progress.step % self.cfg.runner.save_every == 0 and progress.step < steps:
@@ -377,7 +386,9 @@ class MethodSession:
         client = {"progress": progress.to_state(), "method": self.method, "lora_merges": self.merges,
                   "base_model": self.base_fingerprint,
                   "run_config": self.cfg.to_sections(),  # what `python -m gorp_ds.export` rebuilds from
-                  "config": self.settings}  # what --resume compares with this run
+                  "config": self.settings,  # what --resume compares with this run
+                  # the schedule at this checkpoint's position (a non-finite stop saves an earlier one)
+                  "lr_schedule": {**self.lr_schedule.state_dict(), "position": position(self.lr_spans, progress)}}
         save_checkpoint(self.engine, self.checkpoint_dir, tag, client)
         if self.rank == 0:
             self._prune(keep=self.cfg.runner.keep_checkpoints, newest=tag)
@@ -418,6 +429,7 @@ class MethodSession:
         progress = Progress.from_state(client["progress"])
         if record_changes:
             self._apply_run_settings(client.get("config"), progress)
+            self._restore_schedule(client.get("lr_schedule"), progress)
         log.info(f"[{self.method}] resumed at task {progress.number}, step {progress.step}")
         return progress
 
@@ -442,6 +454,21 @@ class MethodSession:
         if changed:
             log.info(f"[{self.method}] changed at task {progress.number}, step {progress.step} (global step "
                      f"{progress.global_step}), applied from here: {describe_changes(changed)}")
+
+    def _restore_schedule(self, saved: dict[str, Any] | None, progress: Progress) -> None:
+        """The schedule continues at the checkpoint's position, with this run's base rates (the
+        checkpoint load and ``_apply_run_settings`` left the groups at the saved or the base rates)."""
+        expected = position(self.lr_spans, progress)
+        if saved is None:  # a checkpoint of an older gorp_ds: the position follows from the progress
+            self.lr_schedule.seek(expected)
+            return
+        if int(saved["position"]) != expected:
+            # Each task's steps are fixed on resume; with --epochs they also follow the train splits.
+            raise CheckpointError(f"{self.checkpoint_dir}: the checkpoint's learning-rate schedule is at step "
+                                  f"{saved['position']} of the run, but its progress is step {expected} with this "
+                                  "run's steps per task (did a task's train split change?); resume with the data "
+                                  "the run started with, or pass --overwrite")
+        self.lr_schedule.load_state_dict(saved)
 
     def close(self) -> None:
         self.monitor.close()
@@ -482,7 +509,8 @@ def evaluation_settings(cfg: RunConfig) -> dict[str, Any]:
     """The keyword arguments of :func:`evaluate_row` a run's settings give (shared with --eval-only)."""
     return {"eval_samples": None, "batch_size": cfg.runner.eval_batch_size,
             "max_length": cfg.data.max_source_length or cfg.data.max_length, "prompt_format": PromptFormat(cfg.data.prompt_format),
-            "max_new_tokens": cfg.data.max_target_length, "predictions": cfg.runner.predictions}
+            "max_new_tokens": cfg.data.max_target_length, "predictions": cfg.runner.predictions,
+            "decoder": cfg.runner.eval_decoder}
 
 
 class PromptedTask(Task):

@@ -48,6 +48,18 @@ class ExportInfo:
     bytes: int  # size on disk of everything written
 
 
+def split_master_names(handle: Any) -> set[str]:
+    """Trained tensors whose bf16 weight the engine keeps as its fp32 master split in two (the
+    projected ``full`` targets, gorp_ds/optim/bf16_split.py)."""
+    return {m.name for m in handle.low_rank.members if m.remainder is not None} if handle.low_rank else set()
+
+
+def exported_master(name: str, master: torch.Tensor, dtype: torch.dtype, split_masters: set[str]) -> torch.Tensor:
+    """A trained tensor's fp32 master as the export writes it in ``dtype``: a split master with the
+    split's rounding, any other with ``Tensor.to``'s (round to nearest even, as DeepSpeed's own)."""
+    return round_to_bf16(master) if name in split_masters and dtype == torch.bfloat16 else master.to(dtype)
+
+
 def _core(module: nn.Module) -> nn.Module:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
@@ -139,7 +151,7 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
     # projected ``full`` targets): exported with that split's rounding, so that the export holds
     # exactly the weights the run evaluated (DeepSpeed's own masters round to nearest even, as
     # ``Tensor.to`` does).
-    split_masters = {m.name for m in handle.low_rank.members if m.remainder is not None} if handle.low_rank else set()
+    split_masters = split_master_names(handle)
     entries = _export_keys(core, handle)
     shards = _plan_shards(entries, dtype, max_shard_bytes, handle.numel)
     shard_of = {key: i for i, keys in enumerate(shards) for key in keys}
@@ -168,8 +180,7 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
                 value = merged_base_weight(layers[name], factors[f"{name}.lora_A"], factors[f"{name}.lora_B"],
                                            master).to(target)
             elif master is not None:
-                value = round_to_bf16(master) if name in split_masters and target == torch.bfloat16 \
-                    else master.to(target)
+                value = exported_master(name, master, target, split_masters)
             else:
                 value = tensor.detach().to(target)
         pending[key] = value.contiguous().cpu()

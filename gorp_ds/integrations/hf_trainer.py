@@ -65,11 +65,16 @@ DEEPSPEED_REFUSAL = ("GorpTrainer does not run under TrainingArguments(deepspeed
                      "ZeRO, or GorpTrainer without deepspeed= in one process")
 
 
-def check_trainer_setup(args: TrainingArguments, spec: MethodSpec) -> None:
+def check_trainer_setup(args: TrainingArguments, spec: MethodSpec, optimizer: OptimizerConfig | None = None) -> None:
     """What GorpTrainer refuses, before anything is built: DeepSpeed through the Trainer (see the
-    module's docstring) and the methods whose boundary or loss the Trainer path does not carry."""
+    module's docstring), the methods whose boundary or loss the Trainer path does not carry, and the
+    runner's own learning-rate schedule (the Trainer schedules: it would be ignored)."""
     if getattr(args, "deepspeed", None):
         raise UnsupportedSetupError(DEEPSPEED_REFUSAL)
+    schedule = getattr(optimizer, "lr_schedule", "constant")
+    if schedule != "constant":
+        raise ValueError(f"GorpTrainer: OptimizerConfig(lr_schedule={schedule!r}) is the runner's schedule; the "
+                         "Trainer schedules the rates itself: set TrainingArguments(lr_scheduler_type=...) instead")
     if spec.penalty is not None or spec.mixed_tasks:
         raise ValueError(f"GorpTrainer: method {spec.name!r} ({spec.summary}) needs the runner's "
                          f"{'loss penalty' if spec.penalty is not None else 'mixed task'}; use `gorp-ds train "
@@ -110,13 +115,13 @@ class GorpTrainer(Trainer):
     ``seed``: LoRA's init (the runner's ``--seed``). The learning rates are the groups' (``lr_lora``,
     ``lr_full``, ``lr_plain``), as are betas, eps and weight decay: ``args.learning_rate`` and
     ``args.weight_decay`` are not read, and ``args.lr_scheduler_type`` scales every group's rate
-    (the runner's are constant: ``"constant"``). Other keyword arguments go to ``Trainer``."""
+    (the runner's default ``--lr-schedule constant`` is ``"constant"``). Other keyword arguments go to ``Trainer``."""
 
     def __init__(self, model: nn.Module, args: TrainingArguments, *, method: str = "gorp",
                  lora: LoraSettings | None = None, targets: TargetsConfig | None = None,
                  optimizer: OptimizerConfig | None = None, seed: int = 0, **kwargs: Any) -> None:
         spec = method_spec(method)
-        check_trainer_setup(args, spec)
+        check_trainer_setup(args, spec, optimizer)
         if "optimizers" in kwargs or "optimizer_cls_and_kwargs" in kwargs:
             raise ValueError("GorpTrainer builds its optimizer (GORP); do not pass optimizers= or optimizer_cls_and_kwargs=")
         self.spec, self.seed, self.lora_settings = spec, seed, lora or LoraSettings()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..settings import SettingError, check_settings, setting
+from .schedule import SCHEDULE_KINDS, SCHEDULE_ROLES, SCHEDULE_SCOPES
 
 PROJECTOR_CHOICES = ("randomized", "exact")  # projector.PROJECTOR_METHODS (that module needs torch)
 MAX_SCALE = 100.0  # a --scale above this is a typo or an overflow in the making, not a GaLore scale
@@ -36,6 +37,26 @@ class OptimizerConfig:
     lr_lora: float = setting(2e-4, "learning rate of the LoRA factors", minimum=0.0)
     lr_full: float = setting(1e-6, "learning rate of the full-rank targets", minimum=0.0)
     lr_plain: float = setting(1e-5, "learning rate of seq-ft (every tensor, plain AdamW)", minimum=0.0)
+    # The learning-rate schedule (gorp_ds/optim/schedule.py): every group scaled from its own --lr-*.
+    lr_schedule: str = setting("constant", "learning-rate schedule of every param group, each from its own --lr-*: "
+                                           "constant, or linear / cosine decay towards --lr-min-ratio × its rate; "
+                                           "after --lr-warmup-steps (or --lr-warmup-ratio) of linear warmup",
+                               choices=SCHEDULE_KINDS)
+    lr_warmup_steps: int = setting(0, "optimizer steps of linear warmup at the start of each schedule (update k of "
+                                      "W uses (k+1)/W of the rate); at most the steps of a task (--lr-schedule-scope "
+                                      "task) or of the sequence", minimum=0)
+    lr_warmup_ratio: float = setting(0.0, "warmup as a fraction of each schedule's steps (rounded to a step), "
+                                          "instead of --lr-warmup-steps", minimum=0.0, maximum=1.0)
+    lr_min_ratio: float = setting(0.0, "where linear and cosine decay end, as a fraction of each group's rate "
+                                       "(ignored by constant)", minimum=0.0, maximum=1.0)
+    lr_schedule_scope: str = setting("task", "task: the schedule restarts at every task, over that task's steps; "
+                                             "sequence: one schedule over the whole task sequence (every task's "
+                                             "steps together)", choices=SCHEDULE_SCOPES)
+    lr_schedule_roles: list[str] = setting(list(SCHEDULE_ROLES), "param-group roles whose rate follows "
+                                           "--lr-schedule (the others keep theirs): lora_a, lora_b (gorp's and "
+                                           "galore's LoRA factors), full (full-rank targets), plain (every other "
+                                           "trained tensor: seq-ft, and the other methods' LoRA factors)",
+                                           choices=SCHEDULE_ROLES)
     beta1: float = setting(0.9, "Adam's first-moment decay", minimum=0.0)
     beta2: float = setting(0.999, "Adam's second-moment decay", minimum=0.0)
     eps: float = setting(1e-8, "Adam's denominator epsilon", minimum=0.0)
@@ -49,6 +70,13 @@ class OptimizerConfig:
         for name in ("beta1", "beta2"):
             if not getattr(self, name) < 1.0:
                 raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}", "optimizer")
+        if isinstance(self.lr_schedule_roles, list) and not self.lr_schedule_roles:
+            raise SettingError("lr_schedule_roles", "is empty; name at least one role, or use --lr-schedule "
+                               "constant for fixed rates", "optimizer")
+        if self.lr_warmup_steps and self.lr_warmup_ratio:
+            raise SettingError("lr_warmup_steps", f"{self.lr_warmup_steps} and {{lr_warmup_ratio}} "
+                               f"{self.lr_warmup_ratio} both set the warmup; give one of them", "optimizer",
+                               others=("lr_warmup_ratio",))
 
     @property
     def betas(self) -> tuple[float, float]:

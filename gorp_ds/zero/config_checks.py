@@ -84,7 +84,9 @@ def check_supported(config: dict[str, Any], source: str = "DeepSpeed config") ->
         # DeepSpeed's scheduler would set the groups' learning rates itself, overriding the run's
         # --lr-* values while results.json records those.
         refuse("scheduler", "is set; a DeepSpeed learning-rate scheduler overrides the run's --lr-lora/--lr-full/"
-               "--lr-plain", "remove the \"scheduler\" section")
+               "--lr-plain", "remove the \"scheduler\" section and set the run's schedule instead: --lr-schedule "
+               "constant|linear|cosine, --lr-warmup-steps, --lr-min-ratio, --lr-schedule-scope (run file: "
+               "optimizer.lr_schedule, ...)")
     if stage not in (1, 2, 3):
         refuse("zero_optimization.stage", f"is {stage}", "use stage 1, 2 or 3 (on one GPU, stage 2 costs nothing)")
     if stage == 3:

@@ -191,6 +191,9 @@ CASES = [
     "preset_unknown", "order_in_file_and_tasks_flag", "method_unknown_in_file", "methods_flag_alias",
     "lora_r_zero_in_section", "setting_given_twice_in_file", "rank_null_in_file", "preset_file_bad_value",
     "max_train_zero", "eval_samples_zero",
+    # --- issue 25: the learning-rate schedule
+    "lr_schedule_unknown", "lr_warmup_longer_than_task", "lr_warmup_longer_than_sequence", "lr_warmup_negative",
+    "lr_warmup_steps_and_ratio", "lr_min_ratio_above_one", "lr_schedule_roles_unknown",
     # --- issue 25: the W&B section (gorp_ds/cl/wandb_log.py)
     "ds_wandb_not_an_object", "ds_wandb_unknown_field",
 ]
@@ -281,7 +284,7 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
                                    (str(tmp / "ds_wandb_typo.json"), "'wandb.projekt'", "enabled, project, group, team")),
         "ds_scheduler": ({"--ds_config": _ds(tmp / "ds_sched.json", scheduler={
                              "type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-4}})},
-                         (str(tmp / "ds_sched.json"), "'scheduler'", "--lr-lora", "remove")),
+                         (str(tmp / "ds_sched.json"), "'scheduler'", "--lr-lora", "remove", "--lr-schedule")),
         "model_only_config": ({"--model": str(models["only_config"])}, (str(models["only_config"]), "no weights")),
         "model_truncated_safetensors": ({"--model": str(models["truncated"])},
                                         (str(models["truncated"] / "model.safetensors"), "truncated")),
@@ -370,6 +373,21 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
                                   (f"preset {run_file['preset_file_bad_value']}", "optimizer.update_gap must be >= 1")),
         "max_train_zero": ({"--max-train-per-task": "0"}, ("--max-train-per-task must be >= 1, got 0", "!data.")),
         "eval_samples_zero": ({"--eval-samples": "0"}, ("--eval-samples must be >= 1, got 0", "!data.")),
+        "lr_schedule_unknown": ({"--lr-schedule": "step"}, ("--lr-schedule must be one of constant, linear, cosine",
+                                                             "'step'")),
+        "lr_warmup_longer_than_task": ({"--lr-schedule": "cosine", "--lr-warmup-steps": "3"},
+                                       ("--lr-warmup-steps 3 is longer than the 2 optimizer steps of task",
+                                        "--max-steps-per-task 2", "use at most 2", "--lr-warmup-ratio")),
+        "lr_warmup_longer_than_sequence": ({"--lr-warmup-steps": "5", "--lr-schedule-scope": "sequence"},
+                                           ("--lr-warmup-steps 5 is longer than the 4 optimizer steps of the whole "
+                                            "sequence", "use at most 4")),
+        "lr_warmup_negative": ({"--lr-warmup-steps": "-1"}, ("--lr-warmup-steps must be >= 0, got -1",)),
+        "lr_warmup_steps_and_ratio": ({"--lr-warmup-steps": "1", "--lr-warmup-ratio": "0.5"},
+                                      ("--lr-warmup-steps 1 and --lr-warmup-ratio 0.5 both set the warmup",
+                                       "give one of them")),
+        "lr_min_ratio_above_one": ({"--lr-min-ratio": "1.5"}, ("--lr-min-ratio must be <= 1, got 1.5",)),
+        "lr_schedule_roles_unknown": ({"--lr-schedule-roles": "full,lora"},
+                                      ("--lr-schedule-roles must be one of lora_a, lora_b, full, plain", "'lora'")),
     }
     cases = [{"name": "control", "control": True, "out": str(tmp / "out" / "control"),
               "argv": _argv({**base, "--output-dir": str(tmp / "out" / "control")})}]

@@ -176,6 +176,30 @@ def test_other_methods_keep_no_shared_space(run_dir, method) -> None:
         assert all(int(state["tasks_completed"]) == len(TASKS) for state in states)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_per_task_adapters_follow_the_method_registry(run_dir, method) -> None:
+    """--export-adapters (default on): a PEFT adapter per trained task for every method whose spec has
+    adapters (mtl: its one mixed task), a full delta for those with GORP's roles (the full-rank
+    targets), nothing for seq-ft; the prompt record in the final export; no task-start values left."""
+    from safetensors.torch import load_file
+
+    from gorp_ds.models.methods import method_spec
+
+    spec = method_spec(method)
+    export = run_dir / method / "export"
+    trained = 1 if spec.mixed_tasks else len(TASKS)
+    folders = sorted(p.name for p in export.glob("task_*"))
+    assert folders == ([f"task_{t:02d}" for t in range(1, trained + 1)] if spec.adapters else []), method
+    for folder in folders:
+        factors = load_file(export / folder / "adapter" / "adapter_model.safetensors")
+        assert len(factors) == 8 and any(float(v.abs().max()) > 0 for k, v in factors.items() if ".lora_B." in k)
+        assert (export / folder / "full_delta.safetensors").is_file() == spec.gorp_roles
+        assert (export / folder / "gorp_ds_prompt.json").is_file()
+    record = json.loads((export / "gorp_ds_prompt.json").read_text())
+    assert record["method"] == method and [t["name"] for t in record["tasks"]] == TASKS
+    assert not (run_dir / method / ".task_start").exists()
+
+
 def test_launch_prints_no_noise(run_output) -> None:
     assert noise_in(run_output) == []
 

@@ -225,3 +225,148 @@ def test_two_rank_checkpoint_exports_on_one_process(run, tmp_path, tiny_model_di
     final, own = _safetensors(tmp_path / "final"), _safetensors(run["out"] / "export")
     assert sorted(final) == sorted(own)
     assert all(torch.equal(final[k], own[k]) for k in own)
+
+
+# ------------------------------------------------------------- per-task PEFT adapters and the prompt record
+def _prompts(run: dict, count: int = 3) -> list[tuple[str, str]]:
+    """``(task, prompt)`` for the first test inputs of each task, from the prompt record and the
+    run's own predictions files (which hold the inputs the run evaluated)."""
+    record = json.loads((run["out"] / "export" / "gorp_ds_prompt.json").read_text())
+    result = json.loads((run["out"] / "results.json").read_text())
+    prompts = []
+    for j, entry in enumerate(record["tasks"]):
+        for line in _lines(run["out"] / result["predictions"][-1][j])[:count]:
+            prompts.append((entry["name"], entry["template"].replace(record["input_slot"], line["input"])))
+    return prompts
+
+
+def test_task_adapters_with_the_full_delta_give_each_tasks_export(run, tiny_model_dir) -> None:
+    """For each task: the model it was trained on (the base model for task 1, the export after task 1
+    for task 2), plus ``full_delta``, with ``PeftModel.from_pretrained(adapter)``, gives the logits of
+    that task's merged export (fp32, ≤ 1e-5); the adapter holds exactly the fp32 factors the run
+    merged (the checkpoint's merge record), the delta exactly the full targets' change between the
+    two exports; leaving out either one misses the export by far more than the tolerance."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = run["out"] / "export"
+    result = json.loads((run["out"] / "results.json").read_text())
+    final_tag = (run["out"] / "checkpoints" / "latest").read_text().strip()
+    client = torch.load(run["out"] / "checkpoints" / final_tag / "client_state.pt", map_location="cpu",
+                        weights_only=False)["client_state"]
+    assert len(client["lora_merges"]) == 2
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    inputs = [torch.tensor([tokenizer(p)["input_ids"]]) for _, p in _prompts(run)]
+    full_keys = {f"model.layers.{i}.mlp.gate_proj.weight" for i in range(2)}  # --full-targets mlp.gate_proj
+
+    def logits(model) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [model(input_ids=ids).logits for ids in inputs]
+
+    def load(directory: Path, delta: dict[str, torch.Tensor] | None = None):
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        with torch.no_grad():
+            for key, value in (delta or {}).items():
+                model.get_parameter(key).add_(value)
+        return model
+
+    assert not (run["out"] / ".task_start").exists()  # the task-start values are removed at the end
+    for t, base_dir in ((1, tiny_model_dir), (2, export / "task_01")):
+        task_dir = export / f"task_{t:02d}"
+        assert sorted(p.name for p in (task_dir / "adapter").iterdir()) == ["adapter_config.json",
+                                                                            "adapter_model.safetensors"]
+        config = json.loads((task_dir / "adapter" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+        assert config["r"] == result["config"]["lora_r"] and config["lora_alpha"] == result["config"]["lora_alpha"]
+        factors = load_file(task_dir / "adapter" / "adapter_model.safetensors")
+        merge = client["lora_merges"][t - 1]
+        assert len(factors) == 2 * len(merge) == 8  # q_proj and v_proj of 2 layers
+        for layer, record in merge.items():
+            assert torch.equal(factors[f"base_model.model.{layer}.lora_A.weight"], record["A"])
+            assert torch.equal(factors[f"base_model.model.{layer}.lora_B.weight"], record["B"])
+        assert all(record["B"].abs().max() > 0 for record in merge.values())
+        delta = load_file(task_dir / "full_delta.safetensors")
+        assert set(delta) == full_keys and all(v.dtype == torch.float32 for v in delta.values())
+        before, after = _safetensors(base_dir), _safetensors(task_dir)
+        for key in full_keys:
+            assert torch.equal(delta[key], after[key] - before[key]) and delta[key].abs().max() > 0, key
+
+        want = logits(load(task_dir))  # the merged export of task t
+        model = PeftModel.from_pretrained(load(base_dir, delta), str(task_dir / "adapter"))
+        loaded = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+        assert len(loaded) == len(factors)
+        assert all(torch.equal(loaded[k.replace(".weight", ".default.weight")], v) for k, v in factors.items())
+        got = logits(model)
+        worst = max(float((g - w).abs().max()) for g, w in zip(got, want))
+        assert worst <= 1e-5, (t, worst)
+        with model.disable_adapter():  # base + delta alone: the adapter is needed
+            assert max(float((g - w).abs().max()) for g, w in zip(logits(model), want)) > 1e-3
+        without_delta = PeftModel.from_pretrained(load(base_dir), str(task_dir / "adapter"))
+        assert max(float((g - w).abs().max()) for g, w in zip(logits(without_delta), want)) > 1e-3
+
+
+def test_prompt_record_gives_the_run_prompts(run) -> None:
+    """The record's templates filled with each test input are the prompts gorp_ds renders for them
+    (``PromptFormat.prompt`` on the run's tasks), and every export directory has the same record."""
+    from transformers import AutoTokenizer
+
+    from gorp_ds.data.config import DataConfig
+    from gorp_ds.data.prompting import PromptFormat
+    from gorp_ds.data.registry import load_task_sequence
+    from gorp_ds.data.tasks import Example
+
+    export = run["out"] / "export"
+    record = json.loads((export / "gorp_ds_prompt.json").read_text())
+    for other in ("task_01", "task_02"):
+        assert json.loads((export / other / "gorp_ds_prompt.json").read_text()) == record
+    assert record["format"] == "plain" and record["chat_template"] is False and record["method"] == "gorp"
+    assert record["add_special_tokens"] is True  # the tiny tokenizer has a BOS token
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    tasks = load_task_sequence(DataConfig(tasks=TASKS, eval_samples=16))
+    result = json.loads((run["out"] / "results.json").read_text())
+    assert [e["name"] for e in record["tasks"]] == [t.name for t in tasks] == TASKS
+    for j, (task, entry) in enumerate(zip(tasks, record["tasks"])):
+        assert entry["labels"] == list(task.labels)
+        # the budget evaluation used: the longest label (with its leading space) + EOS, in tokens
+        longest = max(len(tokenizer(" " + label, add_special_tokens=False)["input_ids"]) for label in task.labels)
+        assert entry["max_new_tokens"] == longest + 1
+        lines = _lines(run["out"] / result["predictions"][-1][j])
+        assert [line["input"] for line in lines] == [e.text for e in task.test[:16]]
+        for example in task.test[:16]:
+            expected = PromptFormat("plain").prompt(tokenizer, task, Example(example.text, example.label))
+            assert entry["template"].replace(record["input_slot"], example.text) == expected
+
+
+def _doc_snippet() -> str:
+    """The "reproduce the predictions" snippet of docs/export.md (the python block after its marker)."""
+    text = (REPO / "docs" / "export.md").read_text()
+    after = text.split("<!-- snippet: predictions -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_doc_snippet_reproduces_the_run_predictions_with_transformers_alone(run, tmp_path) -> None:
+    """docs/export.md's snippet (transformers only, in a fresh process without gorp_ds or PEFT on its
+    path) turns the export and its prompt record into the run's last row of predictions: the same
+    generation and normalised prediction for every test example of both tasks."""
+    result = json.loads((run["out"] / "results.json").read_text())
+    export = run["out"] / "export"
+    snippet = _doc_snippet()
+    assert 'export = "runs/x/gorp/export"' in snippet
+    script = snippet.replace('export = "runs/x/gorp/export"', f"export = {str(export)!r}") + r'''
+import sys
+assert not [m for m in sys.modules if m.startswith(("gorp_ds", "peft"))]
+out = {}
+for entry, path in zip(record["tasks"], json.loads(sys.argv[1])):
+    out[entry["name"]] = [predict(entry["name"], json.loads(line)["input"]) for line in open(path)]
+json.dump(out, open(sys.argv[2], "w"))
+'''
+    paths = [str(run["out"] / p) for p in result["predictions"][-1]]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(paths), str(tmp_path / "out.json")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reproduced = json.loads((tmp_path / "out.json").read_text())
+    for task, path in zip(TASKS, paths):
+        lines = _lines(Path(path))
+        assert [list(pair) for pair in reproduced[task]] == [[r["generation"], r["prediction"]] for r in lines], task

@@ -50,7 +50,9 @@ def _values() -> list[dict]:
     """Two sets of non-default values that cover every setting (a few settings exclude each other)."""
     first = {flat: _other(spec, spec.default) for flat, spec in SETTINGS.items()}
     first.update(order=None, resume="off")  # --order excludes --tasks, --resume excludes --overwrite
-    second = {"order": "B", "tasks": None, "resume": "auto", "overwrite": False, "model": "some/model"}
+    first.update(lr_warmup_ratio=0.0)  # --lr-warmup-steps excludes --lr-warmup-ratio
+    second = {"order": "B", "tasks": None, "resume": "auto", "overwrite": False, "model": "some/model",
+              "lr_warmup_steps": 0, "lr_warmup_ratio": 0.05}
     return [first, second]
 
 

@@ -31,3 +31,12 @@ def test_deepspeed_through_the_trainer(deepspeed) -> None:
         check_trainer_setup(SimpleNamespace(deepspeed=deepspeed), method_spec("gorp"))
     assert str(caught.value) == DEEPSPEED_REFUSAL
     assert "deepspeed.initialize" in DEEPSPEED_REFUSAL and "gorp-ds train" in DEEPSPEED_REFUSAL
+
+
+def test_the_runners_schedule_is_left_to_the_trainer() -> None:
+    from gorp_ds.optim.config import OptimizerConfig
+
+    check_trainer_setup(SimpleNamespace(deepspeed=None), method_spec("gorp"), OptimizerConfig())
+    with pytest.raises(ValueError) as caught:
+        check_trainer_setup(SimpleNamespace(deepspeed=None), method_spec("gorp"), OptimizerConfig(lr_schedule="cosine"))
+    assert "lr_scheduler_type" in str(caught.value) and "'cosine'" in str(caught.value)

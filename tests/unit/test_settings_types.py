@@ -148,9 +148,28 @@ CONSUMED = {"rank": ("full", "rank"), "update_gap": ("full", "update_gap"), "sca
             "weight_decay": ("full", "weight_decay")}
 
 
+# The learning-rate schedule's settings: consumed by the run's Schedule (gorp_ds/cl/lr_schedule.py).
+SCHEDULE = {"lr_schedule": "kind", "lr_warmup_steps": "warmup_steps", "lr_warmup_ratio": "warmup_ratio",
+            "lr_min_ratio": "min_ratio", "lr_schedule_scope": "scope", "lr_schedule_roles": "roles"}
+
+
 def test_every_optimizer_setting_has_a_consumer() -> None:
     optimizer = {flat for flat, spec in SETTINGS.items() if spec.section == "optimizer"}
-    assert optimizer - {"lr_plain"} == set(CONSUMED), optimizer ^ set(CONSUMED)
+    assert optimizer - {"lr_plain"} - set(SCHEDULE) == set(CONSUMED), optimizer ^ set(CONSUMED) ^ set(SCHEDULE)
+
+
+@pytest.mark.parametrize("flat", sorted(SCHEDULE))
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_a_schedule_setting_reaches_the_schedule_with_its_type_and_value(flat: str, data) -> None:
+    from gorp_ds.cl.lr_schedule import build_schedule
+
+    spec = SETTINGS[flat]
+    text = data.draw(_valid_text(spec))
+    cfg = _parse([f"--{flat.replace('_', '-')}", text])
+    value = getattr(build_schedule(cfg, [4, 5]), SCHEDULE[flat])
+    value = list(value) if isinstance(value, tuple) else value  # the roles: a tuple in the frozen Schedule
+    assert type(value) is _declared(spec) and value == _section(cfg, spec)
 
 
 @pytest.fixture(scope="module")
