@@ -121,6 +121,7 @@ def test_trainer_equals_runner(tmp_path, tiny_model_dir) -> None:
     flags, runner = _runner(tmp_path, tiny_model_dir, "flat")
     trainer = _trainer(tmp_path, flags)
     diffs = _max_diffs(tmp_path, runner, trainer)
+    print(f"max |GorpTrainer - runner|: {diffs}")  # shown with -s
     # Measured: 0.0 for all three (the same functions on the same numbers, the same thread count).
     assert diffs["S"] <= 1e-6 and diffs["weights"] <= 1e-6 and diffs["lora_factors"] <= 1e-6, diffs
     assert diffs["training_changed_weights_by"] > 1e-2, diffs  # the tasks did train: the comparison means something
