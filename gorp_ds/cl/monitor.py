@@ -1,27 +1,39 @@
-"""Scalars for TensorBoard through DeepSpeed's monitor (rank 0 writes; no-op when disabled)."""
+"""Scalars for TensorBoard through DeepSpeed's monitor, and for W&B through the project's own run
+(``wandb_log.py``: DeepSpeed never writes to W&B); rank 0 writes; no-op when both are disabled."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from .wandb_log import WandbRun
+
 
 class Monitor:
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, wandb: WandbRun | None = None) -> None:
         monitor = getattr(engine, "monitor", None)
         self._monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
+        self._wandb = wandb
 
     @property
     def enabled(self) -> bool:
-        return self._monitor is not None
+        return self._monitor is not None or self._wandb is not None
 
     def write(self, events: list[tuple[str, float, int]]) -> None:
         if self._monitor is not None and events:
             self._monitor.write_events([(tag, float(value), int(step)) for tag, value, step in events])
+        if self._wandb is not None and events:
+            self._wandb.write([(tag, float(value), int(step)) for tag, value, step in events])
+
+    def close(self) -> None:
+        """Finish the method's W&B run (TensorBoard's writer closes with the engine)."""
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def train_step(self, step: int, loss: float, optimizer: Any, *, tokens_per_s: float, step_seconds: float,
                    skipped_steps: int = 0) -> None:
         """Per-step scalars; all host values (the caller read the loss in the step's one device read)."""
-        if self._monitor is None:
+        if not self.enabled:
             return
         events = [("train/loss", loss, step), ("train/tokens_per_s", tokens_per_s, step),
                   ("train/step_seconds", step_seconds, step)]

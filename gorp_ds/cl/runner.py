@@ -38,6 +38,7 @@ from .run_dir import Decision, monitor_path_problem, path_problem, run_settings,
 from .session import MethodSession, mixed_task
 from .task_export import TaskExports
 from .user_errors import USER_ERRORS
+from .wandb_log import wandb_problem
 
 log = get_logger(__name__)
 
@@ -84,6 +85,8 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
         check_supported(raw_ds_config, ds_config_path)  # first: it checks the sections' types
         ds_config = reconcile_ds_config(raw_ds_config, cfg, _world(), ds_config_path)
         stage = check_supported(ds_config, ds_config_path)
+        if (wandb := wandb_problem(ds_config)) is not None:
+            raise UnsupportedSetupError(f"{ds_config_path}: {wandb}")
         for spec in map(method_spec, cfg.runner.methods):
             if stage == 3 and spec.zero3_refusal:
                 raise UnsupportedSetupError(

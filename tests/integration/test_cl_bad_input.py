@@ -194,6 +194,8 @@ CASES = [
     # --- issue 25: the learning-rate schedule
     "lr_schedule_unknown", "lr_warmup_longer_than_task", "lr_warmup_longer_than_sequence", "lr_warmup_negative",
     "lr_warmup_steps_and_ratio", "lr_min_ratio_above_one", "lr_schedule_roles_unknown",
+    # --- issue 25: the W&B section (gorp_ds/cl/wandb_log.py)
+    "ds_wandb_not_an_object", "ds_wandb_unknown_field",
 ]
 
 
@@ -276,6 +278,10 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
                                   (str(tmp / "ds_two.json"), "zero_optimization.stage", "'two'", "1, 2 or 3")),
         "ds_zero_not_an_object": ({"--ds_config": _ds(tmp / "ds_yes.json", zero_optimization="yes")},
                                   (str(tmp / "ds_yes.json"), "'zero_optimization'", "not an object")),
+        "ds_wandb_not_an_object": ({"--ds_config": _ds(tmp / "ds_wandb_yes.json", wandb="yes")},
+                                   (str(tmp / "ds_wandb_yes.json"), "'wandb'", "not an object")),
+        "ds_wandb_unknown_field": ({"--ds_config": _ds(tmp / "ds_wandb_typo.json", wandb={"enabled": True, "projekt": "x"})},
+                                   (str(tmp / "ds_wandb_typo.json"), "'wandb.projekt'", "enabled, project, group, team")),
         "ds_scheduler": ({"--ds_config": _ds(tmp / "ds_sched.json", scheduler={
                              "type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-4}})},
                          (str(tmp / "ds_sched.json"), "'scheduler'", "--lr-lora", "remove", "--lr-schedule")),

@@ -24,6 +24,7 @@ ALLOWED = {
     "zero": {"settings", "log", "naming", "optim", "faults"},
     "export": {"settings", "log", "naming", "models", "optim"},
     "cl": {"settings", "log", "naming", "optim", "data", "models", "zero", "export", "resources", "faults"},
+    "integrations": {"settings", "log", "naming", "optim", "data", "models", "zero", "export", "cl"},
 }
 ENTRY_POINTS = {"export/__main__.py", "cli.py", "__main__.py"}  # may use the run layer
 
