@@ -1,15 +1,23 @@
 """The process group of a launch: started the same way under ``deepspeed``, ``torchrun``, the SLURM
-scripts and a plain ``python`` process, and a busy rendezvous port reported as one line."""
+scripts and a plain ``python`` process, and a busy rendezvous port reported as one line. Joining it
+also starts the watch on the launcher (``launcher_watch.py``) and unlinks this rank's shared-memory
+buffer of DeepSpeed's CPU all-reduce (:func:`unlink_shm_buffer`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
 import torch
 import torch.distributed as dist
 
+from ..log import get_logger
+from ..zero import side_group
 from .config import ConfigError
+from .launcher_watch import watch_launcher
+
+log = get_logger(__name__)
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE")
 
@@ -36,6 +44,7 @@ def init_process_group() -> None:
     holds is a :class:`ConfigError` naming the port and how to choose another."""
     import deepspeed
 
+    watch_launcher()  # before single_process_environment: RANK set by a launcher, not by us
     single_process_environment()
     if torch.cuda.is_available():
         # Object collectives on NCCL use the current CUDA device: make it this rank's before the first.
@@ -53,6 +62,40 @@ def init_process_group() -> None:
             f"start: choose a free port with the launcher's --master_port (deepspeed --master_port 29617 …, "
             f"torchrun --master_port 29617 …, make run LAUNCH_ARGS='--master_port 29617'), or set MASTER_PORT "
             "for a single process") from None
+    unlink_shm_buffer()
+
+
+# DeepSpeed's CPU accelerator (ops/csrc/cpu/comm/shm.cpp, DeepSpeed 0.19) gives each rank of a
+# one-host group a 66 MB POSIX shared-memory buffer for its low-latency all-reduce, named
+# deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (/dev/shm/ on Linux). The
+# ranks open each other's by name while the backend starts, and DeepSpeed never unlinks them.
+SHM_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def shm_buffer_path() -> str:
+    """This rank's all-reduce buffer, named as DeepSpeed names it (from the launcher's variables)."""
+    return SHM_BUFFER.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                             port=os.environ.get("MASTER_PORT", ""), rank=dist.get_rank())
+
+
+def unlink_shm_buffer() -> None:
+    """Unlink this rank's all-reduce buffer once every rank has mapped every buffer: the mappings
+    stay valid and the memory is freed when the last rank exits, however it exits (SIGKILL
+    included), instead of staying in /dev/shm. Only this group's own names are touched (its
+    address, port and ranks; other jobs on the machine rendezvous on other ports).
+
+    Collective where DeepSpeed makes the buffers (the CPU accelerator, every rank on this host:
+    the same answer on every rank); a rank's buffer exists once its backend start-up returned."""
+    from deepspeed.accelerator import get_accelerator
+
+    world = dist.get_world_size()
+    if world == 1 or get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(world):
+        return
+    side_group.gather_objects(None)  # every rank has returned from the start-up, so has opened every buffer
+    path = shm_buffer_path()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+        log.debug(f"unlinked {path}")
 
 
 def _address_in_use(err: BaseException) -> bool:
