@@ -5,19 +5,16 @@ buffer of DeepSpeed's CPU all-reduce (:func:`unlink_shm_buffer`)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 
 import torch
 import torch.distributed as dist
 
-from ..log import get_logger
 from ..zero import side_group
+from ..zero.deepspeed_patches import unlink_cpu_allreduce_buffer
 from .config import ConfigError
 from .launcher_watch import watch_launcher
-
-log = get_logger(__name__)
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE")
 
@@ -65,37 +62,11 @@ def init_process_group() -> None:
     unlink_shm_buffer()
 
 
-# DeepSpeed's CPU accelerator (ops/csrc/cpu/comm/shm.cpp, DeepSpeed 0.19) gives each rank of a
-# one-host group a 66 MB POSIX shared-memory buffer for its low-latency all-reduce, named
-# deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (/dev/shm/ on Linux). The
-# ranks open each other's by name while the backend starts, and DeepSpeed never unlinks them.
-SHM_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
-
-
-def shm_buffer_path() -> str:
-    """This rank's all-reduce buffer, named as DeepSpeed names it (from the launcher's variables)."""
-    return SHM_BUFFER.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
-                             port=os.environ.get("MASTER_PORT", ""), rank=dist.get_rank())
-
-
 def unlink_shm_buffer() -> None:
-    """Unlink this rank's all-reduce buffer once every rank has mapped every buffer: the mappings
-    stay valid and the memory is freed when the last rank exits, however it exits (SIGKILL
-    included), instead of staying in /dev/shm. Only this group's own names are touched (its
-    address, port and ranks; other jobs on the machine rendezvous on other ports).
-
-    Collective where DeepSpeed makes the buffers (the CPU accelerator, every rank on this host:
-    the same answer on every rank); a rank's buffer exists once its backend start-up returned."""
-    from deepspeed.accelerator import get_accelerator
-
-    world = dist.get_world_size()
-    if world == 1 or get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(world):
-        return
-    side_group.gather_objects(None)  # every rank has returned from the start-up, so has opened every buffer
-    path = shm_buffer_path()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-        log.debug(f"unlinked {path}")
+    """Unlink this rank's buffer of DeepSpeed's CPU all-reduce from /dev/shm once every rank has
+    mapped every buffer (``deepspeed_patches.unlink_cpu_allreduce_buffer``): the memory is freed
+    when the last rank exits, however it exits. Collective where the buffers exist."""
+    unlink_cpu_allreduce_buffer(dist.get_rank(), dist.get_world_size(), lambda: side_group.gather_objects(None))
 
 
 def _address_in_use(err: BaseException) -> bool:

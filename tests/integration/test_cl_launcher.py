@@ -92,13 +92,15 @@ def _interrupted_launch(tmp: Path, name: str, command: list[str], env: dict[str,
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         ranks = [int(Path(f"{prefix}.rank{r}").read_text()) for r in range(2)]
         assert set(ranks) <= {p.pid for p in tree}
+        buffers = [sorted({line.split(None, 5)[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                           if "deepspeed_allreduce_buffer_" in line}) for pid in ranks]
         interrupt(proc)
         status = proc.wait(timeout=240)
         left = _wait_gone(tree[1:])  # the command itself is this process's child, reaped above
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    return {"status": status, "left": left, "tree": len(tree), "out": log.read_text()}
+    return {"status": status, "left": left, "tree": len(tree), "out": log.read_text(), "buffers": buffers}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def chain(tmp_path_factory, tiny_model_dir, reference) -> dict:
     first = _interrupted_launch(tmp, "kill", command, clean_env(GORP_DS_REQUEUE_FILE=str(marker)), "0,3",
                                 lambda proc: proc.kill())
     first.update(latest=_latest(out), marker=marker.read_text() if marker.is_file() else None,
-                 shm=_shm_files(port))
+                 shm=_shm_files(port), port=port)
     record["kill"] = first
 
     # 2. node.sh (a SLURM job's command on each node) with --resume, no `latest`; SIGTERM to every process
@@ -161,6 +163,11 @@ def test_killed_launcher_leaves_no_rank_and_a_checkpoint_of_the_step(chain) -> N
     assert first["out"].count("pre-empted by a signal: checkpoint 'task01_step000003' written") == 1
     assert "Traceback" not in first["out"]
     assert first["shm"] == []
+    # DeepSpeed's CPU all-reduce buffers, named as deepspeed_patches.CPU_ALLREDUCE_BUFFER says: each
+    # rank maps both ranks' buffers, unlinked from /dev/shm at start-up ("(deleted)") while in use.
+    port = first["port"]
+    expected = [f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{r} (deleted)" for r in range(2)]
+    assert first["buffers"] == [expected, expected]
 
 
 def test_terminated_job_step_checkpoints_and_reports_75(chain) -> None:
