@@ -125,9 +125,12 @@ def train(argv: list[str], prog: str = "gorp-ds train") -> int:
         return parsed
     try:
         status, unprinted = _run(parsed)
+        if unprinted is not None and prints_errors():  # printed before the process group is torn down
+            user_error(unprinted, status)
+            unprinted = None
     finally:
         _shutdown_distributed()
-    return user_error(unprinted, status) if unprinted is not None else status
+    return user_error(unprinted, status) if unprinted is not None else status  # the other ranks' wait
 
 
 def evaluate(argv: list[str], prog: str = "gorp-ds eval") -> int:
