@@ -86,7 +86,7 @@ if (( STATUS != 0 )) && command -v pgrep >/dev/null 2>&1; then
         sleep 1
     done
 fi
-if (( STATUS != 0 )) && [[ -f "$GORP_DS_REQUEUE_FILE" ]]; then
+if (( STATUS != 0 && STATUS != PREEMPT_STATUS )) && [[ -f "$GORP_DS_REQUEUE_FILE" ]]; then
     echo "[$(date '+%F %T')] node $NODE_RANK: the launcher exited with status $STATUS after its ranks" \
          "checkpointed and stopped for a requeue ($(<"$GORP_DS_REQUEUE_FILE")): status $PREEMPT_STATUS"
     STATUS=$PREEMPT_STATUS
