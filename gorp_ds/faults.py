@@ -13,6 +13,7 @@ A run with none of them set has the empty plan, whose every answer is "no".
 | ``GORP_DS_NAN_AT`` | ``task,step`` | that step's gradient of the first trained tensor is NaN (the loss stays finite) |
 | ``GORP_DS_DROP_AT`` | ``task,step`` | that step is left out (no forward, backward or optimizer call) |
 | ``GORP_DS_CKPT_FAULT`` | ``point[@n]`` | SIGKILL at a checkpoint writer's point (files, manifest, renamed, latest_tmp) of its n-th save (default 1) |
+| ``GORP_DS_PAUSE_AT`` | ``task,step,file`` | after that step, write ``<file>.rank<R>`` (the rank's pid) and wait until a pre-emption is requested (at most 300 s): a test then signals or kills the launcher at a known step |
 
 ``task`` is the 0-based index of the task in the schedule and ``step`` the 1-based step within it.
 
@@ -23,11 +24,14 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-KILL_AT, SIGNAL_AT, NAN_AT, DROP_AT, CHECKPOINT_AT = (
-    "GORP_DS_FAULT_AT", "GORP_DS_SIGNAL_AT", "GORP_DS_NAN_AT", "GORP_DS_DROP_AT", "GORP_DS_CKPT_FAULT")
+KILL_AT, SIGNAL_AT, NAN_AT, DROP_AT, CHECKPOINT_AT, PAUSE_AT = (
+    "GORP_DS_FAULT_AT", "GORP_DS_SIGNAL_AT", "GORP_DS_NAN_AT", "GORP_DS_DROP_AT", "GORP_DS_CKPT_FAULT",
+    "GORP_DS_PAUSE_AT")
+PAUSE_LIMIT_S = 300.0
 CHECKPOINT_POINTS = ("files", "manifest", "renamed", "latest_tmp")
 
 
@@ -40,6 +44,7 @@ class FaultPlan:
     nan_at: tuple[int, int] | None = None
     drop_at: tuple[int, int] | None = None
     checkpoint_kill: tuple[str, int] | None = None  # (writer point, n-th save of this process)
+    pause_after: tuple[int, int, str] | None = None  # (task index, step, marker file prefix)
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> FaultPlan:
@@ -52,7 +57,13 @@ class FaultPlan:
             if point not in CHECKPOINT_POINTS:
                 raise ValueError(f"{CHECKPOINT_AT}={checkpoint!r}: the point is one of {', '.join(CHECKPOINT_POINTS)}")
             checkpoint_kill = (point, int(count or 1))
-        return cls(kill_after=_pair(env, KILL_AT), nan_at=_pair(env, NAN_AT), drop_at=_pair(env, DROP_AT),
+        pause_after = None
+        if env.get(PAUSE_AT):
+            task, step, path = (env[PAUSE_AT].split(",", 2) + ["", ""])[:3]
+            if not (task.isdigit() and step.isdigit() and path):
+                raise ValueError(f"{PAUSE_AT}={env[PAUSE_AT]!r}: expected task,step,file")
+            pause_after = (int(task), int(step), path)
+        return cls(pause_after=pause_after, kill_after=_pair(env, KILL_AT), nan_at=_pair(env, NAN_AT), drop_at=_pair(env, DROP_AT),
                    signal_after=None if signal_at is None else (signal_at[0], signal_at[1],
                                                                 signal_at[2] if len(signal_at) > 2 else None),
                    checkpoint_kill=checkpoint_kill)
@@ -78,6 +89,17 @@ class FaultPlan:
             at_task, at_step, at_rank = self.signal_after
             if (at_task, at_step) == (task_index, step) and at_rank in (None, rank):
                 os.kill(os.getpid(), signal.SIGTERM)
+
+    def pause_point(self, task_index: int, step: int, rank: int, until: Callable[[], bool]) -> None:
+        """After step ``step`` (and its periodic checkpoint): where planned, say so in
+        ``<file>.rank<rank>`` and wait until ``until()`` (a pre-emption was requested)."""
+        if self.pause_after is None or self.pause_after[:2] != (task_index, step):
+            return
+        with open(f"{self.pause_after[2]}.rank{rank}", "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        deadline = time.monotonic() + PAUSE_LIMIT_S
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def at_checkpoint_point(self, point: str, save_index: int) -> None:
         """SIGKILL at a checkpoint writer's ``point`` of its ``save_index``-th save, where planned."""

@@ -28,9 +28,10 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True, scope="module")
 def _remove_leftover_shared_memory():
-    """DeepSpeed's CPU all-reduce leaves a 66 MB buffer per rank in /dev/shm (a RAM-backed tmpfs)
-    when a rank is killed or exits without tearing down, and many launches fill the machine's
-    memory. After each test module, every such buffer created while it ran is removed: its
+    """DeepSpeed's CPU all-reduce makes a 66 MB buffer per rank in /dev/shm (a RAM-backed tmpfs);
+    runs and run_ranks unlink theirs once every rank has started, but a group killed during its
+    start-up (or a test that starts DeepSpeed's backend itself) may leave them, and many fill the
+    machine's memory. After each test module, every such buffer created while it ran is removed: its
     processes have ended by then (tests run one module at a time)."""
     import glob
     import os

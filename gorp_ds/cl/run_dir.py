@@ -29,6 +29,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..log import get_logger
+from ..zero import has_checkpoint
 from .command_line import format_config
 from .config import SETTINGS, ConfigError, RunConfig, flatten_run, show
 
@@ -177,7 +178,9 @@ def held_run(out: Path, boards: list[Path] = ()) -> list[str]:
 
 
 def _has_checkpoint(out: Path, method: str) -> bool:
-    return (out / method / "checkpoints" / "latest").is_file()
+    """A ``latest`` file or, without one, a committed tag (loading then takes the newest complete
+    tag and says so)."""
+    return has_checkpoint(str(out / method / "checkpoints"))
 
 
 def _finished(out: Path, method: str) -> Path | None:

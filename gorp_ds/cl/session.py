@@ -251,6 +251,7 @@ class MethodSession:
                 saved = True
             # ---- pre-emption: every rank stops after this same step, with a checkpoint of it
             faults.signal_point(task_index, progress.step, self.rank)
+            faults.pause_point(task_index, progress.step, self.rank, lambda: self.preemption.requested)
             if self.preemption.should_stop():
                 bar.close()
                 tag = progress.tag if saved else on_checkpoint(progress)

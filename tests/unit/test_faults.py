@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -24,7 +25,8 @@ def test_the_plan_from_the_environment() -> None:
 
 
 @pytest.mark.parametrize("env", [{"GORP_DS_FAULT_AT": "1"}, {"GORP_DS_NAN_AT": "a,b"},
-                                 {"GORP_DS_SIGNAL_AT": "1,2,3,4"}, {"GORP_DS_CKPT_FAULT": "nowhere@1"}])
+                                 {"GORP_DS_SIGNAL_AT": "1,2,3,4"}, {"GORP_DS_CKPT_FAULT": "nowhere@1"},
+                                 {"GORP_DS_PAUSE_AT": "1,2"}, {"GORP_DS_PAUSE_AT": "x,2,/tmp/p"}])
 def test_a_malformed_plan_is_refused(env) -> None:
     with pytest.raises(ValueError, match=next(iter(env))):
         FaultPlan.from_environment(env)
@@ -38,6 +40,17 @@ def test_the_empty_plan_injects_nothing() -> None:
             plan.kill_point(task, step)  # would kill this test process if it fired
             plan.signal_point(task, step, 0)
     plan.at_checkpoint_point("files", 1)
+
+
+def test_the_pause_says_where_it_waits_and_waits_until_asked(tmp_path) -> None:
+    plan = FaultPlan.from_environment({"GORP_DS_PAUSE_AT": f"1,3,{tmp_path}/pause"})
+    assert plan.pause_after == (1, 3, f"{tmp_path}/pause")
+    plan.pause_point(1, 2, 0, until=lambda: False)  # another step: returns at once, writes nothing
+    assert list(tmp_path.iterdir()) == []
+    asked = iter([False, False, True])
+    plan.pause_point(1, 3, 1, until=lambda: next(asked))
+    assert (tmp_path / "pause.rank1").read_text() == f"{os.getpid()}\n"
+    assert next(asked, "used up") == "used up", "it asked until the answer was yes"
 
 
 def test_install_sets_the_process_plan() -> None:
