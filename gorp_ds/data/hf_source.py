@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl
 
 from ..log import show_progress
 from .errors import DataError
-from .tasks import Example, Task
+from .tasks import Example, Task, lone_surrogate
 from .templates import instruction_for
 from .tokenize import normalize_answer
 
@@ -109,6 +109,21 @@ def _split(spec: str, dd: Any, split: str, option: str) -> Any:
     return dd[split]
 
 
+def _short(value: Any, limit: int = 160) -> str:
+    """A value or exception as one line of at most ``limit`` characters."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_text(where: str, value: str) -> None:
+    """Text that cannot be tokenized is refused when loaded (see :func:`.tasks.lone_surrogate`)."""
+    index = lone_surrogate(value)
+    if index is not None:
+        raise DataError(f"{where} holds a lone UTF-16 surrogate {value[index]!r} at character {index}, which is not "
+                        "a character and cannot be tokenized (half of an escaped surrogate pair); fix the escape or "
+                        "remove it")
+
+
 def _label_names(ds: Any, column: str) -> list[str] | None:
     feature = ds.features.get(column)
     names = getattr(feature, "names", None)
@@ -127,8 +142,10 @@ def _examples(spec: str, ds: Any, split: str, text_col: str, label_col: str) -> 
     for i, (text, label) in enumerate(zip(ds[text_col], ds[label_col], strict=True)):
         if not isinstance(text, str):
             raise DataError(
-                f"task {spec!r}: split {split!r} example {i} column {text_col!r} is {text!r}, not a string"
+                f"task {spec!r}: split {split!r} example {i} column {text_col!r} is {_short(repr(text), 60)}, "
+                "not a string"
             )
+        _check_text(f"task {spec!r}: split {split!r} example {i} column {text_col!r}", text)
         if not text.strip():
             raise DataError(f"task {spec!r}: split {split!r} example {i} column {text_col!r} is empty; "
                             "fill it in or filter the dataset")
@@ -136,9 +153,10 @@ def _examples(spec: str, ds: Any, split: str, text_col: str, label_col: str) -> 
             label = names[label] if names and 0 <= label < len(names) else str(label)
         if not isinstance(label, str):
             raise DataError(
-                f"task {spec!r}: split {split!r} example {i} column {label_col!r} is {label!r}; "
+                f"task {spec!r}: split {split!r} example {i} column {label_col!r} is {_short(repr(label), 60)}; "
                 f"labels must be strings or class ids"
             )
+        _check_text(f"task {spec!r}: split {split!r} example {i} column {label_col!r}", label)
         out.append(Example(text=text, label=label))
     return out
 
@@ -154,11 +172,16 @@ def _labels(
     if folder is not None and (folder / "labels.json").is_file():
         path = folder / "labels.json"
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: not valid JSON ({e}); fix it or pass labels=a|b|c") from e
+            data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8 JSON "
+                            "or pass labels=a|b|c") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise DataError(f"{path}: not valid JSON ({_short(e)}); fix it or pass labels=a|b|c") from e
         if not isinstance(data, list) or not data or not all(isinstance(x, str) for x in data):
             raise DataError(f'{path}: expected a non-empty JSON list of label strings, e.g. ["Good", "Bad"]')
+        for i, word in enumerate(data):
+            _check_text(f"{path}: entry {i}", word)
         return tuple(data), str(path)
     return tuple(sorted({e.label for e in examples})), "the data"
 
