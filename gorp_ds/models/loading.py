@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -132,6 +133,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 # lets a boolean or a value below 1 through, and a model built from those fails much later.
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "max_position_embeddings")
+# Numbers a config names whose type transformers checks but not their range: norm epsilons and the
+# RoPE base must be positive (a negative one makes every loss NaN), the initialisation scale not
+# negative (random-init: draws fail), dropouts probabilities (training fails at the first step).
+POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta")
+NON_NEGATIVE_NUMBERS = ("initializer_range",)
+PROBABILITIES = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+# Far above any causal LM's depth (the largest have ~130 layers); a larger num_hidden_layers is a
+# typing error, and building its skeleton alone would take hours.
+MAX_LAYERS = 1024
 GGUF_MAGIC = b"GGUF"
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _RESTORE_CONFIG = "restore the config.json that came with these weights"
@@ -155,6 +165,8 @@ def _read_json_object(flag: str, file: Path, fix: str) -> dict:
                          f"{fix}") from None
     except RecursionError:
         raise ModelError(f"{flag}: {file} is nested too deeply to be read; {fix}") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise ModelError(f"{flag}: {file} is not readable JSON ({_quote(err, 120)}); {fix}") from None
     if not isinstance(data, dict):
         raise ModelError(f"{flag}: {file} holds a JSON {type(data).__name__}, not an object; {fix}")
     return data
@@ -175,10 +187,32 @@ def _check_config_json(flag: str, path: Path) -> dict:
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
             raise ModelError(f"{flag}: {file}: \"{key}\" is {shown} ({type(value).__name__}), but it must be a "
                              "positive integer; restore the model's config.json")
+    numbers = {key: data.get(key) for key in (*POSITIVE_NUMBERS, *NON_NEGATIVE_NUMBERS, *PROBABILITIES)}
+    if isinstance(data.get("rope_parameters"), dict):
+        numbers["rope_parameters.rope_theta"] = data["rope_parameters"].get("rope_theta")
+    for key, value in numbers.items():
+        if value is None:
+            continue
+        name = key.rsplit(".", 1)[-1]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if name in POSITIVE_NUMBERS:
+            ok, wanted = number and value > 0, "a finite number > 0"
+        elif name in NON_NEGATIVE_NUMBERS:
+            ok, wanted = number and value >= 0, "a finite number >= 0"
+        else:
+            ok, wanted = number and 0 <= value <= 1, "a probability (0 to 1)"
+        if not ok:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ModelError(f"{flag}: {file}: \"{key}\" is {shown}, but it must be {wanted}; restore the "
+                             "model's config.json")
+    layers = data.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > MAX_LAYERS:
+        raise ModelError(f"{flag}: {file}: \"num_hidden_layers\" is {layers}, more than any model has (at most "
+                         f"{MAX_LAYERS} here); restore the model's config.json")
     return data
 
 
-def _model_skeleton(flag: str, where: str, source: str, extra: dict):
+def _model_skeleton(flag: str, where: str, source: str, extra: dict, fix: str = "restore the model's config.json"):
     """``(config, model on the meta device)``: what transformers makes of the configuration, with
     no weights read. Anything that fails here is the configuration's fault."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -187,15 +221,14 @@ def _model_skeleton(flag: str, where: str, source: str, extra: dict):
         config = AutoConfig.from_pretrained(source, **extra)
     except Exception as err:  # strict-dataclass, value and key errors alike: the file decides them
         _reraise_if_out_of_memory(err)
-        raise ModelError(f"{flag}: {where} is not a usable model configuration ({_quote(err)}); "
-                         "restore the model's config.json") from None
+        raise ModelError(f"{flag}: {where} is not a usable model configuration ({_quote(err)}); {fix}") from None
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as err:
         _reraise_if_out_of_memory(err)
         raise ModelError(f"{flag}: {where} describes a model that transformers cannot build as a causal LM "
-                         f"({_quote(err)}); restore the model's config.json") from None
+                         f"({_quote(err)}); {fix}") from None
     return config, model
 
 
@@ -292,15 +325,56 @@ def _check_weights_match(flag: str, path: Path, model: torch.nn.Module, files: l
                          f"{held}; {fate}: set num_hidden_layers to {held} or {_RESTORE_CONFIG}")
 
 
-def _check_tokenizer(flag: str, path: Path) -> None:
-    """The directory has a tokenizer, its JSON files are JSON, and transformers can build it."""
+def _available_memory() -> tuple[int, str] | None:
+    """Bytes this rank can still allocate for a model (the GPU's free memory, or the host's
+    MemAvailable), and where; None when unknown."""
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))
+        return free, "free GPU memory"
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available host memory"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fits_in_memory(flag: str, config: Path, model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """A random-init: model is allocated whole and then initialised page by page: one larger than
+    the memory left (a size typed with extra digits) would grow until the machine kills the rank
+    without a word. Refused up front, with its size."""
+    params = sum(p.numel() for p in model.parameters())
+    need = params * torch.empty((), dtype=dtype).element_size()
+    available = _available_memory()
+    if available is not None and need > available[0]:
+        raise ModelError(f"{flag}: {config} describes a model of {params:,} parameters ({need / 2**30:,.1f} GiB in "
+                         f"{dtype}), more than the {available[1]} ({available[0] / 2**30:,.1f} GiB); check its sizes "
+                         "(hidden_size, intermediate_size, num_hidden_layers, vocab_size)")
+
+
+def _check_tokenizer(flag: str, path: Path, model: torch.nn.Module) -> None:
+    """The directory has a tokenizer, its JSON files are JSON, transformers can build it, and the
+    model has an embedding row for each of its tokens."""
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ModelError(f"{flag}: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the model's "
                          "tokenizer files there")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (path / name).is_file():
             _read_json_object(flag, path / name, "copy the model's tokenizer files there again")
-    _load_tokenizer(flag, str(path), {})
+    _check_vocabulary(flag, str(path), _load_tokenizer(flag, str(path), {}), model)
+
+
+def _check_vocabulary(flag: str, where: str, tokenizer, model: torch.nn.Module) -> None:
+    """A token id past the embedding's last row fails inside the first forward pass (an index error
+    mid-run): the tokenizer may not have more tokens than the model has rows (vocab_size)."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ModelError(f"{flag}: the tokenizer in {where} has {len(tokenizer)} tokens but the model's embedding has "
+                         f"{rows} rows (vocab_size); use the tokenizer that came with the model, or "
+                         f"{_RESTORE_CONFIG}")
 
 
 def _load_tokenizer(flag: str, source: str, extra: dict):
@@ -339,7 +413,7 @@ def _check_model_dir(flag: str, path: Path) -> None:
         weights = [f for f in weights if f.suffix == ".safetensors"]
     _, model = _model_skeleton(flag, str(path / "config.json"), str(path), {})
     _check_weights_match(flag, path, model, weights)
-    _check_tokenizer(flag, path)
+    _check_tokenizer(flag, path, model)
 
 
 def _check_gguf(flag: str, path: Path) -> None:
@@ -350,7 +424,8 @@ def _check_gguf(flag: str, path: Path) -> None:
         if handle.read(4) != GGUF_MAGIC:
             raise ModelError(f"{flag}: {path} is not a GGUF file (it does not start with \"GGUF\"); "
                              "re-download it, or pass a Hugging Face model directory")
-    _model_skeleton(flag, str(path), str(path.parent), {"gguf_file": path.name})
+    _model_skeleton(flag, str(path), str(path.parent), {"gguf_file": path.name},
+                    fix="re-download the .gguf file (it is damaged or cut short), or pass a Hugging Face model directory")
 
 
 def _check_hub_name(flag: str, name: str) -> None:
@@ -388,8 +463,9 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, dict]:
     if cfg.model.startswith(RANDOM_INIT):
         path = Path(cfg.model[len(RANDOM_INIT) :]).expanduser()
         _check_config_json(flag, path)
-        _model_skeleton(flag, str(path / "config.json"), str(path), {})
-        _check_tokenizer(flag, path)
+        _, model = _model_skeleton(flag, str(path / "config.json"), str(path), {})
+        _check_fits_in_memory(flag, path / "config.json", model, DTYPES.get(cfg.dtype, torch.float32))
+        _check_tokenizer(flag, path, model)
         return str(path), {}
     path = Path(cfg.model).expanduser()
     if path.suffix == ".gguf":
@@ -484,9 +560,16 @@ def load_model_and_tokenizer(cfg: ModelConfig):
     source, extra = resolve_model_source(cfg)
     tokenizer = _load_tokenizer(flag, source, extra)
     if cfg.model.startswith(RANDOM_INIT):
-        model = _random_init(source, DTYPES[cfg.dtype])
+        try:
+            model = _random_init(source, DTYPES[cfg.dtype])
+        except Exception as err:  # the skeleton built; what fails now is drawing values the config describes
+            _reraise_if_out_of_memory(err)
+            raise ModelError(f"{flag}: cannot initialise the model {source}/config.json describes ({_quote(err)}); "
+                             "restore the model's config.json") from None
     else:
         model = _load_weights(flag, source, extra, DTYPES[cfg.dtype])
+    _check_vocabulary(flag, str(Path(source) / extra["gguf_file"]) if "gguf_file" in extra else source, tokenizer,
+                      model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
