@@ -79,6 +79,9 @@ def _load(spec: str, source: str, opts: dict[str, str], data_dir: str | None) ->
                     if not Path(f).is_file():
                         raise DataError(f"task {spec!r}: data file {f} does not exist; fix the path")
             folder = Path(next(iter(files.values()))[0]).parent
+            for paths in files.values():
+                for f in paths:
+                    _check_json_file(spec, Path(f))
             return datasets.load_dataset(source, data_files=files), folder
         folder = _resolve(source, data_dir)
         if not folder.is_dir():
@@ -88,12 +91,46 @@ def _load(spec: str, source: str, opts: dict[str, str], data_dir: str | None) ->
             )
         if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
             return datasets.load_from_disk(str(folder)), folder
+        for f in sorted(folder.iterdir()):
+            _check_json_file(spec, f)
         return datasets.load_dataset(str(folder)), folder
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; report them all the same way
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"task {spec!r}: datasets could not load it ({type(e).__name__}: {first})") from e
+
+
+def _check_json_file(spec: str, path: Path) -> None:
+    """A ``.json``/``.jsonl`` data file must be UTF-8 JSON rows (a list of objects, or one object
+    per line) before ``datasets`` reads it: its JSON builder crashes the whole process with a
+    segmentation fault on a list holding anything but objects (``[null, {...}]``), where no error
+    message is possible."""
+    if path.suffix not in (".json", ".jsonl") or not path.is_file():
+        return
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"task {spec!r}: {path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as "
+                        "UTF-8 JSON") from e
+    if not text.strip():
+        raise DataError(f"task {spec!r}: {path} is empty; it must hold JSON rows with the text and label columns")
+    try:
+        rows = json.loads(text)
+        where = "row"
+    except (ValueError, RecursionError):
+        rows, where = [], "line"
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                rows.append(json.loads(line) if line.strip() else {})
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"task {spec!r}: {path} is neither JSON nor JSON Lines (line {number}: "
+                                f"{_short(e, 80)}); fix or re-export the file") from e
+    for index, row in enumerate(rows if isinstance(rows, list) else [rows]):
+        if not isinstance(row, dict):
+            number = index if where == "row" else index + 1
+            raise DataError(f"task {spec!r}: {path} {where} {number} is {_short(repr(row), 40)}, not an object; "
+                            "each row must be an object with the text and label columns")
 
 
 def _split(spec: str, dd: Any, split: str, option: str) -> Any:

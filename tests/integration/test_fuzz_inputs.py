@@ -31,6 +31,7 @@ from gorp_ds.cl.command_line import add_arguments, build_run_config
 from gorp_ds.cl.preflight import preflight
 from gorp_ds.cl.user_errors import USER_ERRORS
 from gorp_ds.data import DataConfig, encode_for_training, load_task_sequence
+from gorp_ds.data.tasks import lone_surrogate
 from gorp_ds.data.tokenize import check_fits
 from gorp_ds.models.loading import ModelConfig, load_model_and_tokenizer
 from tests.support import REPO
@@ -44,7 +45,7 @@ FUZZ = dict(derandomize=True, deadline=None, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
                                    HealthCheck.function_scoped_fixture, HealthCheck.large_base_example])
 DATA_EXAMPLES, MODEL_EXAMPLES = 250, 150
-EXAMPLES_RUN = {"data": 0, "model": 0}
+EXAMPLES_RUN = {"data": 0, "model": 0, "hf": 0}
 OUTCOMES: Counter[str] = Counter()  # "<property> <input kind>: loaded|refused", for the report below
 
 
@@ -228,6 +229,42 @@ def test_data_files_load_cleanly_or_are_refused_in_one_line(tokenizer) -> None:
             for example in task.train + task.test:
                 encoded = encode_for_training(tokenizer, task, example, max_length=96)
                 assert len(encoded["input_ids"]) <= 96 and encoded["input_ids"][-1] == tokenizer.eos_token_id
+
+    check()
+
+
+HF_EXAMPLES = 40
+
+
+def test_datasets_source_loads_cleanly_or_is_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """The same generated train files through ``hf:json?train=…&test=…`` (the ``datasets`` JSON
+    builder): loaded examples are strings of the file's rows, or one line naming the task."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+    test_rows = json.dumps(_valid_rows()).encode()
+
+    @settings(max_examples=HF_EXAMPLES, **FUZZ)
+    @given(data=entries().flatmap(file_bytes))
+    def check(data: tuple[bytes, str]) -> None:
+        EXAMPLES_RUN["hf"] += 1
+        raw, how = data
+        with tempfile.TemporaryDirectory(dir=tmp_path) as tmp:
+            (Path(tmp) / "train.json").write_bytes(raw)
+            (Path(tmp) / "test.json").write_bytes(test_rows)
+            spec = f"hf:json?train={tmp}/train.json&test={tmp}/test.json&name=fuzz"
+            loaded: list = []
+            line = outcome(lambda: loaded.extend(load_task_sequence(DataConfig(tasks=[spec]))))
+            _seen(f"hf train.json {how}: {'refused' if line else 'loaded'}")
+            if line is not None:
+                assert spec in line or f"{tmp}/train.json" in line, line
+                return
+            (task,) = loaded
+            rows = json.loads(raw.decode("utf-8-sig"))
+            assert len(task.train) == len(rows)
+            for example, row in zip(task.train, rows, strict=True):
+                assert example.text == row["sentence"] and example.label in task.labels
+                assert lone_surrogate(example.text) is None and lone_surrogate(example.label) is None
 
     check()
 
@@ -453,6 +490,7 @@ def test_examples_were_run() -> None:
     inputs that are refused (a generator that only ever produced one kind would test half)."""
     print("\n".join(f"{count:4d}  {label}" for label, count in sorted(OUTCOMES.items())))
     assert EXAMPLES_RUN["data"] >= DATA_EXAMPLES and EXAMPLES_RUN["model"] >= MODEL_EXAMPLES, EXAMPLES_RUN
+    assert EXAMPLES_RUN["hf"] >= HF_EXAMPLES, EXAMPLES_RUN
     for family in ("data", "model"):
         for result in ("loaded", "refused"):
             assert sum(n for label, n in OUTCOMES.items() if label.startswith(family) and label.endswith(result)) >= 10
