@@ -91,7 +91,7 @@ def _load(spec: str, source: str, opts: dict[str, str], data_dir: str | None) ->
             )
         if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
             return datasets.load_from_disk(str(folder)), folder
-        for f in sorted(folder.iterdir()):
+        for f in _data_files(folder):
             _check_json_file(spec, f)
         return datasets.load_dataset(str(folder)), folder
     except DataError:
@@ -99,6 +99,17 @@ def _load(spec: str, source: str, opts: dict[str, str], data_dir: str | None) ->
     except Exception as e:  # datasets raises many types; report them all the same way
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"task {spec!r}: datasets could not load it ({type(e).__name__}: {first})") from e
+
+
+_SPLIT_WORDS = ("train", "test", "valid", "dev", "eval")
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The JSON files of a folder that ``datasets`` reads as data: those named after a split when
+    there are any (it assigns files to splits by such names), else every one but labels.json."""
+    found = sorted(f for f in folder.iterdir() if f.suffix in (".json", ".jsonl") and f.name != "labels.json")
+    named = [f for f in found if any(word in f.name.lower() for word in _SPLIT_WORDS)]
+    return named or found
 
 
 def _check_json_file(spec: str, path: Path) -> None:
