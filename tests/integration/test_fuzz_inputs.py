@@ -148,7 +148,7 @@ ENCODINGS = ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32", "latin-1", "
 def file_bytes(draw, document) -> tuple[bytes, str]:
     """The bytes of one data file, and how they were made: the document as JSON in some encoding,
     a random JSON value, random bytes, nothing, or JSON too big for a parser (depth, digits)."""
-    kind = draw(st.sampled_from(["json"] * 4 + ["encoded", "value", "bytes", "empty", "deep", "digits", "cut"]))
+    kind = draw(st.sampled_from(["json"] * 4 + ["encoded"] * 2 + ["value", "bytes", "empty", "deep", "digits", "cut"]))
     text = json.dumps(document, ensure_ascii=draw(st.booleans()))
     if kind == "json":
         return text.encode("utf-8", "surrogatepass"), kind
@@ -335,7 +335,7 @@ def model_mutations(draw) -> tuple[str, dict]:
     dropped, added, reshaped or made non-finite; weights as pytorch_model.bin; a random-init:
     directory; a .gguf file of garbage."""
     kind = draw(st.sampled_from(["none", "delete", "truncate", "garbage", "flip", "config", "config", "layers",
-                                 "tensor", "tensor", "bin", "random_init", "gguf"]))
+                                 "tensor", "tensor", "bin", "random_init", "random_init", "gguf"]))
     files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     if kind in ("delete", "truncate", "garbage", "flip"):
         return kind, {"file": draw(st.sampled_from(files)), "fraction": draw(st.floats(0, 0.999)),
@@ -351,10 +351,10 @@ def model_mutations(draw) -> tuple[str, dict]:
     if kind == "bin":
         return kind, {"garbage": draw(st.booleans()), "bytes": draw(st.binary(max_size=48))}
     if kind == "random_init":
-        return kind, {"drop": draw(st.sampled_from([[], ["tokenizer.json"], ["tokenizer.json", "tokenizer_config.json"],
-                                                    ["config.json"]])),
+        return kind, {"drop": draw(st.sampled_from([[], [], [], ["tokenizer.json"],
+                                                    ["tokenizer.json", "tokenizer_config.json"], ["config.json"]])),
                       "key": draw(st.sampled_from(CONFIG_KEYS)), "value": draw(CONFIG_VALUES),
-                      "edit": draw(st.booleans())}
+                      "edit": draw(st.sampled_from([False, True]))}
     if kind == "gguf":
         return kind, {"magic": draw(st.booleans()), "bytes": draw(st.binary(max_size=64))}
     return kind, {}
