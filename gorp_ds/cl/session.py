@@ -20,7 +20,7 @@ from ..data.config import DataConfig
 from ..data.prompting import PromptFormat
 from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
 from ..data.tasks import Example, Task
-from ..data.tokenize import collate_training, encode_for_training
+from ..data.tokenize import check_fits, collate_training, encode_for_training
 from ..export.hf_dir import ExportInfo, export_hf_dir
 from ..faults import current as fault_plan
 from ..log import get_logger, show_progress
@@ -137,6 +137,9 @@ class MethodSession:
         self.device = next(self.engine.module.parameters()).device
         self.prompt_format = PromptFormat(cfg.data.prompt_format)
         self.prompt_format.check(self.tokenizer)
+        for task in tasks:  # an instruction or label too long for the budgets: refused before any training
+            check_fits(self.tokenizer, task, cfg.data.max_length, prompt_format=self.prompt_format,
+                       max_source_length=cfg.data.max_source_length, max_target_length=cfg.data.max_target_length)
         self._build_penalty()
 
     def _build_penalty(self) -> None:
