@@ -20,7 +20,10 @@ from ..data.registry import load_task_sequence
 from ..data.tasks import Task
 from ..log import get_logger, quiet_third_party
 from ..models import method_spec
+from ..safe_write import WriteError
+from ..safe_write import path_problem as output_path_problem
 from ..zero import UnsupportedSetupError, check_supported, load_ds_config
+from ..zero.checkpoint_io import read_latest
 from .agree import agree_on_errors, in_user_terms
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .evaluate import Evaluation
@@ -31,7 +34,15 @@ from .preemption import current as current_preemption
 from .preflight import preflight
 from .process_group import init_process_group
 from .progress import Progress, task_number
-from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
+from .report import (
+    on_rank0,
+    predictions_file,
+    r_matrix,
+    write_method_results,
+    write_predictions,
+    write_progress,
+    write_summary,
+)
 from .run_dir import Decision, path_problem, run_settings, settle_output_dir
 from .session import MethodSession, mixed_task
 from .user_errors import USER_ERRORS
@@ -61,8 +72,8 @@ def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
             results.append(done)
             continue
         results.append(run_method(method, tasks, cfg, ds_config, out_dir, decision.resume))
-    if _rank() == 0:
-        table = write_summary(cfg.runner.output_dir, results)
+    table = on_rank0(_rank(), lambda: write_summary(cfg.runner.output_dir, results))
+    if table is not None:
         log.info("methods compared (accuracy %, higher AA and BWT closer to 0 are better):\n" + table)
     return results
 
@@ -87,6 +98,10 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
                     f"{ds_config_path}: 'zero_optimization.stage' is 3, but {spec.zero3_refusal}; run {spec.name} "
                     "with stage 2 (ds_configs/zero2.json) or leave it out of --method")
         if (path := path_problem(cfg.runner.output_dir)) is not None:
+            raise ConfigError(path)
+        board = ds_config.get("tensorboard")
+        if isinstance(board, dict) and board.get("enabled") and board.get("output_path") and (path := output_path_problem(
+                board["output_path"], f"{ds_config_path}: tensorboard.output_path {board['output_path']}")):
             raise ConfigError(path)
         try:
             tasks = load_task_sequence(cfg.data)
@@ -146,8 +161,13 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
     if 0 not in progress.rows:
         evaluation, progress.timings["eval_s/0"] = session.evaluate()
         record_row(session, progress, 0, evaluation)
+    def save(state: Progress) -> str | None:  # a checkpoint, then a failed TensorBoard write stops every rank
+        tag = session.save(state)
+        session.monitor.raise_failure(kept_note(session))
+        return tag
+
     for t in range(progress.task, len(schedule)):
-        session.train_task(t, schedule[t], progress, on_checkpoint=session.save, total_tasks=len(schedule))
+        session.train_task(t, schedule[t], progress, on_checkpoint=save, total_tasks=len(schedule))
         # The LoRA merge (fp32, from the masters) comes before the row: R[row] is measured on
         # exactly the weights an export after this task writes.
         session.close_adapters(t)
@@ -159,7 +179,7 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         progress.task, progress.step = t + 1, 0
         if cfg.runner.export_every_task:
             export(session, progress, f"task_{task_number(t):02d}")
-        tag = session.save(progress)
+        tag = save(progress)
         if t + 1 < len(schedule) and session.preemption.should_stop():  # signalled during eval/boundary
             raise Preempted(tag)
         log_eta(method, progress, len(schedule))
@@ -167,8 +187,9 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         export(session, progress, "final")
     result = assemble(method, tasks, cfg, progress, time.perf_counter() - started, peak)
     session.monitor.metrics(result["metrics"], progress.global_step)
-    if session.rank == 0:
-        write_method_results(out_dir, result)
+    note = kept_note(session)
+    session.monitor.raise_failure(note)
+    on_rank0(session.rank, lambda: write_method_results(out_dir, result, note))
     session.close()
     return result
 
@@ -176,7 +197,10 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
 def export(session: MethodSession, progress: Progress, label: str) -> None:
     """``export/`` (label "final") or ``export/<label>/``; size and time kept with the timings."""
     directory = os.path.join(session.out_dir, "export", "" if label == "final" else label).rstrip("/")
-    info = session.export(directory)
+    try:
+        info = session.export(directory)
+    except WriteError as err:
+        raise err.noted(kept_note(session)) from None
     if info is not None:
         progress.timings[f"export_s/{label}"] = info.seconds
         progress.timings[f"export_bytes/{label}"] = float(info.bytes)
@@ -185,15 +209,27 @@ def export(session: MethodSession, progress: Progress, label: str) -> None:
 def record_row(session: MethodSession, progress: Progress, row: int, evaluation: Evaluation) -> None:
     names = [t.name for t in session.tasks]
     progress.rows[row] = evaluation.row
-    if session.cfg.runner.predictions and session.rank == 0:
-        write_predictions(session.out_dir, row, names, evaluation.predictions or [])
     session.monitor.accuracy_row(row, names, progress.rows[row])
     cells = ", ".join(f"{n} {v:.1f}" for n, v in zip(names, progress.rows[row]))
     log.info(f"[{session.method}] R[{row}] ({'before training' if row == 0 else f'after task {row}'}): {cells}")
-    if session.rank == 0:
-        os.makedirs(session.out_dir, exist_ok=True)
-        with open(os.path.join(session.out_dir, "progress.json"), "w") as handle:
-            json.dump(progress.to_state(), handle, indent=2)
+    note = kept_note(session)
+
+    def write() -> None:
+        if session.cfg.runner.predictions:
+            write_predictions(session.out_dir, row, names, evaluation.predictions or [], note)
+        write_progress(session.out_dir, progress.to_state(), note)
+
+    on_rank0(session.rank, write)
+    session.monitor.raise_failure(note)
+
+
+def kept_note(session: MethodSession) -> str:
+    """What a failed output write leaves intact, for its message (rank 0's view)."""
+    tag = read_latest(session.checkpoint_dir) if session.rank == 0 else None
+    if tag is None:
+        return "the files written before it are intact"
+    return (f"the files written before it and checkpoint {os.path.join(session.checkpoint_dir, tag)} are intact "
+            "(--resume continues from it)")
 
 
 def gather_sizes(local: dict[str, int]) -> dict[str, int]:

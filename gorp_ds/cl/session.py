@@ -111,12 +111,15 @@ class MethodSession:
         self.guard = NonFiniteGuard(method, cfg.runner.max_bad_steps)
         self.settings = recorded_settings(cfg, ds_config, self.world)  # recorded in checkpoints
         ds_config = {**ds_config}
+        board = None
         if isinstance(ds_config.get("tensorboard"), dict):
-            ds_config["tensorboard"] = {**ds_config["tensorboard"], "job_name": method}
+            board = {**ds_config["tensorboard"], "job_name": method}
+            # The monitor writes the event file itself (monitor.py says why), not DeepSpeed.
+            ds_config["tensorboard"] = {**board, "enabled": False}
         self.engine, _, _, _ = initialize(model=model, optimizer=self.optimizer, config=ds_config,
                                             full_gradients=cfg.targets.full_gradients, refresh_from=cfg.targets.refresh_from,
                                             refresh_memory_mib=cfg.targets.refresh_memory_mib)
-        self.monitor = Monitor(self.engine)
+        self.monitor = Monitor(self.engine, board, self.rank)
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.old_lora_a: dict[str, list[torch.Tensor]] = {}  # o-lora: A (fp32 master) of every finished task
         # The method's loss penalty (MethodSpec.penalty), once there are finished tasks: a callable
@@ -458,6 +461,7 @@ class MethodSession:
                      f"{progress.global_step}), applied from here: {describe_changes(changed)}")
 
     def close(self) -> None:
+        self.monitor.close()
         self.engine.destroy()
         del self.engine
         if torch.cuda.is_available():
