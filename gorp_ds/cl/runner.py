@@ -156,14 +156,17 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
     peak.start()  # this method's own peak: the model and engine it builds are part of it
     spec = method_spec(method)
     schedule = [mixed_task(tasks)] if spec.mixed_tasks else tasks
-    session = MethodSession(method, tasks, cfg, ds_config, out_dir)
+    try:
+        session = MethodSession(method, tasks, cfg, ds_config, out_dir)
+    except WriteError as err:  # the TensorBoard event file could not be created
+        raise err.noted(kept_note(os.path.join(out_dir, "checkpoints"), _rank())) from None
     progress = session.resume() if resume and _from_rank0(session.has_checkpoint()) else Progress()
     if 0 not in progress.rows:
         evaluation, progress.timings["eval_s/0"] = session.evaluate()
         record_row(session, progress, 0, evaluation)
     def save(state: Progress) -> str | None:  # a checkpoint, then a failed TensorBoard write stops every rank
         tag = session.save(state)
-        session.monitor.raise_failure(kept_note(session))
+        session.monitor.raise_failure(kept_note(session.checkpoint_dir, session.rank))
         return tag
 
     for t in range(progress.task, len(schedule)):
@@ -187,7 +190,7 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         export(session, progress, "final")
     result = assemble(method, tasks, cfg, progress, time.perf_counter() - started, peak)
     session.monitor.metrics(result["metrics"], progress.global_step)
-    note = kept_note(session)
+    note = kept_note(session.checkpoint_dir, session.rank)
     session.monitor.raise_failure(note)
     on_rank0(session.rank, lambda: write_method_results(out_dir, result, note))
     session.close()
@@ -200,7 +203,7 @@ def export(session: MethodSession, progress: Progress, label: str) -> None:
     try:
         info = session.export(directory)
     except WriteError as err:
-        raise err.noted(kept_note(session)) from None
+        raise err.noted(kept_note(session.checkpoint_dir, session.rank)) from None
     if info is not None:
         progress.timings[f"export_s/{label}"] = info.seconds
         progress.timings[f"export_bytes/{label}"] = float(info.bytes)
@@ -212,7 +215,7 @@ def record_row(session: MethodSession, progress: Progress, row: int, evaluation:
     session.monitor.accuracy_row(row, names, progress.rows[row])
     cells = ", ".join(f"{n} {v:.1f}" for n, v in zip(names, progress.rows[row]))
     log.info(f"[{session.method}] R[{row}] ({'before training' if row == 0 else f'after task {row}'}): {cells}")
-    note = kept_note(session)
+    note = kept_note(session.checkpoint_dir, session.rank)
 
     def write() -> None:
         if session.cfg.runner.predictions:
@@ -223,12 +226,12 @@ def record_row(session: MethodSession, progress: Progress, row: int, evaluation:
     session.monitor.raise_failure(note)
 
 
-def kept_note(session: MethodSession) -> str:
+def kept_note(checkpoint_dir: str, rank: int) -> str:
     """What a failed output write leaves intact, for its message (rank 0's view)."""
-    tag = read_latest(session.checkpoint_dir) if session.rank == 0 else None
+    tag = read_latest(checkpoint_dir) if rank == 0 else None
     if tag is None:
         return "the files written before it are intact"
-    return (f"the files written before it and checkpoint {os.path.join(session.checkpoint_dir, tag)} are intact "
+    return (f"the files written before it and checkpoint {os.path.join(checkpoint_dir, tag)} are intact "
             "(--resume continues from it)")
 
 

@@ -45,6 +45,9 @@ log = get_logger(__name__)
 DEFAULT_SHARD_BYTES = 5 * 2**30  # shards of at most 5 GiB (one tensor larger than that gets its own)
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+# Room counted for config, generation config, index and tokenizer files (a Llama-3 tokenizer.json is
+# about 9 MB, LLaMA-2's 1.8 MB plus its 0.5 MB tokenizer.model).
+METADATA_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -169,9 +172,10 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
 
     tmp = f"{out_dir.rstrip('/')}.tmp"
     item = torch.empty((), dtype=dtype).element_size()
-    # What the export writes: the weights (as planned) plus the config and tokenizer files (1 MiB is
-    # more than a LLaMA tokenizer's); checked before the first byte, and named if a write fails.
-    need = sum(handle.numel(t) * (item if t.is_floating_point() else t.element_size()) for _, t in entries) + 2**20
+    # What the export writes: the weights (as planned) plus the config and tokenizer files; checked
+    # before the first byte, and named if a write fails.
+    need = sum(handle.numel(t) * (item if t.is_floating_point() else t.element_size()) for _, t in entries) \
+        + METADATA_BYTES
     what = "the exported model"
     error: WriteError | None = None
     if rank == 0:
@@ -222,7 +226,7 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
         return None
     if error is None:
         try:
-            with guarded(tmp, what, need=2**20, site="export"):
+            with guarded(tmp, what, need=METADATA_BYTES, site="export"):
                 if len(shards) > 1:
                     with open(os.path.join(tmp, INDEX_NAME), "w") as f:
                         json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)

@@ -1,22 +1,20 @@
 """Every output file outside the checkpoints is written one way (gorp_ds/safe_write.py): whole or not
 at all, and a failure is one WriteError naming the path, the bytes needed and the bytes free.
 
-Full disks are real where this process may mount a small tmpfs (root in a container: it is
-unmounted after each test), and injected (``GORP_DS_WRITE_FAULT``'s plan, ENOSPC at one site)
-everywhere. Covered here, in one process: the writer itself, the report files, the TensorBoard
+Full disks are injected here (the fault plan's ENOSPC at one write site, as ``GORP_DS_WRITE_FAULT``
+sets it in a launch). Covered in one process: the writer itself, the report files, the TensorBoard
 event file (written synchronously by the monitor) and the output-path checks; the export's writes
-are in test_export_hf_dir.py, the launches in tests/integration/test_cl_write_faults.py."""
+are in test_export_hf_dir.py, real full and read-only file systems in
+tests/integration/test_write_real_disk.py, the launches in tests/integration/test_cl_write_faults.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from gorp_ds import faults
 from gorp_ds.faults import FaultPlan
@@ -37,20 +35,6 @@ def plan():
     yield install
     faults._WRITES.clear()
     faults.install(before)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs (skipped where this process may not mount one)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def _one_line(err: WriteError, path: Path) -> tuple[int, int]:
@@ -77,24 +61,6 @@ def test_a_write_is_whole_and_an_injected_enospc_leaves_the_previous_file(tmp_pa
     assert path.read_text() == "third"
 
 
-def test_a_real_full_disk(small_disk) -> None:
-    """Checked before writing (the bytes known), and a streamed writer's own I/O error (safetensors,
-    written in Rust) converted when the disk fills under it."""
-    from safetensors.torch import save_file
-
-    big = small_disk / "predictions.jsonl"
-    with pytest.raises(WriteError, match="not enough free space") as caught:
-        write_file(str(big), "x" * 200_000, what="the predictions", site="predictions")
-    need, free = _one_line(caught.value, big)
-    assert need == 200_000 and free <= 65536 and not big.exists()
-    weights = small_disk / "model.safetensors"
-    with pytest.raises(WriteError) as caught:  # told it needs little: the disk fills during the write
-        with guarded(str(weights), "the exported model", need=1, site="export"):
-            save_file({"w": torch.zeros(40_000)}, str(weights))
-    _one_line(caught.value, weights)
-    assert "No space left" in str(caught.value) or "I/O error" in str(caught.value)
-
-
 def test_a_program_error_keeps_its_traceback(tmp_path) -> None:
     with pytest.raises(KeyError):
         with guarded(str(tmp_path / "x"), "x", need=1, site="results"):
@@ -108,19 +74,10 @@ def test_output_paths_checked_before_work(tmp_path) -> None:
     problem = path_problem(str(regular / "eval" / "deeper"), "--output-dir y")
     assert problem.startswith("--output-dir y: ") and f"{regular} is a file, so no directory" in problem
     assert path_problem(str(tmp_path / "new" / "dir"), "--output-dir z") is None
-    if os.geteuid() != 0:  # root writes through permissions; the read-only mount below covers it
+    if os.geteuid() != 0:  # root writes through permissions (test_write_real_disk mounts a read-only one)
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         assert "not writable" in path_problem(str(locked / "out"), "--output-dir l")
-
-
-def test_a_read_only_file_system(small_disk) -> None:
-    done = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot remount read-only: {done.stderr.decode().strip()}")
-    assert "is on a read-only file system" in path_problem(str(small_disk / "out"), "--output-dir r")
-    with pytest.raises(WriteError, match="Read-only file system"):
-        write_file(str(small_disk / "results.json"), "{}", what="the results", site="results")
 
 
 def test_report_files_stop_at_the_failed_one(tmp_path, plan) -> None:
