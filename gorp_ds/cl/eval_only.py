@@ -95,6 +95,7 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
         "world_size": world,
         "config": cfg.flat(),
     }
+
     def write() -> None:
         if cfg.runner.predictions:
             write_predictions(out_dir, "eval", names, evaluation.predictions or [])

@@ -164,6 +164,7 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
     if 0 not in progress.rows:
         evaluation, progress.timings["eval_s/0"] = session.evaluate()
         record_row(session, progress, 0, evaluation)
+
     def save(state: Progress) -> str | None:  # a checkpoint, then a failed TensorBoard write stops every rank
         tag = session.save(state)
         session.monitor.raise_failure(kept_note(session.checkpoint_dir, session.rank))
