@@ -274,7 +274,11 @@ def export(argv: list[str], prog: str = "gorp-ds export") -> int:
 
     from .cl.restore import find_checkpoint, rebuild_session
     from .cl.user_errors import USER_ERRORS
+    from .safe_write import path_problem
 
+    if (problem := path_problem(args.out_dir, f"out_dir {args.out_dir}")) is not None:
+        print(f"gorp_ds: error: {problem}", file=sys.stderr)
+        return 2
     found = find_checkpoint(args.checkpoint)
     if found is None:
         print(f"gorp_ds: error: {args.checkpoint}: not a checkpoint (expected a method's output directory with "

@@ -115,12 +115,15 @@ class MethodSession:
         self.guard = NonFiniteGuard(method, cfg.runner.max_bad_steps)
         self.settings = recorded_settings(cfg, ds_config, self.world)  # recorded in checkpoints
         ds_config, wandb_section = take_wandb_section(ds_config)  # the project writes to W&B, not DeepSpeed
+        board = None
         if isinstance(ds_config.get("tensorboard"), dict):
-            ds_config["tensorboard"] = {**ds_config["tensorboard"], "job_name": method}
+            board = {**ds_config["tensorboard"], "job_name": method}
+            # The monitor writes the event file itself (monitor.py says why), not DeepSpeed.
+            ds_config["tensorboard"] = {**board, "enabled": False}
         self.engine, _, _, _ = initialize(model=model, optimizer=self.optimizer, config=ds_config,
                                             full_gradients=cfg.targets.full_gradients, refresh_from=cfg.targets.refresh_from,
                                             refresh_memory_mib=cfg.targets.refresh_memory_mib)
-        self.monitor = Monitor(self.engine, open_wandb(wandb_section, method, self.rank, self.settings))
+        self.monitor = Monitor(self.engine, board, self.rank, open_wandb(wandb_section, method, self.rank, self.settings))
         # The learning-rate schedule over GORP's groups (the ones every ZeRO stage's step reads),
         # one span per task trained; stepped after each optimizer step, positioned on resume.
         self.lr_spans = ([sum(map(self.steps_for, tasks))] if self.spec.mixed_tasks

@@ -184,7 +184,7 @@ CASES = [
     "model_config_more_layers", "data_lone_surrogate",
     "lora_r_too_large", "batch_not_divisible", "scale_zero", "scale_negative", "scale_huge", "lr_lora_nan",
     "lr_full_nan", "lr_plain_nan", "epochs_inf", "lora_alpha_zero", "lora_alpha_negative", "max_bad_steps_zero",
-    "output_is_a_file", "output_under_a_file", "output_unwritable", "resume_value_unknown",
+    "output_is_a_file", "output_under_a_file", "output_unwritable", "tensorboard_under_a_file", "resume_value_unknown",
     "resume_and_overwrite", "used_dir_without_flags", "resume_nothing_there", "resume_no_checkpoint_yet",
     "resume_without_config_yaml", "resume_tasks_swapped", "resume_lora_r", "resume_batch_and_steps",
     "resume_methods_and_model", "resume_finished_with_other_lr",
@@ -315,6 +315,9 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
         "output_under_a_file": ({"--output-dir": str(tmp / "a_file" / "run")},
                                 (str(tmp / "a_file" / "run"), str(tmp / "a_file"), "is a file")),
         "output_unwritable": ({"--output-dir": unwritable}, (str(unwritable), "not writable")),
+        "tensorboard_under_a_file": ({"--ds_config": _ds(tmp / "ds_tb.json", tensorboard={
+            "enabled": True, "output_path": str(tmp / "a_file" / "tb"), "job_name": "x"})},
+            (str(tmp / "ds_tb.json"), "tensorboard.output_path", str(tmp / "a_file"), "is a file")),
         "resume_value_unknown": ({"--resume": "maybe"}, ("resume", "'maybe'", "auto")),
         "resume_and_overwrite": ({"--resume": None, "--overwrite": None}, ("--resume", "--overwrite")),
         # --- issue 14: output directories that hold a run (see `held`)
