@@ -62,4 +62,4 @@ def test_the_checked_loss_is_transformers_causal_lm_loss_on_the_answer_tokens():
     assert len(batch["answer_targets"]) == 12 and bool((batch["attention_mask"][rows, cols + 1] == 1).all())
     ours = session_loss(model, loss_fn, batch)
     theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
-    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-6)
