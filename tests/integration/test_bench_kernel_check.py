@@ -1,6 +1,7 @@
 """bench/kernel_check.py: its smoke run (CPU, eager vs eager, deepspeed not importable) passes with
-bit-identical gradients and writes its JSON and table; the loss it checks is the session's, which
-is transformers' own causal-LM loss when the labels keep only the answer tokens."""
+bit-identical gradients and writes its JSON and table; the loss it checks is the session's
+(gorp_ds.cl.session.answer_loss, bit for bit), which is transformers' own causal-LM loss when the
+labels keep only the answer tokens."""
 
 from __future__ import annotations
 
@@ -63,3 +64,7 @@ def test_the_checked_loss_is_transformers_causal_lm_loss_on_the_answer_tokens():
     ours = session_loss(model, loss_fn, batch)
     theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
     assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-6)
+    # and the script's copy of the session's loss has not drifted from it (bit for bit, both eager paths)
+    from gorp_ds.cl.session import answer_loss
+
+    assert torch.equal(ours, answer_loss(model, batch)) and torch.equal(ours, answer_loss(model, batch, loss_fn))
