@@ -32,6 +32,7 @@ from ..models import (
     method_spec,
     trainable_summary,
 )
+from ..models.kernels import AnswerLoss, answer_loss_for
 from ..models.loading import DTYPES, fingerprint_mismatch, model_fingerprint
 from ..models.lora import (
     init_lora_,
@@ -124,6 +125,9 @@ class MethodSession:
                                             full_gradients=cfg.targets.full_gradients, refresh_from=cfg.targets.refresh_from,
                                             refresh_memory_mib=cfg.targets.refresh_memory_mib)
         self.monitor = Monitor(self.engine, board, self.rank, open_wandb(wandb_section, method, self.rank, self.settings))
+        # eager: the LM head then fp32 cross-entropy; fused (--kernels): Liger's, without the logits
+        core = self.engine.module.get_base_model() if hasattr(self.engine.module, "get_base_model") else self.engine.module
+        self.head_loss = answer_loss_for(core, core.get_output_embeddings())
         # The learning-rate schedule over GORP's groups (the ones every ZeRO stage's step reads),
         # one span per task trained; stepped after each optimizer step, positioned on resume.
         self.lr_spans = ([sum(map(self.steps_for, tasks))] if self.spec.mixed_tasks
@@ -165,7 +169,7 @@ class MethodSession:
 
     # ------------------------------------------------------------------ training
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = answer_loss(self.engine.module, batch)
+        loss = answer_loss(self.engine.module, batch, self.head_loss)
         if self.penalty is not None:
             loss = loss + self.penalty()
         return loss
@@ -501,13 +505,16 @@ def answer_batch(tokenizer: Any, task: Task, indices: list[int], data: DataConfi
             "answer_positions": keep.nonzero(), "answer_targets": targets[keep]}
 
 
-def answer_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor], head_loss: AnswerLoss | None = None) -> torch.Tensor:
     """Cross-entropy on the answer tokens of an :func:`answer_batch` only (mean over them); the LM
     head runs on those positions alone (the vocabulary projection of every prompt position is most
-    of a small model's cost). ``module``: the causal LM, PEFT-wrapped or not."""
+    of a small model's cost). ``module``: the causal LM, PEFT-wrapped or not. ``head_loss``: the
+    session's (gorp_ds/models/kernels.py; fused under ``--kernels``), else the eager head + loss."""
     core = module.get_base_model() if hasattr(module, "get_base_model") else module
     hidden = core.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     rows, cols = batch["answer_positions"].unbind(1)  # position p predicts token p+1
+    if head_loss is not None:
+        return head_loss(core.get_output_embeddings(), hidden[rows, cols], batch["answer_targets"])
     logits = core.get_output_embeddings()(hidden[rows, cols])
     return torch.nn.functional.cross_entropy(logits.float(), batch["answer_targets"])
 

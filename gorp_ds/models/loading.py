@@ -22,6 +22,7 @@ import torch
 
 from ..log import get_logger
 from ..settings import check_settings, setting
+from .kernels import KERNELS, KernelsUnavailable, apply_kernels
 
 log = get_logger(__name__)
 
@@ -62,6 +63,9 @@ class ModelConfig:
                                  "ds_configs/zero2_fp32.json)", choices=tuple(DTYPES), on_resume="fixed")
     gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass (saves memory, "
                                                  "costs time)", on_resume="ignored")
+    kernels: str = setting("auto", "fused GPU kernels (Liger's RMSNorm, SwiGLU, RoPE, fused linear cross-entropy; "
+                                   "gorp_ds/models/kernels.py): auto = where they run (CUDA, liger_kernel installed), "
+                                   "else the eager modules; liger = required; eager = never", choices=KERNELS)
     cache_dir: str | None = setting(None, "where the embedded default is converted to (default ~/.cache/gorp_ds)",
                                     run=False)
 
@@ -575,6 +579,10 @@ def load_model_and_tokenizer(cfg: ModelConfig):
     if tokenizer.eos_token_id is None:
         raise ModelError(f"{flag}: the tokenizer has no end-of-sequence token")
     model.config.use_cache = False
+    try:
+        apply_kernels(model, cfg.kernels, DTYPES[cfg.dtype])  # before LoRA and DeepSpeed wrap the modules
+    except KernelsUnavailable as err:
+        raise ModelError(str(err)) from None
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model, tokenizer
