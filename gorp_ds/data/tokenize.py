@@ -21,6 +21,7 @@ from .tasks import ANSWER_MARK, INPUT_MARK, Example, Task
 
 __all__ = [
     "IGNORE_INDEX",
+    "check_fits",
     "collate_training",
     "encode_for_training",
     "encode_prompts",
@@ -90,6 +91,11 @@ def fit_prompt(tokenizer: Any, prompt: str, budget: int, add_special_tokens: boo
     )
 
 
+def _cut(text: str, limit: int = 60) -> str:
+    """A value quoted in a message, at most ``limit`` characters (a label may be a whole paragraph)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def encode_for_training(
     tokenizer: Any, task: Task, example: Example, max_length: int, *, prompt_format: PromptFormat | None = None,
     max_source_length: int | None = None, max_target_length: int | None = None,
@@ -115,13 +121,44 @@ def encode_for_training(
     if budget < 1:
         raise DataError(
             f"max_length={max_length} leaves no room for the prompt of task {task.name} "
-            f"(answer {example.label!r} needs {len(target_ids)} tokens); raise max_length"
+            f"(answer {_cut(repr(example.label))} needs {len(target_ids)} tokens); raise max_length"
         )
     prompt_ids = fit_prompt(tokenizer, fmt.prompt(tokenizer, task, example), budget, fmt.add_special_tokens)
     return {
         "input_ids": prompt_ids + target_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
     }
+
+
+def check_fits(
+    tokenizer: Any, task: Task, max_length: int, *, prompt_format: PromptFormat | None = None,
+    max_source_length: int | None = None, max_target_length: int | None = None,
+) -> None:
+    """Raise :class:`DataError`, naming the task, if some example of ``task`` could not be encoded
+    within the budgets of :func:`encode_for_training` (training) or the prompt budget of evaluation.
+
+    Only the fixed parts decide it (the input text is cut to fit): the instruction, which names the
+    label words, the answer cue and the longest answer. Checked once before training rather than
+    at the first batch or evaluation that meets the longest label."""
+    fmt = prompt_format or PromptFormat()
+
+    def answer_tokens(label: str) -> int:
+        return len(tokenizer(fmt.target(task, Example("", label)), add_special_tokens=False)["input_ids"])
+
+    longest = max(task.labels, key=answer_tokens)
+    probe = Example(text="x", label=longest)
+    try:
+        encode_for_training(tokenizer, task, probe, max_length, prompt_format=fmt,
+                            max_source_length=max_source_length, max_target_length=max_target_length)
+        fit_prompt(tokenizer, fmt.prompt(tokenizer, task, probe), max_source_length or max_length,
+                   fmt.add_special_tokens)
+    except DataError as err:
+        longest_chars = max(len(label) for label in task.labels)
+        raise DataError(
+            f"task {task.name}: {err} (its instruction names its {len(task.labels)} label words, the longest "
+            f"{longest_chars} characters; the longest answer takes {answer_tokens(longest) + 1} tokens); "
+            "shorten the label words or raise the length budget"
+        ) from None
 
 
 def collate_training(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
