@@ -91,6 +91,9 @@ class GORP(ProjectedGradientService, torch.optim.Optimizer):
         # before any wrapper (DeepSpeed) replaces the groups' params with flat partitions.
         self.tensor_meta: dict[str, tuple[str, tuple[int, ...], int]] = {}
         self._configs: dict[int, tuple[tuple[Any, ...], UpdateConfig]] = {}
+        # Per group index, its names in order (refresh phases are positions in it; a wrapper may
+        # replace the group dicts themselves).
+        self._group_names: dict[int, tuple[str, ...]] = {}
         super().__init__(groups, defaults)
         self.shared: dict[str, Tensor] = {}
         self.tasks_completed = torch.zeros((), dtype=torch.int64)
@@ -142,6 +145,7 @@ class GORP(ProjectedGradientService, torch.optim.Optimizer):
             self._check_rank(cfg, name, shape)
             self.tensor_meta[name] = (cfg.role, shape, index)
         self._configs[index] = (group_values(group), cfg)
+        self._group_names[index] = tuple(names)
 
     @staticmethod
     def _parse_group(index: int, group: Mapping[str, Any]) -> UpdateConfig:
@@ -296,12 +300,12 @@ class GORP(ProjectedGradientService, torch.optim.Optimizer):
         """Refresh phase of each of ``names`` (``full`` tensors of one group): from its position in
         its param group's ``names`` (docs/algorithm.md §2.1), so independent of batching and ranks."""
         index = self.tensor_meta[names[0]][2]
-        group = self.group(index)
         key = (index, cfg.update_gap, cfg.refresh_schedule)
         cached = self._phases.get(key)
         if cached is None:
-            every = refresh_phases(len(group["names"]), cfg.update_gap, cfg.refresh_schedule)
-            cached = self._phases[key] = dict(zip(group["names"], every))
+            members = self._group_names[index]
+            cached = self._phases[key] = dict(zip(members, refresh_phases(len(members), cfg.update_gap,
+                                                                          cfg.refresh_schedule)))
         return [cached[name] for name in names]
 
     def _low_rank_partition(self, stack: StateStack, low_rank: Tensor, shared: Tensor | None, step: int,

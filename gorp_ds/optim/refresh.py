@@ -1,7 +1,8 @@
 """Projector refreshes of ``full`` tensors (docs/algorithm.md §2): the one place the optimizer runs them.
 
 Every ``update_gap`` steps a ``full`` tensor's projector is recomputed from its gradient ``G`` (or
-from products of ``G`` when only those exist, ``gorp_ds.zero.lowrank_targets``). Whichever path asks
+from products of ``G`` when only those exist, ``gorp_ds.zero.lowrank_targets``), at the steps
+:mod:`.refresh_schedule` gives it (all tensors together, or spread over the cycle). Whichever path asks
 (``GORP.update_batch`` from full gradients, ``GORP.refresh_members`` from the ZeRO layer), the
 refresh goes through :meth:`ProjectorRefresher.refresh`, which also keeps the run's refresh
 statistics: how many member refreshes were attempted, how long they took (:mod:`.refresh_timer`),
