@@ -288,7 +288,7 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
         "ds_wandb_not_an_object": ({"--ds_config": _ds(tmp / "ds_wandb_yes.json", wandb="yes")},
                                    (str(tmp / "ds_wandb_yes.json"), "'wandb'", "not an object")),
         "ds_wandb_unknown_field": ({"--ds_config": _ds(tmp / "ds_wandb_typo.json", wandb={"enabled": True, "projekt": "x"})},
-                                   (str(tmp / "ds_wandb_typo.json"), "'wandb.projekt'", "enabled, project, group, team")),
+                                   (str(tmp / "ds_wandb_typo.json"), "'wandb.projekt'", "did you mean 'project'")),
         "ds_scheduler": ({"--ds_config": _ds(tmp / "ds_sched.json", scheduler={
                              "type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-4}})},
                          (str(tmp / "ds_sched.json"), "'scheduler'", "--lr-lora", "remove", "--lr-schedule")),
