@@ -24,8 +24,12 @@ def _row_label(i: int, task_names: list[str], eval_only: bool) -> str:
 
 
 def markdown_table(method: str, task_names: list[str], r: list[list[float] | None], metrics: dict[str, Any],
-                   eval_only: bool = False) -> str:
-    header = "| after \\ on | " + " | ".join(task_names) + " |"
+                   eval_only: bool = False, task_metrics: list[str] | None = None) -> str:
+    """R as a table; a column's header names its metric (``task (rougeL)``) when a task is not scored by accuracy."""
+    shown = task_names
+    if task_metrics and any(m != "accuracy" for m in task_metrics):
+        shown = [f"{n} ({m})" for n, m in zip(task_names, task_metrics)]
+    header = "| after \\ on | " + " | ".join(shown) + " |"
     lines = [f"## {method}", "", header, "|" + "---|" * (len(task_names) + 1)]
     for i, row in enumerate(r):
         label = _row_label(i, task_names, eval_only)
@@ -69,7 +73,7 @@ def write_method_results(out_dir: str, result: dict[str, Any]) -> None:
     os.replace(tmp, os.path.join(out_dir, "results.json"))
     with open(os.path.join(out_dir, "results.md"), "w") as handle:
         handle.write(markdown_table(result["method"], result["tasks"], result["R"], result["metrics"],
-                                    eval_only=bool(result.get("eval_only"))))
+                                    eval_only=bool(result.get("eval_only")), task_metrics=result.get("task_metrics")))
     heatmap(os.path.join(out_dir, "R.png"), result["method"], result["tasks"], result["R"],
             eval_only=bool(result.get("eval_only")))
 
@@ -116,7 +120,8 @@ def write_summary(out_dir: str, results: list[dict[str, Any]]) -> str:
     with open(os.path.join(out_dir, "summary.md"), "w") as handle:
         handle.write("# Methods compared\n\n" + table + "\n")
         for r in results:
-            handle.write("\n" + markdown_table(r["method"], r["tasks"], r["R"], r["metrics"]))
+            handle.write("\n" + markdown_table(r["method"], r["tasks"], r["R"], r["metrics"],
+                                                task_metrics=r.get("task_metrics")))
     with open(os.path.join(out_dir, "summary.json"), "w") as handle:
         json.dump({r["method"]: r["metrics"] for r in results}, handle, indent=2)
     return table

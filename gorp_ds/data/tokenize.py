@@ -2,8 +2,9 @@
 
 Prompt and target are tokenised separately and the ids concatenated, so the loss mask boundary is
 exact: ``labels`` is -100 on every prompt token and equals ``input_ids`` on the answer tokens and
-the final EOS. Over-long examples lose tokens from the left of the *input text* only; the
-instruction, the answer cue and the answer are never cut.
+the final EOS. Over-long examples lose tokens from the left of the *input text* first; the
+instruction and the answer cue are never cut; only a free-form answer too long for what is left
+loses tokens from its end (see :func:`encode_for_training`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "encode_prompts",
     "fit_prompt",
     "is_correct",
+    "prompt_floor",
     "normalize_answer",
 ]
 
@@ -90,6 +92,16 @@ def fit_prompt(tokenizer: Any, prompt: str, budget: int, add_special_tokens: boo
     )
 
 
+def prompt_floor(tokenizer: Any, prompt: str, max_length: int, add_special_tokens: bool | None = None) -> int:
+    """Fewest tokens :func:`encode_for_training` cuts ``prompt`` to before it cuts the answer: the
+    prompt without its input text (instruction and answer cue stay); for a prompt without an input
+    slot (a chat conversation) its whole length, at most half of ``max_length``."""
+    start, end = prompt.find(INPUT_MARK), prompt.rfind(ANSWER_MARK)
+    if start < 0 or end < start + len(INPUT_MARK):
+        return min(len(_encode_prompt_text(tokenizer, prompt, add_special_tokens)), max_length // 2)
+    return len(_encode_prompt_text(tokenizer, prompt[: start + len(INPUT_MARK)] + prompt[end:], add_special_tokens))
+
+
 def encode_for_training(
     tokenizer: Any, task: Task, example: Example, max_length: int, *, prompt_format: PromptFormat | None = None,
     max_source_length: int | None = None, max_target_length: int | None = None,
@@ -100,7 +112,10 @@ def encode_for_training(
     all supervised. The prompt gets the tokenizer's own BOS handling (special tokens are added only
     if the tokenizer has a BOS token). ``prompt_format`` (default plain) renders prompt and answer.
 
-    Lengths: by default prompt + answer fit ``max_length``. With ``max_source_length`` the prompt
+    Lengths: by default prompt + answer fit ``max_length``: first the prompt's input text is cut
+    from the left (down to :func:`prompt_floor`), then the answer from its end (its EOS first); a
+    prompt whose floor leaves no answer token is a :class:`DataError` (a label word is never cut:
+    a classification prompt that does not fit is). With ``max_source_length`` the prompt
     alone gets that many tokens and the answer at most ``max_target_length`` (the papers' separate
     source/target budgets).
     """
@@ -111,13 +126,23 @@ def encode_for_training(
     target_ids = list(tokenizer(fmt.target(task, example), add_special_tokens=False)["input_ids"]) + [eos]
     if max_target_length is not None:
         target_ids = target_ids[:max_target_length]
+    special = fmt.special_tokens(example)
+    prompt = fmt.prompt(tokenizer, task, example)
     budget = max_source_length if max_source_length is not None else max_length - len(target_ids)
-    if budget < 1:
+    if max_source_length is None and not task.labels:
+        # Long answers (free-form tasks): the prompt is cut first, down to its floor; only then is
+        # the answer cut from its end (EOS first), to what is left of max_length.
+        floor = prompt_floor(tokenizer, prompt, max_length, special)
+        if budget < floor:
+            target_ids = target_ids[: max(0, max_length - floor)]
+            budget = floor
+    if budget < 1 or not target_ids:
         raise DataError(
-            f"max_length={max_length} leaves no room for the prompt of task {task.name} "
-            f"(answer {example.label!r} needs {len(target_ids)} tokens); raise max_length"
+            f"max_length={max_length} leaves no room for the answer of task {task.name} "
+            f"(its prompt needs at least {budget} tokens even without its input text; answer "
+            f"{example.label[:40]!r}); raise max_length"
         )
-    prompt_ids = fit_prompt(tokenizer, fmt.prompt(tokenizer, task, example), budget, fmt.add_special_tokens)
+    prompt_ids = fit_prompt(tokenizer, prompt, budget, special)
     return {
         "input_ids": prompt_ids + target_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,

@@ -74,10 +74,10 @@ def launch_train(args: Iterable[str], *, env: dict[str, str], timeout: int, num_
 
 # ------------------------------------------------------------- the six-method launch (tests/integration)
 METHODS = ["gorp", "galore", "seq-lora", "o-lora", "mtl", "seq-ft"]
-TASKS = ["emb_color", "emb_animal", "emb_fruit", "emb_object"]  # the embedded suite, in its default order
+TASKS = ["emb_color", "emb_animal", "emb_fruit", "emb_object"]  # the embedded classification tasks, in order
 STEPS, EVAL_SAMPLES = 4, 8
 RUN_ARGS = [
-    "--method", ",".join(METHODS), "--max-steps-per-task", str(STEPS), "--save-every", "2",
+    "--method", ",".join(METHODS), "--tasks", ",".join(TASKS), "--max-steps-per-task", str(STEPS), "--save-every", "2",
     "--eval-samples", str(EVAL_SAMPLES), "--max-train-per-task", "64", "--global-batch-size", "8",
     "--micro-batch-size", "2", "--lr-lora", "1e-2", "--lr-full", "1e-2", "--lr-plain", "1e-3", "--update-gap", "2",
 ]
