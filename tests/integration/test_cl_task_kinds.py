@@ -35,15 +35,17 @@ def _data(root: Path) -> Path:
     instr = root / "GEN" / "repeat"
     instr.mkdir(parents=True)
     (instr / "task.json").write_text(json.dumps({"kind": "instruction", "metric": "rougeL", "max_new_tokens": 8}))
+    # the answer: "the" and the input's first word (a tiny model learns the first part within the budget,
+    # so ROUGE-L is neither 0 nor 100)
     for split, offset in (("train", 0), ("test", 5)):
-        lines = [json.dumps({"instruction": "Repeat the words.", "input": " ".join(WORDS[(i + offset + k) % 12] for k in range(3)),
-                             "output": " ".join(WORDS[(i + offset + k) % 12] for k in range(3))}) for i in range(12)]
+        lines = [json.dumps({"instruction": "Say it.", "input": " ".join(WORDS[(i + offset + k) % 12] for k in range(3)),
+                             "output": f"the {WORDS[(i + offset) % 12]}"}) for i in range(12)]
         (instr / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     chat = root / "CHAT" / "name"
     chat.mkdir(parents=True)
     (chat / "task.json").write_text(json.dumps({"kind": "chat", "metric": "exact_match", "max_new_tokens": 4}))
-    records = [{"messages": [{"role": "user", "content": f"Name the word: {w}"}, {"role": "assistant", "content": w}]}
-               for w in WORDS]
+    records = [{"messages": [{"role": "user", "content": f"Name the word: {w}"},
+                             {"role": "assistant", "content": "vex" if i % 3 else "nar"}]} for i, w in enumerate(WORDS)]
     (chat / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     (chat / "test.json").write_text(json.dumps(records))
     return root
@@ -93,7 +95,7 @@ def run(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("kinds_run")
     proc = launch_train(["--ds_config", str(REPO / "ds_configs" / "zero2.json"), "--model", str(model),
                          "--data-dir", str(data), "--tasks", "colours,repeat,name", "--method", "seq-ft",
-                         "--max-steps-per-task", "6", "--eval-samples", str(EVAL_SAMPLES), "--global-batch-size", "4",
+                         "--max-steps-per-task", "10", "--eval-samples", str(EVAL_SAMPLES), "--global-batch-size", "4",
                          "--micro-batch-size", "2", "--lr-full", "1e-2", "--export", "false", "--output-dir", str(out)],
                         env=clean_env(), timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -117,9 +119,9 @@ def test_each_r_entry_is_its_tasks_metric_recomputed_from_the_predictions(run) -
             seen.setdefault(metric, []).extend(scores)
     # the chat task's references are the last assistant messages; the instruction task's the outputs
     name = [json.loads(line) for line in (run / result["predictions"][0][2]).read_text().splitlines()]
-    assert all(r["input"] == f"Name the word: {r['label']}" and r["label"] in WORDS for r in name)
+    assert all(r["input"].startswith("Name the word: ") and r["label"] in ("vex", "nar") for r in name)
     repeat = [json.loads(line) for line in (run / result["predictions"][0][1]).read_text().splitlines()]
-    assert all(r["input"] == r["label"] and len(r["label"].split()) == 3 for r in repeat)
+    assert all(r["label"] == "the " + r["input"].split()[0] for r in repeat)
     # the metrics table names the metric of each column
     assert "repeat (rougeL)" in (run / "results.md").read_text() and "name (exact_match)" in (run / "results.md").read_text()
     assert len(seen) == 3, result["R"]
