@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..data.prompting import PromptFormat
 from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
 from ..data.tasks import Example, Task
-from ..data.tokenize import collate_training, encode_for_training
+from ..data.tokenize import check_fits, collate_training, encode_for_training
 from ..export.hf_dir import ExportInfo, export_hf_dir
 from ..faults import current as fault_plan
 from ..log import get_logger, show_progress
@@ -135,6 +135,7 @@ class MethodSession:
         self.device = next(self.engine.module.parameters()).device
         self.prompt_format = PromptFormat(cfg.data.prompt_format)
         self.prompt_format.check(self.tokenizer)
+        check_fits(self.tokenizer, tasks, cfg.data.max_length, self.prompt_format, cfg.data.max_source_length)
         self._build_penalty()
 
     def _build_penalty(self) -> None:

@@ -22,6 +22,7 @@ from .tasks import ANSWER_MARK, INPUT_MARK, Example, Task
 
 __all__ = [
     "IGNORE_INDEX",
+    "check_fits",
     "collate_training",
     "encode_for_training",
     "encode_prompts",
@@ -147,6 +148,33 @@ def encode_for_training(
         "input_ids": prompt_ids + target_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
     }
+
+
+def check_fits(tokenizer: Any, tasks: list[Task], max_length: int, prompt_format: PromptFormat | None = None,
+               max_source_length: int | None = None) -> None:
+    """Refuse, before any training, a task that cannot fit the length budget: a prompt whose
+    instruction and answer cue alone (:func:`prompt_floor`, once per distinct instruction) leave no
+    token for the answer (free-form) or for the longest label and EOS (classification), or exceed
+    ``max_source_length``. Raises :class:`DataError` naming the task and the setting to raise."""
+    fmt = prompt_format or PromptFormat()
+    for task in tasks:
+        need = 1
+        if task.labels:
+            need = 1 + max(len(tokenizer(fmt.target(task, Example("", label)), add_special_tokens=False)["input_ids"])
+                           for label in task.labels)
+        instructions = {e.instruction for e in task.train + task.test if e.messages is None}
+        for instruction in sorted(instructions, key=lambda i: i or ""):
+            probe = Example("", task.labels[0] if task.labels else "", instruction=instruction)
+            floor = prompt_floor(tokenizer, fmt.prompt(tokenizer, task, probe), max_length, fmt.special_tokens(probe))
+            room, setting = ((max_source_length, "max_source_length") if max_source_length is not None
+                             else (max_length - need, "max_length"))
+            if floor > room:
+                words = (instruction or task.instruction)[:60]
+                raise DataError(
+                    f"task {task.name}: its prompt without input text needs {floor} tokens (instruction {words!r}), "
+                    f"{'more than max_source_length' if max_source_length is not None else f'so max_length={max_length} leaves fewer than the {need} answer tokens it needs'}; "
+                    f"raise {setting} or shorten the instruction"
+                )
 
 
 def collate_training(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

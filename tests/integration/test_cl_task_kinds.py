@@ -95,8 +95,8 @@ def run(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("kinds_run")
     proc = launch_train(["--ds_config", str(REPO / "ds_configs" / "zero2.json"), "--model", str(model),
                          "--data-dir", str(data), "--tasks", "colours,repeat,name", "--method", "seq-ft",
-                         "--max-steps-per-task", "10", "--eval-samples", str(EVAL_SAMPLES), "--global-batch-size", "4",
-                         "--micro-batch-size", "2", "--lr-full", "1e-2", "--export", "false", "--output-dir", str(out)],
+                         "--max-steps-per-task", "30", "--eval-samples", str(EVAL_SAMPLES), "--global-batch-size", "4",
+                         "--micro-batch-size", "2", "--lr-plain", "3e-3", "--export", "false", "--output-dir", str(out)],
                         env=clean_env(), timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return out / "seq-ft"
@@ -124,5 +124,7 @@ def test_each_r_entry_is_its_tasks_metric_recomputed_from_the_predictions(run) -
     assert all(r["label"] == "the " + r["input"].split()[0] for r in repeat)
     # the metrics table names the metric of each column
     assert "repeat (rougeL)" in (run / "results.md").read_text() and "name (exact_match)" in (run / "results.md").read_text()
-    assert len(seen) == 3, result["R"]
-    print("R", result["R"])
+    # the comparison is not vacuous: each metric scored some answers above 0 (the budget is chosen so
+    # that the tiny model learns "the …", "vex"/"nar": ROUGE-L 50 for "the" alone)
+    assert all(max(scores) > 0 for scores in seen.values()), result["R"]
+    assert any(0 < score < 100 for score in seen["rougeL"]), result["R"]
