@@ -40,7 +40,8 @@ def markdown_table(method: str, task_names: list[str], r: list[list[float] | Non
     return "\n".join(lines) + "\n"
 
 
-def heatmap(path: str, method: str, task_names: list[str], r: list[list[float] | None], eval_only: bool = False) -> None:
+def heatmap(path: str, method: str, task_names: list[str], r: list[list[float] | None], eval_only: bool = False,
+            task_metrics: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,7 +58,9 @@ def heatmap(path: str, method: str, task_names: list[str], r: list[list[float] |
             if not np.isnan(values[i, j]):
                 ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center",
                         color="white" if values[i, j] < 60 else "black", fontsize=8)
-    ax.set_title(f"R (accuracy %) — {method}")
+    mixed = task_metrics and any(m != "accuracy" for m in task_metrics)
+    scale = "each task's metric, 0-100" if mixed else "accuracy %"
+    ax.set_title(f"R ({scale}) — {method}")
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -75,7 +78,7 @@ def write_method_results(out_dir: str, result: dict[str, Any]) -> None:
         handle.write(markdown_table(result["method"], result["tasks"], result["R"], result["metrics"],
                                     eval_only=bool(result.get("eval_only")), task_metrics=result.get("task_metrics")))
     heatmap(os.path.join(out_dir, "R.png"), result["method"], result["tasks"], result["R"],
-            eval_only=bool(result.get("eval_only")))
+            eval_only=bool(result.get("eval_only")), task_metrics=result.get("task_metrics"))
 
 
 def predictions_file(row: int | str, column: int, task: str) -> str:
