@@ -378,7 +378,7 @@ def write_report(dirs: list[Path], results_dir: Path, tag: str, notes: str | Non
                 table = markdown_table(method, result["tasks"], result["R"], result["metrics"])
                 out.append(table.replace(f"## {method}", f"### order {order}: {method}", 1))
                 image = results_dir / f"quality_{tag}_{order}_{method}_R.png"
-                heatmap(str(image), f"{method}, order {order}", result["tasks"], result["R"])
+                image.write_bytes(heatmap(f"{method}, order {order}", result["tasks"], result["R"]))
                 out += [f"![R of {method} on order {order}]({image.name})", ""]
     text = "\n".join(out).rstrip() + "\n"
     (results_dir / f"quality_{tag}.md").write_text(text)

@@ -18,9 +18,13 @@ step was checkpointed (resume with ``--resume``; the SLURM script requeues on 75
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
+import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 
 from .faults import FaultPlan
@@ -69,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         return 0 if argv else 2
     if argv[0] not in commands:
-        print(f"gorp_ds: error: unknown command {argv[0]!r}; commands: {', '.join(commands)} (usage: {usage})",
-              file=sys.stderr)
-        return 2
+        return user_error(f"gorp_ds: error: unknown command {argv[0]!r}; commands: {', '.join(commands)} "
+                          f"(usage: {usage})")
     command, _ = commands[argv[0]]
     return command(argv[1:], f"gorp-ds {argv[0]}")
 
@@ -114,17 +117,21 @@ def train(argv: list[str], prog: str = "gorp-ds train", start: bool = True) -> i
     only the checks made before any process group starts (:func:`check_before_start`)."""
     misplaced = [arg.split("=", 1)[0] for arg in argv if arg.split("=", 1)[0] in LAUNCHER_OPTIONS]
     if misplaced:
-        if local_rank() == 0:
-            flag = misplaced[0]
-            print(f"gorp_ds: error: {flag} is an option of the launcher, not of the run: put it before the script "
-                  f"(deepspeed {flag} … launch/train.py …, torchrun {flag} … -m gorp_ds train …; with make: "
-                  f"make run LAUNCH_ARGS='{flag} …', and run flags in ARGS)", file=sys.stderr, flush=True)
-        return 2
-    args = train_parser(prog).parse_args(argv)
+        flag = misplaced[0]
+        return user_error(f"gorp_ds: error: {flag} is an option of the launcher, not of the run: put it before the "
+                          f"script (deepspeed {flag} … launch/train.py …, torchrun {flag} … -m gorp_ds train …; with "
+                          f"make: make run LAUNCH_ARGS='{flag} …', and run flags in ARGS)")
+    parsed = _parse(train_parser(prog), argv)
+    if isinstance(parsed, int):
+        return parsed
     try:
-        return _run(args, start)
+        status, unprinted = _run(parsed, start)
+        if unprinted is not None and prints_errors():  # printed before the process group is torn down
+            user_error(unprinted, status)
+            unprinted = None
     finally:
         _shutdown_distributed()
+    return user_error(unprinted, status) if unprinted is not None else status  # the other ranks' wait
 
 
 def check_before_start(argv: list[str], prog: str = "gorp-ds train") -> int:
@@ -138,10 +145,57 @@ def evaluate(argv: list[str], prog: str = "gorp-ds eval") -> int:
     return train(["--eval-only", *argv], prog)
 
 
-def _run(args: argparse.Namespace, start: bool = True) -> int:
+# ------------------------------------------------------------------------ user errors, printed once
+# Every rank of a launch parses the same flags and meets the same bad input (the runner agrees on
+# problems found after start-up, cl/agree.py), and each node's local rank 0 prints it. The other
+# ranks must not exit first: DeepSpeed's and torchrun's launchers stop every rank as soon as one
+# exits with an error, and would stop the rank about to print. So they wait for the launcher to
+# stop them (at most QUIET_WAIT_S), then exit with the same status, printing their own line only if
+# they were never stopped (a problem only they saw).
+QUIET_WAIT_S = 60.0
+
+
+def prints_errors() -> bool:
+    """Whether this process prints the run's user errors: a node's local rank 0 (or the only process)."""
+    return local_rank() == 0
+
+
+def user_error(text: str, status: int = 2) -> int:
+    """Print ``text`` (one ``gorp_ds: error:`` line, or argparse's usage) from the printing rank;
+    on the others, wait as described above. Returns ``status``."""
+    if prints_errors():
+        print(text, file=sys.stderr, flush=True)
+        return status
+
+    def stop(signum: int, frame: object) -> None:  # the launcher stopping this rank: quietly, same status
+        os._exit(status)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, stop)
+    time.sleep(QUIET_WAIT_S)
+    print(text, file=sys.stderr, flush=True)
+    return status
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
+    """The parsed flags, or the status to exit with (``--help``: 0 after printing it; a bad flag:
+    argparse's usage and error, 2) — printed by the printing rank only."""
+    if prints_errors():
+        return parser.parse_args(argv)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            return parser.parse_args(argv)
+    except SystemExit as stop:
+        status = stop.code if isinstance(stop.code, int) else 2
+        return user_error(captured.getvalue().rstrip("\n"), status) if status else status
+
+
+def _run(args: argparse.Namespace, start: bool = True) -> tuple[int, str | None]:
+    """The run's status, and a user error this rank has not printed (see :func:`user_error`)."""
     from .cl import build_run_config
     from .cl.command_line import format_config
-    from .cl.preemption import REQUEUE_STATUS, Preempted
+    from .cl.preemption import REQUEUE_STATUS, Preempted, write_requeue_marker
     from .cl.user_errors import USER_ERRORS
     from .resources import default_ds_config
 
@@ -150,7 +204,7 @@ def _run(args: argparse.Namespace, start: bool = True) -> int:
         if args.print_config:
             if local_rank() == 0 and os.environ.get("RANK", "0") == "0":
                 print(format_config(cfg), flush=True)
-            return 0
+            return 0, None
         from .cl.runner import run
         from .zero.config_checks import check_ds_config_file
 
@@ -159,22 +213,21 @@ def _run(args: argparse.Namespace, start: bool = True) -> int:
         if not cfg.runner.eval_only:  # before any process group: DeepSpeed's model and GORP's refusals
             check_ds_config_file(ds_config)
         if not start:
-            return 0
+            return 0, None
         install_faults(FaultPlan.from_environment())  # the crash tests' faults, read once (faults.py)
         run(cfg, ds_config)
     except USER_ERRORS as err:
         # Once per node: every rank of a launch stops with the same error (the runner agrees on it
-        # across ranks), and a node's local rank 0 says so with the node's name.
+        # across ranks), and a node's local rank 0 says so with the node's name (user_error).
         _close_progress_bars()
-        if local_rank() == 0:
-            print(f"gorp_ds: error: {socket.gethostname()}: {one_line(err)}", file=sys.stderr, flush=True)
-        return 2
+        return 2, f"gorp_ds: error: {socket.gethostname()}: {one_line(err)}"
     except Preempted as stop:  # SIGTERM/SIGUSR1: the checkpoint of the last step is committed
         _close_progress_bars()
+        write_requeue_marker(stop.checkpoint)
         if os.environ.get("RANK", "0") == "0":
             print(f"gorp_ds: {stop}", file=sys.stderr, flush=True)
-        return REQUEUE_STATUS
-    return 0
+        return REQUEUE_STATUS, None
+    return 0, None
 
 
 # What str.splitlines breaks a line at: a value or key quoted in a message (a run-file key with a
@@ -221,7 +274,11 @@ def export(argv: list[str], prog: str = "gorp-ds export") -> int:
 
     from .cl.restore import find_checkpoint, rebuild_session
     from .cl.user_errors import USER_ERRORS
+    from .safe_write import path_problem
 
+    if (problem := path_problem(args.out_dir, f"out_dir {args.out_dir}")) is not None:
+        print(f"gorp_ds: error: {problem}", file=sys.stderr)
+        return 2
     found = find_checkpoint(args.checkpoint)
     if found is None:
         print(f"gorp_ds: error: {args.checkpoint}: not a checkpoint (expected a method's output directory with "

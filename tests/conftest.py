@@ -28,19 +28,49 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True, scope="module")
 def _remove_leftover_shared_memory():
-    """DeepSpeed's CPU all-reduce leaves a 66 MB buffer per rank in /dev/shm (a RAM-backed tmpfs)
-    when a rank is killed or exits without tearing down, and many launches fill the machine's
-    memory. After each test module, every such buffer created while it ran is removed: its
-    processes have ended by then (tests run one module at a time)."""
+    """DeepSpeed's CPU all-reduce makes a 66 MB buffer per rank in /dev/shm (a RAM-backed tmpfs);
+    runs and run_ranks unlink theirs once every rank has started, but a group killed during its
+    start-up (or a test that starts DeepSpeed's backend itself) may leave them, and many fill the
+    machine's memory. After each test module, every such buffer created while it ran and mapped by no
+    live process is removed: a group still starting (another session's, on a shared machine) has
+    its buffers mapped, and keeps them."""
     import glob
     import os
     import time
 
     started = time.time()
     yield
-    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
-        try:
-            if os.stat(path).st_mtime >= started - 1:
+    leftovers = [p for p in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*") if _mtime(p) >= started - 1]
+    if not leftovers:
+        return
+    mapped = _mapped_files()
+    for path in leftovers:
+        if path not in mapped:
+            try:
                 os.remove(path)
-        except OSError:
+            except OSError:
+                pass
+
+
+def _mtime(path: str) -> float:
+    import os
+
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _mapped_files() -> set[str]:
+    """Every file some live process maps (from /proc/<pid>/maps; the processes this user can read)."""
+    import glob
+
+    mapped: set[str] = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as handle:
+                mapped.update(line.split(None, 5)[5].strip() for line in handle if line.count(" ") >= 5
+                              and "/dev/shm/" in line)
+        except (OSError, IndexError):
             pass
+    return mapped

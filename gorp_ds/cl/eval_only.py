@@ -23,9 +23,11 @@ from ..data.prompting import PromptFormat
 from ..data.registry import load_task_sequence
 from ..log import get_logger
 from ..models import load_model_and_tokenizer
+from ..safe_write import path_problem
+from .agree import agree_on_errors
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate_row
-from .report import predictions_file, write_method_results, write_predictions
+from .report import on_rank0, predictions_file, write_method_results, write_predictions
 from .restore import find_checkpoint, rebuild_session
 from .session import evaluation_settings
 
@@ -50,11 +52,18 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
     if not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, local)))
-    try:
-        tasks = load_task_sequence(cfg.data)
-    except DataError as err:
-        raise ConfigError(str(err)) from None
     out_dir = os.path.join(cfg.runner.output_dir, EVAL_DIR)
+    problem: ConfigError | None = None
+    try:  # the task list and the output path, on every rank, before any model is loaded
+        tasks = load_task_sequence(cfg.data)
+        if (where := path_problem(out_dir, f"--output-dir {cfg.runner.output_dir} (the evaluation writes "
+                                           f"{out_dir})")) is not None:
+            raise ConfigError(where)
+    except DataError as err:
+        problem = ConfigError(str(err))
+    except ConfigError as err:
+        problem = err
+    agree_on_errors(problem)
     started = time.perf_counter()
     found = find_checkpoint(cfg.base_model.model)
     settings = evaluation_settings(cfg)
@@ -87,11 +96,14 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
         "world_size": world,
         "config": cfg.flat(),
     }
-    if rank == 0:
+
+    def write() -> None:
         if cfg.runner.predictions:
             write_predictions(out_dir, "eval", names, evaluation.predictions or [])
         write_method_results(out_dir, result)
         log.info(f"wrote {os.path.join(out_dir, 'results.json')}")
+
+    on_rank0(rank, write)
     if session is not None:
         session.close()
     dist.barrier()

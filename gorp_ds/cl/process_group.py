@@ -1,5 +1,7 @@
 """The process group of a launch: started the same way under ``deepspeed``, ``torchrun``, the SLURM
-scripts and a plain ``python`` process, and a busy rendezvous port reported as one line."""
+scripts and a plain ``python`` process, and a busy rendezvous port reported as one line. Joining it
+also starts the watch on the launcher (``launcher_watch.py``) and unlinks this rank's shared-memory
+buffer of DeepSpeed's CPU all-reduce (:func:`unlink_shm_buffer`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ import socket
 import torch
 import torch.distributed as dist
 
+from ..zero import side_group
+from ..zero.deepspeed_patches import unlink_cpu_allreduce_buffer
 from .config import ConfigError
+from .launcher_watch import watch_launcher
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE")
 
@@ -36,6 +41,7 @@ def init_process_group() -> None:
     holds is a :class:`ConfigError` naming the port and how to choose another."""
     import deepspeed
 
+    watch_launcher()  # before single_process_environment: RANK set by a launcher, not by us
     single_process_environment()
     if torch.cuda.is_available():
         # Object collectives on NCCL use the current CUDA device: make it this rank's before the first.
@@ -53,6 +59,14 @@ def init_process_group() -> None:
             f"start: choose a free port with the launcher's --master_port (deepspeed --master_port 29617 …, "
             f"torchrun --master_port 29617 …, make run LAUNCH_ARGS='--master_port 29617'), or set MASTER_PORT "
             "for a single process") from None
+    unlink_shm_buffer()
+
+
+def unlink_shm_buffer() -> None:
+    """Unlink this rank's buffer of DeepSpeed's CPU all-reduce from /dev/shm once every rank has
+    mapped every buffer (``deepspeed_patches.unlink_cpu_allreduce_buffer``): the memory is freed
+    when the last rank exits, however it exits. Collective where the buffers exist."""
+    unlink_cpu_allreduce_buffer(dist.get_rank(), dist.get_world_size(), lambda: side_group.gather_objects(None))
 
 
 def _address_in_use(err: BaseException) -> bool:

@@ -1,11 +1,37 @@
-"""Result files: ``results.json``, a markdown table, a heatmap of R, and the methods summary."""
+"""Result files: ``results.json``, a markdown table, a heatmap of R, the predictions, ``progress.json``
+and the methods summary. Each file is written whole through :mod:`gorp_ds.safe_write` (temporary
+file, rename): a full disk or a read-only file system is one :class:`~gorp_ds.safe_write.WriteError`
+naming the file, and the files written before it stay as they were.
+
+Rank 0 writes; :func:`on_rank0` makes every rank stop together when its write fails."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..safe_write import WriteError, write_file, write_json
+from .agree import agree_on_errors
+
+T = TypeVar("T")
+
+
+def on_rank0(rank: int, write: Callable[[], T]) -> T | None:
+    """``write()`` on rank 0 (None elsewhere); when it fails with a WriteError every rank raises
+    (rank 0 its own error, the others the same message naming rank 0), so that no rank is left
+    waiting in a collective for one that stopped. Collective."""
+    error, result = None, None
+    if rank == 0:
+        try:
+            result = write()
+        except WriteError as err:
+            error = err
+    agree_on_errors(error)
+    return result
 
 
 def _fmt(value: float | None) -> str:
@@ -40,8 +66,9 @@ def markdown_table(method: str, task_names: list[str], r: list[list[float] | Non
     return "\n".join(lines) + "\n"
 
 
-def heatmap(path: str, method: str, task_names: list[str], r: list[list[float] | None], eval_only: bool = False,
-            task_metrics: list[str] | None = None) -> None:
+def heatmap(method: str, task_names: list[str], r: list[list[float] | None], eval_only: bool = False,
+            task_metrics: list[str] | None = None) -> bytes:
+    """R as a PNG image (its bytes: written like every other file, whole or not at all)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,22 +90,24 @@ def heatmap(path: str, method: str, task_names: list[str], r: list[list[float] |
     ax.set_title(f"R ({scale}) — {method}")
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image_bytes = io.BytesIO()
+    fig.savefig(image_bytes, format="png", dpi=120)
     plt.close(fig)
+    return image_bytes.getvalue()
 
 
-def write_method_results(out_dir: str, result: dict[str, Any]) -> None:
-    """``results.json``, ``results.md``, ``R.png`` in ``out_dir`` (atomic JSON write)."""
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "results.json.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(result, handle, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "results.json"))
-    with open(os.path.join(out_dir, "results.md"), "w") as handle:
-        handle.write(markdown_table(result["method"], result["tasks"], result["R"], result["metrics"],
-                                    eval_only=bool(result.get("eval_only")), task_metrics=result.get("task_metrics")))
-    heatmap(os.path.join(out_dir, "R.png"), result["method"], result["tasks"], result["R"],
-            eval_only=bool(result.get("eval_only")), task_metrics=result.get("task_metrics"))
+def write_method_results(out_dir: str, result: dict[str, Any], note: str = "") -> None:
+    """``results.json``, ``results.md``, ``R.png`` in ``out_dir``, each written whole. ``note``: what a
+    failed write leaves intact (the checkpoint to resume from), for its message."""
+    eval_only = bool(result.get("eval_only"))
+    task_metrics = result.get("task_metrics")
+    write_json(os.path.join(out_dir, "results.json"), result, what="the results", site="results", note=note)
+    table = markdown_table(result["method"], result["tasks"], result["R"], result["metrics"], eval_only=eval_only,
+                           task_metrics=task_metrics)
+    write_file(os.path.join(out_dir, "results.md"), table, what="the results table", site="results", note=note)
+    write_file(os.path.join(out_dir, "R.png"), heatmap(result["method"], result["tasks"], result["R"], eval_only,
+                                                       task_metrics),
+               what="the heatmap of R", site="results", note=note)
 
 
 def predictions_file(row: int | str, column: int, task: str) -> str:
@@ -89,20 +118,22 @@ def predictions_file(row: int | str, column: int, task: str) -> str:
 
 
 def write_predictions(out_dir: str, row: int | str, task_names: list[str],
-                      predictions: list[list[dict[str, Any]]]) -> list[str]:
-    """One JSONL per task (one line per test example, in test-set order), written atomically;
+                      predictions: list[list[dict[str, Any]]], note: str = "") -> list[str]:
+    """One JSONL per task (one line per test example, in test-set order), each written whole;
     returns the relative paths."""
     paths = []
     for column, (task, records) in enumerate(zip(task_names, predictions)):
         relative = predictions_file(row, column, task)
-        path = os.path.join(out_dir, relative)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(f"{path}.tmp", path)
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        write_file(os.path.join(out_dir, relative), lines, what=f"the predictions on {task}", site="predictions",
+                   note=note)
         paths.append(relative)
     return paths
+
+
+def write_progress(out_dir: str, state: dict[str, Any], note: str = "") -> None:
+    """``progress.json``: where the run stands and the rows of R so far."""
+    write_json(os.path.join(out_dir, "progress.json"), state, what="the progress record", site="progress", note=note)
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
@@ -120,11 +151,11 @@ def _gib(value: float | None) -> str:
 
 def write_summary(out_dir: str, results: list[dict[str, Any]]) -> str:
     table = summary_table(results)
-    with open(os.path.join(out_dir, "summary.md"), "w") as handle:
-        handle.write("# Methods compared\n\n" + table + "\n")
-        for r in results:
-            handle.write("\n" + markdown_table(r["method"], r["tasks"], r["R"], r["metrics"],
-                                                task_metrics=r.get("task_metrics")))
-    with open(os.path.join(out_dir, "summary.json"), "w") as handle:
-        json.dump({r["method"]: r["metrics"] for r in results}, handle, indent=2)
+    text = "# Methods compared\n\n" + table + "\n" + "".join(
+        "\n" + markdown_table(r["method"], r["tasks"], r["R"], r["metrics"], task_metrics=r.get("task_metrics"))
+        for r in results)
+    note = "every method's results.json is written"
+    write_file(os.path.join(out_dir, "summary.md"), text, what="the methods summary", site="summary", note=note)
+    write_json(os.path.join(out_dir, "summary.json"), {r["method"]: r["metrics"] for r in results},
+               what="the methods summary", site="summary", note=note)
     return table

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..data.tasks import Task
 from ..log import get_logger
-from ..zero import CheckpointError, read_client_state
+from ..zero import CheckpointError, has_checkpoint, read_client_state
 from .config import RunConfig, reconcile_ds_config
 from .session import MethodSession
 
@@ -20,11 +20,13 @@ log = get_logger(__name__)
 
 def find_checkpoint(path: str) -> tuple[str, str | None] | None:
     """``(load_dir, tag)`` for a method's output directory (``<out>/<method>``), its
-    ``checkpoints/`` folder, or one tag folder in it; ``None`` if ``path`` is none of those."""
+    ``checkpoints/`` folder, or one tag folder in it; ``None`` if ``path`` is none of those. A
+    folder without ``latest`` but with committed tags counts: the tag is chosen when loading (the
+    newest complete one, with a warning that says so)."""
     path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
+    if has_checkpoint(os.path.join(path, "checkpoints")):
         return os.path.join(path, "checkpoints"), None
-    if os.path.isfile(os.path.join(path, "latest")):
+    if has_checkpoint(path) and not os.path.isdir(os.path.join(path, "gorp_state")):
         return path, None
     if os.path.isdir(os.path.join(path, "gorp_state")):
         return os.path.dirname(path), os.path.basename(path)

@@ -28,7 +28,9 @@ from typing import Any
 
 import torch.distributed as dist
 
+from .. import safe_write
 from ..log import get_logger
+from ..zero import has_checkpoint
 from .command_line import format_config
 from .config import SETTINGS, ConfigError, RunConfig, flatten_run, show
 
@@ -116,19 +118,7 @@ def describe_changes(changed: list[tuple[str, Any, Any]]) -> str:
 def path_problem(output_dir: str, flag: str = "--output-dir") -> str | None:
     """Why this process cannot create or write ``output_dir`` (``None``: it can); ``flag`` names
     where the path was given."""
-    path = Path(output_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        return f"{flag} {output_dir} is a file, not a directory; choose a directory path"
-    ancestor = path
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        return (f"{flag} {output_dir}: {ancestor} is a file, so no directory can be made under it; "
-                "choose another path")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return (f"{flag} {output_dir}: {ancestor} is not writable by this user (or is on a read-only "
-                "filesystem); choose a writable path or fix its permissions")
-    return None
+    return safe_write.path_problem(output_dir, f"{flag} {output_dir}")
 
 
 def monitor_path_problem(ds_config: dict[str, Any], source: str) -> str | None:
@@ -177,7 +167,9 @@ def held_run(out: Path, boards: list[Path] = ()) -> list[str]:
 
 
 def _has_checkpoint(out: Path, method: str) -> bool:
-    return (out / method / "checkpoints" / "latest").is_file()
+    """A ``latest`` file or, without one, a committed tag (loading then takes the newest complete
+    tag and says so)."""
+    return has_checkpoint(str(out / method / "checkpoints"))
 
 
 def _finished(out: Path, method: str) -> Path | None:
@@ -310,10 +302,7 @@ def config_text(cfg: RunConfig, resolved: dict[str, Any]) -> str:
 
 
 def _write_config(out: Path, text: str) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / CONFIG_FILE)
+    safe_write.write_file(str(out / CONFIG_FILE), text, what="the run configuration", site="config")
     return text
 
 
@@ -350,6 +339,8 @@ def settle_output_dir(cfg: RunConfig, ds_config: dict[str, Any], world_size: int
                     decision.notes.append(f"the earlier contents of {cfg.runner.output_dir} are now in "
                                           f"{_move_aside(out, Path(decision.aside), boards)}")
                 text = _write_config(out, config_text(cfg, resolved))
+            except safe_write.WriteError as err:
+                decision.error = str(err)
             except OSError as err:
                 decision.error = f"--output-dir {cfg.runner.output_dir}: {err.strerror or err} ({err.filename or out})"
     decision, text = _broadcast((decision, text))

@@ -20,7 +20,9 @@ from ..data.registry import load_task_sequence
 from ..data.tasks import Task
 from ..log import get_logger, quiet_third_party
 from ..models import method_spec
+from ..safe_write import WriteError
 from ..zero import UnsupportedSetupError, check_supported, load_ds_config
+from ..zero.checkpoint_io import read_latest
 from .agree import agree_on_errors, in_user_terms
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .evaluate import Evaluation
@@ -33,11 +35,20 @@ from .preflight import preflight
 from .process_group import init_process_group
 from .progress import Progress, task_number
 from .prompt_record import write_prompt_record
-from .report import predictions_file, r_matrix, write_method_results, write_predictions, write_summary
+from .report import (
+    on_rank0,
+    predictions_file,
+    r_matrix,
+    write_method_results,
+    write_predictions,
+    write_progress,
+    write_summary,
+)
 from .run_dir import Decision, monitor_path_problem, path_problem, run_settings, settle_output_dir
 from .session import MethodSession, mixed_task
 from .task_export import TaskExports
 from .user_errors import USER_ERRORS
+from .wandb_log import wandb_problem
 
 log = get_logger(__name__)
 
@@ -64,8 +75,8 @@ def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
             results.append(done)
             continue
         results.append(run_method(method, tasks, cfg, ds_config, out_dir, decision.resume))
-    if _rank() == 0:
-        table = write_summary(cfg.runner.output_dir, results)
+    table = on_rank0(_rank(), lambda: write_summary(cfg.runner.output_dir, results))
+    if table is not None:
         log.info("methods compared (accuracy %, higher AA and BWT closer to 0 are better):\n" + table)
     return results
 
@@ -84,6 +95,8 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
         check_supported(raw_ds_config, ds_config_path)  # first: it checks the sections' types
         ds_config = reconcile_ds_config(raw_ds_config, cfg, _world(), ds_config_path)
         stage = check_supported(ds_config, ds_config_path)
+        if (wandb := wandb_problem(ds_config)) is not None:
+            raise UnsupportedSetupError(f"{ds_config_path}: {wandb}")
         for spec in map(method_spec, cfg.runner.methods):
             if stage == 3 and spec.zero3_refusal:
                 raise UnsupportedSetupError(
@@ -147,15 +160,24 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
     peak.start()  # this method's own peak: the model and engine it builds are part of it
     spec = method_spec(method)
     schedule = [mixed_task(tasks)] if spec.mixed_tasks else tasks
-    session = MethodSession(method, tasks, cfg, ds_config, out_dir)
+    try:
+        session = MethodSession(method, tasks, cfg, ds_config, out_dir)
+    except WriteError as err:  # the TensorBoard event file could not be created
+        raise err.noted(kept_note(os.path.join(out_dir, "checkpoints"), _rank())) from None
     progress = session.resume() if resume and _from_rank0(session.has_checkpoint()) else Progress()
     if 0 not in progress.rows:
         evaluation, progress.timings["eval_s/0"] = session.evaluate()
         record_row(session, progress, 0, evaluation)
+
+    def save(state: Progress) -> str | None:  # a checkpoint, then a failed TensorBoard write stops every rank
+        tag = session.save(state)
+        session.monitor.raise_failure(kept_note(session.checkpoint_dir, session.rank))
+        return tag
+
     exports = TaskExports(session)  # per task: the PEFT adapter and the full targets' delta
     for t in range(progress.task, len(schedule)):
         exports.task_started(t, progress)
-        session.train_task(t, schedule[t], progress, on_checkpoint=session.save, total_tasks=len(schedule))
+        session.train_task(t, schedule[t], progress, on_checkpoint=save, total_tasks=len(schedule))
         # The LoRA merge (fp32, from the masters) comes before the row: R[row] is measured on
         # exactly the weights an export after this task writes.
         session.close_adapters(t)
@@ -168,7 +190,7 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         if cfg.runner.export_every_task:
             export(session, progress, f"task_{task_number(t):02d}")
         exports.task_finished(t, schedule[t].name)
-        tag = session.save(progress)
+        tag = save(progress)
         if t + 1 < len(schedule) and session.preemption.should_stop():  # signalled during eval/boundary
             raise Preempted(tag)
         log_eta(method, progress, len(schedule))
@@ -177,8 +199,9 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
     exports.close()
     result = assemble(method, tasks, cfg, progress, time.perf_counter() - started, peak)
     session.monitor.metrics(result["metrics"], progress.global_step)
-    if session.rank == 0:
-        write_method_results(out_dir, result)
+    note = kept_note(session.checkpoint_dir, session.rank)
+    session.monitor.raise_failure(note)
+    on_rank0(session.rank, lambda: write_method_results(out_dir, result, note))
     session.close()
     return result
 
@@ -186,7 +209,10 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
 def export(session: MethodSession, progress: Progress, label: str) -> None:
     """``export/`` (label "final") or ``export/<label>/``; size and time kept with the timings."""
     directory = os.path.join(session.out_dir, "export", "" if label == "final" else label).rstrip("/")
-    info = session.export(directory)
+    try:
+        info = session.export(directory)
+    except WriteError as err:
+        raise err.noted(kept_note(session.checkpoint_dir, session.rank)) from None
     if info is not None:
         write_prompt_record(session.tasks, session.tokenizer, session.cfg, session.method, directory)
         progress.timings[f"export_s/{label}"] = info.seconds
@@ -196,15 +222,27 @@ def export(session: MethodSession, progress: Progress, label: str) -> None:
 def record_row(session: MethodSession, progress: Progress, row: int, evaluation: Evaluation) -> None:
     names = [t.name for t in session.tasks]
     progress.rows[row] = evaluation.row
-    if session.cfg.runner.predictions and session.rank == 0:
-        write_predictions(session.out_dir, row, names, evaluation.predictions or [])
     session.monitor.accuracy_row(row, names, progress.rows[row])
     cells = ", ".join(f"{n} {v:.1f}" for n, v in zip(names, progress.rows[row]))
     log.info(f"[{session.method}] R[{row}] ({'before training' if row == 0 else f'after task {row}'}): {cells}")
-    if session.rank == 0:
-        os.makedirs(session.out_dir, exist_ok=True)
-        with open(os.path.join(session.out_dir, "progress.json"), "w") as handle:
-            json.dump(progress.to_state(), handle, indent=2)
+    note = kept_note(session.checkpoint_dir, session.rank)
+
+    def write() -> None:
+        if session.cfg.runner.predictions:
+            write_predictions(session.out_dir, row, names, evaluation.predictions or [], note)
+        write_progress(session.out_dir, progress.to_state(), note)
+
+    on_rank0(session.rank, write)
+    session.monitor.raise_failure(note)
+
+
+def kept_note(checkpoint_dir: str, rank: int) -> str:
+    """What a failed output write leaves intact, for its message (rank 0's view)."""
+    tag = read_latest(checkpoint_dir) if rank == 0 else None
+    if tag is None:
+        return "the files written before it are intact"
+    return (f"the files written before it and checkpoint {os.path.join(checkpoint_dir, tag)} are intact "
+            "(--resume continues from it)")
 
 
 def gather_sizes(local: dict[str, int]) -> dict[str, int]:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..data.config import DataConfig
 from ..data.prompting import PromptFormat
 from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
 from ..data.tasks import Example, Task
@@ -31,6 +32,7 @@ from ..models import (
     method_spec,
     trainable_summary,
 )
+from ..models.kernels import AnswerLoss, answer_loss_for
 from ..models.loading import DTYPES, fingerprint_mismatch, model_fingerprint
 from ..models.lora import (
     init_lora_,
@@ -52,6 +54,7 @@ from .monitor import Monitor
 from .nonfinite import NonFiniteError, NonFiniteGuard, poison_gradient
 from .progress import Progress, tags_to_prune, task_number
 from .run_dir import compare, describe_changes, recorded_settings
+from .wandb_log import open_wandb, take_wandb_section
 
 log = get_logger(__name__)
 
@@ -112,13 +115,19 @@ class MethodSession:
                                    for g in self.optimizer.param_groups]
         self.guard = NonFiniteGuard(method, cfg.runner.max_bad_steps)
         self.settings = recorded_settings(cfg, ds_config, self.world)  # recorded in checkpoints
-        ds_config = {**ds_config}
+        ds_config, wandb_section = take_wandb_section(ds_config)  # the project writes to W&B, not DeepSpeed
+        board = None
         if isinstance(ds_config.get("tensorboard"), dict):
-            ds_config["tensorboard"] = {**ds_config["tensorboard"], "job_name": method}
+            board = {**ds_config["tensorboard"], "job_name": method}
+            # The monitor writes the event file itself (monitor.py says why), not DeepSpeed.
+            ds_config["tensorboard"] = {**board, "enabled": False}
         self.engine, _, _, _ = initialize(model=model, optimizer=self.optimizer, config=ds_config,
                                             full_gradients=cfg.targets.full_gradients, refresh_from=cfg.targets.refresh_from,
                                             refresh_memory_mib=cfg.targets.refresh_memory_mib)
-        self.monitor = Monitor(self.engine)
+        self.monitor = Monitor(self.engine, board, self.rank, open_wandb(wandb_section, method, self.rank, self.settings))
+        # eager: the LM head then fp32 cross-entropy; fused (--kernels): Liger's, without the logits
+        core = self.engine.module.get_base_model() if hasattr(self.engine.module, "get_base_model") else self.engine.module
+        self.head_loss = answer_loss_for(core, core.get_output_embeddings())
         # The learning-rate schedule over GORP's groups (the ones every ZeRO stage's step reads),
         # one span per task trained; stepped after each optimizer step, positioned on resume.
         self.lr_spans = ([sum(map(self.steps_for, tasks))] if self.spec.mixed_tasks
@@ -135,7 +144,9 @@ class MethodSession:
         self.device = next(self.engine.module.parameters()).device
         self.prompt_format = PromptFormat(cfg.data.prompt_format)
         self.prompt_format.check(self.tokenizer)
-        check_fits(self.tokenizer, tasks, cfg.data.max_length, self.prompt_format, cfg.data.max_source_length)
+        for task in tasks:  # an instruction or label too long for the budgets: refused before any training
+            check_fits(self.tokenizer, task, cfg.data.max_length, prompt_format=self.prompt_format,
+                       max_source_length=cfg.data.max_source_length, max_target_length=cfg.data.max_target_length)
         self._build_penalty()
 
     def _build_penalty(self) -> None:
@@ -158,16 +169,7 @@ class MethodSession:
 
     # ------------------------------------------------------------------ training
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Cross-entropy on the answer tokens only; the LM head runs on those positions alone
-        (the vocabulary projection of every prompt position is most of a small model's cost).
-        The positions were found on the host (``_micro_batches``): a boolean mask on the device
-        would need a sync to size its result."""
-        module = self.engine.module
-        core = module.get_base_model() if hasattr(module, "get_base_model") else module
-        hidden = core.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        rows, cols = batch["answer_positions"].unbind(1)  # position p predicts token p+1
-        logits = core.get_output_embeddings()(hidden[rows, cols])
-        loss = torch.nn.functional.cross_entropy(logits.float(), batch["answer_targets"])
+        loss = answer_loss(self.engine.module, batch, self.head_loss)
         if self.penalty is not None:
             loss = loss + self.penalty()
         return loss
@@ -178,15 +180,8 @@ class MethodSession:
         mine = rank_slice(indices, self.rank, self.world, self.accumulation)
         batches, tokens = [], 0
         for micro in split_micro_batches(mine, self.accumulation):
-            encoded = [encode_for_training(self.tokenizer, task, task.train[i], self.cfg.data.max_length,
-                                           prompt_format=self.prompt_format, max_source_length=self.cfg.data.max_source_length,
-                                           max_target_length=self.cfg.data.max_target_length) for i in micro]
-            batch = collate_training(encoded, self.tokenizer.pad_token_id)
+            batch = answer_batch(self.tokenizer, task, micro, self.cfg.data, self.prompt_format)
             tokens += int(batch["attention_mask"].sum()) * self.world
-            targets = batch["labels"][:, 1:]  # CPU: position p predicts token p+1
-            keep = targets != -100
-            batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                     "answer_positions": keep.nonzero(), "answer_targets": targets[keep]}
             batches.append({k: self._to_device(v) for k, v in batch.items()})
         return batches, tokens
 
@@ -266,6 +261,7 @@ class MethodSession:
                 saved = True
             # ---- pre-emption: every rank stops after this same step, with a checkpoint of it
             faults.signal_point(task_index, progress.step, self.rank)
+            faults.pause_point(task_index, progress.step, self.rank, lambda: self.preemption.requested)
             if self.preemption.should_stop():
                 bar.close()
                 tag = progress.tag if saved else on_checkpoint(progress)
@@ -486,10 +482,41 @@ class MethodSession:
         self.lr_schedule.load_state_dict(saved)
 
     def close(self) -> None:
+        self.monitor.close()
         self.engine.destroy()
         del self.engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def answer_batch(tokenizer: Any, task: Task, indices: list[int], data: DataConfig,
+                 prompt_format: PromptFormat) -> dict[str, torch.Tensor]:
+    """One micro-batch of ``task.train[i]`` for i in ``indices``, on the host: ``input_ids`` and
+    ``attention_mask`` (``b × L``), the answer tokens' predicting positions ``answer_positions``
+    (``a × 2``: row, column) and their targets ``answer_targets`` (``a``). The positions are found on
+    the host: a boolean mask on the device would need a sync to size its result."""
+    encoded = [encode_for_training(tokenizer, task, task.train[i], data.max_length, prompt_format=prompt_format,
+                                   max_source_length=data.max_source_length, max_target_length=data.max_target_length)
+               for i in indices]
+    batch = collate_training(encoded, tokenizer.pad_token_id)
+    targets = batch["labels"][:, 1:]  # position p predicts token p+1
+    keep = targets != -100
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "answer_positions": keep.nonzero(), "answer_targets": targets[keep]}
+
+
+def answer_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor], head_loss: AnswerLoss | None = None) -> torch.Tensor:
+    """Cross-entropy on the answer tokens of an :func:`answer_batch` only (mean over them); the LM
+    head runs on those positions alone (the vocabulary projection of every prompt position is most
+    of a small model's cost). ``module``: the causal LM, PEFT-wrapped or not. ``head_loss``: the
+    session's (gorp_ds/models/kernels.py; fused under ``--kernels``), else the eager head + loss."""
+    core = module.get_base_model() if hasattr(module, "get_base_model") else module
+    hidden = core.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    rows, cols = batch["answer_positions"].unbind(1)  # position p predicts token p+1
+    if head_loss is not None:
+        return head_loss(core.get_output_embeddings(), hidden[rows, cols], batch["answer_targets"])
+    logits = core.get_output_embeddings()(hidden[rows, cols])
+    return torch.nn.functional.cross_entropy(logits.float(), batch["answer_targets"])
 
 
 def evaluation_settings(cfg: RunConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
-from .tasks import Example, Task
+from .tasks import Example, Task, lone_surrogate
 from .templates import instruction_for
 from .tokenize import normalize_answer
 
@@ -23,19 +23,53 @@ _ENTRY_FORMAT = 'each entry must be {"sentence": "<text>", "label": "<label word
 
 
 def _read_json(path: Path) -> Any:
+    """The JSON value of a UTF-8 file (a leading byte-order mark allowed: it is valid UTF-8 that
+    Windows editors write), or a DataError naming the file and the fix."""
     if not path.is_file():
-        raise DataError(f"{path}: file missing; a CL_Benchmark task folder needs {', '.join(TASK_FILES)}")
+        what = "not a file" if path.exists() else "file missing"
+        raise DataError(f"{path}: {what}; a CL_Benchmark task folder needs {', '.join(TASK_FILES)}")
     try:
-        with path.open(encoding="utf-8") as fh:
-            return json.load(fh)
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(
             f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8 JSON"
         ) from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e}); fix its permissions or replace it") from e
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; it must hold a JSON list (see the CL_Benchmark layout)")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(
             f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix or re-export the file"
         ) from e
+    except RecursionError as e:
+        raise DataError(f"{path}: JSON nested too deeply to read; a task file is a flat list of objects") from e
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise DataError(f"{path}: not readable JSON ({' '.join(str(e).split())[:120]}); fix or re-export the file") from e
+
+
+def _check_text(path: Path, where: str, value: str) -> None:
+    """Text that cannot be tokenized is refused when loaded (see :func:`.tasks.lone_surrogate`)."""
+    index = lone_surrogate(value)
+    if index is not None:
+        raise DataError(
+            f"{path}: {where} holds a lone UTF-16 surrogate {value[index]!r} at character {index}, which is not a "
+            "character and cannot be tokenized (half of an escaped surrogate pair); fix the escape or remove it"
+        )
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value from a file, cut to ``limit`` characters (a huge value stays a short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown_list(labels: tuple[str, ...], count: int = 20) -> str:
+    """The label words for a message: at most ``count``, each at most 40 characters."""
+    more = f", ... ({len(labels) - count} more)" if len(labels) > count else ""
+    return ", ".join(x if len(x) <= 40 else x[:37] + "..." for x in labels[:count]) + more
 
 
 def _load_labels(path: Path) -> tuple[str, ...]:
@@ -45,7 +79,9 @@ def _load_labels(path: Path) -> tuple[str, ...]:
     seen: dict[str, str] = {}
     for i, label in enumerate(data):
         if not isinstance(label, str) or not normalize_answer(label):
-            raise DataError(f"{path}: entry {i} is {label!r}; every label must be a non-empty string")
+            raise DataError(f"{path}: entry {i} is {_shown(label)}; every label must be a non-empty string "
+                            "(of letters or digits, not only punctuation)")
+        _check_text(path, f"entry {i}", label)
         norm = normalize_answer(label)
         if norm in seen:
             raise DataError(
@@ -72,16 +108,17 @@ def _load_examples(path: Path, labels: tuple[str, ...], labels_path: Path) -> li
                 raise DataError(f'{path}: entry {i} lacks field "{key}"; {_ENTRY_FORMAT}')
             if not isinstance(entry[key], str):
                 raise DataError(
-                    f'{path}: entry {i} field "{key}" is {type(entry[key]).__name__} {entry[key]!r}, '
+                    f'{path}: entry {i} field "{key}" is {type(entry[key]).__name__} {_shown(entry[key])}, '
                     f"not a string; {_ENTRY_FORMAT}"
                 )
+            _check_text(path, f'entry {i} field "{key}"', entry[key])
         if not entry["sentence"].strip():
             raise DataError(f'{path}: entry {i} has an empty "sentence" (nothing to learn from or answer); '
                             "fill it in or remove the entry")
         if entry["label"] not in allowed:
             raise DataError(
-                f"{path}: example {i} has label {entry['label']!r}, which is not in {labels_path} "
-                f"({', '.join(labels)}); add it to labels.json or fix the example"
+                f"{path}: example {i} has label {_shown(entry['label'])}, which is not in {labels_path} "
+                f"({_shown_list(labels)}); add it to labels.json or fix the example"
             )
         examples.append(Example(text=entry["sentence"], label=entry["label"]))
     return examples

@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl
 
 from ..log import show_progress
 from .errors import DataError
-from .tasks import Example, Task
+from .tasks import Example, Task, lone_surrogate
 from .templates import instruction_for
 from .tokenize import normalize_answer
 
@@ -79,6 +79,9 @@ def _load(spec: str, source: str, opts: dict[str, str], data_dir: str | None) ->
                     if not Path(f).is_file():
                         raise DataError(f"task {spec!r}: data file {f} does not exist; fix the path")
             folder = Path(next(iter(files.values()))[0]).parent
+            for paths in files.values():
+                for f in paths:
+                    _check_json_file(spec, Path(f))
             return datasets.load_dataset(source, data_files=files), folder
         folder = _resolve(source, data_dir)
         if not folder.is_dir():
@@ -88,12 +91,57 @@ def _load(spec: str, source: str, opts: dict[str, str], data_dir: str | None) ->
             )
         if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
             return datasets.load_from_disk(str(folder)), folder
+        for f in _data_files(folder):
+            _check_json_file(spec, f)
         return datasets.load_dataset(str(folder)), folder
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; report them all the same way
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"task {spec!r}: datasets could not load it ({type(e).__name__}: {first})") from e
+
+
+_SPLIT_WORDS = ("train", "test", "valid", "dev", "eval")
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The JSON files of a folder that ``datasets`` reads as data: those named after a split when
+    there are any (it assigns files to splits by such names), else every one but labels.json."""
+    found = sorted(f for f in folder.iterdir() if f.suffix in (".json", ".jsonl") and f.name != "labels.json")
+    named = [f for f in found if any(word in f.name.lower() for word in _SPLIT_WORDS)]
+    return named or found
+
+
+def _check_json_file(spec: str, path: Path) -> None:
+    """A ``.json``/``.jsonl`` data file must be UTF-8 JSON rows (a list of objects, or one object
+    per line) before ``datasets`` reads it: its JSON builder crashes the whole process with a
+    segmentation fault on a list holding anything but objects (``[null, {...}]``), where no error
+    message is possible."""
+    if path.suffix not in (".json", ".jsonl") or not path.is_file():
+        return
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"task {spec!r}: {path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as "
+                        "UTF-8 JSON") from e
+    if not text.strip():
+        raise DataError(f"task {spec!r}: {path} is empty; it must hold JSON rows with the text and label columns")
+    try:
+        rows = json.loads(text)
+        where = "row"
+    except (ValueError, RecursionError):
+        rows, where = [], "line"
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                rows.append(json.loads(line) if line.strip() else {})
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"task {spec!r}: {path} is neither JSON nor JSON Lines (line {number}: "
+                                f"{_short(e, 80)}); fix or re-export the file") from e
+    for index, row in enumerate(rows if isinstance(rows, list) else [rows]):
+        if not isinstance(row, dict):
+            number = index if where == "row" else index + 1
+            raise DataError(f"task {spec!r}: {path} {where} {number} is {_short(repr(row), 40)}, not an object; "
+                            "each row must be an object with the text and label columns")
 
 
 def _split(spec: str, dd: Any, split: str, option: str) -> Any:
@@ -107,6 +155,21 @@ def _split(spec: str, dd: Any, split: str, option: str) -> Any:
             f"task {spec!r}: no {split!r} split (has: {', '.join(dd.keys())}); add it or set {option}=<split>"
         )
     return dd[split]
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    """A value or exception as one line of at most ``limit`` characters."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_text(where: str, value: str) -> None:
+    """Text that cannot be tokenized is refused when loaded (see :func:`.tasks.lone_surrogate`)."""
+    index = lone_surrogate(value)
+    if index is not None:
+        raise DataError(f"{where} holds a lone UTF-16 surrogate {value[index]!r} at character {index}, which is not "
+                        "a character and cannot be tokenized (half of an escaped surrogate pair); fix the escape or "
+                        "remove it")
 
 
 def _label_names(ds: Any, column: str) -> list[str] | None:
@@ -127,8 +190,10 @@ def _examples(spec: str, ds: Any, split: str, text_col: str, label_col: str) -> 
     for i, (text, label) in enumerate(zip(ds[text_col], ds[label_col], strict=True)):
         if not isinstance(text, str):
             raise DataError(
-                f"task {spec!r}: split {split!r} example {i} column {text_col!r} is {text!r}, not a string"
+                f"task {spec!r}: split {split!r} example {i} column {text_col!r} is {_short(repr(text), 60)}, "
+                "not a string"
             )
+        _check_text(f"task {spec!r}: split {split!r} example {i} column {text_col!r}", text)
         if not text.strip():
             raise DataError(f"task {spec!r}: split {split!r} example {i} column {text_col!r} is empty; "
                             "fill it in or filter the dataset")
@@ -136,9 +201,10 @@ def _examples(spec: str, ds: Any, split: str, text_col: str, label_col: str) -> 
             label = names[label] if names and 0 <= label < len(names) else str(label)
         if not isinstance(label, str):
             raise DataError(
-                f"task {spec!r}: split {split!r} example {i} column {label_col!r} is {label!r}; "
+                f"task {spec!r}: split {split!r} example {i} column {label_col!r} is {_short(repr(label), 60)}; "
                 f"labels must be strings or class ids"
             )
+        _check_text(f"task {spec!r}: split {split!r} example {i} column {label_col!r}", label)
         out.append(Example(text=text, label=label))
     return out
 
@@ -154,11 +220,16 @@ def _labels(
     if folder is not None and (folder / "labels.json").is_file():
         path = folder / "labels.json"
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: not valid JSON ({e}); fix it or pass labels=a|b|c") from e
+            data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8 JSON "
+                            "or pass labels=a|b|c") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise DataError(f"{path}: not valid JSON ({_short(e)}); fix it or pass labels=a|b|c") from e
         if not isinstance(data, list) or not data or not all(isinstance(x, str) for x in data):
             raise DataError(f'{path}: expected a non-empty JSON list of label strings, e.g. ["Good", "Bad"]')
+        for i, word in enumerate(data):
+            _check_text(f"{path}: entry {i}", word)
         return tuple(data), str(path)
     return tuple(sorted({e.label for e in examples})), "the data"
 

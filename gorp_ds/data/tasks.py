@@ -10,14 +10,27 @@ last assistant message of a conversation) and ``metric`` (a key of
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-__all__ = ["Example", "Task", "INPUT_MARK", "ANSWER_MARK"]
+__all__ = ["Example", "Task", "INPUT_MARK", "ANSWER_MARK", "lone_surrogate"]
 
 #: Text placed between the instruction and the input, and the answer cue that ends every prompt.
 #: ``gorp_ds.data.tokenize`` relies on these markers to truncate only the input text.
 INPUT_MARK = "\nInput: "
 ANSWER_MARK = "\nAnswer:"
+
+# A UTF-16 surrogate code point (U+D800-U+DFFF). JSON can spell one with an escape ("\\ud800") and
+# Python's json module returns it as is, but it is not a character: no tokenizer encodes it (the
+# tokenizers library raises a TypeError mid-run) and it cannot be written as UTF-8. Such text is
+# refused when loaded rather than altered, so that what trains is exactly what the file says.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first surrogate code point in ``text`` (None if there is none)."""
+    found = _SURROGATE.search(text)
+    return found.start() if found else None
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,11 @@ def prompt_floor(tokenizer: Any, prompt: str, max_length: int, add_special_token
     return len(_encode_prompt_text(tokenizer, prompt[: start + len(INPUT_MARK)] + prompt[end:], add_special_tokens))
 
 
+def _cut(text: str, limit: int = 60) -> str:
+    """A value quoted in a message, at most ``limit`` characters (a label may be a whole paragraph)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def encode_for_training(
     tokenizer: Any, task: Task, example: Example, max_length: int, *, prompt_format: PromptFormat | None = None,
     max_source_length: int | None = None, max_target_length: int | None = None,
@@ -137,11 +142,16 @@ def encode_for_training(
         if budget < floor:
             target_ids = target_ids[: max(0, max_length - floor)]
             budget = floor
-    if budget < 1 or not target_ids:
+    if not target_ids:  # a free-form answer after a prompt that takes the whole budget
         raise DataError(
             f"max_length={max_length} leaves no room for the answer of task {task.name} "
             f"(its prompt needs at least {budget} tokens even without its input text; answer "
-            f"{example.label[:40]!r}); raise max_length"
+            f"{_cut(repr(example.label))}); raise max_length"
+        )
+    if budget < 1:
+        raise DataError(
+            f"max_length={max_length} leaves no room for the prompt of task {task.name} "
+            f"(answer {_cut(repr(example.label))} needs {len(target_ids)} tokens); raise max_length"
         )
     prompt_ids = fit_prompt(tokenizer, prompt, budget, special)
     return {
@@ -150,31 +160,59 @@ def encode_for_training(
     }
 
 
-def check_fits(tokenizer: Any, tasks: list[Task], max_length: int, prompt_format: PromptFormat | None = None,
-               max_source_length: int | None = None) -> None:
-    """Refuse, before any training, a task that cannot fit the length budget: a prompt whose
-    instruction and answer cue alone (:func:`prompt_floor`, once per distinct instruction) leave no
-    token for the answer (free-form) or for the longest label and EOS (classification), or exceed
-    ``max_source_length``. Raises :class:`DataError` naming the task and the setting to raise."""
+def _check_free_form(tokenizer: Any, task: Task, max_length: int, fmt: PromptFormat,
+                     max_source_length: int | None) -> None:
+    """A free-form task fits when the prompt without its input text (:func:`prompt_floor`, once per
+    distinct instruction) leaves at least one answer token within ``max_length`` (or fits
+    ``max_source_length``); chat conversations always do (their floor is at most half the budget)."""
+    instructions = {e.instruction for e in task.train + task.test if e.messages is None}
+    for instruction in sorted(instructions, key=lambda i: i or ""):
+        probe = Example("", "", instruction=instruction)
+        floor = prompt_floor(tokenizer, fmt.prompt(tokenizer, task, probe), max_length, fmt.special_tokens(probe))
+        if max_source_length is not None and floor > max_source_length:
+            problem, setting = "more than max_source_length", "max_source_length"
+        elif max_source_length is None and floor > max_length - 1:
+            problem, setting = f"so max_length={max_length} leaves no token for the answer", "max_length"
+        else:
+            continue
+        raise DataError(f"task {task.name}: its prompt without input text needs {floor} tokens (instruction "
+                        f"{_cut(repr(instruction or task.instruction))}), {problem}; raise {setting} or shorten "
+                        "the instruction")
+
+
+def check_fits(
+    tokenizer: Any, task: Task, max_length: int, *, prompt_format: PromptFormat | None = None,
+    max_source_length: int | None = None, max_target_length: int | None = None,
+) -> None:
+    """Raise :class:`DataError`, naming the task, if some example of ``task`` could not be encoded
+    within the budgets of :func:`encode_for_training` (training) or the prompt budget of evaluation.
+
+    Only the fixed parts decide it (the input text is cut to fit): the instruction, which names the
+    label words, the answer cue and the longest answer. Checked once before training rather than
+    at the first batch or evaluation that meets the longest label. A free-form task (no label words)
+    is checked by :func:`_check_free_form`."""
     fmt = prompt_format or PromptFormat()
-    for task in tasks:
-        need = 1
-        if task.labels:
-            need = 1 + max(len(tokenizer(fmt.target(task, Example("", label)), add_special_tokens=False)["input_ids"])
-                           for label in task.labels)
-        instructions = {e.instruction for e in task.train + task.test if e.messages is None}
-        for instruction in sorted(instructions, key=lambda i: i or ""):
-            probe = Example("", task.labels[0] if task.labels else "", instruction=instruction)
-            floor = prompt_floor(tokenizer, fmt.prompt(tokenizer, task, probe), max_length, fmt.special_tokens(probe))
-            room, setting = ((max_source_length, "max_source_length") if max_source_length is not None
-                             else (max_length - need, "max_length"))
-            if floor > room:
-                words = (instruction or task.instruction)[:60]
-                raise DataError(
-                    f"task {task.name}: its prompt without input text needs {floor} tokens (instruction {words!r}), "
-                    f"{'more than max_source_length' if max_source_length is not None else f'so max_length={max_length} leaves fewer than the {need} answer tokens it needs'}; "
-                    f"raise {setting} or shorten the instruction"
-                )
+    if not task.labels:
+        _check_free_form(tokenizer, task, max_length, fmt, max_source_length)
+        return
+
+    def answer_tokens(label: str) -> int:
+        return len(tokenizer(fmt.target(task, Example("", label)), add_special_tokens=False)["input_ids"])
+
+    longest = max(task.labels, key=answer_tokens)
+    probe = Example(text="x", label=longest)
+    try:
+        encode_for_training(tokenizer, task, probe, max_length, prompt_format=fmt,
+                            max_source_length=max_source_length, max_target_length=max_target_length)
+        fit_prompt(tokenizer, fmt.prompt(tokenizer, task, probe), max_source_length or max_length,
+                   fmt.add_special_tokens)
+    except DataError as err:
+        longest_chars = max(len(label) for label in task.labels)
+        raise DataError(
+            f"task {task.name}: {err} (its instruction names its {len(task.labels)} label words, the longest "
+            f"{longest_chars} characters; the longest answer takes {answer_tokens(longest) + 1} tokens); "
+            "shorten the label words or raise the length budget"
+        ) from None
 
 
 def collate_training(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -14,6 +14,11 @@ Under ZeRO the masters are partitioned: the LoRA factors (small) are all-reduced
 trained tensor is reduced to rank 0 one at a time, written into the current shard and freed, so
 no rank holds a second copy of the model. Every rank must call :func:`export_hf_dir` (collectives);
 only rank 0 writes.
+
+A write that fails (a full disk: safetensors' ``I/O error``, a read-only file system) is one
+:class:`~gorp_ds.safe_write.WriteError` on every rank, naming the export, the bytes it needs and the
+bytes free; rank 0 keeps taking part in the collectives after it, and the temporary directory is
+removed, so an earlier export in ``out_dir`` stays as it was.
 """
 
 from __future__ import annotations
@@ -33,12 +38,16 @@ from tqdm import tqdm
 from ..log import get_logger, show_progress
 from ..models.lora import canonical_name, lora_factor_names, lora_layers, merged_base_weight
 from ..optim.bf16_split import round_to_bf16
+from ..safe_write import WriteError, guarded
 
 log = get_logger(__name__)
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # shards of at most 5 GiB (one tensor larger than that gets its own)
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+# Room counted for config, generation config, index and tokenizer files (a Llama-3 tokenizer.json is
+# about 9 MB, LLaMA-2's 1.8 MB plus its 0.5 MB tokenizer.model).
+METADATA_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -126,6 +135,21 @@ def _move_into(tmp: str, out_dir: str) -> None:
     os.rmdir(tmp)
 
 
+def _verdict(error: WriteError | None, rank: int) -> None:
+    """Rank 0's write failure raised on every rank (a broadcast: also the ranks' last barrier)."""
+    import torch.distributed as dist
+
+    message = str(error) if error is not None else None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if rank == 0 and error is not None:
+        raise error
+    if message is not None:
+        raise WriteError(f"{message} (seen by rank 0)")
+
+
 def _disk_bytes(directory: str) -> int:
     """Bytes of the files directly in ``directory`` (not the per-task exports below it)."""
     return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
@@ -159,10 +183,21 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     tmp = f"{out_dir.rstrip('/')}.tmp"
+    item = torch.empty((), dtype=dtype).element_size()
+    # What the export writes: the weights (as planned) plus the config and tokenizer files; checked
+    # before the first byte, and named if a write fails.
+    need = sum(handle.numel(t) * (item if t.is_floating_point() else t.element_size()) for _, t in entries) \
+        + METADATA_BYTES
+    what = "the exported model"
+    error: WriteError | None = None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    handle.barrier()
+        try:
+            with guarded(tmp, what, need=need, site="export"):
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+        except WriteError as err:
+            error = err
+    _verdict(error, rank)
     pending: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}
     total_bytes = 0
@@ -187,20 +222,34 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
         total_bytes += value.numel() * value.element_size()
         index = shard_of[key]
         if key == shards[index][-1]:  # shard complete: write it and free it
-            save_file(pending, os.path.join(tmp, names[index]), metadata={"format": "pt"})
+            if error is None:  # after a failure rank 0 only takes part in the collectives
+                try:
+                    with guarded(tmp, what, need=need - total_bytes + sum(
+                            v.numel() * v.element_size() for v in pending.values()), site="export"):
+                        save_file(pending, os.path.join(tmp, names[index]), metadata={"format": "pt"})
+                except WriteError as err:
+                    error = err
             weight_map.update({k: names[index] for k in pending})
             pending = {}
     bar.close()
     if rank != 0:
-        handle.barrier()
+        _verdict(None, rank)
         return None
-    if len(shards) > 1:
-        with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-            json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
-    _write_metadata(core, tokenizer, dtype, tmp)
-    _move_into(tmp, out_dir)
+    if error is None:
+        try:
+            with guarded(tmp, what, need=METADATA_BYTES, site="export"):
+                if len(shards) > 1:
+                    with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+                        json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
+                _write_metadata(core, tokenizer, dtype, tmp)
+                _move_into(tmp, out_dir)
+        except WriteError as err:
+            error = err
+    if error is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _verdict(error, rank)
     info = ExportInfo(out_dir, time.perf_counter() - start, _disk_bytes(out_dir))
     log.info(f"exported {out_dir}: {info.bytes / 2**20:,.1f} MiB on disk, {len(shards)} weight file(s), "
              f"{info.seconds:.1f} s")
-    handle.barrier()
+    _verdict(None, rank)
     return info

@@ -3,7 +3,8 @@
 DeepSpeed has no extension points for an optimizer that trains some tensors outside its flat
 buffers (the projected ``full`` targets) or that must skip a step it has already begun (a
 non-finite step under ZeRO-3), so the distributors replace a few methods on the *instances* they
-were given (never on DeepSpeed's classes). Each function below says what DeepSpeed does there,
+were given (never on DeepSpeed's classes); the process group's start-up removes the CPU all-reduce
+buffers DeepSpeed leaves in /dev/shm (:func:`unlink_cpu_allreduce_buffer`). Each function below says what DeepSpeed does there,
 why gorp_ds needs to change it and which DeepSpeed version it was written against
 (:data:`WRITTEN_AGAINST`). ``tests/integration/test_deepspeed_patches.py`` pins the DeepSpeed behaviour each
 patch relies on, so that an upgrade that changes it fails there first, not in a training run.
@@ -11,7 +12,9 @@ patch relies on, so that an upgrade that changes it fails there first, not in a 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -250,3 +253,32 @@ def stage3_module_hooks_removed(engine: Any) -> Iterator[None]:
         yield
     finally:
         offload._register_deepspeed_module(offload.module)
+
+
+# ------------------------------------------------------------------ CPU all-reduce buffers
+# DeepSpeed's CPU accelerator (ops/csrc/cpu/comm/shm.cpp) gives each rank of a group whose ranks
+# are all on one host (WORLD_SIZE == LOCAL_SIZE) a 66 MB POSIX shared-memory buffer for its
+# low-latency all-reduce, named as below from the launcher's MASTER_ADDR and MASTER_PORT. The ranks
+# open each other's by name while the backend starts (inside ``deepspeed.init_distributed``), and
+# DeepSpeed never unlinks them: every launch left one file per rank in /dev/shm, killed or not.
+CPU_ALLREDUCE_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def unlink_cpu_allreduce_buffer(rank: int, world: int, barrier: Callable[[], None]) -> str | None:
+    """Unlink this rank's buffer after ``barrier()`` (every rank has returned from the backend's
+    start-up, so has mapped every buffer): the mappings stay valid, and the memory is freed when the
+    last rank exits, however it exits (SIGKILL included). Only this group's own name is touched
+    (its port and rank; other jobs on the machine rendezvous on other ports). ``barrier`` runs only
+    where DeepSpeed makes the buffers (the CPU accelerator, every rank on this host: the same answer
+    on every rank). Returns the path unlinked, or None."""
+    import deepspeed
+
+    if world == 1 or deepspeed.get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(world):
+        return None
+    barrier()
+    path = CPU_ALLREDUCE_BUFFER.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                       port=os.environ.get("MASTER_PORT", ""), rank=rank)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+        return path
+    return None

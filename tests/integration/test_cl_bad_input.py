@@ -138,6 +138,8 @@ def _bench(root: Path) -> Path:
         (folder / "task.json").write_text(json.dumps(spec))
         (folder / "train.jsonl").write_text(train)
         (folder / "test.jsonl").write_text(good)
+    _write_task(root, "XX", "surrogate", ["yes", "no"],  # the JSON escape \ud800: half a UTF-16 pair
+                test=json.dumps([{"sentence": "a", "label": "yes"}, {"sentence": "b\ud800", "label": "no"}]))
     return root
 
 
@@ -163,7 +165,11 @@ def _broken_models(tmp: Path, model: str) -> dict[str, Path]:
     malformed = tmp / "model_bad_config"
     shutil.copytree(source, malformed)
     (malformed / "config.json").write_text('{"model_type": "llama", "hidden_size": 32,')
-    return {"only_config": only_config, "truncated": truncated, "malformed": malformed}
+    deeper = tmp / "model_more_layers"  # config.json: 3 layers, the weights: 2 (issue 28)
+    shutil.copytree(source, deeper)
+    config = json.loads((deeper / "config.json").read_text())
+    (deeper / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    return {"only_config": only_config, "truncated": truncated, "malformed": malformed, "more_layers": deeper}
 
 
 def _unwritable_dir(tmp: Path) -> str | None:
@@ -185,9 +191,10 @@ CASES = [
     "ds_batch_contradiction", "ds_bf16_vs_fp32", "ds_zero3_offload_param", "ds_zero3_olora", "ds_config_missing", "ds_config_not_json",
     "ds_stage_not_a_number", "ds_zero_not_an_object", "ds_scheduler", "config_malformed", "config_unknown_key",
     "model_missing", "model_only_config", "model_truncated_safetensors", "model_config_malformed",
+    "model_config_more_layers", "data_lone_surrogate",
     "lora_r_too_large", "batch_not_divisible", "scale_zero", "scale_negative", "scale_huge", "lr_lora_nan",
     "lr_full_nan", "lr_plain_nan", "epochs_inf", "lora_alpha_zero", "lora_alpha_negative", "max_bad_steps_zero",
-    "output_is_a_file", "output_under_a_file", "output_unwritable", "resume_value_unknown",
+    "output_is_a_file", "output_under_a_file", "output_unwritable", "tensorboard_under_a_file", "resume_value_unknown",
     "resume_and_overwrite", "used_dir_without_flags", "resume_nothing_there", "resume_no_checkpoint_yet",
     "resume_without_config_yaml", "resume_tasks_swapped", "resume_lora_r", "resume_batch_and_steps",
     "resume_methods_and_model", "resume_finished_with_other_lr",
@@ -206,6 +213,8 @@ CASES = [
     "lr_warmup_steps_and_ratio", "lr_min_ratio_above_one", "lr_schedule_roles_unknown",
     # --- issue 26: task kinds and their metrics
     "instruction_record_without_output", "metric_needs_labels", "metric_unknown",
+    # --- issue 25: the W&B section (gorp_ds/cl/wandb_log.py)
+    "ds_wandb_not_an_object", "ds_wandb_unknown_field",
 ]
 
 
@@ -293,6 +302,10 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
                                   (str(tmp / "ds_two.json"), "zero_optimization.stage", "'two'", "1, 2 or 3")),
         "ds_zero_not_an_object": ({"--ds_config": _ds(tmp / "ds_yes.json", zero_optimization="yes")},
                                   (str(tmp / "ds_yes.json"), "'zero_optimization'", "not an object")),
+        "ds_wandb_not_an_object": ({"--ds_config": _ds(tmp / "ds_wandb_yes.json", wandb="yes")},
+                                   (str(tmp / "ds_wandb_yes.json"), "'wandb'", "not an object")),
+        "ds_wandb_unknown_field": ({"--ds_config": _ds(tmp / "ds_wandb_typo.json", wandb={"enabled": True, "projekt": "x"})},
+                                   (str(tmp / "ds_wandb_typo.json"), "'wandb.projekt'", "enabled, project, group, team")),
         "ds_scheduler": ({"--ds_config": _ds(tmp / "ds_sched.json", scheduler={
                              "type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-4}})},
                          (str(tmp / "ds_sched.json"), "'scheduler'", "--lr-lora", "remove", "--lr-schedule")),
@@ -301,6 +314,10 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
                                         (str(models["truncated"] / "model.safetensors"), "truncated")),
         "model_config_malformed": ({"--model": str(models["malformed"])},
                                    (str(models["malformed"] / "config.json"), "not valid JSON")),
+        "model_config_more_layers": ({"--model": str(models["more_layers"])},
+                                     (str(models["more_layers"] / "config.json"), "describes 3 layers", "hold 2")),
+        "data_lone_surrogate": ({"--tasks": "TC/topics,XX/surrogate"},
+                                (str(bench / "XX/surrogate/test.json"), "entry 1", '"sentence"', "surrogate")),
         "scale_zero": ({"--scale": "0"}, ("--scale", "got 0")),
         "scale_negative": ({"--scale": "-1"}, ("--scale", "got -1")),
         "scale_huge": ({"--scale": "1e300"}, ("--scale", "1e+300")),
@@ -315,6 +332,9 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
         "output_under_a_file": ({"--output-dir": str(tmp / "a_file" / "run")},
                                 (str(tmp / "a_file" / "run"), str(tmp / "a_file"), "is a file")),
         "output_unwritable": ({"--output-dir": unwritable}, (str(unwritable), "not writable")),
+        "tensorboard_under_a_file": ({"--ds_config": _ds(tmp / "ds_tb.json", tensorboard={
+            "enabled": True, "output_path": str(tmp / "a_file" / "tb"), "job_name": "x"})},
+            (str(tmp / "ds_tb.json"), "tensorboard.output_path", str(tmp / "a_file"), "is a file")),
         "resume_value_unknown": ({"--resume": "maybe"}, ("resume", "'maybe'", "auto")),
         "resume_and_overwrite": ({"--resume": None, "--overwrite": None}, ("--resume", "--overwrite")),
         # --- issue 14: output directories that hold a run (see `held`)

@@ -370,3 +370,109 @@ json.dump(out, open(sys.argv[2], "w"))
     for task, path in zip(TASKS, paths):
         lines = _lines(Path(path))
         assert [list(pair) for pair in reproduced[task]] == [[r["generation"], r["prediction"]] for r in lines], task
+
+
+# --------------------------------------------------------------------------- bf16: the engine's weights
+# The six-method launch (made once per session) is bf16 on 2 ranks: gorp's export is checked against
+# the weights its engine evaluates with, bit for bit. Ties (an fp32 master exactly halfway between two
+# bf16 values) are where two roundings differ, and a trained master lands on one with probability
+# 2^-16 per element, so a copy of the final checkpoint has every projected full-rank master
+# (mlp.gate_proj) moved onto a tie: all of those elements are ties, counted below.
+
+
+def _onto_ties(source: Path, target: Path) -> int:
+    """Copy checkpoint folder ``source`` (``checkpoints/``, its ``latest`` tag only) to ``target``
+    with every ``mlp.gate_proj`` master piece moved onto a bf16 tie (low 16 bits 0x8000) and the
+    manifest's sizes and CRC-32s re-written; returns the number of tie elements."""
+    import shutil
+    import zlib
+
+    tag = (source / "latest").read_text().strip()
+    shutil.copytree(source / tag, target / tag)
+    (target / "latest").write_text(tag + "\n")
+    manifest_path = target / tag / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    ties = 0
+    for file in sorted((target / tag / "gorp_state").glob("rank_*.pt")):
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+        for name, entry in payload["pieces"].items():
+            if name.endswith("mlp.gate_proj") and entry["master"].numel():
+                bits = entry["master"].float().contiguous().view(torch.int32)
+                entry["master"] = ((bits & ~0xFFFF) | 0x8000).view(torch.float32)
+                ties += entry["master"].numel()
+        torch.save(payload, file)
+        data = file.read_bytes()
+        manifest["files"][str(file.relative_to(target / tag))] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return ties
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory, tiny_model_dir) -> dict:
+    from tests.support.launch import deepspeed, free_port, six_method_run
+
+    run_dir = six_method_run(tmp_path_factory, tiny_model_dir)
+    root = tmp_path_factory.mktemp("export_bf16")
+    ties = _onto_ties(run_dir / "gorp" / "checkpoints", root / "ties" / "checkpoints")
+    cases = [(run_dir / "gorp", root / "run.pt", root / "run_export"),
+             (root / "ties", root / "ties.pt", root / "ties_export")]
+    command = [deepspeed(), "--num_gpus", "2", "--master_port", str(free_port()),
+               str(REPO / "tests" / "support" / "engine_weights.py"), *[str(p) for case in cases for p in case]]
+    proc = subprocess.run(command, cwd=REPO, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return {"run": run_dir, "root": root, "ties": ties, "cases": cases}
+
+
+def _equal_bits(export: dict[str, torch.Tensor], engine: dict[str, torch.Tensor]) -> None:
+    assert set(export) <= set(engine) and set(engine) - set(export) <= {"lm_head.weight"}, set(engine) ^ set(export)
+    for key, value in export.items():
+        assert value.dtype == engine[key].dtype == torch.bfloat16, key
+        assert torch.equal(value.view(torch.int16), engine[key].view(torch.int16)), key
+
+
+def test_bf16_export_equals_the_engine_weights_bit_for_bit_ties_included(bf16_run) -> None:
+    from gorp_ds.zero import read_masters
+
+    (run_ckpt, run_pt, run_export), (ties_ckpt, ties_pt, ties_export) = bf16_run["cases"]
+    # the run's own export (written by its 2-rank engine) and this launch's 2-rank export of the
+    # same checkpoint: both equal the rebuilt engine's weights
+    engine = torch.load(run_pt, weights_only=True)
+    _equal_bits(_safetensors(run_ckpt / "export"), engine)
+    _equal_bits(_safetensors(run_export), engine)
+    # every gate_proj element a tie: the export rounds them as the engine does (away from zero)
+    engine_ties = torch.load(ties_pt, weights_only=True)
+    exported = _safetensors(ties_export)
+    _equal_bits(exported, engine_ties)
+    masters = read_masters(str(ties_ckpt / "checkpoints"))
+    gate = sorted(n for n in masters if n.endswith("mlp.gate_proj"))
+    assert gate and bf16_run["ties"] == sum(masters[n].numel() for n in gate) > 0
+    counted, nearest_even_differs = 0, 0
+    for name in gate:
+        master = masters[name]
+        assert ((master.view(torch.int32) & 0xFFFF) == 0x8000).all(), name  # each element a tie
+        counted += master.numel()
+        weight = exported[f"{name}.weight"].float().view(-1)
+        assert (weight.abs() > master.abs()).all(), name  # rounded away from zero, every one
+        nearest_even_differs += int((master.to(torch.bfloat16).float() != weight).sum())
+    assert counted == bf16_run["ties"]
+    assert nearest_even_differs > counted // 4, "Tensor.to (ties to even) would have exported other values"
+    assert any(not torch.equal(engine[f"{n}.weight"], engine_ties[f"{n}.weight"]) for n in gate)
+
+
+def test_bf16_eval_only_on_the_export_reproduces_the_last_row_and_predictions(bf16_run, tiny_model_dir) -> None:
+    """Two ranks, bf16: --eval-only on gorp's export gives the run's last row of R and every
+    prediction line of it, bit for bit (the six-method launch's own settings)."""
+    run_dir = bf16_run["run"]
+    out = bf16_run["root"] / "eval_bf16"
+    proc = launch(tiny_model_dir, out, "--method", "gorp", "--eval-only", "--model", str(run_dir / "gorp" / "export"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    result = json.loads((run_dir / "gorp" / "results.json").read_text())
+    again = json.loads((out / "eval" / "results.json").read_text())
+    assert again["R"] == [result["R"][-1]]
+    lines = 0
+    for j, path in enumerate(result["predictions"][-1]):
+        run_text = (run_dir / "gorp" / path).read_text()
+        assert (out / "eval" / again["predictions"][0][j]).read_text() == run_text, path
+        lines += len(run_text.splitlines())
+    assert lines == len(result["tasks"]) * 8  # every line of every task (EVAL_SAMPLES each)

@@ -59,3 +59,58 @@ def test_requeue_status_is_the_documented_one() -> None:
 
     assert REQUEUE_STATUS == 75 and set(SIGNALS) == {signal.SIGTERM, signal.SIGUSR1}
     assert "PREEMPT_STATUS=75" in (REPO / "launch" / "slurm" / "train.sbatch").read_text()
+
+
+WATCHED = f"""
+import os, sys, time
+sys.path.insert(0, {str(REPO)!r})
+from gorp_ds.cl import launcher_watch, preemption
+launcher_watch.POLL_S = 0.1
+state = preemption.current().install()
+launcher_watch.watch_launcher()
+print("watching", os.getpid(), flush=True)
+deadline = time.monotonic() + 60
+while not state.requested and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("requested" if state.requested else "never requested", flush=True)
+"""
+LAUNCHER = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=open(sys.argv[2], "w"), stderr=subprocess.STDOUT)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("launcher_signal", [signal.SIGKILL, signal.SIGTERM])
+def test_rank_stops_as_on_sigterm_when_its_launcher_dies(tmp_path, launcher_signal) -> None:
+    """A rank (RANK set by its launcher) whose launcher process dies gets the pre-emption request;
+    the launcher here is a plain process, killed or terminated (it does not signal its child)."""
+    out = tmp_path / "rank.log"
+    env = {"PATH": "/usr/bin:/bin", "RANK": "0", "GORP_DS_PREEMPT_DEADLINE": "60"}
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WATCHED, str(out)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while "watching" not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.1)
+        rank = int(out.read_text().split()[1])
+        launcher.send_signal(launcher_signal)
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while _running(rank):
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.1)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    text = out.read_text()
+    assert f"the launcher process {launcher.pid} " in text and "is gone; stopping as on SIGTERM" in text, text
+    assert "SIGTERM: finishing this optimizer step" in text and text.rstrip().endswith("requested"), text
+
+
+def _running(pid: int) -> bool:
+    try:  # the orphaned rank may stay a zombie until its new parent reaps it
+        with open(f"/proc/{pid}/status") as handle:
+            return "State:\tZ" not in handle.read()
+    except OSError:
+        return False

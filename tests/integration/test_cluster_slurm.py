@@ -131,6 +131,11 @@ with open(os.path.join(records, name + ".tmp"), "w") as out:
     json.dump(record, out)
 os.replace(os.path.join(records, name + ".tmp"), os.path.join(records, name))  # whole or not at all
 print(f"stand-in {record['launcher']} on node {os.environ['SLURM_NODEID']}", flush=True)
+if os.environ.get("FAKE_ORPHAN_RANK_S"):  # a rank that outlives its killed launcher, then leaves the marker
+    import subprocess
+    rank = ("import os, sys, time; time.sleep(float(sys.argv[1])); "
+            "open(os.environ['GORP_DS_REQUEUE_FILE'], 'w').write('75 task03_step000007\\n')")
+    subprocess.Popen([sys.executable, "-c", rank, os.environ["FAKE_ORPHAN_RANK_S"], "launch/train.py"])
 time.sleep(float(os.environ.get(f"FAKE_LAUNCH_SLEEP_NODE{node}", os.environ.get("FAKE_LAUNCH_SLEEP", "0"))))
 sys.exit(int(os.environ.get(f"FAKE_LAUNCH_STATUS_NODE{node}", os.environ.get("FAKE_LAUNCH_STATUS", "0"))))
 '''
@@ -422,6 +427,18 @@ def test_preemption_status_from_the_training_requeues(cluster: FakeCluster) -> N
     done = cluster.run(cluster.env(2, 0, FAKE_LAUNCH_STATUS="75"), str(cluster.run_config))
     assert done.returncode == 0, done.stdout + done.stderr
     assert ["requeue", str(JOB_ID)] in cluster.jsonl("scontrol.jsonl")
+
+
+def test_ranks_that_outlive_a_killed_launcher_are_waited_for_and_requeue(cluster: FakeCluster) -> None:
+    """The launcher dies (137) while its rank still checkpoints; node.sh waits for that rank, finds
+    its requeue marker and reports 75 (gorp_ds/cl/preemption.py writes it), so the job is requeued."""
+    done = cluster.run(cluster.env(1, 0, FAKE_LAUNCH_STATUS="137", FAKE_ORPHAN_RANK_S="2"), str(cluster.run_config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (cluster.logs / f"gorp-{JOB_ID}-node0.out").read_text()
+    assert "the launcher exited with status 137 after its ranks checkpointed and stopped for a requeue " \
+           "(75 task03_step000007): status 75" in log, log
+    assert ["requeue", str(JOB_ID)] in cluster.jsonl("scontrol.jsonl")
+    assert "checkpointed and stopped (status 75)" in done.stdout
 
 
 def test_job_status_is_the_failing_nodes_not_the_stopped_ones(cluster: FakeCluster) -> None:

@@ -44,6 +44,17 @@ def test_written_against_this_deepspeed_minor_release():
         f"{patches.WRITTEN_AGAINST}) and update WRITTEN_AGAINST")
 
 
+def test_unlink_cpu_allreduce_buffer(facts):
+    """DeepSpeed names each rank's CPU all-reduce buffer as CPU_ALLREDUCE_BUFFER says, every rank
+    maps every rank's buffer, and the unlinked buffers stay mapped (the group kept working after)."""
+    import os
+
+    for rank in facts:
+        names = [patches.CPU_ALLREDUCE_BUFFER.format(uid=os.getuid(), addr="127.0.0.1", port=rank["shm"]["port"], rank=r)
+                 for r in range(WORLD)]
+        assert rank["shm"]["mapped"] == [f"{name} (deleted)" for name in names]
+
+
 # ---------------------------------------------------------------------------- ZeRO-1/2
 
 

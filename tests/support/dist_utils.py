@@ -23,6 +23,9 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable[..., Any
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
+        from gorp_ds.cl.process_group import unlink_shm_buffer
+
+        unlink_shm_buffer()  # DeepSpeed's CPU all-reduce buffers leave /dev/shm once every rank has them
         result = {"ok": True, "value": fn(rank, world, *args)}
     except BaseException:  # report every failure to the parent, with its traceback
         result = {"ok": False, "error": traceback.format_exc()}

@@ -65,8 +65,9 @@ def launch_train(args: Iterable[str], *, env: dict[str, str], timeout: int, num_
     try:
         return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     finally:
-        # DeepSpeed's CPU all-reduce leaves a 66 MB shared-memory buffer per rank in /dev/shm
-        # when its ranks are killed (the crash tests do that): remove this launch's.
+        # DeepSpeed's CPU all-reduce makes a 66 MB shared-memory buffer per rank in /dev/shm; the
+        # ranks unlink theirs once every rank has started (gorp_ds/cl/process_group.py), but a
+        # launch killed during start-up may leave them: remove this launch's.
         for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
             with contextlib.suppress(OSError):
                 os.remove(leftover)

@@ -9,6 +9,7 @@ one process (``reference_gradients``) and the expected SGD update is computable 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -226,5 +227,13 @@ def stage3_facts(rank: int, world: int) -> dict:
     return facts
 
 
+def shm_facts() -> dict:
+    """The shared-memory files this rank maps (DeepSpeed's CPU all-reduce buffers; run_ranks has
+    unlinked its own with deepspeed_patches.unlink_cpu_allreduce_buffer), and the group's port."""
+    with open("/proc/self/maps") as handle:
+        mapped = sorted({line.rstrip("\n").split(None, 5)[-1] for line in handle if "deepspeed_allreduce_buffer_" in line})
+    return {"mapped": mapped, "port": os.environ["MASTER_PORT"]}
+
+
 def patch_facts(rank: int, world: int) -> dict:
-    return {"flat": flat_facts(rank, world), "stage3": stage3_facts(rank, world)}
+    return {"flat": flat_facts(rank, world), "stage3": stage3_facts(rank, world), "shm": shm_facts()}

@@ -17,13 +17,16 @@ PACKAGE = REPO / "gorp_ds"
 # layer -> the project layers it may import (docs/architecture.md)
 ALLOWED = {
     "settings": set(), "log": set(), "naming": set(), "resources": set(), "faults": set(),
+    "safe_write": {"faults"},
     "planning": {"resources"},
     "optim": {"settings", "log"},
     "data": {"settings", "log"},
     "models": {"settings", "log", "naming", "optim"},
     "zero": {"settings", "log", "naming", "optim", "faults"},
-    "export": {"settings", "log", "naming", "models", "optim"},
-    "cl": {"settings", "log", "naming", "optim", "data", "models", "zero", "export", "resources", "faults"},
+    "export": {"settings", "log", "naming", "models", "optim", "safe_write"},
+    "cl": {"settings", "log", "naming", "optim", "data", "models", "zero", "export", "resources", "faults",
+           "safe_write"},
+    "integrations": {"settings", "log", "naming", "optim", "data", "models", "zero", "export", "cl"},
 }
 ENTRY_POINTS = {"export/__main__.py", "cli.py", "__main__.py"}  # may use the run layer
 

@@ -86,6 +86,12 @@ def test_hf_errors(tmp_path: Path) -> None:
     assert "name no files" in _error("hf:json?train=&test=")
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "ok.json").write_text(json.dumps(rows(2)))
-    assert "datasets could not load it" in _error(
-        f"hf:json?train={tmp_path / 'broken.json'}&test={tmp_path / 'ok.json'}"
-    )
+    msg = _error(f"hf:json?train={tmp_path / 'broken.json'}&test={tmp_path / 'ok.json'}")
+    assert str(tmp_path / "broken.json") in msg and "neither JSON nor JSON Lines (line 1" in msg
+    # A list holding a non-object crashed the process inside the datasets JSON builder (segfault).
+    (tmp_path / "nulls.json").write_text('[null, {"sentence": "a", "label": "x"}]')
+    msg = _error(f"hf:json?train={tmp_path / 'nulls.json'}&test={tmp_path / 'ok.json'}")
+    assert str(tmp_path / "nulls.json") in msg and "row 0 is None, not an object" in msg
+    (tmp_path / "latin.json").write_bytes('[{"sentence": "café", "label": "x"}]'.encode("latin-1"))
+    msg = _error(f"hf:json?train={tmp_path / 'latin.json'}&test={tmp_path / 'ok.json'}")
+    assert str(tmp_path / "latin.json") in msg and "not UTF-8" in msg

@@ -164,22 +164,22 @@ def test_a_prompt_that_leaves_no_answer_token_is_refused(tokenizer) -> None:
         encode_for_training(tokenizer, cls, Example("red", "Good"), 16)
 
 
-def test_check_fits_refuses_a_task_before_training(tokenizer) -> None:
+def test_check_fits_refuses_a_free_form_task_before_training(tokenizer) -> None:
     ok = Task("gen", (), "Repeat.", train=[Example("a", "a")], test=[Example("b", "b")], kind="instruction")
     long = Task("long", (), "", train=[Example("a", "a", instruction="Repeat the words. " * 5)],
                 test=[Example("b", "b", instruction="Repeat.")], kind="instruction")
-    check_fits(tokenizer, [ok, long], 256)
+    for task in (ok, long):
+        check_fits(tokenizer, task, 256)
     floor = len(tokenizer("Repeat the words. " * 5 + INPUT_MARK + ANSWER_MARK)["input_ids"])
-    check_fits(tokenizer, [ok, long], floor + 1)  # one answer token left: accepted
+    check_fits(tokenizer, long, floor + 1)  # one answer token left: accepted
     with pytest.raises(DataError, match=f"task long: its prompt without input text needs {floor} tokens") as err:
-        check_fits(tokenizer, [ok, long], floor)
+        check_fits(tokenizer, long, floor)
     assert "raise max_length" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(DataError, match="more than max_source_length; raise max_source_length"):
-        check_fits(tokenizer, [long], 10_000, max_source_length=floor - 1)
-    # a classification task needs its longest label and EOS after the prompt
-    cls = Task("cls", ("Good", "Sports"), "Classify.", train=[Example("a", "Good")], test=[Example("b", "Good")])
-    cls_floor = len(tokenizer(f"Classify.{INPUT_MARK}{ANSWER_MARK}")["input_ids"])
-    need = 1 + max(len(tokenizer(f" {w}", add_special_tokens=False)["input_ids"]) for w in cls.labels)
-    check_fits(tokenizer, [cls], cls_floor + need)
-    with pytest.raises(DataError, match=f"fewer than the {need} answer tokens"):
-        check_fits(tokenizer, [cls], cls_floor + need - 1)
+        check_fits(tokenizer, long, 10_000, max_source_length=floor - 1)
+    # a chat conversation always leaves room: its prompt is cut to at most half the budget
+    chat = Task("chat", (), "", train=[Example("q", "a", messages=(("user", "q " * 100),))],
+                test=[Example("q", "a", messages=(("user", "q"),))], kind="chat", metric="exact_match")
+    check_fits(tokenizer, chat, 16)
+    enc = encode_for_training(tokenizer, chat, chat.train[0], 16)
+    assert len(enc["input_ids"]) <= 16 and [t for t in enc["labels"] if t != IGNORE_INDEX]

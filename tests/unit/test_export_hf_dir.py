@@ -71,3 +71,42 @@ def test_sharded_tied_bf16_export_loads_and_holds_the_merge(tmp_path) -> None:
     changed = [k for k in reference if "q_proj" in k or "v_proj" in k]
     base = model.get_base_model().state_dict()
     assert all(not torch.equal(state[k], base[k.replace(".weight", ".base_layer.weight")]) for k in changed)
+
+
+def _handle(model):
+    groups = build_param_groups(model, "gorp", TargetsConfig(full_targets=["mlp.gate_proj"]), OptimizerConfig(rank=2))
+    optimizer = GORP(groups)
+    return LocalDistributor(optimizer, {n: p for g in optimizer.param_groups for n, p in zip(g["names"], g["params"])})
+
+
+def test_a_failed_export_write_is_one_error_and_the_earlier_export_stays(tmp_path) -> None:
+    """ENOSPC while the second weight shard is written (injected, as a full disk fails a write):
+    one WriteError naming the export, its bytes and the free bytes; the temporary directory is
+    gone and the export already in ``out`` is untouched (a real full disk:
+    tests/integration/test_write_real_disk.py)."""
+    import pytest
+
+    from gorp_ds import faults
+    from gorp_ds.faults import FaultPlan
+    from gorp_ds.safe_write import WriteError
+    from tests.support.tiny_model import make_tokenizer
+
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    model = _model(tokenizer)
+    handle = _handle(model)
+    out = tmp_path / "export"
+    export_hf_dir(model, handle, tokenizer, torch.bfloat16, str(out), max_shard_bytes=8192)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    faults._WRITES.clear()
+    faults.install(FaultPlan(write_fault=("export", 3)))  # 1: the directory, 2: shard 1, 3: shard 2
+    try:
+        with pytest.raises(WriteError) as caught:
+            export_hf_dir(model, handle, tokenizer, torch.bfloat16, str(out), max_shard_bytes=8192)
+    finally:
+        faults._WRITES.clear()
+        faults.install(FaultPlan())
+    text = str(caught.value)
+    assert text.startswith(f"{out}.tmp: cannot write the exported model: No space left on device; it needs "), text
+    assert "bytes) are free" in text and "\n" not in text
+    assert not (tmp_path / "export.tmp").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

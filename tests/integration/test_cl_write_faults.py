@@ -1,0 +1,152 @@
+"""A full disk at every output a run writes, in real 2-rank launches of launch/train.py (gorp, tiny
+LLaMA, the arguments of test_cl_end_to_end: four tasks of 4 steps, a checkpoint every 2 steps).
+
+One output directory goes through this chain; each launch but the last meets ENOSPC at one write
+site (``GORP_DS_WRITE_FAULT``, gorp_ds/faults.py: the write fails as on a full disk), and must stop
+every rank with one ``gorp_ds: error:`` line naming the file, the bytes needed and free, status 2,
+no traceback, with ``latest`` on a complete checkpoint:
+
+1. the first predictions file of R's row 1 (after task 1 trained; ``latest``: task 1, step 2);
+2. --resume: creating the TensorBoard event file (before any step);
+3. --resume: the 6th batch of TensorBoard events, inside task 2: kept by rank 0 and raised on every
+   rank at the next checkpoint;
+4. --resume: the final export's weight file (after task 4, whose checkpoint is committed);
+5. --resume: results.json;
+6. --resume: finishes, and equals gorp in the uninterrupted six-method launch (R, metrics, the fp32
+   masters and the LoRA merges, bit for bit).
+
+Then ``--eval-only`` with its output under a regular file, and on a read-only file system: one line
+before any evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.launch import launch, six_method_run
+
+pytestmark = pytest.mark.slow
+GORP_ONLY = ("--method", "gorp")
+NUMBERS = re.compile(r"it needs [\d.]+ \w*B \(\d+ bytes\), [\d.]+ \w*B \(\d+ bytes\) are free")
+
+
+def _latest(out: Path) -> str | None:
+    latest = out / "gorp" / "checkpoints" / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def _one_error(proc: subprocess.CompletedProcess) -> str:
+    """The launch's one error line (asserting status 2, one line, no traceback)."""
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gorp_ds: error:")]
+    assert len(errors) == 1, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr, proc.stderr[-4000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir) -> Path:
+    return six_method_run(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_model_dir, reference) -> dict:
+    from gorp_ds.zero.checkpoint_io import check_tag
+
+    out = tmp_path_factory.mktemp("write_faults")
+    faults = ["predictions@5", "tensorboard_open", "tensorboard_flush@6", "export@2", "results@1", None]
+    record = []
+    for number, fault in enumerate(faults):
+        extra = ("--resume",) if number else ()
+        env = {"GORP_DS_WRITE_FAULT": fault} if fault else {}
+        proc = launch(tiny_model_dir, out, *GORP_ONLY, *extra, env_extra=env)
+        tag = _latest(out)
+        record.append({"fault": fault, "proc": proc, "latest": tag,
+                       "complete": tag is not None and check_tag(str(out / "gorp" / "checkpoints"), tag) is None,
+                       "progress": json.loads((out / "gorp" / "progress.json").read_text())})
+    return {"out": out, "launches": record}
+
+
+def test_each_full_disk_is_one_line_and_keeps_the_last_checkpoint(chain) -> None:
+    out = chain["out"] / "gorp"
+    expected = {  # site: (the file named, the checkpoint latest names after the launch)
+        "predictions@5": (out / "predictions" / "R01_01_emb_color.jsonl", "task01_step000002"),
+        "tensorboard_open": (chain["out"] / "tensorboard" / "gorp" / "events.out.tfevents.", "task01_step000002"),
+        "tensorboard_flush@6": (chain["out"] / "tensorboard" / "gorp" / "events.out.tfevents.", None),
+        "export@2": (out / "export.tmp", "task05_step000000"),
+        "results@1": (out / "results.json", "task05_step000000"),
+    }
+    for launch_record in chain["launches"][:-1]:
+        line = _one_error(launch_record["proc"])
+        path, tag = expected[launch_record["fault"]]
+        assert f": {path}" in line and "No space left on device" in line and NUMBERS.search(line), line
+        assert "Fix: free space or point --output-dir at a larger" in line, line
+        assert launch_record["complete"], launch_record["latest"]
+        if tag is not None:
+            assert launch_record["latest"] == tag, (launch_record["fault"], launch_record["latest"])
+            assert f"checkpoint {out / 'checkpoints' / tag} are intact" in line, line
+    # The TensorBoard failure inside task 2 surfaced at its next checkpoint (step 2), after the save.
+    flush = chain["launches"][2]
+    assert flush["latest"] == "task02_step000002", flush["latest"]
+    assert f"checkpoint {out / 'checkpoints' / 'task02_step000002'} are intact" in _one_error(flush["proc"])
+
+
+def test_what_was_written_before_stays(chain) -> None:
+    first = chain["launches"][0]
+    assert sorted(first["progress"]["rows"]) == ["0"], "row 0 recorded; row 1's files failed"
+    assert "resumed at task 1, step 2" in chain["launches"][2]["proc"].stdout + chain["launches"][2]["proc"].stderr
+    export_failed = chain["launches"][3]
+    assert sorted(export_failed["progress"]["rows"]) == ["0", "1", "2", "3", "4"]
+
+
+def test_resumed_chain_equals_uninterrupted(chain, reference) -> None:
+    from gorp_ds.zero import read_client_state, read_masters
+
+    last = chain["launches"][-1]
+    assert last["proc"].returncode == 0, (last["proc"].stdout + last["proc"].stderr)[-4000:]
+    resumed = json.loads((chain["out"] / "gorp" / "results.json").read_text())
+    expected = json.loads((reference / "gorp" / "results.json").read_text())
+    assert resumed["R"] == expected["R"] and resumed["metrics"] == expected["metrics"]
+    for path in expected["predictions"][-1]:
+        assert (chain["out"] / "gorp" / path).read_text() == (reference / "gorp" / path).read_text(), path
+    folders = [str(run / "gorp" / "checkpoints") for run in (chain["out"], reference)]
+    masters = [read_masters(f) for f in folders]
+    assert sorted(masters[0]) == sorted(masters[1])
+    assert all(torch.equal(masters[0][n], masters[1][n]) for n in masters[0])
+    merges = [read_client_state(f)["lora_merges"] for f in folders]
+    for a, b in zip(*merges):
+        assert all(torch.equal(a[layer][k], b[layer][k]) for layer in a for k in ("A", "B", "scaling"))
+
+
+def test_eval_only_output_path_is_checked_before_evaluation(chain, tiny_model_dir, tmp_path) -> None:
+    regular = tmp_path / "a_file"
+    regular.write_text("")
+    model = chain["out"] / "gorp" / "export"
+    proc = launch(tiny_model_dir, regular / "eval_out", *GORP_ONLY, "--eval-only", "--model", str(model))
+    line = _one_error(proc)
+    assert f"{regular} is a file, so no directory can be made under it" in line, line
+    assert "evaluating" not in proc.stdout + proc.stderr  # stopped before the evaluation started
+
+    mount = tmp_path / "read_only"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        mount.chmod(0o555)
+    else:  # root writes through permissions: a read-only tmpfs instead, where one may be mounted
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"running as root and cannot mount a read-only tmpfs: {done.stderr.decode().strip()}")
+    try:
+        proc = launch(tiny_model_dir, mount / "eval_out", *GORP_ONLY, "--eval-only", "--model", str(model))
+        line = _one_error(proc)
+        assert f"{mount} is" in line and "not writable" in line, line
+        assert "evaluating" not in proc.stdout + proc.stderr
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(mount)], check=False)
