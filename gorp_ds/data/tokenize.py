@@ -135,8 +135,8 @@ def encode_for_training(
     special = fmt.special_tokens(example)
     prompt = fmt.prompt(tokenizer, task, example)
     budget = max_source_length if max_source_length is not None else max_length - len(target_ids)
-    if max_source_length is None and not task.labels:
-        # Long answers (free-form tasks): the prompt is cut first, down to its floor; only then is
+    if max_source_length is None and example.label not in task.labels:
+        # Long answers (free-form, also inside a multi-task mix): the prompt is cut first, down to its floor; only then is
         # the answer cut from its end (EOS first), to what is left of max_length.
         floor = prompt_floor(tokenizer, prompt, max_length, special)
         if budget < floor:
