@@ -1,8 +1,9 @@
-"""Accuracy of every task by greedy generation, sharded across ranks (one row of R).
+"""Every task's own metric by greedy generation, sharded across ranks (one row of R).
 
-Each rank generates answers for every ``world``-th test example of every task; correct counts are
-summed over ranks with one all-reduce; the generations themselves can be gathered to rank 0 for
-the predictions files. An answer is correct when the normalised generation
+Each rank generates answers for every ``world``-th test example of every task; the scores of the
+task's metric (gorp_ds/data/metrics.py; accuracy: correct counts) are summed over ranks with one
+all-reduce; the generations themselves can be gathered to rank 0 for the predictions files. For
+classification an answer is correct when the normalised generation
 (lower case, punctuation and surplus white space removed, cut at the first newline) equals the
 normalised label (docs/algorithm.md §7). Decoding is greedy, by transformers' generate() or by our
 own loop (:data:`DECODERS`, ``--eval-decoder``): the same tokens either way.
