@@ -24,6 +24,12 @@ torch.cuda.synchronize around each step): seconds per step, tokens/s per GPU, ra
 and peak memory), MFU, peak memory per GPU (max allocated over all timed steps, refresh steps
 included; the JSON lines also give it for refresh steps and the other steps apart), and for GORP the refresh overhead: the median time of the timed refresh steps minus the
 median step, and that as a share of training at T = 10 and T = 20 (overhead / (T · median step)).
+Also, refresh steps included: tokens/s/GPU end to end over the first whole number of cycles of T
+timed steps (any T consecutive steps after step 0 hold each layer's refresh once, under either
+schedule), and the longest timed step over the median of all timed steps (the stall of a refresh
+step). ``--refresh-schedule spread`` (docs/algorithm.md §2.1) spreads the layers' refreshes over the
+cycle; then nearly every step refreshes some layers, so the median step is of all timed steps and no
+refresh overhead is reported (compare the cycle throughput and max/median with a ``cycle`` run).
 
 Beside each measured peak the memory model's prediction (``gorp_ds/planning/memory_model.py``, the same
 shape, batch, stage and DeepSpeed settings; none for gorp-flat) and the ratio measured/predicted.
@@ -47,6 +53,8 @@ MFU = flops per token × tokens/s / 766 TFLOP/s (bf16 dense peak measured on an 
     deepspeed --num_gpus 1 bench/zero_gorp.py --out bench/results/zero_gorp_h200.md
     deepspeed --num_gpus 1 bench/zero_gorp.py --configs lora,gorp --stage 2,3 --steps 9 \
         --out bench/results/zero_gorp_stage3_h200.md                     # ZeRO-3 beside ZeRO-2
+    deepspeed --num_gpus 1 bench/zero_gorp.py --configs lora,gorp --steps 20 --refresh-schedule spread \
+        --out bench/results/zero_gorp_spread_h200.md                     # refreshes spread over the cycle
     DS_ACCELERATOR=cpu deepspeed --num_gpus 1 bench/zero_gorp.py --tiny    # CPU smoke run (~2 min)
     DS_ACCELERATOR=cpu deepspeed --num_gpus 1 bench/zero_gorp.py --tiny --seq 64 --micro 2 --configs lora,gorp \
         --stage 2,3 --steps 3 --warmup 1 --gap 2 --out /tmp/zero_gorp/out.md   # both stages (~1 min)
@@ -69,6 +77,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gorp_ds.optim.refresh_schedule import REFRESH_SCHEDULES  # noqa: E402  (plain Python: no torch import)
 
 PEAK_TFLOPS = 766.0  # measured bf16 GEMM ceiling on an H200 (../MEASURE anchors)
 
@@ -133,7 +143,8 @@ def make_engine(name: str, args, device, stage: int = 2):
         enable_activation_checkpointing(model)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     config = ds_config(args, stage)
-    roles = TargetsConfig(), OptimizerConfig(rank=8, update_gap=args.gap, scale=0.25, lr_lora=2e-4, lr_full=1e-6)
+    roles = TargetsConfig(), OptimizerConfig(rank=8, update_gap=args.gap, scale=0.25, lr_lora=2e-4, lr_full=1e-6,
+                                             refresh_schedule=args.refresh_schedule)
     if name.startswith("gorp"):
         optimizer = GORP(build_param_groups(model, "gorp", *roles))
         optimizer.time_refreshes = True
@@ -222,10 +233,14 @@ def run_config(name: str, args, device, stage: int = 2) -> dict:
     if torch.cuda.is_available():
         step_peaks = step_peaks[1:] + [torch.cuda.max_memory_allocated()]  # entry i: the peak of step i
     timed = times[args.warmup:]
-    refresh_steps = [i for i in range(args.warmup, total) if name.startswith("gorp") and i % args.gap == 0]
+    # Under spread nearly every step refreshes some layers: the median is then of all timed steps.
+    cycle = args.refresh_schedule == "cycle"
+    refresh_steps = [i for i in range(args.warmup, total) if name.startswith("gorp") and cycle and i % args.gap == 0]
     gib = 2**30
     plain = [t for i, t in zip(range(args.warmup, total), timed) if i not in refresh_steps]
     median = statistics.median(plain)
+    whole = len(timed) // args.gap * args.gap  # whole cycles of T timed steps, refresh steps included
+    cycle_tokens = args.micro * args.seq * whole / sum(timed[:whole]) if whole else None
     tokens = args.micro * args.seq
     checkpointing = name != "gorp-nockpt" and not args.no_ckpt
     flops = executed_flops_per_token(engine.module.config, args.seq, name, checkpointing)
@@ -235,6 +250,9 @@ def run_config(name: str, args, device, stage: int = 2) -> dict:
         "layers": engine.module.config.num_hidden_layers,
         "seq": args.seq, "micro_batch": args.micro, "mem_gib_at_start": at_start / gib, "params_b": n_params / 1e9, "median_step_s": median,
         "tokens_per_s_per_gpu": tokens / median, "flops_per_token": flops,
+        "refresh_schedule": args.refresh_schedule if name.startswith("gorp") else None,
+        "tokens_per_s_per_gpu_cycles": cycle_tokens, "cycle_steps_timed": whole,
+        "max_over_median_step": max(timed) / statistics.median(timed),
         "mfu": flops * tokens / median / (PEAK_TFLOPS * 1e12),
         "peak_mem_gib": max(step_peaks[args.warmup:]) / gib if step_peaks else float("nan"),
         "peak_mem_gib_refresh_steps": (max(step_peaks[i] for i in refresh_steps) / gib
@@ -261,11 +279,12 @@ def table(results: list[dict]) -> str:
     """One row per configuration and ZeRO stage; ratios to lora at the same stage; the memory model's
     predicted peak beside the measured one."""
     lines = ["| config | ZeRO | step s | tokens/s/GPU | × lora | MFU | peak GiB/GPU | predicted GiB | measured/predicted "
-             "| × lora mem | refresh overhead s | % at T=10 | % at T=20 |", "|---" * 13 + "|"]
+             "| × lora mem | refresh overhead s | % at T=10 | % at T=20 | tokens/s/GPU over cycles | max/median step |",
+             "|---" * 15 + "|"]
     for r in results:
         stage = r.get("zero_stage", 2)
         if r.get("refused"):
-            lines.append(f"| {r['config']} | {stage} | refused: {r['refused']} |" + " |" * 10)
+            lines.append(f"| {r['config']} | {stage} | refused: {r['refused']} |" + " |" * 12)
             continue
         same = [b for b in results if b.get("zero_stage", 2) == stage and not b.get("refused")]
         base = next((b for b in same if b["config"] == "lora"), same[0])
@@ -278,9 +297,12 @@ def table(results: list[dict]) -> str:
         predicted = r.get("predicted_peak_gib")
         pred = "–" if predicted is None else f"{predicted:.1f}"
         ratio = "–" if predicted is None or measured != measured else f"{measured / predicted:.3f}"
+        cycles = r.get("tokens_per_s_per_gpu_cycles")
+        cycles = "–" if cycles is None else f"{cycles:,.0f}"
         lines.append(f"| {r['config']} | {stage} | {r['median_step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | "
                      f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.3f} | {100 * r['mfu']:.1f}% | "
-                     f"{measured:.1f} | {pred} | {ratio} | {memory:.2f} | {overhead} | {t10} | {t20} |")
+                     f"{measured:.1f} | {pred} | {ratio} | {memory:.2f} | {overhead} | {t10} | {t20} | {cycles} | "
+                     f"{r['max_over_median_step']:.2f} |")
     return "\n".join(lines)
 
 
@@ -290,7 +312,9 @@ LoRA rank r on q and v, GORP rank k): forward F = L·(2·(4h² + 3hi) + 2sh + 8r
 L·(2·(4h² + 3hi) + 4sh + 8rh) + 2Vh, weight gradients 8rh per layer for LoRA plus 2hi per layer for
 gate_proj where its full gradient is formed (lora+adamw, gorp-flat) or 2k(h + i) per layer for
 R = δᵀ(X Q) (gorp); frozen weights none. Against 766 TFLOP/s. The refresh overhead is the median time of
-timed refresh steps minus the median step; its share of training is overhead / (T · median step)."""
+timed refresh steps minus the median step; its share of training is overhead / (T · median step).
+Tokens/s over cycles: the first whole number of cycles of T timed steps, refresh steps included;
+max/median step: the longest timed step over the median of all timed steps."""
 
 
 def main() -> None:
@@ -299,6 +323,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--gap", type=int, default=10, help="GORP refresh gap T")
+    parser.add_argument("--refresh-schedule", default="cycle", choices=REFRESH_SCHEDULES,
+                        help="GORP's refresh_schedule (docs/algorithm.md §2.1): cycle or spread")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--configs", default="lora,lora+adamw,gorp-flat,gorp,gorp-grefresh")
@@ -402,7 +428,7 @@ def write_results(args, results: list[dict], world: int | None = None) -> None:
     header = (f"# GORP under {stages} vs LoRA-only — {gpu} × {world}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}\n\n{'Tiny model' if args.tiny else 'LLaMA-2-7B shape'} "
               f"({layers} layers, random init), {'fp32' if args.tiny else 'bf16'}, seq {args.seq}, "
-              f"micro-batch {args.micro}/GPU, {ckpt}, GORP k=8, T={args.gap}, "
+              f"micro-batch {args.micro}/GPU, {ckpt}, GORP k=8, T={args.gap}, refresh schedule {args.refresh_schedule}, "
               f"{'all configurations in one process' if args.in_process else 'each configuration in a fresh process'}; median of the timed steps "
               f"without a refresh ({args.steps} timed after {args.warmup} warm-up). Predicted: the memory model "
               f"(gorp_ds/planning/memory_model.py) for the same shape, stage and DeepSpeed settings.\n\n")

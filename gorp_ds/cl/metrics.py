@@ -10,6 +10,11 @@ With 1-based task indices as in docs/algorithm.md, column ``j`` holds task ``j+1
 - BWT = mean_{j<T} (R[T][j] − R[j][j])
 - FWT = mean_{j≥2} (R[j−1][j] − R[0][j])
 - Forgetting = mean_{j<T} (max_{1≤i<T} R[i][j] − R[T][j])
+
+Eval tasks (``--eval-tasks``, never trained) have their own ``(T + 1) × E`` matrix ``E_R`` with the
+same rows: ``E_R[i][k]`` is the accuracy on eval task ``k`` after training tasks ``1..i``.
+- eval mean = mean_k E_R[T][k]
+- generalisation = mean_k (E_R[T][k] − E_R[0][k]): what training the sequence did to unseen tasks
 """
 
 from __future__ import annotations
@@ -65,3 +70,17 @@ def forgetting(r: Matrix) -> float | None:
 def all_metrics(r: Matrix) -> dict[str, float | None]:
     return {"AA": average_accuracy(r), "BWT": backward_transfer(r), "FWT": forward_transfer(r),
             "forgetting": forgetting(r)}
+
+
+def eval_task_metrics(e: Matrix) -> dict[str, float | None]:
+    """``eval_mean`` and ``generalisation`` of the eval tasks' matrix ``e`` (``T + 1`` rows, one
+    column per eval task; see the module docstring). ``generalisation`` is None without row 0."""
+    if len(e) < 2 or e[-1] is None or not e[-1]:
+        raise ValueError("the eval tasks' matrix needs a last row (after the final task) with at least one task")
+    columns = len(e[-1])
+    for i, row in enumerate(e):
+        if row is not None and len(row) != columns:
+            raise ValueError(f"eval-task row {i} has {len(row)} entries, expected {columns}")
+    after, before = e[-1], e[0]
+    return {"eval_mean": sum(after) / columns,
+            "generalisation": None if before is None else sum(a - b for a, b in zip(after, before)) / columns}

@@ -163,5 +163,11 @@ class Monitor:
     def accuracy_row(self, row_index: int, task_names: list[str], row: list[float]) -> None:
         self.write([(f"R/{j + 1:02d}_{name}", value, row_index) for j, (name, value) in enumerate(zip(task_names, row))])
 
+    def eval_task_row(self, row_index: int, task_names: list[str], row: list[float]) -> None:
+        """The eval tasks' (--eval-tasks, never trained) accuracies in one row of R, and their mean."""
+        if task_names:
+            self.write([*((f"eval_tasks/{name}", value, row_index) for name, value in zip(task_names, row)),
+                        ("eval_tasks/mean", sum(row) / len(row), row_index)])
+
     def metrics(self, metrics: dict[str, float | None], step: int) -> None:
         self.write([(f"metrics/{k}", v, step) for k, v in metrics.items() if v is not None])

@@ -66,6 +66,22 @@ def markdown_table(method: str, task_names: list[str], r: list[list[float] | Non
     return "\n".join(lines) + "\n"
 
 
+def eval_tasks_table(result: dict[str, Any]) -> str:
+    """The eval tasks' rows (--eval-tasks, never trained) and their metrics; "" without eval tasks."""
+    section = result.get("eval_tasks")
+    if not section:
+        return ""
+    names, rows = section["tasks"], section["R"]
+    lines = ["", "Eval tasks (never trained):", "", "| after \\ on | " + " | ".join(names) + " |",
+             "|" + "---|" * (len(names) + 1)]
+    for i, row in enumerate(rows):
+        cells = " | ".join(_fmt(v) for v in row) if row is not None else " | ".join("–" for _ in names)
+        lines.append(f"| {_row_label(i, result['tasks'], False)} | {cells} |")
+    m = section["metrics"]
+    lines += ["", "| eval mean | generalisation |", "|---|---|", f"| {_fmt(m['eval_mean'])} | {_fmt(m['generalisation'])} |"]
+    return "\n".join(lines) + "\n"
+
+
 def heatmap(method: str, task_names: list[str], r: list[list[float] | None], eval_only: bool = False,
             task_metrics: list[str] | None = None) -> bytes:
     """R as a PNG image (its bytes: written like every other file, whole or not at all)."""
@@ -103,7 +119,7 @@ def write_method_results(out_dir: str, result: dict[str, Any], note: str = "") -
     task_metrics = result.get("task_metrics")
     write_json(os.path.join(out_dir, "results.json"), result, what="the results", site="results", note=note)
     table = markdown_table(result["method"], result["tasks"], result["R"], result["metrics"], eval_only=eval_only,
-                           task_metrics=task_metrics)
+                           task_metrics=task_metrics) + eval_tasks_table(result)
     write_file(os.path.join(out_dir, "results.md"), table, what="the results table", site="results", note=note)
     write_file(os.path.join(out_dir, "R.png"), heatmap(result["method"], result["tasks"], result["R"], eval_only,
                                                        task_metrics),
@@ -137,11 +153,17 @@ def write_progress(out_dir: str, state: dict[str, Any], note: str = "") -> None:
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| method | AA | BWT | FWT | forgetting | train s | peak memory GiB |", "|---|---|---|---|---|---|---|"]
+    # --eval-tasks add two columns: the eval tasks' mean after the sequence and its generalisation.
+    unseen = any(r.get("eval_tasks") for r in results)
+    extra = (" eval mean | generalisation |", "---|---|") if unseen else ("", "")
+    lines = ["| method | AA | BWT | FWT | forgetting | train s | peak memory GiB |" + extra[0],
+             "|---|---|---|---|---|---|---|" + extra[1]]
     for r in results:
         m = r["metrics"]
+        e = (r.get("eval_tasks") or {}).get("metrics", {})
+        cells = f" {_fmt(e.get('eval_mean'))} | {_fmt(e.get('generalisation'))} |" if unseen else ""
         lines.append(f"| {r['method']} | {_fmt(m['AA'])} | {_fmt(m['BWT'])} | {_fmt(m['FWT'])} | "
-                     f"{_fmt(m['forgetting'])} | {r['timings']['train_s']:.0f} | {_gib(r.get('peak_memory_gib'))} |")
+                     f"{_fmt(m['forgetting'])} | {r['timings']['train_s']:.0f} | {_gib(r.get('peak_memory_gib'))} |" + cells)
     return "\n".join(lines) + "\n"
 
 
@@ -153,9 +175,9 @@ def write_summary(out_dir: str, results: list[dict[str, Any]]) -> str:
     table = summary_table(results)
     text = "# Methods compared\n\n" + table + "\n" + "".join(
         "\n" + markdown_table(r["method"], r["tasks"], r["R"], r["metrics"], task_metrics=r.get("task_metrics"))
-        for r in results)
+        + eval_tasks_table(r) for r in results)
     note = "every method's results.json is written"
     write_file(os.path.join(out_dir, "summary.md"), text, what="the methods summary", site="summary", note=note)
-    write_json(os.path.join(out_dir, "summary.json"), {r["method"]: r["metrics"] for r in results},
+    write_json(os.path.join(out_dir, "summary.json"), {r["method"]: {**r["metrics"], **(r.get("eval_tasks") or {}).get("metrics", {})} for r in results},
                what="the methods summary", site="summary", note=note)
     return table

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ..data.config import MAX_DRAWN_PER_TASK
 from ..data.errors import DataError
-from ..data.registry import load_task_sequence
+from ..data.registry import load_eval_tasks, load_task_sequence
 from ..data.tasks import Task
 from ..log import get_logger, quiet_third_party
 from ..models import method_spec
@@ -27,7 +27,7 @@ from .agree import agree_on_errors, in_user_terms
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .evaluate import Evaluation
 from .lr_schedule import check_schedule
-from .metrics import all_metrics
+from .metrics import all_metrics, eval_task_metrics
 from .peak_memory import PeakMemory
 from .preemption import Preempted
 from .preemption import current as current_preemption
@@ -108,6 +108,7 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
             raise ConfigError(path)
         try:
             tasks = load_task_sequence(cfg.data)
+            unseen = load_eval_tasks(cfg.data, tasks)  # refused here, before training; sessions load them again
         except DataError as err:
             raise ConfigError(in_user_terms(str(err), cfg.written_as)) from None
         check_budgets(cfg, tasks)
@@ -117,7 +118,8 @@ def prepare(cfg: RunConfig, ds_config_path: str) -> tuple[list[Task], dict[str, 
         problem = err
     agree_on_errors(problem)
     decision = settle_output_dir(cfg, ds_config, _world())
-    log.info(f"{len(tasks)} tasks: {' → '.join(t.name for t in tasks)}; methods: {', '.join(cfg.runner.methods)}; "
+    log.info(f"{len(tasks)} tasks: {' → '.join(t.name for t in tasks)}"
+             + (f"; eval tasks (never trained): {', '.join(t.name for t in unseen)}" if unseen else "") + f"; methods: {', '.join(cfg.runner.methods)}; "
              f"{_world()} ranks, global batch {cfg.runner.global_batch_size}, {torch.get_num_threads()} CPU threads per rank")
     return tasks, ds_config, decision
 
@@ -197,8 +199,10 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
     if cfg.runner.export:
         export(session, progress, "final")
     exports.close()
-    result = assemble(method, tasks, cfg, progress, time.perf_counter() - started, peak)
+    result = assemble(method, tasks, cfg, progress, time.perf_counter() - started, peak, session.eval_tasks)
     session.monitor.metrics(result["metrics"], progress.global_step)
+    if "eval_tasks" in result:
+        session.monitor.metrics(result["eval_tasks"]["metrics"], progress.global_step)
     note = kept_note(session.checkpoint_dir, session.rank)
     session.monitor.raise_failure(note)
     on_rank0(session.rank, lambda: write_method_results(out_dir, result, note))
@@ -220,9 +224,12 @@ def export(session: MethodSession, progress: Progress, label: str) -> None:
 
 
 def record_row(session: MethodSession, progress: Progress, row: int, evaluation: Evaluation) -> None:
-    names = [t.name for t in session.tasks]
+    # A row holds the trained tasks' columns, then the eval tasks' (--eval-tasks); assemble splits them.
+    names = [t.name for t in [*session.tasks, *session.eval_tasks]]
     progress.rows[row] = evaluation.row
-    session.monitor.accuracy_row(row, names, progress.rows[row])
+    trained = len(session.tasks)
+    session.monitor.accuracy_row(row, names[:trained], progress.rows[row][:trained])
+    session.monitor.eval_task_row(row, names[trained:], progress.rows[row][trained:])
     cells = ", ".join(f"{n} {v:.1f}" for n, v in zip(names, progress.rows[row]))
     log.info(f"[{session.method}] R[{row}] ({'before training' if row == 0 else f'after task {row}'}): {cells}")
     note = kept_note(session.checkpoint_dir, session.rank)
@@ -262,8 +269,10 @@ def log_eta(method: str, progress: Progress, total_tasks: int) -> None:
 
 
 def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress, wall_s: float,
-             peak: PeakMemory) -> dict[str, Any]:
-    r = r_matrix(progress.rows, len(tasks))
+             peak: PeakMemory, eval_tasks: list[Task] | None = None) -> dict[str, Any]:
+    trained = len(tasks)
+    full = r_matrix(progress.rows, trained)  # rows: the trained tasks' columns, then the eval tasks'
+    r = [None if row is None else row[:trained] for row in full]
     train_s = sum(v for k, v in progress.timings.items() if k.startswith("train_s/"))
     tokens = sum(v for k, v in progress.timings.items() if k.startswith("tokens/"))
     names = [t.name for t in tasks]
@@ -276,6 +285,7 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
         "task_metrics": [t.metric for t in tasks],  # what each column of R measures (gorp_ds/data/metrics.py)
         "R": r,
         "metrics": all_metrics(r),
+        **_eval_section(full, trained, eval_tasks or [], cfg.runner.predictions),
         # predictions[i][j]: the JSONL of R[i][j], relative to this directory (None: row not measured)
         "predictions": [[predictions_file(i, j, n) for j, n in enumerate(names)] if row is not None and cfg.runner.predictions
                         else None for i, row in enumerate(r)],
@@ -294,6 +304,21 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
         "config_changes": progress.changes,
         "skipped_nonfinite_steps": progress.skipped_steps,
     }
+
+
+def _eval_section(full: list[list[float] | None], trained: int, eval_tasks: list[Task],
+                  predictions: bool) -> dict[str, Any]:
+    """``{"eval_tasks": {"tasks", "R", "metrics", "predictions"}}`` for --eval-tasks (nothing without
+    them): their (T+1) × E matrix, cut from the measured rows' columns after the trained tasks',
+    metrics.eval_task_metrics of it (eval_mean, generalisation) and the JSONL of each cell."""
+    if not eval_tasks:
+        return {}
+    e = [None if row is None else row[trained:] for row in full]
+    names = [t.name for t in eval_tasks]
+    return {"eval_tasks": {
+        "tasks": names, "R": e, "metrics": eval_task_metrics(e),
+        "predictions": [[predictions_file(i, trained + k, n) for k, n in enumerate(names)]
+                        if row is not None and predictions else None for i, row in enumerate(e)]}}
 
 
 def _read_json(path: str) -> Any:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..data.config import DataConfig
 from ..data.prompting import PromptFormat
+from ..data.registry import load_eval_tasks
 from ..data.sampling import global_batch_order, rank_slice, split_micro_batches
 from ..data.tasks import Example, Task
 from ..data.tokenize import check_fits, collate_training, encode_for_training
@@ -94,6 +95,9 @@ class PhaseTimer:
 class MethodSession:
     def __init__(self, method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[str, Any], out_dir: str):
         self.method, self.tasks, self.cfg, self.out_dir = method, tasks, cfg, out_dir
+        # --eval-tasks: evaluated in every row after the trained tasks' columns, never trained
+        # (nothing here or in train_task's schedule reaches them; their train split is dropped).
+        self.eval_tasks = load_eval_tasks(cfg.data, tasks)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.checkpoint_dir = os.path.join(out_dir, "checkpoints")
@@ -272,7 +276,7 @@ class MethodSession:
         resumed = f" (resumed at step {first_step} of {steps})" if first_step else ""
         log.info(f"[{self.method}] task {number}: {ran} step{'' if ran == 1 else 's'} in {elapsed:.1f} s{resumed}, "
                  f"{tokens / elapsed:,.0f} tokens/s ({phases.summary()}; refreshes "
-                 f"{1000 * stats['refresh_seconds']:.0f} ms so far)")
+                 f"{1000 * stats['refresh_seconds']:.0f} ms so far); trained on {task.name}")
         # Summed over the processes that trained this task (a resumed task's time is split).
         for key, value in ((f"train_s/{number}", elapsed), (f"tokens/{number}", tokens)):
             progress.timings[key] = progress.timings.get(key, 0.0) + value
@@ -306,11 +310,12 @@ class MethodSession:
 
     # ------------------------------------------------------------------ evaluation and task boundary
     def evaluate(self) -> tuple[Evaluation, float]:
-        """One row of R (and, on rank 0, the predictions when they are written)."""
+        """One row of R followed by the eval tasks' columns (and, on rank 0, the predictions when they
+        are written)."""
         start = time.perf_counter()
         with self.engine.gorp.for_generation():  # ZeRO-3: the whole model gathered once, not per token
-            result = evaluate_row(self.engine.module, self.tokenizer, self.tasks, **evaluation_settings(self.cfg),
-                                  rank=self.rank, world=self.world)
+            result = evaluate_row(self.engine.module, self.tokenizer, [*self.tasks, *self.eval_tasks],
+                                  **evaluation_settings(self.cfg), rank=self.rank, world=self.world)
         return result, time.perf_counter() - start
 
     def close_adapters(self, task_index: int) -> None:

@@ -40,7 +40,12 @@ class DataConfig:
     tasks: list[str] | None = setting(None, "task sequence: embedded names, task folders or paths relative to "
                                             "--data-dir, or hf:<dataset>", on_resume="fixed")
     order: str | None = setting(None, "named order: 1-3 (the papers' 4-task orders), 4-6 (their 15-task orders), "
-                                      "or A, B, C (4-task substitutes); needs --data-dir; not with --tasks", on_resume="fixed")
+                                      "shared10 (ten tasks of the long orders; docs/protocol.md) or A, B, C (4-task "
+                                      "substitutes); needs --data-dir; not with --tasks", on_resume="fixed")
+    allow_substitutes: bool = setting(False, "run a named order whose tasks are not all in --data-dir without the "
+                                             "missing ones (they are named in the log; docs/protocol.md)", on_resume="fixed")
+    eval_tasks: list[str] | None = setting(None, "tasks evaluated in every row of R and never trained (the "
+                                                 "generalisation to unseen tasks); specs as for --tasks", on_resume="fixed")
     max_train_per_task: int | None = setting(None, "cap on each task's training examples (none: all)", minimum=1, on_resume="fixed")
     eval_samples: int | None = setting(500, "test examples per task used for R (none: the whole split)", minimum=1, on_resume="fixed")
     max_length: int = setting(256, "token budget per example; long inputs are cut from the left of the input "
@@ -72,8 +77,16 @@ class DataConfig:
             wrong = [t for t in self.tasks if not isinstance(t, str) or not t.strip()]
             if wrong:
                 raise bad("tasks", f"entries must be non-empty strings, got {wrong[0]!r}")
+        if self.eval_tasks is not None:
+            if isinstance(self.eval_tasks, str) or not isinstance(self.eval_tasks, (list, tuple)):
+                raise bad("eval_tasks", f'must be a list of task names, got {self.eval_tasks!r}; e.g. ["emb_fruit"]')
+            wrong = [t for t in self.eval_tasks if not isinstance(t, str) or not t.strip()]
+            if wrong:
+                raise bad("eval_tasks", f"entries must be non-empty strings, got {wrong[0]!r}")
+        if not isinstance(self.allow_substitutes, bool):
+            raise bad("allow_substitutes", f"must be true or false, got {self.allow_substitutes!r}")
         if self.order is not None and not isinstance(self.order, str):
-            raise bad("order", f"must be one of 1-6, A, B, C or null, got {self.order!r}")
+            raise bad("order", f"must be one of 1-6, shared10, A, B, C or null, got {self.order!r}")
         if self.order is not None and self.tasks is not None:
             raise DataSettingError("order", "and {tasks} are mutually exclusive (a named order is a task "
                                    "sequence); set only one", "data", others=("tasks",))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from ..log import get_logger
 from .cl_benchmark import available_tasks, find_task_dir, load_cl_task
 from .config import DataConfig
 from .embedded import EMBEDDED_DEFAULT, embedded_task
@@ -18,7 +19,10 @@ from .hf_source import HF_PREFIX, load_hf_task
 from .task_files import TASK_FILE, load_task_folder
 from .tasks import Task
 
-__all__ = ["EMBEDDED_DEFAULT", "ORDERS", "PAPER_ORDERS", "SUBSTITUTE_ORDERS", "load_task_sequence", "resolve_task"]
+log = get_logger(__name__)
+
+__all__ = ["EMBEDDED_DEFAULT", "ORDERS", "PAPER_ORDERS", "SHARED_ORDERS", "SUBSTITUTE_ORDERS", "available_in_order",
+           "load_eval_tasks", "load_task_sequence", "resolve_task"]
 
 #: The O-LoRA / GORP papers' standard orders as CL_Benchmark paths (``<type>/<task>``): 1-3 are the
 #: 4-task text-classification orders, 4-6 the 15-task orders of the long benchmark.
@@ -42,8 +46,19 @@ SUBSTITUTE_ORDERS: dict[str, tuple[str, ...]] = {
     "C": ("yelp", "dbpedia", "agnews", "amazon"),
 }
 
-#: Every named order: ``--order 1`` … ``--order 6`` and ``--order A|B|C``.
-ORDERS: dict[str, tuple[str, ...]] = {**SUBSTITUTE_ORDERS, **PAPER_ORDERS}
+#: The ten tasks of the project's shared CL_Benchmark copy (docs/protocol.md) as one sequence:
+#: order 4 without the five tasks that copy lacks (MNLI, WiC, QQP, BoolQA, yahoo), so it is what
+#: ``--order 4 --allow-substitutes`` runs there, under a name of its own.
+SHARED_ORDERS: dict[str, tuple[str, ...]] = {
+    "SHARED10": ("NLI/CB", "COPA/COPA", "NLI/RTE", "SC/IMDB", "SC/yelp", "SC/amazon", "SC/SST-2", "TC/dbpedia",
+                 "TC/agnews", "MultiRC/MultiRC"),
+}
+
+#: Every named order: ``--order 1`` … ``--order 6``, ``--order shared10`` and ``--order A|B|C``
+#: (keys upper case; ``--order`` is matched case-insensitively).
+ORDERS: dict[str, tuple[str, ...]] = {**SUBSTITUTE_ORDERS, **PAPER_ORDERS, **SHARED_ORDERS}
+#: Orders written as CL_Benchmark paths, checked task by task against --data-dir.
+_PATH_ORDERS: dict[str, tuple[str, ...]] = {**PAPER_ORDERS, **SHARED_ORDERS}
 
 
 def _unknown(spec: str, data_dir: str | None) -> DataError:
@@ -83,16 +98,42 @@ def _sample(items: list, cap: int | None, key: str) -> list:
     return [items[i] for i in keep]
 
 
-def _check_paper_order(key: str, data_dir: str) -> None:
-    """Every task of a paper order must be at its CL_Benchmark path; name the first that is not."""
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def available_in_order(key: str, data_dir: str) -> tuple[list[str], list[str]]:
+    """The tasks of the path order ``key`` found in ``data_dir`` (in the order's order) and the
+    missing ones, as CL_Benchmark paths."""
     root = Path(data_dir).expanduser()
-    for path in PAPER_ORDERS[key]:
-        folder = root / path
-        if not (folder / "labels.json").is_file():
-            raise DataError(
-                f"order {key}: task {path.rsplit('/', 1)[-1]} is missing from --data-dir: expected "
-                f"{folder}/{{train,test,labels}}.json (order {key} = {' -> '.join(p.rsplit('/', 1)[-1] for p in PAPER_ORDERS[key])})"
-            )
+    present = [p for p in _PATH_ORDERS[key] if (root / p / "labels.json").is_file()]
+    return present, [p for p in _PATH_ORDERS[key] if p not in present]
+
+
+def _check_path_order(key: str, cfg: DataConfig) -> list[str]:
+    """The tasks to run for a path order. Every task must be at its CL_Benchmark path; with
+    ``allow_substitutes`` the missing ones are left out (the substitution rule, docs/protocol.md:
+    nothing is put in their place, since every task of the shared copy already appears in each long
+    order and a stand-in picked from whatever else a folder holds would change the benchmark
+    silently); the missing tasks and the sequence that runs are logged."""
+    assert cfg.data_dir is not None
+    present, missing = available_in_order(key, cfg.data_dir)
+    shown = "shared10" if key == "SHARED10" else key
+    if not missing:
+        return present
+    if not cfg.allow_substitutes or not present:
+        folder = Path(cfg.data_dir).expanduser() / missing[0]
+        names = ", ".join(_name(p) for p in missing)
+        raise DataError(
+            f"order {shown}: task {_name(missing[0])} is missing from --data-dir: expected "
+            f"{folder}/{{train,test,labels}}.json (order {shown} = {' -> '.join(map(_name, _PATH_ORDERS[key]))}; "
+            f"missing: {names}); add the tasks"
+            + (", or pass data.allow_substitutes to run the order without them" if present else "")
+        )
+    log.warning(f"order {shown}: {len(missing)} of {len(_PATH_ORDERS[key])} tasks are missing from {cfg.data_dir} "
+                f"({', '.join(_name(p) for p in missing)}); data.allow_substitutes: they are left out, running "
+                f"{len(present)} tasks: {' -> '.join(map(_name, present))}")
+    return present
 
 
 def _specs(cfg: DataConfig) -> list[str]:
@@ -102,7 +143,7 @@ def _specs(cfg: DataConfig) -> list[str]:
             raise DataError(
                 f"unknown order {cfg.order!r}; known orders: 1-6 (the papers' orders: "
                 + "; ".join(f"{k} = {' -> '.join(p.rsplit('/', 1)[-1] for p in v)}" for k, v in PAPER_ORDERS.items() if k < "4")
-                + "; 4-6 have 15 tasks), substitutes "
+                + "; 4-6 have 15 tasks), shared10 (the ten shared tasks), substitutes "
                 + "; ".join(f"{k} = {' -> '.join(v)}" for k, v in SUBSTITUTE_ORDERS.items())
                 + " (or list data.tasks for a custom sequence)"
             )
@@ -111,8 +152,8 @@ def _specs(cfg: DataConfig) -> list[str]:
                 f"order {key} uses the CL_Benchmark tasks, but data.data_dir is not set; "
                 f"point it at a CL_Benchmark folder (e.g. data/CL_Benchmark)"
             )
-        if key in PAPER_ORDERS:
-            _check_paper_order(key, cfg.data_dir)
+        if key in _PATH_ORDERS:
+            return _check_path_order(key, cfg)
         return list(ORDERS[key])
     if cfg.tasks is not None:
         return list(cfg.tasks)
@@ -149,6 +190,28 @@ def load_task_sequence(cfg: DataConfig) -> list[Task]:
             )
         names[task.name] = spec
         task.train = _sample(task.train, cfg.max_train_per_task, f"train:{cfg.seed}:{task.name}")
+        task.test = _sample(task.test, cfg.eval_samples, f"eval:{task.name}")
+        tasks.append(task)
+    return tasks
+
+
+def load_eval_tasks(cfg: DataConfig, trained: list[Task]) -> list[Task]:
+    """The tasks of ``cfg.eval_tasks``: evaluated in every row of R, never trained (only their test
+    split is kept, capped like the trained tasks'). An eval task that is also trained raises
+    :class:`DataError` (it would not be unseen)."""
+    if not cfg.eval_tasks:
+        return []
+    seen = {t.name: "the trained sequence" for t in trained}
+    tasks: list[Task] = []
+    for spec in cfg.eval_tasks:
+        task = resolve_task(spec, cfg.data_dir)
+        if task.name in seen:
+            raise DataError(
+                f"data.eval_tasks: {spec!r} loads task {task.name!r}, which is also in {seen[task.name]}; an "
+                f"eval task is never trained: remove it from data.eval_tasks or from the sequence"
+            )
+        seen[task.name] = "data.eval_tasks"
+        task.train = []  # never trained: nothing of it may reach a batch
         task.test = _sample(task.test, cfg.eval_samples, f"eval:{task.name}")
         tasks.append(task)
     return tasks

@@ -126,7 +126,8 @@ def build_param_groups(model: nn.Module, method: str | MethodSpec, targets: Targ
                        "lr": cfg.lr_full, "weight_decay": cfg.weight_decay, "rank": cfg.rank,
                        "update_gap": cfg.update_gap, "scale": cfg.scale, "projector": cfg.projector,
                        "oversample": cfg.oversample, "power_iters": cfg.power_iters,
-                       "align_projector": cfg.align_projector, "shared_threshold": threshold, "betas": cfg.betas,
+                       "align_projector": cfg.align_projector,
+                       "refresh_schedule": cfg.refresh_schedule, "shared_threshold": threshold, "betas": cfg.betas,
                        "eps": cfg.eps})
     for group in groups:
         for param in group["params"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..settings import SettingError, check_settings, setting
+from .refresh_schedule import REFRESH_SCHEDULES
 from .schedule import SCHEDULE_KINDS, SCHEDULE_ROLES, SCHEDULE_SCOPES
 
 PROJECTOR_CHOICES = ("randomized", "exact")  # projector.PROJECTOR_METHODS (that module needs torch)
@@ -20,6 +21,11 @@ class OptimizerConfig:
 
     rank: int = setting(8, "k: rank of the projected gradient space of full-rank targets", minimum=1, on_resume="fixed")
     update_gap: int = setting(20, "T: optimizer steps between projector refreshes", minimum=1)
+    # docs/algorithm.md §2.1. Stays "cycle" until a GPU quality check shows "spread" within sampling error.
+    refresh_schedule: str = setting("cycle", "(ours) when full-rank targets refresh their projectors: cycle (all at "
+                                             "steps 0, T, 2T, … of a task) or spread (all at step 0, then each layer "
+                                             "at its own phase of the cycle: at most ceil(L/T) layers per step)",
+                                    choices=REFRESH_SCHEDULES)
     scale: float = setting(0.25, "s: multiplies the full-rank targets' low-rank update (change --lr-full for "
                                  "larger steps)", above=0.0, maximum=MAX_SCALE)
     projector: str = setting("randomized", "how projectors are computed from the gradient: randomized range "

@@ -36,6 +36,7 @@ from .param_group import PROTECTED_ROLES, UpdateConfig, group_values
 from .projected_service import ProjectedGradientService
 from .projector import GradientProducts, project_gradient
 from .refresh import ProjectorRefresher
+from .refresh_schedule import refresh_due, refresh_phases
 from .shared_space import extend_shared_space, oriented_moment, shared_side
 from .stacks import StateStack, partition_by_step, restore_tensor_state, select, store
 from .update import BatchUpdate, adam_step_, low_rank_step_, protected_dense_step_
@@ -75,6 +76,7 @@ class GORP(ProjectedGradientService, torch.optim.Optimizer):
         oversample: int = DEFAULTS.oversample,
         power_iters: int = DEFAULTS.power_iters,
         align_projector: bool = DEFAULTS.align_projector,
+        refresh_schedule: str = DEFAULTS.refresh_schedule,
     ) -> None:
         groups = list(params)
         if not groups or not all(isinstance(g, dict) for g in groups):
@@ -82,13 +84,16 @@ class GORP(ProjectedGradientService, torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, shared_threshold=shared_threshold,
             rank=rank, update_gap=update_gap, scale=scale, projector=projector, oversample=oversample,
-            power_iters=power_iters, align_projector=align_projector,
+            power_iters=power_iters, align_projector=align_projector, refresh_schedule=refresh_schedule,
         )
         # Derived, never stored: name -> (role, shape, group index), and per group index its typed
         # hyperparameters with the raw values they were built from. Recorded (by add_param_group)
         # before any wrapper (DeepSpeed) replaces the groups' params with flat partitions.
         self.tensor_meta: dict[str, tuple[str, tuple[int, ...], int]] = {}
         self._configs: dict[int, tuple[tuple[Any, ...], UpdateConfig]] = {}
+        # Per group index, its names in order (refresh phases are positions in it; a wrapper may
+        # replace the group dicts themselves).
+        self._group_names: dict[int, tuple[str, ...]] = {}
         super().__init__(groups, defaults)
         self.shared: dict[str, Tensor] = {}
         self.tasks_completed = torch.zeros((), dtype=torch.int64)
@@ -99,6 +104,8 @@ class GORP(ProjectedGradientService, torch.optim.Optimizer):
         self.refresher = ProjectorRefresher()  # runs, counts and times the projector refreshes (not state)
         # Derived, never stored: stacked state of each batch of same-shape tensors (``stacks.py``).
         self._stacks: dict[tuple[str, ...], StateStack] = {}
+        # Derived, never stored: {(group index, T, schedule): {name: refresh phase}} (refresh_phases).
+        self._phases: dict[tuple[int, int, str], dict[str, int]] = {}
         # Set by the trainer when this step's loss or gradients are non-finite: the next step()
         # then changes nothing (moments, projectors, step counters, weights) and only counts the skip.
         self.skip_next_step = False
@@ -138,6 +145,7 @@ class GORP(ProjectedGradientService, torch.optim.Optimizer):
             self._check_rank(cfg, name, shape)
             self.tensor_meta[name] = (cfg.role, shape, index)
         self._configs[index] = (group_values(group), cfg)
+        self._group_names[index] = tuple(names)
 
     @staticmethod
     def _parse_group(index: int, group: Mapping[str, Any]) -> UpdateConfig:
@@ -259,10 +267,17 @@ class GORP(ProjectedGradientService, torch.optim.Optimizer):
 
     def _full_partition(self, stack: StateStack, grad: Tensor, shared: Tensor | None, step: int,
                         index: list[int], cfg: UpdateConfig) -> BatchUpdate | None:
-        """``full`` members ``index`` (all at ``step``) from their full gradients: refresh if due,
-        ``R = project(G)``, then the low-rank step (the path of full gradients in flat buffers)."""
-        if step % cfg.update_gap == 0:
-            kept = self._refresh_partition(stack, grad, step, index, cfg)
+        """``full`` members ``index`` (all at ``step``) from their full gradients: refresh those due
+        (:mod:`.refresh_schedule`), ``R = project(G)``, then the low-rank step (the path of full
+        gradients in flat buffers)."""
+        phases = self.refresh_phases(stack.names, cfg)
+        due = [j for j, i in enumerate(index) if refresh_due(step, phases[i], cfg.update_gap)]
+        if due:
+            # Only step 0 can fail a member (later refreshes keep the previous projector), and
+            # at step 0 every member is due: the members left out below are all among ``due``.
+            refreshed = [index[j] for j in due]
+            kept = self._refresh_partition(stack, select(grad, due, len(index)), step, refreshed, cfg)
+            kept = [i for i in index if i in kept or i not in refreshed]  # ascending, like index
             if not kept:
                 return None
             if len(kept) < len(index):
@@ -277,7 +292,21 @@ class GORP(ProjectedGradientService, torch.optim.Optimizer):
                            cfg: UpdateConfig) -> list[int]:
         """New projectors for members ``index`` (all at ``step``, a refresh step) from their full
         gradients (``(len(index), m, n)``) or products of them: :meth:`.refresh.ProjectorRefresher.refresh`."""
-        return self.refresher.refresh(stack, self.state, source, step, index, cfg, int(self.tasks_completed))
+        phases = self.refresh_phases(stack.names, cfg)
+        return self.refresher.refresh(stack, self.state, source, step, index, cfg, int(self.tasks_completed),
+                                      [phases[i] for i in index])
+
+    def refresh_phases(self, names: tuple[str, ...], cfg: UpdateConfig) -> list[int]:
+        """Refresh phase of each of ``names`` (``full`` tensors of one group): from its position in
+        its param group's ``names`` (docs/algorithm.md §2.1), so independent of batching and ranks."""
+        index = self.tensor_meta[names[0]][2]
+        key = (index, cfg.update_gap, cfg.refresh_schedule)
+        cached = self._phases.get(key)
+        if cached is None:
+            members = self._group_names[index]
+            cached = self._phases[key] = dict(zip(members, refresh_phases(len(members), cfg.update_gap,
+                                                                          cfg.refresh_schedule)))
+        return [cached[name] for name in names]
 
     def _low_rank_partition(self, stack: StateStack, low_rank: Tensor, shared: Tensor | None, step: int,
                             index: list[int], cfg: UpdateConfig) -> BatchUpdate:

@@ -18,12 +18,13 @@ from numbers import Integral
 from typing import Any
 
 from .config import DEFAULTS, PROJECTOR_CHOICES
+from .refresh_schedule import REFRESH_SCHEDULES
 
 ROLES = ("lora_a", "lora_b", "full", "plain")
 PROTECTED_ROLES = ("lora_a", "lora_b", "full")
 # The group keys an UpdateConfig is built from (its other keys, 'params' and 'names', identify the group).
 GROUP_KEYS = ("role", "lr", "betas", "eps", "weight_decay", "shared_threshold", "rank", "update_gap", "scale",
-              "projector", "oversample", "power_iters", "align_projector")
+              "projector", "oversample", "power_iters", "align_projector", "refresh_schedule")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class UpdateConfig:
     oversample: int = DEFAULTS.oversample
     power_iters: int = DEFAULTS.power_iters
     align_projector: bool = DEFAULTS.align_projector
+    refresh_schedule: str = DEFAULTS.refresh_schedule  # docs/algorithm.md §2.1
     shared_threshold: float = DEFAULTS.shared_threshold  # ε_S of end_task (0: no shared space)
 
     def __post_init__(self) -> None:
@@ -62,6 +64,8 @@ class UpdateConfig:
             return
         if self.projector not in PROJECTOR_CHOICES:
             raise ValueError(f"projector must be one of {PROJECTOR_CHOICES}, got {self.projector!r}")
+        if self.refresh_schedule not in REFRESH_SCHEDULES:
+            raise ValueError(f"refresh_schedule must be one of {REFRESH_SCHEDULES}, got {self.refresh_schedule!r}")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.update_gap < 1:
@@ -100,6 +104,7 @@ class UpdateConfig:
             oversample=_value(group, "oversample", _integer),
             power_iters=_value(group, "power_iters", _integer),
             align_projector=bool(group.get("align_projector", DEFAULTS.align_projector)),
+            refresh_schedule=_value(group, "refresh_schedule", _string),
             shared_threshold=_value(group, "shared_threshold", _real),
         )
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .param_group import UpdateConfig
 from .projector import GradientProducts
+from .refresh_schedule import refresh_due
 from .stacks import StateStack, partition_by_step, select
 from .update import BatchUpdate
 
@@ -40,9 +41,10 @@ class ProjectedGradientService:
         return stack
 
     def refresh_due(self: GORP, names: tuple[str, ...], cfg: UpdateConfig, device: torch.device) -> list[bool]:
-        """Per member: does its next step refresh the projector (step counter a multiple of T)?
-        Host-side (CPU step counters): no device sync."""
-        return [step % cfg.update_gap == 0 for step in self.full_batch(names, cfg, device).steps()]
+        """Per member: does its next step refresh the projector (its step counter and phase,
+        :func:`.refresh_schedule.refresh_due`)? Host-side (CPU step counters): no device sync."""
+        steps = self.full_batch(names, cfg, device).steps()
+        return [refresh_due(step, phase, cfg.update_gap) for step, phase in zip(steps, self.refresh_phases(names, cfg))]
 
     def refresh_members(self: GORP, names: tuple[str, ...], index: list[int], grads: Tensor | None,
                         cfg: UpdateConfig, products: GradientProducts | None = None) -> list[int]:
@@ -57,9 +59,11 @@ class ProjectedGradientService:
         parts = partition_by_step([steps[i] for i in index])
         if products is not None and (len(parts) > 1 or cfg.projector != "randomized"):
             raise ValueError("GORP.refresh_members: products need one step counter and the randomized projector")
+        phases = self.refresh_phases(names, cfg)
         for step, part in parts:
             members = [index[j] for j in part]
-            assert step % cfg.update_gap == 0, "refresh_members called on a step without a refresh"
+            assert all(refresh_due(step, phases[i], cfg.update_gap) for i in members), \
+                "refresh_members called on a step without a refresh"
             source = select(grads, part, len(index)) if grads is not None else products
             updated += self._refresh_partition(stack, source, step, members, cfg)
         return updated

@@ -1,7 +1,8 @@
 """Projector refreshes of ``full`` tensors (docs/algorithm.md §2): the one place the optimizer runs them.
 
 Every ``update_gap`` steps a ``full`` tensor's projector is recomputed from its gradient ``G`` (or
-from products of ``G`` when only those exist, ``gorp_ds.zero.lowrank_targets``). Whichever path asks
+from products of ``G`` when only those exist, ``gorp_ds.zero.lowrank_targets``), at the steps
+:mod:`.refresh_schedule` gives it (all tensors together, or spread over the cycle). Whichever path asks
 (``GORP.update_batch`` from full gradients, ``GORP.refresh_members`` from the ZeRO layer), the
 refresh goes through :meth:`ProjectorRefresher.refresh`, which also keeps the run's refresh
 statistics: how many member refreshes were attempted, how long they took (:mod:`.refresh_timer`),
@@ -23,6 +24,7 @@ from torch import Tensor
 from ..log import get_logger
 from .param_group import UpdateConfig
 from .projector import GradientProducts, projector_seed
+from .refresh_schedule import refresh_index
 from .refresh_timer import RefreshTimer
 from .stacks import StateStack, select, store
 from .update import refresh_projectors
@@ -42,16 +44,18 @@ class ProjectorRefresher:
         self._failures_reported = 0
 
     def refresh(self, stack: StateStack, state: dict, source: Tensor | GradientProducts, step: int,
-                index: list[int], cfg: UpdateConfig, task: int) -> list[int]:
+                index: list[int], cfg: UpdateConfig, task: int, phases: list[int]) -> list[int]:
         """New projectors for members ``index`` of ``stack`` (all at ``step``, a refresh step of task
-        number ``task``) from their gradients ``source`` (``(len(index), m, n)`` fp32), or from
-        products of them (randomized projector). Returns the members that have a projector now
-        (all, except members whose first refresh of the task failed); ``state`` (the optimizer's
-        per-name state) gains the views of members that got their first projector."""
+        number ``task``; ``phases``: theirs, :mod:`.refresh_schedule`) from their gradients ``source``
+        (``(len(index), m, n)`` fp32), or from products of them (randomized projector). Returns the
+        members that have a projector now (all, except members whose first refresh of the task
+        failed); ``state`` (the optimizer's per-name state) gains the views of members that got
+        their first projector."""
         batch, buffers = len(stack.names), stack.buffers
         previous = select(buffers["projector"], index, batch) if step > 0 else None
         # Seeded by name and counters every co-owner of a tensor knows: co-owners agree on the projector.
-        seeds = [projector_seed(stack.names[i], task, step // cfg.update_gap) for i in index]
+        seeds = [projector_seed(stack.names[i], task, refresh_index(step, phase, cfg.update_gap))
+                 for i, phase in zip(index, phases)]
         device = source.device
         with self.timer(device, self.synchronize):
             projector, ok = refresh_projectors(source, previous, cfg, seeds, stack.shape)

@@ -7,7 +7,8 @@ in the backward of its Linear (``gorp_ds.zero.projected_linear``). This module o
 - **Gradients.** Each micro-batch's backward adds ``R`` into one fp32 buffer holding every target's
   ``R`` back to back; at the optimizer step one all-reduce sums it over the data-parallel group
   (``Σ B·m·k·4`` bytes, independent of the world size). No ``m × n`` gradient exists.
-- **Refresh steps** (every ``update_gap`` steps per tensor) come in two kinds, chosen per batch of
+- **Refresh steps** (every ``update_gap`` steps per tensor, when ``GORP.refresh_due`` says:
+  ``gorp_ds.optim.refresh_schedule``; only the due members of a batch refresh) come in two kinds, chosen per batch of
   same-shape targets (``refresh_from``):
 
   - *Batched from G* (``"gradient"``; ``"auto"`` when the batch's due ``G``'s fit

@@ -21,11 +21,15 @@ data order otherwise) — the honest "run without that batch": everything a skip
 (moments, step counters, projector refresh schedule, DeepSpeed's gradient buffers) would show up as a
 difference. seq-ft at ``--lr-plain 1e30`` diverges after its first step and must stop with the
 non-finite error and a checkpoint of that first step, not finish with R = 0.
+
+Every launch here also evaluates ``--eval-tasks emb_fruit`` (never trained): its column is in every
+row, its batches are never drawn, and a resumed run's eval-task rows equal the uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -40,7 +44,7 @@ ERROR_PREFIX = "gorp_ds: error:"
 B_ARGS = [
     "--method", "gorp", "--tasks", "emb_color,emb_animal", "--max-steps-per-task", "4", "--save-every", "2",
     "--eval-samples", "8", "--max-train-per-task", "64", "--global-batch-size", "8", "--micro-batch-size", "2",
-    "--lr-lora", "1e-2", "--lr-full", "1e-2", "--lr-plain", "1e-3", "--update-gap", "2",
+    "--lr-lora", "1e-2", "--lr-full", "1e-2", "--lr-plain", "1e-3", "--update-gap", "2", "--eval-tasks", "emb_fruit",
 ]
 HOOKS = ("GORP_DS_FAULT_AT", "GORP_DS_NAN_AT", "GORP_DS_DROP_AT")
 
@@ -166,6 +170,7 @@ def test_requeue_resumes_the_new_run_and_matches_uninterrupted(runs) -> None:
     assert "[gorp] resumed at task 2, step 2" in got["output"]
     resumed, reference = _results(runs["D"]), _results(runs["ref"])
     assert resumed["R"] == reference["R"] and resumed["metrics"] == reference["metrics"]
+    assert resumed["eval_tasks"] == reference["eval_tasks"]
     assert resumed["config"]["lr_lora"] == 1e-2 and resumed["config_changes"] == []
     _assert_same_final_state(runs["D"], runs["ref"])
 
@@ -229,3 +234,36 @@ def test_diverging_run_stops_with_a_clear_error_and_its_last_good_checkpoint(run
     assert progress["task_number"] == 1 and progress["step"] == 1 and progress["global_step"] == 1
     masters = read_masters(str(out / "checkpoints"), "task01_step000001")
     assert masters and all(torch.isfinite(t).all() for t in masters.values())
+
+
+def test_eval_tasks_are_evaluated_in_every_row_and_never_trained(runs) -> None:
+    ref = runs["reference"]
+    assert ref["rc"] == 0, ref["output"][-4000:]
+    result = _results(runs["ref"])
+    assert result["tasks"] == ["emb_color", "emb_animal"]  # R's columns: the trained tasks only
+    section = result["eval_tasks"]
+    assert section["tasks"] == ["emb_fruit"]
+    rows = section["R"]
+    assert len(rows) == 3 and all(row is not None and len(row) == 1 for row in rows)  # before, after 1, after 2
+    for (value,) in rows:  # correct of the 8 evaluated examples, in percent
+        assert 0.0 <= value <= 100.0 and abs(value * 8 / 100 - round(value * 8 / 100)) < 1e-6, value
+    # metrics.eval_task_metrics, re-derived from the rows
+    assert section["metrics"] == pytest.approx({"eval_mean": rows[2][0], "generalisation": rows[2][0] - rows[0][0]})
+    assert section["predictions"] == [[f"predictions/R{i:02d}_03_emb_fruit.jsonl"] for i in range(3)]
+    lines = (runs["ref"] / "gorp" / section["predictions"][2][0]).read_text().splitlines()
+    assert len(lines) == 8 and 100 * sum(json.loads(line)["correct"] for line in lines) / 8 == rows[2][0]
+    # Never trained: each task's training ends with "trained on <task>" (its batches drawn from that
+    # task's train split); both trained tasks appear, the eval task never does.
+    trained = re.findall(r"\[gorp\] task \d+: .*; trained on (\S+)", ref["output"])
+    assert trained == ["emb_color", "emb_animal"], ref["output"][-3000:]
+    assert "eval tasks (never trained): emb_fruit" in ref["output"]
+    # TensorBoard: the eval task's accuracy at every row and their mean, the two numbers at the end
+    scalars = read_scalars(runs["ref"], "gorp")
+    assert scalars["eval_tasks/emb_fruit"] == [(i, pytest.approx(row[0])) for i, row in enumerate(rows)]
+    assert [s for s, _ in scalars["eval_tasks/mean"]] == [0, 1, 2]
+    assert scalars["metrics/generalisation"][-1][1] == pytest.approx(section["metrics"]["generalisation"])
+    assert scalars["metrics/eval_mean"][-1][1] == pytest.approx(section["metrics"]["eval_mean"])
+    summary = (runs["ref"] / "summary.md").read_text()
+    assert "| eval mean | generalisation |" in summary and "Eval tasks (never trained):" in summary
+    assert json.loads((runs["ref"] / "summary.json").read_text())["gorp"]["generalisation"] == pytest.approx(
+        section["metrics"]["generalisation"])

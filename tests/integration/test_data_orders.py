@@ -1,11 +1,14 @@
 """``--order 1`` … ``--order 6``: the O-LoRA / GORP papers' task orders, resolved on a
-CL_Benchmark-layout folder; a missing task stops the launch with one line naming it and its path;
-the papers' 512/50 source/target lengths are the default for these orders."""
+CL_Benchmark-layout folder; a missing task stops the launch with one line naming it and its path
+(``--allow-substitutes`` runs the order without the missing tasks, naming them); ``--order shared10``
+is the ten shared tasks; the papers' 512/50 source/target lengths are the default for orders 1-6.
+``--eval-tasks`` load only their test split and may not repeat a trained task."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from gorp_ds.cl import add_arguments, build_run_config
-from gorp_ds.data import DataConfig, load_task_sequence
+from gorp_ds.data import DataConfig, load_task_sequence, registry
 from gorp_ds.data.errors import DataError
-from gorp_ds.data.registry import PAPER_ORDERS, SUBSTITUTE_ORDERS
+from gorp_ds.data.registry import PAPER_ORDERS, SUBSTITUTE_ORDERS, load_eval_tasks
 from tests.support import REPO
 from tests.support.launch import one_rank_env
 
@@ -84,6 +87,125 @@ def test_missing_task_names_it_and_the_expected_path(benchmark, tmp_path) -> Non
 def test_real_data_lacks_yahoo() -> None:
     with pytest.raises(DataError, match="task yahoo is missing from --data-dir: expected .*TC/yahoo"):
         load_task_sequence(DataConfig(data_dir=str(REAL), order="1"))
+
+
+# The ten tasks of ../shared/cl_benchmark (its README), written out independently of the registry.
+SHARED = ["agnews", "dbpedia", "amazon", "yelp", "SST-2", "IMDB", "RTE", "CB", "COPA", "MultiRC"]
+MISSING_FROM_SHARED = ["MNLI", "WiC", "QQP", "BoolQA", "yahoo"]
+
+
+def _subset(benchmark: Path, root: Path, names: list[str]) -> Path:
+    """A CL_Benchmark folder holding only ``names`` (links into the 15-task fixture)."""
+    for name in names:
+        (root / TYPE_OF[name]).mkdir(parents=True, exist_ok=True)
+        os.symlink(benchmark / TYPE_OF[name] / name, root / TYPE_OF[name] / name)
+    return root
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def warnings_logged():
+    handler = _Records()
+    registry.log.addHandler(handler)
+    yield handler.lines
+    registry.log.removeHandler(handler)
+
+
+@pytest.mark.parametrize("order", ["4", "5", "6"])
+def test_a_long_order_with_missing_tasks_is_refused_in_one_line_naming_them_and_the_flag(benchmark, tmp_path,
+                                                                                          order) -> None:
+    shared = _subset(benchmark, tmp_path / "shared", SHARED)
+    with pytest.raises(DataError) as err:
+        load_task_sequence(DataConfig(data_dir=str(shared), order=order))
+    message = str(err.value)
+    first = next(t for t in PUBLISHED[order].split() if t in MISSING_FROM_SHARED)
+    assert "\n" not in message
+    assert message.startswith(f"order {order}: task {first} is missing from --data-dir: expected "
+                              f"{shared / TYPE_OF[first] / first}/"), message
+    in_order = [t for t in PUBLISHED[order].split() if t in MISSING_FROM_SHARED]
+    assert f"missing: {', '.join(in_order)})" in message
+    assert message.endswith("or pass data.allow_substitutes to run the order without them"), message
+
+
+@pytest.mark.parametrize("order", ["1", "4", "5", "6"])
+def test_allow_substitutes_runs_the_order_without_the_missing_tasks_and_names_them(benchmark, tmp_path, order,
+                                                                                   warnings_logged) -> None:
+    shared = _subset(benchmark, tmp_path / "shared", SHARED)
+    tasks = load_task_sequence(DataConfig(data_dir=str(shared), order=order, allow_substitutes=True))
+    kept = [t for t in PUBLISHED[order].split() if t in SHARED]  # the published order, missing tasks left out
+    assert [t.name for t in tasks] == kept
+    assert len(kept) == (3 if order == "1" else 10)
+    missing = [t for t in PUBLISHED[order].split() if t not in SHARED]
+    assert warnings_logged == [
+        f"order {order}: {len(missing)} of {len(PUBLISHED[order].split())} tasks are missing from {shared} "
+        f"({', '.join(missing)}); data.allow_substitutes: they are left out, running {len(kept)} tasks: "
+        + " -> ".join(kept)]
+
+
+def test_allow_substitutes_changes_nothing_when_every_task_is_there(benchmark, warnings_logged) -> None:
+    tasks = load_task_sequence(DataConfig(data_dir=str(benchmark), order="5", allow_substitutes=True))
+    assert [t.name for t in tasks] == PUBLISHED["5"].split() and warnings_logged == []
+
+
+def test_an_order_with_no_task_present_is_refused_even_with_the_flag(benchmark, tmp_path) -> None:
+    only_wic = _subset(benchmark, tmp_path / "wic", ["WiC"])
+    with pytest.raises(DataError, match=r"^order 1: task dbpedia is missing .*missing: dbpedia, amazon, yahoo, "
+                                        r"agnews\); add the tasks$"):
+        load_task_sequence(DataConfig(data_dir=str(only_wic), order="1", allow_substitutes=True))
+
+
+def test_shared10_is_order_4_on_the_ten_shared_tasks(benchmark, tmp_path) -> None:
+    shared = _subset(benchmark, tmp_path / "shared", SHARED)
+    expected = [t for t in PUBLISHED["4"].split() if t in SHARED]
+    for spelling in ("shared10", "SHARED10", "Shared10"):
+        assert [t.name for t in load_task_sequence(DataConfig(data_dir=str(shared), order=spelling))] == expected
+    assert sorted(expected) == sorted(SHARED)
+    nine = _subset(benchmark, tmp_path / "nine", [t for t in SHARED if t != "COPA"])
+    with pytest.raises(DataError, match=r"^order shared10: task COPA is missing from --data-dir"):
+        load_task_sequence(DataConfig(data_dir=str(nine), order="shared10"))
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="shared/cl_benchmark not present")
+def test_real_shared_data_runs_order_4_with_substitutes_as_shared10() -> None:
+    with pytest.raises(DataError, match="order 4: task MNLI is missing .*missing: MNLI, WiC, QQP, BoolQA, yahoo"):
+        load_task_sequence(DataConfig(data_dir=str(REAL), order="4", eval_samples=2, max_train_per_task=2))
+    substituted = load_task_sequence(DataConfig(data_dir=str(REAL), order="4", allow_substitutes=True,
+                                                eval_samples=2, max_train_per_task=2))
+    shared10 = load_task_sequence(DataConfig(data_dir=str(REAL), order="shared10", eval_samples=2,
+                                             max_train_per_task=2))
+    assert [t.name for t in substituted] == [t.name for t in shared10] == [
+        t for t in PUBLISHED["4"].split() if t in SHARED]
+
+
+def test_eval_tasks_keep_only_their_test_split_and_are_never_trained(benchmark) -> None:
+    cfg = DataConfig(data_dir=str(benchmark), tasks=["dbpedia", "amazon"], eval_tasks=["CB", "emb_fruit"],
+                     eval_samples=1)
+    trained = load_task_sequence(cfg)
+    unseen = load_eval_tasks(cfg, trained)
+    assert [t.name for t in trained] == ["dbpedia", "amazon"] and [t.name for t in unseen] == ["CB", "emb_fruit"]
+    assert [len(t.train) for t in unseen] == [0, 0] and [len(t.test) for t in unseen] == [1, 1]
+    assert all(len(t.train) == 2 for t in trained)  # the trained tasks are untouched
+    assert load_eval_tasks(DataConfig(data_dir=str(benchmark), tasks=["CB"]), trained) == []
+
+
+@pytest.mark.parametrize(("eval_tasks", "needle"), [
+    (["TC/dbpedia"], "data.eval_tasks: 'TC/dbpedia' loads task 'dbpedia', which is also in the trained sequence; "
+                     "an eval task is never trained: remove it from data.eval_tasks or from the sequence"),
+    (["CB", "NLI/CB"], "data.eval_tasks: 'NLI/CB' loads task 'CB', which is also in data.eval_tasks;"),
+])
+def test_an_eval_task_that_is_trained_or_repeated_is_refused_in_one_line(benchmark, eval_tasks, needle) -> None:
+    cfg = DataConfig(data_dir=str(benchmark), tasks=["dbpedia", "amazon"], eval_tasks=eval_tasks)
+    with pytest.raises(DataError) as err:
+        load_eval_tasks(cfg, load_task_sequence(cfg))
+    assert needle in str(err.value) and "\n" not in str(err.value)
 
 
 def _config(*argv: str):

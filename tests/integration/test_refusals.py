@@ -229,12 +229,12 @@ def _ds(path: Path, **overrides: object) -> str:
     return str(path)
 
 
-def _task(root: Path, n: int) -> None:
-    folder = root / "TC" / "topics"
+def _task(root: Path, n: int, path: str = "TC/topics") -> None:
+    folder = root / path
     folder.mkdir(parents=True)
     (folder / "labels.json").write_text(json.dumps(["World", "Sports"]))
     for split in ("train", "test"):
-        rows = [{"sentence": f"topics {split} {i}", "label": ["World", "Sports"][i % 2]} for i in range(n)]
+        rows = [{"sentence": f"{folder.name} {split} {i}", "label": ["World", "Sports"][i % 2]} for i in range(n)]
         (folder / f"{split}.json").write_text(json.dumps(rows))
 
 
@@ -263,6 +263,16 @@ LAUNCHER_CASES: dict[str, tuple[dict[str, str], tuple[str, ...] | None]] = {
     "clip_zero": ({"--ds_config": "ds_clip_zero.json"}, None),
     "full_targets_bad_regex": ({"--full-targets": "re:("}, ("--full-targets has 're:('", "not a valid regular expression")),
     "full_targets_good_regex": ({"--full-targets": r"re:mlp\.gate_proj"}, None),
+    "eval_task_also_trained": ({"--eval-tasks": "emb_fruit,topics"},
+                               ("--eval-tasks: 'topics' loads task 'topics', which is also in the trained sequence; an eval "
+                                "task is never trained: remove it from --eval-tasks or from the sequence",)),
+    "eval_task_unseen": ({"--eval-tasks": "emb_fruit"}, None),
+    # bench/ holds TC/topics and NLI/CB: order 4 lacks 14 of its 15 tasks.
+    "order_4_missing_tasks": ({"--tasks": "none", "--order": "4"},
+                              ("order 4: task MNLI is missing from --data-dir: expected ",
+                               "missing: MNLI, WiC, COPA, QQP, BoolQA, RTE, IMDB, yelp, amazon, SST-2, dbpedia, agnews, "
+                               "MultiRC, yahoo); add the tasks, or pass --allow-substitutes to run the order without them")),
+    "order_4_allow_substitutes": ({"--tasks": "none", "--order": "4", "--allow-substitutes": "true"}, None),
 }
 
 
@@ -270,6 +280,7 @@ LAUNCHER_CASES: dict[str, tuple[dict[str, str], tuple[str, ...] | None]] = {
 def launcher_outcomes(tmp_path_factory, tiny_model_dir) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("refusals")
     _task(tmp / "bench", 32)
+    _task(tmp / "bench", 32, "NLI/CB")
     ds_files = {"ds_good.json": {}, "ds_clip_nan.json": {"gradient_clipping": math.nan},
                 "ds_clip_negative.json": {"gradient_clipping": -1.0}, "ds_clip_text.json": {"gradient_clipping": "big"},
                 "ds_clip_zero.json": {"gradient_clipping": 0}}

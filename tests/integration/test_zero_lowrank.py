@@ -3,7 +3,7 @@ DeepSpeed ZeRO on 1, 2, 3 and 4 gloo ranks: the trajectory of the single-process
 gradients, the collectives sent, checkpoints across world sizes, bf16 masters.
 
 Four process groups in all (start-up dominates): 1 rank; 2 ranks (bytes, trajectories, save a checkpoint
-mid-task); 3 ranks (bytes, trajectories, resume from the 2-rank checkpoint); 4 ranks (bytes only).
+mid-task, the spread refresh schedule); 3 ranks (bytes, trajectories, resume from the 2-rank checkpoint); 4 ranks (bytes only).
 
 Refreshes: with gradient accumulation (gas 2) the projector comes from the full gradient G formed on
 refresh steps (the fallback); with one micro-batch per step (gas 1) from the sketch (the distributed
@@ -60,6 +60,27 @@ def test_projected_path_matches_single_process_full_gradient_gorp(runs, world, s
         assert all(facts["shared"].get(n, 0) >= 1 for n in SHAPES), "S was not built for every full target"
         assert facts["requires_grad"] == {n: False for n in SHAPES}, "DeepSpeed must not see the full targets"
         assert not set(SHAPES) & set(facts["ds_names"])
+
+
+@pytest.mark.parametrize("scenario, gas, projected", [("spread", 2, True), ("spread_sketch", 1, True),
+                                                     ("spread_flat", 2, False)])
+def test_spread_refresh_on_2_ranks_matches_single_process_spread(runs, scenario, gas, projected):
+    """``refresh_schedule="spread"`` (docs/algorithm.md §2.1) under ZeRO-2 on 2 ranks, refreshed from G (gas 2),
+    from the sketch (gas 1) and on the flat path: the single-process GORP under spread on every step. Phases
+    of up1, down1, up2, down2 (T = 3): 0, 0, 1, 2, so step 0 of each task refreshes all four, then at most
+    ⌈4/3⌉ = 2 per step; task 2 restarts the schedule."""
+    reference = ls.reference_trajectory(2, gas, 0.0, projected=projected, refresh_schedule="spread")
+    per_task = {0: ["up1", "down1", "up2", "down2"], 1: ["up2"], 2: ["down2"], 3: ["up1", "down1"], 4: ["up2"]}
+    for rank, result in enumerate(runs[2]):
+        facts = result[scenario]
+        errors = _errors(facts["trajectory"], reference)
+        assert len(errors) == zs.STEPS
+        worst = max(errors.values())
+        assert worst <= RTOL, f"{scenario} rank {rank}: relative error {worst:.2e} ({errors})"
+        if projected:  # which members were due, and that exactly those were refreshed on this rank
+            for step, (due, count) in facts["refreshed"].items():
+                assert due == per_task[step % zs.TASK_STEPS[0]], (scenario, step, due)
+                assert count == len(due), (scenario, step, count)
 
 
 def test_without_clipping_the_projected_path_is_the_flat_path(runs):

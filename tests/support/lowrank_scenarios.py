@@ -26,12 +26,13 @@ def flat_params(model) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1) for p in tracked(model)])
 
 
-def build_optimizer(model) -> GORP:
+def build_optimizer(model, refresh_schedule: str = "cycle") -> GORP:
     """``zero_scenarios.build_optimizer``'s groups with the ``full`` group last (where
     ``build_param_groups`` puts it and where projected gradients need it)."""
-    groups = zs.build_optimizer(model).param_groups
+    groups = zs.build_optimizer(model, refresh_schedule).param_groups
     full = [g for g in groups if g["role"] == "full"]
-    keys = ("params", "names", "role", "lr", "weight_decay", "rank", "update_gap", "scale", "projector")
+    keys = ("params", "names", "role", "lr", "weight_decay", "rank", "update_gap", "scale", "projector",
+            "refresh_schedule")
     return GORP([{k: g[k] for k in keys if k in g} for g in [g for g in groups if g["role"] != "full"] + full],
                 shared_threshold=0.9)
 
@@ -58,13 +59,16 @@ def projectors_for_step(opt: GORP, grads: dict[str, torch.Tensor]) -> dict[str, 
 
 def reference_trajectory(world: int, gas: int, clip: float, *, projected: bool = True,
                          at_task_end: Callable[[torch.nn.Module], object] | None = None,
-                         params: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> list[torch.Tensor]:
+                         params: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+                         refresh_schedule: str = "cycle") -> list[torch.Tensor]:
     """Single-process GORP on full gradients, clipped by the projected-gradient norm
     ``√(Σ_{lora, plain} ‖g‖² + Σ_full ‖R‖²)`` with ``R = G Q`` (``m >= n``) or ``Pᵀ G`` (by ‖G‖ with
     ``projected=False``: the flat path's groups); ``at_task_end(model)`` after ``end_task()`` (e.g. a
-    LoRA merge); ``params(model)`` is what each step records (default :func:`flat_params`)."""
+    LoRA merge); ``params(model)`` is what each step records (default :func:`flat_params`);
+    ``refresh_schedule``: the ``full`` group's (docs/algorithm.md §2.1; clipping assumes ``cycle``)."""
+    assert refresh_schedule == "cycle" or clip == 0, "projectors_for_step knows the cycle schedule only"
     model = zs.TinyNet()
-    opt = build_optimizer(model) if projected else zs.build_optimizer(model)
+    opt = build_optimizer(model, refresh_schedule) if projected else zs.build_optimizer(model, refresh_schedule)
     names = dict(zip(TRACKED, tracked(model)))
     record = params or flat_params
     trajectory = []
@@ -151,14 +155,14 @@ class CollectiveCounter:
 
 def run_engine(rank: int, world: int, config: dict, *, steps: range = range(zs.STEPS), load_from: str | None = None,
                save_to: str | None = None, count: bool = False, full_gradients: str = "projected",
-               refresh_from: str = "sketch", oversample: int | None = None) -> dict:
+               refresh_from: str = "sketch", oversample: int | None = None, refresh_schedule: str = "cycle") -> dict:
     import gorp_ds
     from gorp_ds.zero import load_checkpoint, save_checkpoint
 
     model = zs.TinyNet()
     if config.get("bf16", {}).get("enabled"):
         model = model.to(torch.bfloat16)
-    opt = build_optimizer(model)
+    opt = build_optimizer(model, refresh_schedule)
     if oversample is not None:
         for group in opt.param_groups:
             group["oversample"] = oversample
@@ -169,10 +173,13 @@ def run_engine(rank: int, world: int, config: dict, *, steps: range = range(zs.S
     if load_from is not None:
         load_checkpoint(engine, load_from)
         masters_at["load"] = _masters(engine)
-    trajectory, collectives, refresh = {}, {}, {}
+    trajectory, collectives, refresh, refreshed = {}, {}, {}, {}
     for step in steps:
-        refresh[step] = any(opt.refresh_due((n,), UpdateConfig.from_group(opt.group(opt.tensor_meta[n][2])),
-                                            torch.device("cpu"))[0] for n in zs.FULL) if full_gradients == "projected" else None
+        due = [n for n in zs.FULL if opt.refresh_due((n,), UpdateConfig.from_group(opt.group(opt.tensor_meta[n][2])),
+                                                     torch.device("cpu"))[0]] if full_gradients == "projected" else []
+        refresh[step] = bool(due) if full_gradients == "projected" else None
+        refreshed[step] = due
+        refreshes = opt.refresh_count
         counter = CollectiveCounter()
         chunks = zs.micro_batches(step, world, gas)
         with counter if count else _null():
@@ -181,13 +188,15 @@ def run_engine(rank: int, world: int, config: dict, *, steps: range = range(zs.S
                 engine.backward(zs.loss_fn(engine.module, x, y))
                 engine.step()
         collectives[step] = counter.calls
+        refreshed[step] = (refreshed[step], opt.refresh_count - refreshes)  # (due, member refreshes this rank ran)
         if step + 1 == zs.TASK_STEPS[0]:
             opt.end_task()
         trajectory[step] = flat_params(model)
         if save_to is not None and step + 1 == zs.SAVE_AFTER:
             save_checkpoint(engine, save_to, tag="mid_task")
             masters_at["save"] = _masters(engine)
-    facts = {"trajectory": trajectory, "collectives": collectives, "refresh": refresh, "masters_at": masters_at,
+    facts = {"trajectory": trajectory, "collectives": collectives, "refresh": refresh, "refreshed": refreshed,
+             "masters_at": masters_at,
              "weights": {n: getattr(model, n).weight.detach().clone() for n in zs.FULL},
              "shared": {n: s.shape[1] for n, s in opt.shared.items()},
              "requires_grad": {n: getattr(model, n).weight.requires_grad for n in zs.FULL},
@@ -270,6 +279,12 @@ def scenarios(rank: int, world: int, checkpoint_dir: str, mode: str) -> dict:
                                  save_to=checkpoint_dir + "_bf16" if mode == "save" else None)
     if mode == "plain":
         results["refusals"] = refusals(rank, world)
+    if mode == "save":  # the spread refresh schedule (docs/algorithm.md §2.1): from G, from the sketch, flat
+        config = zs.ds_config(2, gas=2, clip=0.0, world=world)
+        results["spread"] = run_engine(rank, world, config, refresh_from="gradient", refresh_schedule="spread")
+        results["spread_sketch"] = run_engine(rank, world, zs.ds_config(2, gas=1, clip=0.0, world=world),
+                                              refresh_schedule="spread")
+        results["spread_flat"] = run_engine(rank, world, config, full_gradients="flat", refresh_schedule="spread")
     if mode == "load":
         results["bf16_resumed"] = run_engine(rank, world, zs.ds_config(2, clip=0.3, bf16=True, world=world),
                                              steps=range(zs.SAVE_AFTER, zs.SAVE_AFTER + 1),

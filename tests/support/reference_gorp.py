@@ -114,11 +114,15 @@ class RefTensor:
 
     ``refresh_alignment``: ``"none"`` is docs/algorithm.md §2 as written (the projector is the top-k singular
     vectors); ``"procrustes"`` rotates each refreshed projector within its span towards the previous
-    one of the same task (a variant the code adopted: docs/algorithm.md §2, marked ours)."""
+    one of the same task (a variant the code adopted: docs/algorithm.md §2, marked ours).
+
+    ``refresh_phase`` (docs/algorithm.md §2.1): a ``full`` tensor refreshes at step ``t`` of a task when
+    ``t == 0`` or ``t mod T == refresh_phase``; 0 is the ``cycle`` schedule (steps 0, T, 2T, …)."""
 
     def __init__(self, role, weight, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=None,
-                 update_gap=None, scale=1.0, shared_threshold=0.9, refresh_alignment="none"):
+                 update_gap=None, scale=1.0, shared_threshold=0.9, refresh_alignment="none", refresh_phase=0):
         self.refresh_alignment = refresh_alignment
+        self.refresh_phase = refresh_phase
         self.role = role
         self.w = weight.detach().to(F64).clone()
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
@@ -150,7 +154,7 @@ class RefTensor:
         g = grad.to(F64)
         if self.role == "full":
             rows, cols = self.w.shape
-            if self.t % self.gap == 0:
+            if self.t == 0 or self.t % self.gap == self.refresh_phase:
                 proj, _ = ref_projector(g, self.k)
                 if self.refresh_alignment == "procrustes" and self.proj is not None:
                     self.proj = procrustes(proj, self.proj)  # gauge fixed by the previous projector

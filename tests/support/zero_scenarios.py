@@ -40,11 +40,12 @@ class TinyNet(nn.Module):
 FULL = ("up1", "down1", "up2", "down2")
 
 
-def build_optimizer(model: TinyNet) -> GORP:
+def build_optimizer(model: TinyNet, refresh_schedule: str = "cycle") -> GORP:
     return GORP(
         [
             {"params": [getattr(model, n).weight for n in FULL], "names": list(FULL), "role": "full", "rank": 2,
-             "update_gap": 3, "scale": 0.5, "projector": "randomized", "lr": 2e-2, "weight_decay": 0.01},
+             "update_gap": 3, "scale": 0.5, "projector": "randomized", "lr": 2e-2, "weight_decay": 0.01,
+             "refresh_schedule": refresh_schedule},
             {"params": [model.lora_a], "names": ["lora_a"], "role": "lora_a", "lr": 2e-2},
             {"params": [model.lora_b], "names": ["lora_b"], "role": "lora_b", "lr": 2e-2},
             {"params": [model.norm], "names": ["norm"], "role": "plain", "lr": 2e-2, "weight_decay": 0.1},

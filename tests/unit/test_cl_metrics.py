@@ -150,3 +150,36 @@ def test_random_matrices_match_literal_formulas() -> None:
 def test_malformed_r_raises(r, fn) -> None:
     with pytest.raises(ValueError, match="R"):
         fn(r)
+
+
+# Eval tasks (--eval-tasks, never trained): T = 3 trained tasks, E = 2 eval tasks; rows as R's.
+E3 = [
+    [25.0, 50.0],  # before training
+    [30.0, 40.0],  # after task 1
+    None,  # not measured (as mtl's middle rows): no effect on either number
+    [45.0, 35.0],  # after task 3
+]
+# eval mean = (45 + 35) / 2 = 40
+# generalisation = ((45 − 25) + (35 − 50)) / 2 = (20 − 15) / 2 = 2.5
+E3_EXPECTED = {"eval_mean": 40.0, "generalisation": 2.5}
+
+
+def test_eval_task_metrics_match_hand_computed_values() -> None:
+    from gorp_ds.cl.metrics import eval_task_metrics
+
+    assert eval_task_metrics(E3) == pytest.approx(E3_EXPECTED, abs=1e-12)
+    # Without the before-training row the change cannot be computed; the mean still can.
+    assert eval_task_metrics([None, [10.0, 30.0]]) == {"eval_mean": 20.0, "generalisation": None}
+    # One eval task, one trained task: the change is a plain difference (70 − 80).
+    assert eval_task_metrics([[80.0], [70.0]]) == {"eval_mean": 70.0, "generalisation": -10.0}
+
+
+def test_eval_task_metrics_refuse_ragged_or_empty_matrices() -> None:
+    from gorp_ds.cl.metrics import eval_task_metrics
+
+    with pytest.raises(ValueError, match="row 0 has 1 entries, expected 2"):
+        eval_task_metrics([[1.0], [2.0, 3.0]])
+    with pytest.raises(ValueError, match="last row"):
+        eval_task_metrics([[1.0], None])
+    with pytest.raises(ValueError, match="last row"):
+        eval_task_metrics([[], []])

@@ -143,6 +143,7 @@ def test_a_changed_setting_is_refused_or_recorded_as_its_field_declares(spec: Se
 CONSUMED = {"rank": ("full", "rank"), "update_gap": ("full", "update_gap"), "scale": ("full", "scale"),
             "projector": ("full", "projector"), "oversample": ("full", "oversample"),
             "power_iters": ("full", "power_iters"), "align_projector": ("full", "align_projector"),
+            "refresh_schedule": ("full", "refresh_schedule"),
             "shared_threshold": ("full", "shared_threshold"), "lr_lora": ("lora_a", "lr"), "lr_full": ("full", "lr"),
             "beta1": ("lora_b", "beta1"), "beta2": ("full", "beta2"), "eps": ("lora_a", "eps"),
             "weight_decay": ("full", "weight_decay")}
