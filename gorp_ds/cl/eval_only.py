@@ -87,6 +87,7 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
         "eval_only": True,
         "model": cfg.base_model.model,
         "tasks": names,
+        "task_metrics": [t.metric for t in tasks],
         "R": [evaluation.row],
         "metrics": {"AA": sum(evaluation.row) / len(evaluation.row), "BWT": None, "FWT": None, "forgetting": None},
         "predictions": [[predictions_file("eval", j, n) for j, n in enumerate(names)]] if cfg.runner.predictions else None,

@@ -1,8 +1,9 @@
-"""Accuracy of every task by greedy generation, sharded across ranks (one row of R).
+"""Every task's own metric by greedy generation, sharded across ranks (one row of R).
 
-Each rank generates answers for every ``world``-th test example of every task; correct counts are
-summed over ranks with one all-reduce; the generations themselves can be gathered to rank 0 for
-the predictions files. An answer is correct when the normalised generation
+Each rank generates answers for every ``world``-th test example of every task; the scores of the
+task's metric (gorp_ds/data/metrics.py; accuracy: correct counts) are summed over ranks with one
+all-reduce; the generations themselves can be gathered to rank 0 for the predictions files. For
+classification an answer is correct when the normalised generation
 (lower case, punctuation and surplus white space removed, cut at the first newline) equals the
 normalised label (docs/algorithm.md §7). Decoding is greedy, by transformers' generate() or by our
 own loop (:data:`DECODERS`, ``--eval-decoder``): the same tokens either way.
@@ -20,9 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..data.metrics import TASK_METRICS
 from ..data.prompting import PromptFormat
+from ..data.task_files import DEFAULT_NEW_TOKENS
 from ..data.tasks import Example, Task
-from ..data.tokenize import encode_prompts, is_correct, normalize_answer
+from ..data.tokenize import encode_prompts, normalize_answer
 
 
 def _core(model: nn.Module) -> nn.Module:
@@ -106,7 +109,10 @@ DEFAULT_DECODER = "generate"
 
 
 def _label_budget(tokenizer, task: Task, fmt: PromptFormat) -> int:
-    """New tokens to generate: the longest label (as the answer is written) plus end-of-sequence."""
+    """New tokens to generate: the longest label (as the answer is written) plus end-of-sequence;
+    a free-form task without a declared length gets task_files.DEFAULT_NEW_TOKENS."""
+    if not task.labels:
+        return DEFAULT_NEW_TOKENS
     longest = max(len(tokenizer(fmt.target(task, Example("", label)), add_special_tokens=False)["input_ids"])
                   for label in task.labels)
     return longest + 1
@@ -115,7 +121,8 @@ def _label_budget(tokenizer, task: Task, fmt: PromptFormat) -> int:
 @dataclass
 class Evaluation:
     """One row of R and, on rank 0 (when asked for), every task's predictions in test-set order:
-    ``{"index", "input", "label", "generation", "prediction", "correct"}`` per example."""
+    ``{"index", "input", "label", "generation", "prediction", "correct", "score"}`` per example
+    (``label``: the reference answer; ``score``: the task's metric, 0-100; ``correct``: score 100)."""
 
     row: list[float]
     predictions: list[list[dict[str, Any]]] | None = None
@@ -137,8 +144,9 @@ def evaluate_row(
     predictions: bool = False,
     decoder: str = DEFAULT_DECODER,
 ) -> Evaluation:
-    """Accuracy in percent for each task (macro: one number per task). ``max_length`` is the prompt
-    budget; ``max_new_tokens`` (default: the longest label + 1) the generation budget. With
+    """Each task's own metric (``task.metric``, 0-100; accuracy for classification), averaged over its
+    test examples: one number per task. ``max_length`` is the prompt budget; the generation budget is
+    the task's declared ``max_new_tokens``, else ``max_new_tokens``, else the longest label + 1. With
     ``predictions`` every rank's generations are gathered to rank 0 and put in test-set order.
     ``decoder`` names the decoding (:data:`DECODERS`)."""
     generate = DECODERS[decoder]
@@ -146,28 +154,31 @@ def evaluate_row(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    counts = torch.zeros(len(tasks), 2, dtype=torch.float64)  # correct, total
+    counts = torch.zeros(len(tasks), 2, dtype=torch.float64)  # sum of score/100 (correct answers), total
     local: list[list[dict[str, Any]]] = []
     for index, task in enumerate(tasks):
         examples = task.test[:eval_samples] if eval_samples else task.test
         mine = list(range(rank, len(examples), world))
-        budget = max_new_tokens or _label_budget(tokenizer, task, fmt)
+        budget = task.max_new_tokens or max_new_tokens or _label_budget(tokenizer, task, fmt)
+        metric = TASK_METRICS[task.metric].score
         records = []
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             prompts = [fmt.prompt(tokenizer, task, examples[i]) for i in chunk]
-            batch = encode_prompts(tokenizer, prompts, max_length, fmt.add_special_tokens)
+            batch = encode_prompts(tokenizer, prompts, max_length, fmt.special_tokens(examples[chunk[0]]))
             batch = {k: v.to(device) for k, v in batch.items()}
             # A row that has ended is filled with EOS (pad_token_id left unset): decoding skips it as it
             # skips the EOS itself, whatever the tokenizer's pad token is.
             new_tokens = generate(model, batch["input_ids"], batch["attention_mask"], budget, tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for i, text in zip(chunk, texts):
-                correct = is_correct(text, examples[i].label)
-                counts[index, 0] += correct
+                score = metric(text, examples[i].label)
+                # score / 100 sums to the count of correct answers for accuracy (as exact as before)
+                counts[index, 0] += score / 100.0
                 if predictions:
                     records.append({"index": i, "input": examples[i].text, "label": examples[i].label,
-                                    "generation": text, "prediction": normalize_answer(text), "correct": correct})
+                                    "generation": text, "prediction": normalize_answer(text),
+                                    "correct": score == 100.0, "score": score})
             counts[index, 1] += len(chunk)
         local.append(records)
     distributed = world > 1 and dist.is_initialized()

@@ -1,7 +1,8 @@
 """Continual-learning metrics as pure functions of the accuracy matrix R (docs/algorithm.md §7).
 
-``R`` has ``T + 1`` rows and ``T`` columns: ``R[i][j]`` is the accuracy (percent) on task ``j``
-(0-based column) after training tasks ``1..i``; row 0 is the model before any training. Rows that
+``R`` has ``T + 1`` rows and ``T`` columns: ``R[i][j]`` is task ``j``'s own metric (0-100: accuracy in
+percent for classification, ROUGE-L or exact match for free-form tasks; gorp_ds/data/metrics.py) on
+task ``j`` (0-based column) after training tasks ``1..i``; row 0 is the model before any training. Rows that
 were not measured (multi-task training has only rows 0 and T) are ``None``.
 
 With 1-based task indices as in docs/algorithm.md, column ``j`` holds task ``j+1``:

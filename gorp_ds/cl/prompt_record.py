@@ -67,7 +67,9 @@ def prompt_record(tasks: list[Task], tokenizer: Any, cfg: Any, method: str) -> d
                         "record gives no template for it")
             template = None
         entries.append({"name": task.name, "template": template, "labels": list(task.labels),
-                        "max_new_tokens": settings["max_new_tokens"] or _label_budget(tokenizer, task, fmt)})
+                        "metric": task.metric,
+                        "max_new_tokens": task.max_new_tokens or settings["max_new_tokens"]
+                        or _label_budget(tokenizer, task, fmt)})
     return {
         "record_version": RECORD_VERSION,
         "method": method,

@@ -50,8 +50,12 @@ def _row_label(i: int, task_names: list[str], eval_only: bool) -> str:
 
 
 def markdown_table(method: str, task_names: list[str], r: list[list[float] | None], metrics: dict[str, Any],
-                   eval_only: bool = False) -> str:
-    header = "| after \\ on | " + " | ".join(task_names) + " |"
+                   eval_only: bool = False, task_metrics: list[str] | None = None) -> str:
+    """R as a table; a column's header names its metric (``task (rougeL)``) when a task is not scored by accuracy."""
+    shown = task_names
+    if task_metrics and any(m != "accuracy" for m in task_metrics):
+        shown = [f"{n} ({m})" for n, m in zip(task_names, task_metrics)]
+    header = "| after \\ on | " + " | ".join(shown) + " |"
     lines = [f"## {method}", "", header, "|" + "---|" * (len(task_names) + 1)]
     for i, row in enumerate(r):
         label = _row_label(i, task_names, eval_only)
@@ -78,7 +82,8 @@ def eval_tasks_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def heatmap(method: str, task_names: list[str], r: list[list[float] | None], eval_only: bool = False) -> bytes:
+def heatmap(method: str, task_names: list[str], r: list[list[float] | None], eval_only: bool = False,
+            task_metrics: list[str] | None = None) -> bytes:
     """R as a PNG image (its bytes: written like every other file, whole or not at all)."""
     import matplotlib
 
@@ -96,7 +101,9 @@ def heatmap(method: str, task_names: list[str], r: list[list[float] | None], eva
             if not np.isnan(values[i, j]):
                 ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center",
                         color="white" if values[i, j] < 60 else "black", fontsize=8)
-    ax.set_title(f"R (accuracy %) — {method}")
+    mixed = task_metrics and any(m != "accuracy" for m in task_metrics)
+    scale = "each task's metric, 0-100" if mixed else "accuracy %"
+    ax.set_title(f"R ({scale}) — {method}")
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
     image_bytes = io.BytesIO()
@@ -109,11 +116,13 @@ def write_method_results(out_dir: str, result: dict[str, Any], note: str = "") -
     """``results.json``, ``results.md``, ``R.png`` in ``out_dir``, each written whole. ``note``: what a
     failed write leaves intact (the checkpoint to resume from), for its message."""
     eval_only = bool(result.get("eval_only"))
+    task_metrics = result.get("task_metrics")
     write_json(os.path.join(out_dir, "results.json"), result, what="the results", site="results", note=note)
-    table = markdown_table(result["method"], result["tasks"], result["R"], result["metrics"], eval_only=eval_only) \
-        + eval_tasks_table(result)
+    table = markdown_table(result["method"], result["tasks"], result["R"], result["metrics"], eval_only=eval_only,
+                           task_metrics=task_metrics) + eval_tasks_table(result)
     write_file(os.path.join(out_dir, "results.md"), table, what="the results table", site="results", note=note)
-    write_file(os.path.join(out_dir, "R.png"), heatmap(result["method"], result["tasks"], result["R"], eval_only),
+    write_file(os.path.join(out_dir, "R.png"), heatmap(result["method"], result["tasks"], result["R"], eval_only,
+                                                       task_metrics),
                what="the heatmap of R", site="results", note=note)
 
 
@@ -165,7 +174,8 @@ def _gib(value: float | None) -> str:
 def write_summary(out_dir: str, results: list[dict[str, Any]]) -> str:
     table = summary_table(results)
     text = "# Methods compared\n\n" + table + "\n" + "".join(
-        "\n" + markdown_table(r["method"], r["tasks"], r["R"], r["metrics"]) + eval_tasks_table(r) for r in results)
+        "\n" + markdown_table(r["method"], r["tasks"], r["R"], r["metrics"], task_metrics=r.get("task_metrics"))
+        + eval_tasks_table(r) for r in results)
     note = "every method's results.json is written"
     write_file(os.path.join(out_dir, "summary.md"), text, what="the methods summary", site="summary", note=note)
     write_json(os.path.join(out_dir, "summary.json"), {r["method"]: {**r["metrics"], **(r.get("eval_tasks") or {}).get("metrics", {})} for r in results},

@@ -282,6 +282,7 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
     return {
         "method": method,
         "tasks": names,
+        "task_metrics": [t.metric for t in tasks],  # what each column of R measures (gorp_ds/data/metrics.py)
         "R": r,
         "metrics": all_metrics(r),
         **_eval_section(full, trained, eval_tasks or [], cfg.runner.predictions),

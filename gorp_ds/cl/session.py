@@ -541,6 +541,6 @@ class PromptedTask(Task):
 
 def mixed_task(tasks: list[Task]) -> Task:
     """Multi-task learning: every task's training examples, each with its own task's prompt."""
-    train = [Example(task.prompt(ex), ex.label) for task in tasks for ex in task.train]
+    train = [Example(task.prompt(ex), ex.label, messages=ex.messages) for task in tasks for ex in task.train]
     labels = tuple(sorted({label for task in tasks for label in task.labels}))
     return PromptedTask(name="all-tasks", labels=labels, instruction="", train=train, test=[])

@@ -1,7 +1,8 @@
 """Data layer: tasks, task sequences, prompts, tokenisation and deterministic batch order.
 
 Sources: the embedded generated suite (default), O-LoRA's CL_Benchmark layout (orders A/B/C or
-custom sequences) and any ``datasets`` source (``"hf:<spec>"``). Every data problem raises
+custom sequences), task folders declaring their kind and metric (``task.json``: classification,
+instruction or chat files) and any ``datasets`` source (``"hf:<spec>"``). Every data problem raises
 :class:`DataError` while loading, before training starts.
 """
 

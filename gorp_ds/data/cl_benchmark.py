@@ -148,7 +148,7 @@ def load_cl_task(folder: str | Path, name: str | None = None) -> Task:
 
 
 def _is_task_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / f).is_file() for f in TASK_FILES)
+    return path.is_dir() and any((path / f).is_file() for f in (*TASK_FILES, "task.json"))  # task_files.TASK_FILE
 
 
 def available_tasks(data_dir: str | Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""The embedded task suite: four generated "code the X word" tasks that need no files.
+"""The embedded task suite: four generated "code the X word" classification tasks and one generated
+instruction task with a free-form answer ("reverse the words", scored by ROUGE-L), none needing files.
 
 Design (what makes the suite useful as a small continual-learning benchmark):
 
@@ -18,6 +19,9 @@ Design (what makes the suite useful as a small continual-learning benchmark):
   (``gorp`` stays at ~90 %).
 * **Short and learnable.** A whole example (prompt + answer + EOS) is ~16 tokens, and the rule is
   a lexical look-up that LoRA (r=8 on q, v) learns in ~30–40 steps of batch 16 at lr 1e-3.
+* **A free-form task last.** ``emb_reverse`` (:data:`REVERSE_TASK`) asks for the input's words
+  (:data:`REVERSE_WORDS` distinct key words of every category) in reverse order; its answer is
+  scored by ROUGE-L (word LCS), so copying the input scores 25 and only the reversal scores 100.
 * **Balanced and clean.** Labels are exactly balanced in each split (sizes divisible by 4; otherwise
   the first labels get one example more), test inputs never occur in the same task's train split,
   and everything is a pure function of the seed.
@@ -34,8 +38,10 @@ __all__ = [
     "CATEGORIES",
     "CODES",
     "FILLERS",
+    "EMBEDDED_CLASSIFICATION",
     "EMBEDDED_DEFAULT",
     "EMBEDDED_SEED",
+    "REVERSE_TASK",
     "embedded_task",
 ]
 
@@ -51,8 +57,17 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "object": ("cup", "hat", "box", "pen"),
 }
 
-#: Names of the embedded tasks in their default training order.
-EMBEDDED_DEFAULT: tuple[str, ...] = tuple(f"emb_{c}" for c in CATEGORIES)
+#: The generated instruction task (free-form answer, ROUGE-L) and its input length in words.
+REVERSE_TASK = "emb_reverse"
+REVERSE_WORDS = 4
+REVERSE_NEW_TOKENS = 16  # four words and EOS, with room for a tokenizer that splits words
+
+#: The classification tasks ("code the X word"), one per category.
+EMBEDDED_CLASSIFICATION: tuple[str, ...] = tuple(f"emb_{c}" for c in CATEGORIES)
+
+#: Names of the embedded tasks in their default training order: the classification tasks, then the
+#: instruction task.
+EMBEDDED_DEFAULT: tuple[str, ...] = (*EMBEDDED_CLASSIFICATION, REVERSE_TASK)
 
 #: Seed the suite is generated from (fixed, so the embedded benchmark is the same in every run;
 #: the run seed only drives sub-sampling and batch order).
@@ -100,6 +115,8 @@ def embedded_task(
     name: str, seed: int = EMBEDDED_SEED, n_train: int = DEFAULT_TRAIN, n_test: int = DEFAULT_TEST
 ) -> Task:
     """Generate embedded task ``name`` (one of :data:`EMBEDDED_DEFAULT`) deterministically from ``seed``."""
+    if name == REVERSE_TASK:
+        return _reverse_task(seed, n_train, n_test)
     if name not in EMBEDDED_DEFAULT:
         raise DataError(f"unknown embedded task {name!r}; available: {', '.join(EMBEDDED_DEFAULT)}")
     if n_train < 1 or n_test < 1:
@@ -133,3 +150,29 @@ def embedded_task(
         train=splits[0],
         test=splits[1],
     )
+
+
+def _reverse_task(seed: int, n_train: int, n_test: int) -> Task:
+    """``emb_reverse``: the input is REVERSE_WORDS distinct key words, the answer the same words in
+    reverse order (instruction kind, ROUGE-L); test inputs never occur in the train split."""
+    vocabulary = sorted(w for words in CATEGORIES.values() for w in words)
+    space = 1
+    for k in range(REVERSE_WORDS):
+        space *= len(vocabulary) - k
+    if n_train < 1 or n_test < 1 or n_train + n_test > space // 2:
+        raise DataError(f"embedded task {REVERSE_TASK}: {n_train}+{n_test} examples requested; give each >= 1 and "
+                        f"at most {space // 2} in total")
+    rng = random.Random(f"embedded-data:{seed}:{REVERSE_TASK}")
+    seen: set[str] = set()
+    splits: list[list[Example]] = []
+    for n in (n_train, n_test):
+        examples = []
+        while len(examples) < n:
+            words = rng.sample(vocabulary, REVERSE_WORDS)
+            text = " ".join(words)
+            if text not in seen:
+                seen.add(text)
+                examples.append(Example(text=text, label=" ".join(reversed(words))))
+        splits.append(examples)
+    return Task(name=REVERSE_TASK, labels=(), instruction="Reverse the words.", train=splits[0], test=splits[1],
+                kind="instruction", metric="rougeL", max_new_tokens=REVERSE_NEW_TOKENS)

@@ -1,7 +1,8 @@
 """Resolve a :class:`DataConfig` into a validated task sequence.
 
 Task specs are resolved in this order: ``"hf:..."`` -> :mod:`hf_source`; an embedded name
-(``emb_*``) -> :mod:`embedded`; anything else -> a CL_Benchmark folder under ``data_dir``.
+(``emb_*``) -> :mod:`embedded`; anything else -> a folder under ``data_dir``: with a ``task.json``
+a declared task (:mod:`task_files`: classification, instruction or chat), else a CL_Benchmark folder.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .config import DataConfig
 from .embedded import EMBEDDED_DEFAULT, embedded_task
 from .errors import DataError
 from .hf_source import HF_PREFIX, load_hf_task
+from .task_files import TASK_FILE, load_task_folder
 from .tasks import Task
 
 log = get_logger(__name__)
@@ -83,6 +85,8 @@ def resolve_task(spec: str, data_dir: str | None) -> Task:
     folder = find_task_dir(data_dir, spec)
     if folder is None:
         raise _unknown(spec, data_dir)
+    if (folder / TASK_FILE).is_file():  # a declared task: kind, metric, generation length
+        return load_task_folder(folder)
     return load_cl_task(folder)
 
 

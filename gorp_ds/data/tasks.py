@@ -1,7 +1,11 @@
-"""Task and example records shared by every data source (embedded, CL_Benchmark, ``datasets``).
+"""Task and example records shared by every data source (embedded, CL_Benchmark, ``datasets``,
+instruction and chat files).
 
-A task is a classification problem phrased as generation: the model reads
-``prompt(example)`` and must generate ``target(example)`` (a space followed by the label word).
+A task is phrased as generation: the model reads ``prompt(example)`` and must generate
+``target(example)`` (a space followed by the answer). Its ``kind`` says where its examples came from
+(``classification``: a label word from ``labels``; ``instruction``: a free-form answer; ``chat``: the
+last assistant message of a conversation) and ``metric`` (a key of
+:data:`gorp_ds.data.metrics.TASK_METRICS`) how an answer is scored.
 """
 
 from __future__ import annotations
@@ -31,25 +35,34 @@ def lone_surrogate(text: str) -> int | None:
 
 @dataclass(frozen=True)
 class Example:
-    """One input text and its label word."""
+    """One input text and its answer (the label word of a classification task). An instruction
+    record may carry its own ``instruction``; a chat example its conversation up to (not including)
+    the answer, as ``messages`` ((role, content) pairs)."""
 
     text: str
     label: str
+    instruction: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass
 class Task:
-    """A named classification task with an instruction, label words and train/test examples."""
+    """A named task with an instruction, label words (empty for free-form answers), train/test
+    examples, its kind, its metric and (free-form answers) its generation length."""
 
     name: str
     labels: tuple[str, ...]
     instruction: str
     train: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
+    kind: str = "classification"
+    metric: str = "accuracy"
+    #: New tokens generated at evaluation (None: the longest label + 1, or --max-target-length).
+    max_new_tokens: int | None = None
 
     def prompt(self, example: Example) -> str:
         """Full prompt up to and including the answer cue (no trailing space)."""
-        return f"{self.instruction}{INPUT_MARK}{example.text}{ANSWER_MARK}"
+        return f"{example.instruction or self.instruction}{INPUT_MARK}{example.text}{ANSWER_MARK}"
 
     def target(self, example: Example) -> str:
         """Text the model must generate right after :meth:`prompt` (EOS is added by the tokenizer code)."""
@@ -57,6 +70,6 @@ class Task:
 
     def __repr__(self) -> str:  # the example lists are long; keep reprs readable in logs
         return (
-            f"Task(name={self.name!r}, labels={self.labels!r}, train={len(self.train)}, "
+            f"Task(name={self.name!r}, kind={self.kind!r}, metric={self.metric!r}, labels={self.labels!r}, train={len(self.train)}, "
             f"test={len(self.test)})"
         )

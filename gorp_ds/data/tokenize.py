@@ -2,8 +2,9 @@
 
 Prompt and target are tokenised separately and the ids concatenated, so the loss mask boundary is
 exact: ``labels`` is -100 on every prompt token and equals ``input_ids`` on the answer tokens and
-the final EOS. Over-long examples lose tokens from the left of the *input text* only; the
-instruction, the answer cue and the answer are never cut.
+the final EOS. Over-long examples lose tokens from the left of the *input text* first; the
+instruction and the answer cue are never cut; only a free-form answer too long for what is left
+loses tokens from its end (see :func:`encode_for_training`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "encode_prompts",
     "fit_prompt",
     "is_correct",
+    "prompt_floor",
     "normalize_answer",
 ]
 
@@ -91,6 +93,16 @@ def fit_prompt(tokenizer: Any, prompt: str, budget: int, add_special_tokens: boo
     )
 
 
+def prompt_floor(tokenizer: Any, prompt: str, max_length: int, add_special_tokens: bool | None = None) -> int:
+    """Fewest tokens :func:`encode_for_training` cuts ``prompt`` to before it cuts the answer: the
+    prompt without its input text (instruction and answer cue stay); for a prompt without an input
+    slot (a chat conversation) its whole length, at most half of ``max_length``."""
+    start, end = prompt.find(INPUT_MARK), prompt.rfind(ANSWER_MARK)
+    if start < 0 or end < start + len(INPUT_MARK):
+        return min(len(_encode_prompt_text(tokenizer, prompt, add_special_tokens)), max_length // 2)
+    return len(_encode_prompt_text(tokenizer, prompt[: start + len(INPUT_MARK)] + prompt[end:], add_special_tokens))
+
+
 def _cut(text: str, limit: int = 60) -> str:
     """A value quoted in a message, at most ``limit`` characters (a label may be a whole paragraph)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -106,7 +118,10 @@ def encode_for_training(
     all supervised. The prompt gets the tokenizer's own BOS handling (special tokens are added only
     if the tokenizer has a BOS token). ``prompt_format`` (default plain) renders prompt and answer.
 
-    Lengths: by default prompt + answer fit ``max_length``. With ``max_source_length`` the prompt
+    Lengths: by default prompt + answer fit ``max_length``: first the prompt's input text is cut
+    from the left (down to :func:`prompt_floor`), then the answer from its end (its EOS first); a
+    prompt whose floor leaves no answer token is a :class:`DataError` (a label word is never cut:
+    a classification prompt that does not fit is). With ``max_source_length`` the prompt
     alone gets that many tokens and the answer at most ``max_target_length`` (the papers' separate
     source/target budgets).
     """
@@ -117,17 +132,52 @@ def encode_for_training(
     target_ids = list(tokenizer(fmt.target(task, example), add_special_tokens=False)["input_ids"]) + [eos]
     if max_target_length is not None:
         target_ids = target_ids[:max_target_length]
+    special = fmt.special_tokens(example)
+    prompt = fmt.prompt(tokenizer, task, example)
     budget = max_source_length if max_source_length is not None else max_length - len(target_ids)
+    if max_source_length is None and example.label not in task.labels:
+        # Long answers (free-form, also inside a multi-task mix): the prompt is cut first, down to its floor; only then is
+        # the answer cut from its end (EOS first), to what is left of max_length.
+        floor = prompt_floor(tokenizer, prompt, max_length, special)
+        if budget < floor:
+            target_ids = target_ids[: max(0, max_length - floor)]
+            budget = floor
+    if not target_ids:  # a free-form answer after a prompt that takes the whole budget
+        raise DataError(
+            f"max_length={max_length} leaves no room for the answer of task {task.name} "
+            f"(its prompt needs at least {budget} tokens even without its input text; answer "
+            f"{_cut(repr(example.label))}); raise max_length"
+        )
     if budget < 1:
         raise DataError(
             f"max_length={max_length} leaves no room for the prompt of task {task.name} "
             f"(answer {_cut(repr(example.label))} needs {len(target_ids)} tokens); raise max_length"
         )
-    prompt_ids = fit_prompt(tokenizer, fmt.prompt(tokenizer, task, example), budget, fmt.add_special_tokens)
+    prompt_ids = fit_prompt(tokenizer, prompt, budget, special)
     return {
         "input_ids": prompt_ids + target_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
     }
+
+
+def _check_free_form(tokenizer: Any, task: Task, max_length: int, fmt: PromptFormat,
+                     max_source_length: int | None) -> None:
+    """A free-form task fits when the prompt without its input text (:func:`prompt_floor`, once per
+    distinct instruction) leaves at least one answer token within ``max_length`` (or fits
+    ``max_source_length``); chat conversations always do (their floor is at most half the budget)."""
+    instructions = {e.instruction for e in task.train + task.test if e.messages is None}
+    for instruction in sorted(instructions, key=lambda i: i or ""):
+        probe = Example("", "", instruction=instruction)
+        floor = prompt_floor(tokenizer, fmt.prompt(tokenizer, task, probe), max_length, fmt.special_tokens(probe))
+        if max_source_length is not None and floor > max_source_length:
+            problem, setting = "more than max_source_length", "max_source_length"
+        elif max_source_length is None and floor > max_length - 1:
+            problem, setting = f"so max_length={max_length} leaves no token for the answer", "max_length"
+        else:
+            continue
+        raise DataError(f"task {task.name}: its prompt without input text needs {floor} tokens (instruction "
+                        f"{_cut(repr(instruction or task.instruction))}), {problem}; raise {setting} or shorten "
+                        "the instruction")
 
 
 def check_fits(
@@ -139,8 +189,12 @@ def check_fits(
 
     Only the fixed parts decide it (the input text is cut to fit): the instruction, which names the
     label words, the answer cue and the longest answer. Checked once before training rather than
-    at the first batch or evaluation that meets the longest label."""
+    at the first batch or evaluation that meets the longest label. A free-form task (no label words)
+    is checked by :func:`_check_free_form`."""
     fmt = prompt_format or PromptFormat()
+    if not task.labels:
+        _check_free_form(tokenizer, task, max_length, fmt, max_source_length)
+        return
 
     def answer_tokens(label: str) -> int:
         return len(tokenizer(fmt.target(task, Example("", label)), add_special_tokens=False)["input_ids"])

@@ -128,6 +128,16 @@ def _bench(root: Path) -> Path:
                 test=json.dumps([{"sentence": "a", "label": "yes"}, {"sentence": "b", "label": "maybe"}]))
     _write_task(root, "XX", "emptytask", ["yes", "no"], train="[]")
     _write_task(root, "XX", "badlabels", ["yes", "no"], labels="not json at all")
+    # issue 26: declared task folders (task.json beside instruction records)
+    good = json.dumps({"instruction": "Repeat.", "input": "a b", "output": "a b"}) + "\n"
+    for name, spec, train in (("nooutput", {"kind": "instruction"}, good + '{"instruction": "Repeat.", "input": "c"}\n'),
+                              ("accmetric", {"kind": "instruction", "metric": "accuracy"}, good),
+                              ("nometric", {"kind": "instruction", "metric": "bleu"}, good)):
+        folder = root / "GEN" / name
+        folder.mkdir(parents=True)
+        (folder / "task.json").write_text(json.dumps(spec))
+        (folder / "train.jsonl").write_text(train)
+        (folder / "test.jsonl").write_text(good)
     _write_task(root, "XX", "surrogate", ["yes", "no"],  # the JSON escape \ud800: half a UTF-16 pair
                 test=json.dumps([{"sentence": "a", "label": "yes"}, {"sentence": "b\ud800", "label": "no"}]))
     return root
@@ -201,6 +211,8 @@ CASES = [
     # --- issue 25: the learning-rate schedule
     "lr_schedule_unknown", "lr_warmup_longer_than_task", "lr_warmup_longer_than_sequence", "lr_warmup_negative",
     "lr_warmup_steps_and_ratio", "lr_min_ratio_above_one", "lr_schedule_roles_unknown",
+    # --- issue 26: task kinds and their metrics
+    "instruction_record_without_output", "metric_needs_labels", "metric_unknown",
     # --- issue 25: the W&B section (gorp_ds/cl/wandb_log.py)
     "ds_wandb_not_an_object", "ds_wandb_unknown_field",
 ]
@@ -279,6 +291,11 @@ def _cases(tmp: Path, model: str) -> tuple[list[dict], dict[str, tuple[str, ...]
         "lora_r_too_large": ({"--lora-r": "40"}, ("--lora-r 40", "32")),
         "batch_not_divisible": ({"--global-batch-size": "7"}, ("--global-batch-size 7", "--micro-batch-size 2")),
         # --- issue 14: each crashed with a traceback or was accepted silently
+        "instruction_record_without_output": ({"--tasks": "TC/topics,GEN/nooutput"},
+                                              (str(bench / "GEN/nooutput/train.jsonl"), "line 2", '"output"')),
+        "metric_needs_labels": ({"--tasks": "GEN/accmetric"},
+                                (str(bench / "GEN/accmetric/task.json"), '"metric"', "'accuracy'", "label set")),
+        "metric_unknown": ({"--tasks": "GEN/nometric"}, (str(bench / "GEN/nometric/task.json"), '"metric"', "'bleu'")),
         "empty_sentence": ({"--tasks": "TC/topics,XX/emptysent"},
                            (str(bench / "XX/emptysent/train.json"), "entry 1", "empty")),
         "ds_stage_not_a_number": ({"--ds_config": _ds(tmp / "ds_two.json", zero_optimization={"stage": "two"})},

@@ -1,4 +1,5 @@
-"""Embedded suite: deterministic, balanced, train/test disjoint, interfering, within the token budget."""
+"""Embedded suite: deterministic, balanced, train/test disjoint, interfering, within the token budget;
+its free-form task (emb_reverse) asks for the input's words reversed and is scored by ROUGE-L."""
 
 from __future__ import annotations
 
@@ -7,27 +8,34 @@ from collections import Counter
 import pytest
 
 from gorp_ds.data import EMBEDDED_DEFAULT, DataConfig, DataError, load_task_sequence
-from gorp_ds.data.embedded import CATEGORIES, CODES, FILLERS, embedded_task
+from gorp_ds.data.embedded import CATEGORIES, CODES, FILLERS, REVERSE_TASK, embedded_task
 
 
 @pytest.fixture(scope="module")
-def suite():
+def default_suite():
     return load_task_sequence(DataConfig())
 
 
-def test_default_sequence(suite) -> None:
-    assert len(EMBEDDED_DEFAULT) >= 4
-    assert [t.name for t in suite] == list(EMBEDDED_DEFAULT)
-    assert all(len(t.train) == 2000 and len(t.test) == 200 for t in suite)
+@pytest.fixture(scope="module")
+def suite(default_suite):
+    """The classification tasks of the default sequence."""
+    return [t for t in default_suite if t.kind == "classification"]
+
+
+def test_default_sequence(default_suite, suite) -> None:
+    assert len(EMBEDDED_DEFAULT) >= 5
+    assert [t.name for t in default_suite] == list(EMBEDDED_DEFAULT)
+    assert [t.name for t in suite] == list(EMBEDDED_DEFAULT[:4]) and default_suite[4].name == REVERSE_TASK
+    assert all(len(t.train) == 2000 and len(t.test) == 200 for t in default_suite)
     assert len({t.instruction for t in suite}) == len(suite)  # tasks are distinguishable
     assert all(t.labels == CODES for t in suite)  # one shared label vocabulary
     custom = load_task_sequence(DataConfig(tasks=["emb_object", "emb_color"], max_train_per_task=100))
     assert [t.name for t in custom] == ["emb_object", "emb_color"] and len(custom[0].train) == 100
 
 
-def test_deterministic(suite) -> None:
+def test_deterministic(default_suite, suite) -> None:
     again = load_task_sequence(DataConfig(seed=5))  # the run seed does not change the suite
-    for a, b in zip(suite, again, strict=True):
+    for a, b in zip(default_suite, again, strict=True):
         assert (a.train, a.test, a.instruction, a.labels) == (b.train, b.test, b.instruction, b.labels)
     other = embedded_task(EMBEDDED_DEFAULT[0], seed=99)
     assert other.train != suite[0].train
@@ -58,6 +66,20 @@ def test_own_key_words_in_shared_context(suite) -> None:
     # The tasks share the context (fillers) and the answers (codes), not the key words.
     contexts = [{w for e in t.train for w in e.text.split() if w in FILLERS} for t in suite]
     assert all(c == set(FILLERS) for c in contexts)
+
+
+def test_reverse_task(default_suite) -> None:
+    task = default_suite[-1]
+    assert (task.kind, task.metric, task.labels, task.max_new_tokens) == ("instruction", "rougeL", (), 16)
+    vocabulary = {w for words in CATEGORIES.values() for w in words}
+    for e in task.train + task.test:
+        words = e.text.split()
+        assert len(words) == len(set(words)) == 4 and set(words) <= vocabulary
+        assert e.label.split() == words[::-1]
+    assert not {e.text for e in task.train} & {e.text for e in task.test}
+    assert len({e.text for e in task.train}) == len(task.train)
+    assert task.prompt(task.test[0]) == f"Reverse the words.\nInput: {task.test[0].text}\nAnswer:"
+    assert embedded_task(REVERSE_TASK).test == task.test  # deterministic
 
 
 def test_bad_sizes() -> None:

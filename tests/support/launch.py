@@ -75,10 +75,12 @@ def launch_train(args: Iterable[str], *, env: dict[str, str], timeout: int, num_
 
 # ------------------------------------------------------------- the six-method launch (tests/integration)
 METHODS = ["gorp", "galore", "seq-lora", "o-lora", "mtl", "seq-ft"]
-TASKS = ["emb_color", "emb_animal", "emb_fruit", "emb_object"]  # the embedded suite, in its default order
+# The embedded classification tasks, in order (named, since the embedded default also holds emb_reverse;
+# a launch that passes its own --tasks or --order replaces them).
+TASKS = ["emb_color", "emb_animal", "emb_fruit", "emb_object"]
 STEPS, EVAL_SAMPLES = 4, 8
 RUN_ARGS = [
-    "--method", ",".join(METHODS), "--max-steps-per-task", str(STEPS), "--save-every", "2",
+    "--method", ",".join(METHODS), "--tasks", ",".join(TASKS), "--max-steps-per-task", str(STEPS), "--save-every", "2",
     "--eval-samples", str(EVAL_SAMPLES), "--max-train-per-task", "64", "--global-batch-size", "8",
     "--micro-batch-size", "2", "--lr-lora", "1e-2", "--lr-full", "1e-2", "--lr-plain", "1e-3", "--update-gap", "2",
 ]
@@ -90,7 +92,11 @@ def launch(model_dir: Path, out_dir: Path, *extra: str, fault: str | None = None
     env = clean_env(**(env_extra or {}))
     if fault is not None:
         env["GORP_DS_FAULT_AT"] = fault
-    return launch_train(["--ds_config", str(REPO / "ds_configs" / "zero2.json"), "--model", str(model_dir), *RUN_ARGS,
+    base = list(RUN_ARGS)
+    if "--tasks" in extra or "--order" in extra:  # the launch names its own sequence
+        at = base.index("--tasks")
+        del base[at : at + 2]
+    return launch_train(["--ds_config", str(REPO / "ds_configs" / "zero2.json"), "--model", str(model_dir), *base,
                          "--output-dir", str(out_dir), *extra], env=env, timeout=timeout)
 
 

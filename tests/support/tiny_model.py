@@ -12,10 +12,14 @@ def make_tokenizer(path: Path):
     from transformers import PreTrainedTokenizerFast
 
     from gorp_ds.data.config import DataConfig
+    from gorp_ds.data.embedded import EMBEDDED_CLASSIFICATION
     from gorp_ds.data.registry import load_task_sequence
 
     corpus = []
-    for task in load_task_sequence(DataConfig(eval_samples=20, max_train_per_task=200)):
+    # The classification tasks only: the vocabulary (and the golden trajectories) predate emb_reverse,
+    # whose words are theirs.
+    for task in load_task_sequence(DataConfig(tasks=list(EMBEDDED_CLASSIFICATION), eval_samples=20,
+                                              max_train_per_task=200)):
         corpus += [task.prompt(e) + task.target(e) for e in task.train[:200]]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
