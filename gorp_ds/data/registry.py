@@ -13,7 +13,7 @@ from pathlib import Path
 from ..log import get_logger
 from .cl_benchmark import available_tasks, find_task_dir, load_cl_task
 from .config import DataConfig
-from .embedded import EMBEDDED_DEFAULT, embedded_task
+from .embedded import EMBEDDED_DEFAULT, EMBEDDED_TASKS, embedded_task
 from .errors import DataError
 from .hf_source import HF_PREFIX, load_hf_task
 from .task_files import TASK_FILE, load_task_folder
@@ -62,7 +62,7 @@ _PATH_ORDERS: dict[str, tuple[str, ...]] = {**PAPER_ORDERS, **SHARED_ORDERS}
 
 
 def _unknown(spec: str, data_dir: str | None) -> DataError:
-    known = list(EMBEDDED_DEFAULT)
+    known = list(EMBEDDED_TASKS)
     where = "the embedded suite"
     if data_dir is not None:
         known += available_tasks(data_dir)
@@ -78,7 +78,7 @@ def resolve_task(spec: str, data_dir: str | None) -> Task:
     spec = spec.strip()
     if spec.startswith(HF_PREFIX):
         return load_hf_task(spec, data_dir)
-    if spec in EMBEDDED_DEFAULT:
+    if spec in EMBEDDED_TASKS:
         return embedded_task(spec)
     if data_dir is None:
         raise _unknown(spec, None)

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from gorp_ds.data import EMBEDDED_DEFAULT, DataConfig, DataError, load_task_sequence
-from gorp_ds.data.embedded import CATEGORIES, CODES, FILLERS, REVERSE_TASK, embedded_task
+from gorp_ds.data.embedded import CATEGORIES, CODES, EMBEDDED_TASKS, FILLERS, REVERSE_TASK, embedded_task
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,10 @@ def suite(default_suite):
 
 
 def test_default_sequence(default_suite, suite) -> None:
-    assert len(EMBEDDED_DEFAULT) >= 5
-    assert [t.name for t in default_suite] == list(EMBEDDED_DEFAULT)
-    assert [t.name for t in suite] == list(EMBEDDED_DEFAULT[:4]) and default_suite[4].name == REVERSE_TASK
+    assert [t.name for t in default_suite] == list(EMBEDDED_DEFAULT) == [f"emb_{c}" for c in CATEGORIES]
+    assert [t.name for t in suite] == list(EMBEDDED_DEFAULT)  # make run's order: the classification tasks
+    assert EMBEDDED_TASKS == (*EMBEDDED_DEFAULT, REVERSE_TASK)
+    assert load_task_sequence(DataConfig(tasks=[REVERSE_TASK]))[0].kind == "instruction"
     assert all(len(t.train) == 2000 and len(t.test) == 200 for t in default_suite)
     assert len({t.instruction for t in suite}) == len(suite)  # tasks are distinguishable
     assert all(t.labels == CODES for t in suite)  # one shared label vocabulary
@@ -68,8 +69,8 @@ def test_own_key_words_in_shared_context(suite) -> None:
     assert all(c == set(FILLERS) for c in contexts)
 
 
-def test_reverse_task(default_suite) -> None:
-    task = default_suite[-1]
+def test_reverse_task() -> None:
+    task = load_task_sequence(DataConfig(tasks=[REVERSE_TASK]))[0]
     assert (task.kind, task.metric, task.labels, task.max_new_tokens) == ("instruction", "rougeL", (), 16)
     vocabulary = {w for words in CATEGORIES.values() for w in words}
     for e in task.train + task.test:
