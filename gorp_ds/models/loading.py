@@ -63,9 +63,11 @@ class ModelConfig:
                                  "ds_configs/zero2_fp32.json)", choices=tuple(DTYPES), on_resume="fixed")
     gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass (saves memory, "
                                                  "costs time)", on_resume="ignored")
-    kernels: str = setting("auto", "fused GPU kernels (Liger's RMSNorm, SwiGLU, RoPE, fused linear cross-entropy; "
-                                   "gorp_ds/models/kernels.py): auto = where they run (CUDA, liger_kernel installed), "
-                                   "else the eager modules; liger = required; eager = never", choices=KERNELS)
+    # Default eager: on one H100 at the 135M shape Liger ran at 0.92x the eager model's tokens/s
+    # (bench/results/kernel_check_h100.md); a default changes only on a measurement that shows a gain.
+    kernels: str = setting("eager", "fused GPU kernels (Liger's RMSNorm, SwiGLU, RoPE, fused linear cross-entropy; "
+                                    "gorp_ds/models/kernels.py): auto = where they run (CUDA, liger_kernel installed), "
+                                    "else the eager modules; liger = required; eager = never", choices=KERNELS)
     cache_dir: str | None = setting(None, "where the embedded default is converted to (default ~/.cache/gorp_ds)",
                                     run=False)
 

@@ -42,7 +42,8 @@ def gorp_logs(caplog):
 
 
 def test_auto_on_cpu_is_eager_with_one_reason_and_an_unpatched_model(tiny_model_dir, gorp_logs) -> None:
-    model, _ = load_model_and_tokenizer(ModelConfig(model=str(tiny_model_dir), dtype="fp32", gradient_checkpointing=False))
+    model, _ = load_model_and_tokenizer(ModelConfig(model=str(tiny_model_dir), dtype="fp32", gradient_checkpointing=False,
+                                                        kernels="auto"))
     assert kernel_lines(gorp_logs) == ["kernels: eager (no CUDA device: Liger's Triton kernels need one)"]
     assert K.kernels_of(model) == "eager" and untouched(model)
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
@@ -151,7 +152,8 @@ def fake_liger(monkeypatch):
 def test_auto_patches_once_before_lora_and_keeps_the_sessions_loss(fake_liger, tiny_model_dir, gorp_logs) -> None:
     from gorp_ds.models import LoraSettings, add_lora
 
-    model, _ = load_model_and_tokenizer(ModelConfig(model=str(tiny_model_dir), dtype="fp32", gradient_checkpointing=False))
+    model, _ = load_model_and_tokenizer(ModelConfig(model=str(tiny_model_dir), dtype="fp32", gradient_checkpointing=False,
+                                                        kernels="auto"))
     assert fake_liger == [{"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
                            "fused_linear_cross_entropy": False}]
     assert K.kernels_of(model) == "liger"
