@@ -80,7 +80,9 @@ def test_wandb_history_equals_tensorboard(launched, method) -> None:
     assert [step for step, _ in wandb[f"R/01_{TASKS[0]}"]] == [0, 1, 2]
     if method == "gorp":
         assert [step for step, _ in wandb["gorp/S_columns_mean"]] == [STEPS, 2 * STEPS]
-    assert "Train/Samples/lr" in board and not any(tag.startswith(DEEPSPEED_OWN) for tag in wandb)
+    # DeepSpeed's own monitor events (sample-count steps) reach neither: the project writes the event
+    # file itself (monitor.py) and logs the learning rate per role (train/lr/<role>)
+    assert not any(tag.startswith(DEEPSPEED_OWN) for tag in (*wandb, *board)) and any(t.startswith("train/lr/") for t in wandb)
 
 
 def _one_per_step(tag: str, points: list[tuple[int, float]]) -> list[tuple[int, float]]:
