@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import safe_write
 from ..log import get_logger
 from ..models.lora import lora_layers
 from ..naming import canonical_name
-from ..safe_write import guarded
 from .hf_dir import _core, _export_keys, exported_master, split_master_names
 
 log = get_logger(__name__)
@@ -47,21 +46,22 @@ FULL_DELTA_NAME = "full_delta.safetensors"
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> int:
     """``tensors`` as one safetensors file at ``path`` (written beside it, then renamed: an
-    interrupted write never leaves a complete-looking file). Returns its size in bytes. A full disk
-    or an I/O error is one ``WriteError`` naming the file, the bytes needed and free (safe_write)."""
+    interrupted write never leaves a complete-looking file). Returns its size in bytes."""
     from safetensors.torch import save_file
 
     tmp = f"{path}.tmp"
-    need = sum(t.numel() * t.element_size() for t in tensors.values())
-    with guarded(path, "the task's adapter or full delta", need=need, site="export"):
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
+    os.replace(tmp, path)
     return os.path.getsize(path)
 
 
 def write_json(value: Any, path: str) -> int:
     """``value`` as indented JSON at ``path`` (through a temporary file, as :func:`save_tensors`)."""
-    safe_write.write_json(path, value, what="the task's adapter record", site="export")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(value, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
     return os.path.getsize(path)
 
 
@@ -164,8 +164,7 @@ def write_adapter(module: nn.Module, record: dict[str, dict[str, torch.Tensor]],
     config.inference_mode = True
     config.task_type = "CAUSAL_LM"  # from_pretrained then gives a PeftModelForCausalLM (generate)
     config.base_model_name_or_path = base_model
-    with guarded(directory, "the task's adapter config", need=4096, site="export"):
-        os.makedirs(directory, exist_ok=True)
-        config.save_pretrained(directory)
+    os.makedirs(directory, exist_ok=True)
+    config.save_pretrained(directory)
     size = save_tensors(tensors, os.path.join(directory, "adapter_model.safetensors"))
     return size + os.path.getsize(os.path.join(directory, "adapter_config.json"))
