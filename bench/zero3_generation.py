@@ -173,6 +173,10 @@ def _spawned(rank: int, world: int, port: int, args: argparse.Namespace, out: st
     results = measure(rank, world, args)
     if rank == 0:
         torch.save(results, out)
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()  # before the interpreter's teardown, which gloo's threads may abort
 
 
 def main(argv: list[str] | None = None) -> int:

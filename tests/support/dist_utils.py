@@ -30,6 +30,23 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable[..., Any
     except BaseException:  # report every failure to the parent, with its traceback
         result = {"ok": False, "error": traceback.format_exc()}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if result["ok"]:
+        _close_group()
+
+
+def _close_group() -> None:
+    """Meet the other ranks, then destroy the process group before the interpreter exits: a rank whose
+    gloo threads still hold work objects when the interpreter tears down aborts (SIGABRT), most
+    often the rank that exits last, after its peers closed their sockets. A failed rank skips this
+    and exits at once, so that the others fail on their next collective instead of waiting here."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def run_ranks(world: int, fn: Callable[..., Any], *args: Any, out_dir: str) -> list[Any]:

@@ -33,12 +33,15 @@ def dump_and_export(checkpoint: str, weights_out: str, export_out: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    import torch.distributed as dist
+
     from gorp_ds.cl.process_group import init_process_group
 
     argv = [a for a in argv if not a.startswith("--local_rank")]
     init_process_group()
     for i in range(0, len(argv), 3):
         dump_and_export(*argv[i:i + 3])
+    dist.destroy_process_group()  # before the interpreter's teardown, which gloo's threads may abort
 
 
 if __name__ == "__main__":
