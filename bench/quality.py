@@ -36,7 +36,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,21 @@ if str(REPO) not in sys.path:
 
 METHODS = ("gorp", "o-lora", "seq-lora", "galore", "seq-ft", "mtl")
 ORDERS = ("A", "B", "C")
-# order -> (optimizer steps per task, test examples per task)
-BUDGETS = {"A": (100, 300), "B": (60, 200), "C": (60, 200)}
+# order -> (optimizer steps per task, test examples per task). SHARED10: the ten shared tasks (the
+# long order 4 without the tasks the shared copy lacks); MIXED: classification, instruction and chat
+# tasks in one sequence (MIXED_TASKS). Their budgets are smaller per task so that 3 seeds of every
+# method fit one device call (docs/protocol.md's sampling error grows accordingly: it is reported).
+BUDGETS = {"A": (100, 300), "B": (60, 200), "C": (60, 200), "SHARED10": (40, 100), "MIXED": (40, 100)}
+#: The mixed-kind sequence (bench/derived_tasks.py builds the GEN/ tasks from the CL_Benchmark files):
+#: accuracy, ROUGE-L (headline), accuracy, exact match (chat), ROUGE-L (embedded word reversal).
+MIXED_TASKS = ("SC/amazon", "GEN/agnews_headline", "TC/dbpedia", "GEN/dbpedia_name", "emb_reverse")
+#: Tasks evaluated in every row and never trained (the generalisation column). SHARED10 trains every
+#: shared task, so its unseen task is the embedded instruction task (does the sequence keep the
+#: model's instruction following?); MIXED leaves two real tasks out.
+EVAL_TASKS = {"SHARED10": ("emb_reverse",), "MIXED": ("SC/SST-2", "NLI/RTE")}
+#: Methods an order compares where not all six (the issue: gorp against seq-lora and o-lora).
+ORDER_METHODS = {"MIXED": ("gorp", "seq-lora", "o-lora")}
+TASK_COUNTS = {"A": 4, "B": 4, "C": 4, "SHARED10": 10, "MIXED": len(MIXED_TASKS)}
 SMOKE_BUDGET = (2, 4)
 GLOBAL_BATCH = 16
 
@@ -99,14 +112,15 @@ class Run:
     label: str
     settings: dict[str, Any] = field(default_factory=dict)
     priority: int = 1  # sweep entries: lower launches first
+    seed: int | None = None  # None: the runner's default seed (the A, B, C comparison)
 
     @property
     def key(self) -> str:
-        return f"{self.group}/{self.order}/{self.label}"
+        return f"{self.group}/{self.order}/{self.label}" + ("" if self.seed is None else f"/s{self.seed}")
 
     def output_dir(self, out: Path) -> Path:
         safe = "".join(c if c.isalnum() or c in "._=-" else "_" for c in self.label)
-        return out / self.group / self.order / safe
+        return out / self.group / self.order / safe / ("" if self.seed is None else f"s{self.seed}")
 
     def results_file(self, out: Path) -> Path:
         return self.output_dir(out) / self.method / "results.json"
@@ -167,8 +181,16 @@ def load_sweeps(spec: str | None, orders: list[str]) -> list[Run]:
 
 def command(run: Run, args: argparse.Namespace, out: Path, model: str, ds_config: Path) -> list[str]:
     steps, samples = SMOKE_BUDGET if args.smoke else BUDGETS[run.order]
+    if run.order == "MIXED":  # the derived tasks live beside links to --data-dir's folders
+        sequence = ["--data-dir", str(out / "data"), "--tasks", ",".join(MIXED_TASKS)]
+    else:
+        sequence = ["--data-dir", args.data_dir, "--order", run.order]
+    if run.order in EVAL_TASKS:
+        sequence += ["--eval-tasks", ",".join(EVAL_TASKS[run.order])]
+    if run.seed is not None:
+        sequence += ["--seed", str(run.seed)]
     argv = [sys.executable, str(REPO / "launch" / "train.py"), "--ds_config", str(ds_config), "--model", model,
-            "--data-dir", args.data_dir, "--order", run.order, "--method", run.method,
+            *sequence, "--method", run.method,
             "--max-steps-per-task", str(steps), "--eval-samples", str(samples),
             "--global-batch-size", str(4 if args.smoke else GLOBAL_BATCH),
             "--eval-batch-size", str(min(samples, args.eval_batch_size)),
@@ -187,7 +209,7 @@ def launch_order(runs: list[Run]) -> list[Run]:
     """What a deadline may cut comes last: every method on the longest order (its runs also take the
     longest: started first, the tail is short), then the core methods of the other orders, then
     galore and seq-ft there; the sweep after the comparison, by its entries' priority, then in list order."""
-    longest = max((r.order for r in runs), key=lambda o: BUDGETS[o][0] * BUDGETS[o][1], default="A")
+    longest = max((r.order for r in runs), key=lambda o: BUDGETS[o][0] * BUDGETS[o][1] * TASK_COUNTS[o], default="A")
     priority = {m: i for i, m in enumerate(CORE_METHODS + tuple(m for m in METHODS if m not in CORE_METHODS))}
 
     def key(item: tuple[int, Run]) -> tuple:
@@ -195,7 +217,7 @@ def launch_order(runs: list[Run]) -> list[Run]:
         if run.group != "main":
             return (3, run.priority, index)
         tier = 0 if run.order == longest else (1 if run.method in CORE_METHODS else 2)
-        return (tier, run.order, priority[run.method])
+        return (tier, run.seed or 0, run.order, priority[run.method])
 
     return [run for _, run in sorted(enumerate(runs), key=key)]
 
@@ -235,8 +257,15 @@ def schedule(runs: list[Run], args: argparse.Namespace, out: Path) -> list[dict[
     if args.smoke:
         from tests.support.tiny_model import make_tiny_model_dir
 
-        model = str(make_tiny_model_dir(out / "tiny_model"))
+        # A chat template, for the chat task of the MIXED sequence (the tiny tokenizer has none).
+        template = ("{% for m in messages %}{% if m['role'] == 'user' %}<s>[INST] {{ m['content'] }} [/INST]"
+                    "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
+        model = str(make_tiny_model_dir(out / "tiny_model", chat_template=template))
     ds_config = bench_ds_config(out)
+    if any(r.order == "MIXED" for r in runs):
+        from bench.derived_tasks import build_data_dir
+
+        build_data_dir(Path(args.data_dir), out / "data")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     ledger = out / "runs.jsonl"
     start = time.monotonic()
@@ -317,6 +346,9 @@ def main() -> None:
     parser.add_argument("--data-dir", help="CL_Benchmark-layout directory holding dbpedia, amazon, yelp, agnews")
     parser.add_argument("--orders", default=",".join(ORDERS), help="orders of the method comparison (A,B,C)")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods of the comparison")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated run seeds: each run of the comparison once per seed (default: the "
+                             "runner's seed, one run each)")
     parser.add_argument("--no-main", action="store_true", help="skip the method comparison (sweep only)")
     parser.add_argument("--sweep", default=None,
                         help=f"sweeps to run too: built-in {', '.join(SWEEPS)} and/or JSON files (comma-separated)")
@@ -370,8 +402,13 @@ def main() -> None:
         if method not in METHODS:
             fail(f"--methods: unknown method {method!r} (methods: {', '.join(METHODS)})")
     sweep_orders = [o.strip().upper() for o in args.sweep_orders.split(",") if o.strip()]
-    runs = [] if args.no_main else [Run("main", o, m, m) for o in orders for m in methods]
-    runs += load_sweeps(args.sweep, sweep_orders)
+    try:
+        seeds = [None] if args.seeds is None else [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--seeds {args.seeds}: expected comma-separated integers such as 1,2,3")
+    runs = [] if args.no_main else [Run("main", o, m, m, seed=seed) for seed in seeds for o in orders for m in methods
+                                    if m in ORDER_METHODS.get(o, METHODS)]
+    runs += [replace(r, seed=seed) for seed in seeds for r in load_sweeps(args.sweep, sweep_orders)]
     if args.smoke:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not runs:

@@ -35,6 +35,7 @@ import torch
 
 from ..faults import current as fault_plan
 from ..log import get_logger
+from ..safe_write import human_bytes
 from . import side_group
 
 log = get_logger(__name__)
@@ -122,14 +123,6 @@ def _describe_error(err: BaseException) -> str:
     return text
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n}"
-
-
 class CommitCounter:
     """Saves made by this process (the ``@n`` of the fault hook counts them)."""
 
@@ -172,8 +165,8 @@ def commit_checkpoint(save_dir: str, tag: str, files: dict[str, Any], rank: int,
             shutil.rmtree(tmp, ignore_errors=True)
         host, host_need, host_free = short[0]
         raise CheckpointError(
-            f"{save_dir}: not enough free space for checkpoint {tag!r}: it needs {_human(host_need)} "
-            f"({host_need} bytes) on {host}, {_human(host_free)} ({host_free} bytes) are free; {keep_note}. "
+            f"{save_dir}: not enough free space for checkpoint {tag!r}: it needs {human_bytes(host_need)} "
+            f"({host_need} bytes) on {host}, {human_bytes(host_free)} ({host_free} bytes) are free; {keep_note}. "
             "Free space, point --output-dir at a larger file system, or lower --keep-checkpoints "
             "(--keep-checkpoints 1 still needs room for one checkpoint plus the one being written)"
         )

@@ -184,15 +184,18 @@ def test_every_built_in_run_resolves_to_its_settings(tmp_path) -> None:
     changes exactly its setting, and the embedded model's preset supplies the rest."""
     import argparse
 
-    from bench.quality import BUDGETS, METHODS, Run, command, load_sweeps
+    from bench.quality import BUDGETS, EVAL_TASKS, METHODS, MIXED_TASKS, ORDERS, Run, command, load_sweeps
     from gorp_ds.cl import add_arguments, build_run_config
 
     args = argparse.Namespace(smoke=False, data_dir=str(tmp_path), eval_batch_size=64)
-    runs = [Run("main", order, method, method) for order in BUDGETS for method in METHODS]
+    runs = [Run("main", order, method, method) for order in ORDERS for method in METHODS]
     runs += load_sweeps("gorp,olora", ["A"])
     assert len(runs) == 18 + 15 + 4
     runs += load_sweeps(str(REPO / "bench" / "sweeps" / "quality_stage2.json"), ["A"])  # the committed stage 2
     assert len(runs) == 18 + 15 + 4 + 14
+    # The long and mixed-kind sequences, seeded (MIXED compares gorp, seq-lora and o-lora).
+    runs += [Run("main", order, method, method, seed=seed) for seed in (1, 3) for order in ("SHARED10", "MIXED")
+             for method in ("gorp", "mtl", "seq-lora", "o-lora") if order == "SHARED10" or method != "mtl"]
     for run in runs:
         parser = argparse.ArgumentParser()
         add_arguments(parser)
@@ -200,7 +203,14 @@ def test_every_built_in_run_resolves_to_its_settings(tmp_path) -> None:
         cfg = build_run_config(parser.parse_args(argv))
         assert {k: cfg.value(k) for k in run.settings} == run.settings, run.key
         assert (cfg.runner.max_steps_per_task, cfg.data.eval_samples, cfg.runner.global_batch_size) == (*BUDGETS[run.order], 16)
-        assert cfg.runner.methods == [run.method] and cfg.data.order == run.order and not cfg.runner.checkpoints
+        assert cfg.runner.methods == [run.method] and not cfg.runner.checkpoints
+        if run.order == "MIXED":  # the derived tasks' directory, the sequence as tasks
+            assert cfg.data.order is None and cfg.data.tasks == list(MIXED_TASKS)
+            assert cfg.data.data_dir == str(tmp_path / "data")
+        else:
+            assert cfg.data.order == run.order and cfg.data.data_dir == str(tmp_path)
+        assert cfg.data.eval_tasks == (list(EVAL_TASKS[run.order]) if run.order in EVAL_TASKS else None)
+        assert cfg.data.seed == (0 if run.seed is None else run.seed)
         preset = {"lr_lora": 1e-3, "lr_full": 5e-6, "update_gap": 20, "shared_threshold": 0.99}
         for name, value in preset.items():  # the embedded preset's values where the run does not set its own
             if name not in run.settings and not (run.method != "gorp" and name == "shared_threshold"):

@@ -34,13 +34,20 @@ def make_tokenizer(path: Path):
 
 def make_tiny_model_dir(path: str | Path, *, hidden: int = 32, layers: int = 2, intermediate: int | None = None,
                         heads: int = 4, kv_heads: int = 2, vocab: int | None = None, weights: bool = True,
-                        seed: int = 0) -> Path:
+                        seed: int = 0, chat_template: str | None = None) -> Path:
+    """A random LLaMA of the given shape and its BPE tokenizer in ``path`` (``weights=False``: the
+    config only); ``chat_template`` (a Jinja template) goes into tokenizer_config.json for chat tasks."""
+    import json
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(path)
+    if chat_template is not None:
+        settings = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": chat_template}))
     config = LlamaConfig(vocab_size=vocab or len(tokenizer), hidden_size=hidden,
                          intermediate_size=intermediate or 2 * hidden + 8, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,

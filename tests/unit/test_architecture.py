@@ -22,7 +22,7 @@ ALLOWED = {
     "optim": {"settings", "log"},
     "data": {"settings", "log"},
     "models": {"settings", "log", "naming", "optim"},
-    "zero": {"settings", "log", "naming", "optim", "faults"},
+    "zero": {"settings", "log", "naming", "optim", "faults", "safe_write"},
     "export": {"settings", "log", "naming", "models", "optim", "safe_write"},
     "cl": {"settings", "log", "naming", "optim", "data", "models", "zero", "export", "resources", "faults",
            "safe_write"},
