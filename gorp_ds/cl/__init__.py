@@ -1,4 +1,4 @@
-"""The continual-learning runner: task sequences, the accuracy matrix R and its metrics."""
+"""The continual-learning runner: task sequences, the matrix R of per-task scores and its metrics."""
 
 from .command_line import add_arguments, build_run_config
 from .config import ConfigError, RunConfig

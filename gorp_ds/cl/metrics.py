@@ -1,4 +1,4 @@
-"""Continual-learning metrics as pure functions of the accuracy matrix R (docs/algorithm.md §7).
+"""Continual-learning metrics as pure functions of the matrix R of per-task scores (docs/algorithm.md §7).
 
 ``R`` has ``T + 1`` rows and ``T`` columns: ``R[i][j]`` is task ``j``'s own metric (0-100: accuracy in
 percent for classification, ROUGE-L or exact match for free-form tasks; gorp_ds/data/metrics.py) on
@@ -12,7 +12,7 @@ With 1-based task indices as in docs/algorithm.md, column ``j`` holds task ``j+1
 - Forgetting = mean_{j<T} (max_{1≤i<T} R[i][j] − R[T][j])
 
 Eval tasks (``--eval-tasks``, never trained) have their own ``(T + 1) × E`` matrix ``E_R`` with the
-same rows: ``E_R[i][k]`` is the accuracy on eval task ``k`` after training tasks ``1..i``.
+same rows: ``E_R[i][k]`` is eval task ``k``'s own metric after training tasks ``1..i``.
 - eval mean = mean_k E_R[T][k]
 - generalisation = mean_k (E_R[T][k] − E_R[0][k]): what training the sequence did to unseen tasks
 """

@@ -77,7 +77,9 @@ def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
         results.append(run_method(method, tasks, cfg, ds_config, out_dir, decision.resume))
     table = on_rank0(_rank(), lambda: write_summary(cfg.runner.output_dir, results))
     if table is not None:
-        log.info("methods compared (accuracy %, higher AA and BWT closer to 0 are better):\n" + table)
+        mixed = any(m != "accuracy" for r in results for m in r.get("task_metrics") or ())
+        scale = "each task's own metric, 0-100" if mixed else "accuracy %"
+        log.info(f"methods compared ({scale}, higher AA and BWT closer to 0 are better):\n" + table)
     return results
 
 

@@ -99,6 +99,8 @@ def run(tmp_path_factory, tiny_model_dir) -> Path:
                          "--micro-batch-size", "2", "--lr-plain", "3e-3", "--export", "false", "--output-dir", str(out)],
                         env=clean_env(), timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    # the closing comparison names the scale: the columns are not all accuracies
+    assert "methods compared (each task's own metric, 0-100," in proc.stdout + proc.stderr
     return out / "seq-ft"
 
 
