@@ -128,7 +128,8 @@ class MethodSession:
         self.engine, _, _, _ = initialize(model=model, optimizer=self.optimizer, config=ds_config,
                                             full_gradients=cfg.targets.full_gradients, refresh_from=cfg.targets.refresh_from,
                                             refresh_memory_mib=cfg.targets.refresh_memory_mib)
-        self.monitor = Monitor(self.engine, board, self.rank, open_wandb(wandb_section, method, self.rank, self.settings))
+        self.monitor = Monitor(self.engine, board, self.rank, open_wandb(wandb_section, method, self.rank, self.settings,
+                                                                             out_dir=out_dir))
         # eager: the LM head then fp32 cross-entropy; fused (--kernels): Liger's, without the logits
         core = self.engine.module.get_base_model() if hasattr(self.engine.module, "get_base_model") else self.engine.module
         self.head_loss = answer_loss_for(core, core.get_output_embeddings())

@@ -15,15 +15,23 @@ whole task sequence) for training and optimizer scalars and the metrics, ``R_row
 0 before training, t after task t) for the accuracy rows — so no write can be out of order and W&B
 keeps every value at the step TensorBoard shows it at. One W&B run per method (named after it),
 like TensorBoard's per-method folder: the second method's steps start at 1 again.
+
+A resumed run continues its W&B run: the run's id is kept in the method's directory
+(:data:`ID_FILE`, written when the run is first opened) and passed back to ``wandb.init`` with
+``resume="allow"``. Steps between the checkpoint and the interruption are logged again after the
+resume, as TensorBoard's event file gets them again; each is then in W&B's history twice, at the
+same step.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections import defaultdict
 from typing import Any
 
 from ..log import get_logger
+from ..safe_write import write_file
 
 log = get_logger(__name__)
 
@@ -33,6 +41,8 @@ ROW_AXIS, STEP_AXIS = "R_row", "global_step"
 ROW_PREFIX = "R/"
 # DeepSpeed's fields of the section (deepspeed.monitor.config.WandbConfig); anything else is a typo.
 FIELDS = ("enabled", "project", "group", "team")
+#: The method's W&B run id, in its output directory: a resume continues that run.
+ID_FILE = "wandb_run_id"
 
 
 def wandb_enabled(ds_config: dict[str, Any]) -> bool:
@@ -67,11 +77,14 @@ def take_wandb_section(ds_config: dict[str, Any]) -> tuple[dict[str, Any], dict[
 class WandbRun:
     """One method's W&B run (rank 0 only): ``write`` takes the Monitor's ``(tag, value, step)`` events."""
 
-    def __init__(self, section: dict[str, Any], name: str, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, section: dict[str, Any], name: str, config: dict[str, Any] | None = None,
+                 run_id: str | None = None) -> None:
         import wandb
 
         self._run = wandb.init(project=section.get("project") or "gorp_ds", group=section.get("group"),
-                               entity=section.get("team"), name=name, config=config)
+                               entity=section.get("team"), name=name, config=config, id=run_id,
+                               resume="allow" if run_id else None)
+        self.id: str = self._run.id
         for axis in (STEP_AXIS, ROW_AXIS):
             self._run.define_metric(axis, hidden=True)
         self._defined: set[str] = set()
@@ -92,10 +105,21 @@ class WandbRun:
         self._run.finish()
 
 
-def open_wandb(section: dict[str, Any] | None, name: str, rank: int,
-               config: dict[str, Any] | None = None) -> WandbRun | None:
-    """The method's W&B run on rank 0 when the section is enabled; None elsewhere."""
+def open_wandb(section: dict[str, Any] | None, name: str, rank: int, config: dict[str, Any] | None = None,
+               out_dir: str | None = None) -> WandbRun | None:
+    """The method's W&B run on rank 0 when the section is enabled; None elsewhere. With ``out_dir``
+    (the method's output directory) the run's id is kept there, and a later open (a resume)
+    continues the same W&B run."""
     if section is None or rank != 0:
         return None
-    log.info(f"[{name}] W&B run '{name}' in project {section.get('project') or 'gorp_ds'}")
-    return WandbRun(section, name, config)
+    id_file = os.path.join(out_dir, ID_FILE) if out_dir is not None else None
+    run_id = None
+    if id_file is not None and os.path.isfile(id_file):
+        with open(id_file, encoding="utf-8") as handle:
+            run_id = handle.read().strip() or None
+    project = section.get("project") or "gorp_ds"
+    log.info(f"[{name}] W&B run '{name}' in project {project}" + (f", continuing run {run_id}" if run_id else ""))
+    run = WandbRun(section, name, config, run_id)
+    if id_file is not None and run.id != run_id:
+        write_file(id_file, run.id + "\n", what="the W&B run id", site="results")
+    return run

@@ -43,3 +43,27 @@ def test_deepspeed_never_gets_the_section(section, taken) -> None:
     assert "wandb" not in rest and rest == {k: v for k, v in config.items() if k != "wandb"}
     assert got == taken
     assert ("wandb" in config) == (section is not None)  # the caller's dict is left as it was
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch) -> None:
+    """Two opens of one method directory (a launch, then its --resume) log into one W&B run: the id
+    written by the first is passed back to wandb with resume allowed (offline W&B names each local
+    run folder after its id); another method directory gets a run of its own."""
+    pytest.importorskip("wandb", reason="the optional wandb package is not installed")
+    from gorp_ds.cl.wandb_log import ID_FILE, open_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    section = {"enabled": True, "project": "gorp_ds_test"}
+    ids = []
+    for method_dir in ("gorp", "gorp", "seq-lora"):
+        run = open_wandb(section, method_dir, 0, {"lr": 1e-3}, out_dir=str(tmp_path / "out" / method_dir))
+        run.write([("train/loss", 1.0, len(ids) + 1)])
+        run.finish()
+        ids.append(run.id)
+        assert (tmp_path / "out" / method_dir / ID_FILE).read_text().strip() == run.id
+    assert ids[0] == ids[1] != ids[2]
+    folders = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(folders) == 3 and sum(name.endswith(ids[0]) for name in folders) == 2, folders
+    assert open_wandb(section, "gorp", 1, out_dir=str(tmp_path / "out" / "gorp")) is None  # rank 1 opens none
