@@ -26,10 +26,14 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .faults import FaultPlan
 from .faults import install as install_faults
 from .log import local_rank
+
+if TYPE_CHECKING:
+    from .cl.session import MethodSession
 
 TRAIN_DESCRIPTION = """\
 A whole continual-learning task sequence in one launch: for each method, train every task, measure
@@ -292,12 +296,29 @@ def export(argv: list[str], prog: str = "gorp-ds export") -> int:
         init_process_group()
         session = rebuild_session(*found, tasks=[], world=dist.get_world_size(),
                                   out_dir=os.path.dirname(os.path.abspath(args.out_dir)))
-        session.export(args.out_dir)
+        if session.export(args.out_dir) is not None:  # rank 0 wrote the directory
+            _write_prompt_record(session, args.out_dir)
         session.close()
     except USER_ERRORS as err:
         print(f"gorp_ds: error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def _write_prompt_record(session: MethodSession, out_dir: str) -> None:
+    """The run's prompt record beside the export, as the run writes it, from the run's own task list
+    (its saved settings). Where those tasks cannot be loaded here (a data directory moved since),
+    the export stays usable and the log says why the record is missing."""
+    from .cl.prompt_record import write_prompt_record
+    from .data import DataError, load_task_sequence
+    from .log import get_logger
+
+    try:
+        tasks = load_task_sequence(session.cfg.data)
+    except DataError as err:
+        get_logger(__name__).warning(f"{out_dir}: no prompt record written (the run's tasks do not load here: {one_line(err)})")
+        return
+    write_prompt_record(tasks, session.tokenizer, session.cfg, session.method, out_dir)
 
 
 def memory(argv: list[str], prog: str = "gorp-ds memory") -> int:

@@ -225,6 +225,9 @@ def test_two_rank_checkpoint_exports_on_one_process(run, tmp_path, tiny_model_di
     final, own = _safetensors(tmp_path / "final"), _safetensors(run["out"] / "export")
     assert sorted(final) == sorted(own)
     assert all(torch.equal(final[k], own[k]) for k in own)
+    # with the same prompt record as the run's own export (the run's tasks, loaded from its settings)
+    record = json.loads((run["out"] / "export" / "gorp_ds_prompt.json").read_text())
+    assert json.loads((tmp_path / "final" / "gorp_ds_prompt.json").read_text()) == record
 
 
 # ------------------------------------------------------------- per-task PEFT adapters and the prompt record
