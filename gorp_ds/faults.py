@@ -21,7 +21,9 @@ A run with none of them set has the empty plan, whose every answer is "no".
 A write site is one kind of output file (gorp_ds/safe_write.py asks before each write): config
 (config.yaml), predictions, progress (progress.json), results (results.json, results.md, R.png),
 summary, export (the steps of an export: its directory, each weight file, the rest),
-tensorboard_open (the event file's creation), tensorboard_flush (each batch of events).
+tensorboard_open (the event file's creation), tensorboard_flush (each batch of events), adapters
+(each file of a per-task export: the task-start values, the full delta, the adapter's config and
+tensors, and every prompt record).
 
 This module imports nothing from the project: the run layer, the output writer and the distribution
 layer ask it.
@@ -43,7 +45,7 @@ PAUSE_LIMIT_S = 300.0
 CHECKPOINT_POINTS = ("files", "manifest", "renamed", "latest_tmp")
 WRITE_AT = "GORP_DS_WRITE_FAULT"
 WRITE_SITES = ("config", "predictions", "progress", "results", "summary", "export", "tensorboard_open",
-               "tensorboard_flush")
+               "tensorboard_flush", "adapters")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
+from ..safe_write import WriteError
 from .config import ConfigError
 
 _DATA_FIELD = re.compile(r"\bdata\.([a-z_]+)\b")
@@ -37,3 +38,17 @@ def agree_on_errors(error: Exception | None) -> None:
     if first is not None:
         rank, (message, host) = first
         raise ConfigError(f"{message} (seen by rank {rank} on host {host})")
+
+
+def agreed(write: Callable[[], object]) -> None:
+    """Run ``write`` (on every rank; where only rank 0 writes, the others may take part in its
+    collectives), then stop every rank together when a rank's write failed: that rank raises its
+    :class:`~gorp_ds.safe_write.WriteError` (the one line naming the file, the bytes needed and
+    free), the others an error naming it, instead of failing in their next collective once the
+    writing rank is gone."""
+    error: WriteError | None = None
+    try:
+        write()
+    except WriteError as err:
+        error = err
+    agree_on_errors(error)

@@ -99,7 +99,6 @@ def prompt_record(tasks: list[Task], tokenizer: Any, cfg: Any, method: str) -> d
 
 def write_prompt_record(tasks: list[Task], tokenizer: Any, cfg: Any, method: str, directory: str) -> str:
     """Write the record into ``directory`` (rank 0); returns its path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, PROMPT_RECORD_NAME)
-    write_json(prompt_record(tasks, tokenizer, cfg, method), path)
+    path = os.path.join(directory, PROMPT_RECORD_NAME)  # its directory is made by the (guarded) write
+    write_json(prompt_record(tasks, tokenizer, cfg, method), path, what="the prompt record")
     return path

@@ -5,10 +5,12 @@ close the task (S, LoRA merge), checkpoint. Reads like the algorithm; the work i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,7 +25,7 @@ from ..models import method_spec
 from ..safe_write import WriteError
 from ..zero import UnsupportedSetupError, check_supported, load_ds_config
 from ..zero.checkpoint_io import read_latest
-from .agree import agree_on_errors, in_user_terms
+from .agree import agree_on_errors, agreed, in_user_terms
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .evaluate import Evaluation
 from .lr_schedule import check_schedule
@@ -180,7 +182,8 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
 
     exports = TaskExports(session)  # per task: the PEFT adapter and the full targets' delta
     for t in range(progress.task, len(schedule)):
-        exports.task_started(t, progress)
+        with noted_writes(session):
+            exports.task_started(t, progress)
         session.train_task(t, schedule[t], progress, on_checkpoint=save, total_tasks=len(schedule))
         # The LoRA merge (fp32, from the masters) comes before the row: R[row] is measured on
         # exactly the weights an export after this task writes.
@@ -193,7 +196,8 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
         progress.task, progress.step = t + 1, 0
         if cfg.runner.export_every_task:
             export(session, progress, f"task_{task_number(t):02d}")
-        exports.task_finished(t, schedule[t].name)
+        with noted_writes(session):
+            exports.task_finished(t, schedule[t].name)
         tag = save(progress)
         if t + 1 < len(schedule) and session.preemption.should_stop():  # signalled during eval/boundary
             raise Preempted(tag)
@@ -212,15 +216,23 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
     return result
 
 
+@contextlib.contextmanager
+def noted_writes(session: MethodSession) -> Iterator[None]:
+    """A failed output write in the block says which checkpoint a ``--resume`` continues from."""
+    try:
+        yield
+    except WriteError as err:
+        raise err.noted(kept_note(session.checkpoint_dir, session.rank)) from None
+
+
 def export(session: MethodSession, progress: Progress, label: str) -> None:
     """``export/`` (label "final") or ``export/<label>/``; size and time kept with the timings."""
     directory = os.path.join(session.out_dir, "export", "" if label == "final" else label).rstrip("/")
-    try:
+    with noted_writes(session):
         info = session.export(directory)
-    except WriteError as err:
-        raise err.noted(kept_note(session.checkpoint_dir, session.rank)) from None
-    if info is not None:
-        write_prompt_record(session.tasks, session.tokenizer, session.cfg, session.method, directory)
+        agreed(lambda: info is not None and write_prompt_record(session.tasks, session.tokenizer, session.cfg,
+                                                                session.method, directory))
+    if info is not None:  # rank 0
         progress.timings[f"export_s/{label}"] = info.seconds
         progress.timings[f"export_bytes/{label}"] = float(info.bytes)
 

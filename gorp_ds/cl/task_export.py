@@ -24,6 +24,7 @@ from ..export.peft_adapter import (
 )
 from ..log import get_logger
 from ..models.loading import DTYPES
+from .agree import agreed
 from .progress import Progress, task_number
 from .prompt_record import write_prompt_record
 from .session import MethodSession
@@ -58,16 +59,17 @@ class TaskExports:
         """At a task's first step (not on a resume in mid-task): the full targets' values now."""
         if self.full and progress.step == 0:
             session = self.session
-            write_task_start(session.engine.module, session.engine.gorp, self.dtype, self._start_path(task_index))
+            agreed(lambda: write_task_start(session.engine.module, session.engine.gorp, self.dtype,
+                                            self._start_path(task_index)))
 
     def task_finished(self, task_index: int, task_name: str) -> None:
         """After the task's merge (``close_adapters``): its adapter, full delta and the prompt record."""
-        if not self.enabled:
-            return
+        if self.enabled:
+            agreed(lambda: self._write_task(task_index, task_name))
+
+    def _write_task(self, task_index: int, task_name: str) -> None:
         session = self.session
         directory = task_dir(session.out_dir, task_index)
-        if session.rank == 0:
-            os.makedirs(directory, exist_ok=True)
         delta_bytes = write_full_delta(session.engine.module, session.engine.gorp, self.dtype,
                                        self._start_path(task_index), os.path.join(directory, FULL_DELTA_NAME)) \
             if self.full else None
@@ -94,3 +96,4 @@ class TaskExports:
         """The method is done: the kept task-start values go."""
         if self.session.rank == 0:
             shutil.rmtree(self.start_dir, ignore_errors=True)
+

@@ -19,14 +19,17 @@ exactly the exported bf16 value of each full target.
 The "before" values of the full targets are kept on disk from the task's start
 (``write_task_start``: a resume mid-task still finds them). Every rank calls the functions that
 read masters (collectives, one tensor at a time, as the export does); rank 0 writes. All file
-writes go through :func:`save_tensors` and :func:`write_json`.
+writes go through :func:`save_tensors` and :func:`write_json`: each is atomic (a temporary file,
+then renamed), and a failed write (a full disk, an I/O error) is one :class:`~gorp_ds.safe_write.WriteError`
+naming the file and the bytes needed and free, at the write site :data:`SITE`
+(gorp_ds/faults.py can inject one there). The caller makes every rank stop with it
+(gorp_ds/cl/task_export.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 from typing import Any
 
@@ -36,32 +39,42 @@ from torch import nn
 from ..log import get_logger
 from ..models.lora import lora_layers
 from ..naming import canonical_name
+from ..safe_write import WriteError, guarded
+from ..safe_write import write_json as write_json_file
 from .hf_dir import _core, _export_keys, exported_master, split_master_names
 
 log = get_logger(__name__)
 
 ADAPTER_DIR = "adapter"
 FULL_DELTA_NAME = "full_delta.safetensors"
+SITE = "adapters"  # the write site of every file here (gorp_ds/faults.py WRITE_SITES)
+_HEADER_BYTES = 1 << 16  # a safetensors header (names, shapes, offsets) is well under this
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> int:
+def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None, *,
+                 what: str) -> int:
     """``tensors`` as one safetensors file at ``path`` (written beside it, then renamed: an
     interrupted write never leaves a complete-looking file). Returns its size in bytes."""
     from safetensors.torch import save_file
 
+    need = sum(t.numel() * t.element_size() for t in tensors.values()) + _HEADER_BYTES
     tmp = f"{path}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
-    os.replace(tmp, path)
+    try:
+        with guarded(path, what, need=need, site=SITE):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                      metadata={"format": "pt", **(metadata or {})})
+            os.replace(tmp, path)
+    except WriteError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return os.path.getsize(path)
 
 
-def write_json(value: Any, path: str) -> int:
-    """``value`` as indented JSON at ``path`` (through a temporary file, as :func:`save_tensors`)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(value, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+def write_json(value: Any, path: str, *, what: str) -> int:
+    """``value`` as indented JSON at ``path`` (atomically, as :func:`save_tensors`); its size in bytes."""
+    write_json_file(path, value, what=what, site=SITE)
     return os.path.getsize(path)
 
 
@@ -103,8 +116,7 @@ def write_task_start(module: nn.Module, handle: Any, dtype: torch.dtype, path: s
     values = dict(_exported_values(module, handle, dtype, names))
     if handle.rank != 0:
         return None
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return save_tensors(values, path)
+    return save_tensors(values, path, what="the full targets' values at the task's start")
 
 
 def write_full_delta(module: nn.Module, handle: Any, dtype: torch.dtype, start_path: str, out_path: str) -> int | None:
@@ -132,7 +144,8 @@ def write_full_delta(module: nn.Module, handle: Any, dtype: torch.dtype, start_p
                 delta[key] = after.float() - start.get_tensor(key).float()
     if not found:
         return None
-    return save_tensors(delta, out_path, {"what": "full-rank targets: merged after the task minus before it, fp32"})
+    return save_tensors(delta, out_path, {"what": "full-rank targets: merged after the task minus before it, fp32"},
+                        what="the task's full-target delta")
 
 
 def write_adapter(module: nn.Module, record: dict[str, dict[str, torch.Tensor]], directory: str,
@@ -164,7 +177,9 @@ def write_adapter(module: nn.Module, record: dict[str, dict[str, torch.Tensor]],
     config.inference_mode = True
     config.task_type = "CAUSAL_LM"  # from_pretrained then gives a PeftModelForCausalLM (generate)
     config.base_model_name_or_path = base_model
-    os.makedirs(directory, exist_ok=True)
-    config.save_pretrained(directory)
-    size = save_tensors(tensors, os.path.join(directory, "adapter_model.safetensors"))
+    with guarded(os.path.join(directory, "adapter_config.json"), "the adapter's config", need=_HEADER_BYTES,
+                 site=SITE):
+        os.makedirs(directory, exist_ok=True)
+        config.save_pretrained(directory)
+    size = save_tensors(tensors, os.path.join(directory, "adapter_model.safetensors"), what="the task's PEFT adapter")
     return size + os.path.getsize(os.path.join(directory, "adapter_config.json"))
