@@ -11,6 +11,8 @@ and the report says so.
     python bench/quality.py --report --runs runs/quality runs/sweep --results-dir bench/results --tag h200 \
         --notes bench/results/quality_h200_notes.md
     DS_ACCELERATOR=cpu python bench/quality.py --smoke --out /tmp/quality_smoke --data-dir <cl_benchmark>
+    python bench/quality.py --out runs/long --data-dir data/cl_benchmark --orders SHARED10,MIXED --seeds 1,2,3
+    python bench/long_report.py --runs runs/long --tag h100   # the seeded long / mixed-kind report
 
 The budget is the same for every method: order A 100 optimizer steps per task and 300 test
 examples per task, orders B and C 60 steps and 200 examples; 16 examples per step (``mtl`` trains
