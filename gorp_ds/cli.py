@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = _without_launcher_rank(list(sys.argv[1:] if argv is None else argv))
     commands: dict[str, tuple[Callable[[list[str], str], int], str]] = {
         "train": (train, "train and evaluate methods over a task sequence (the main job)"),
-        "eval": (evaluate, "evaluate a model or checkpoint on the task list (train --eval-only)"),
+        "eval": (evaluate, "evaluate a model or checkpoint on the task list and any --eval-tasks (train --eval-only)"),
         "export": (export, "write a checkpoint as a Hugging Face model directory, LoRA merged"),
         "memory": (memory, "predict the peak GPU memory of a setup (model, world size, ZeRO stage)"),
     }

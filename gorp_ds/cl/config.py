@@ -98,8 +98,8 @@ class RunnerConfig:
                                           "export/task_XX/full_delta.safetensors (their change in fp32: 4 bytes per "
                                           "element per task)", on_resume="ignored")
     predictions: bool = setting(True, "write every evaluation's generations as JSONL under <method>/predictions/", on_resume="ignored")
-    eval_only: bool = setting(False, "evaluate --model (an exported directory or a checkpoint) on the task list; "
-                                     "no training", on_resume="fixed")
+    eval_only: bool = setting(False, "evaluate --model (an exported directory or a checkpoint) on the task list "
+                                     "and any --eval-tasks; no training", on_resume="fixed")
     max_bad_steps: int = setting(3, "consecutive steps with a non-finite loss or gradient (each skipped) before "
                                     "the run stops", minimum=1, on_resume="ignored")
 

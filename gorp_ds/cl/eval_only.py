@@ -1,5 +1,7 @@
 """``--eval-only --model <exported dir or checkpoint>``: one row of R on the task list, its
-predictions and the usual report files, under ``<output-dir>/eval/``.
+predictions and the usual report files, under ``<output-dir>/eval/``. ``--eval-tasks`` are
+evaluated in the same row after the task list's columns, as in every row of a training run, and
+reported the same way (``results.json``'s ``eval_tasks``, with one row; report.eval_tasks_section).
 
 An exported (or any Hugging Face) directory is loaded as a plain causal LM. A checkpoint is
 rebuilt as its method's engine (see ``restore.py``) and its current LoRA merged in fp32 from the
@@ -20,14 +22,14 @@ import torch.distributed as dist
 
 from ..data.errors import DataError
 from ..data.prompting import PromptFormat
-from ..data.registry import load_task_sequence
+from ..data.registry import load_eval_tasks, load_task_sequence
 from ..log import get_logger
 from ..models import load_model_and_tokenizer
 from ..safe_write import path_problem
-from .agree import agree_on_errors
+from .agree import agree_on_errors, in_user_terms
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate_row
-from .report import on_rank0, predictions_file, write_method_results, write_predictions
+from .report import eval_tasks_section, on_rank0, predictions_file, write_method_results, write_predictions
 from .restore import find_checkpoint, rebuild_session
 from .session import evaluation_settings
 
@@ -56,11 +58,12 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
     problem: ConfigError | None = None
     try:  # the task list and the output path, on every rank, before any model is loaded
         tasks = load_task_sequence(cfg.data)
+        unseen = load_eval_tasks(cfg.data, tasks)  # an eval task also in the task list is refused, as in a run
         if (where := path_problem(out_dir, f"--output-dir {cfg.runner.output_dir} (the evaluation writes "
                                            f"{out_dir})")) is not None:
             raise ConfigError(where)
     except DataError as err:
-        problem = ConfigError(str(err))
+        problem = ConfigError(in_user_terms(str(err), cfg.written_as))
     except ConfigError as err:
         problem = err
     agree_on_errors(problem)
@@ -68,7 +71,8 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
     found = find_checkpoint(cfg.base_model.model)
     settings = evaluation_settings(cfg)
     if found is not None:
-        session = rebuild_session(*found, tasks=tasks, world=world, out_dir=out_dir,
+        # eval_tasks=None: the saved run's eval tasks are not this evaluation's (evaluated below).
+        session = rebuild_session(*found, tasks=tasks, world=world, out_dir=out_dir, eval_tasks=None,
                                   eval_batch_size=cfg.runner.eval_batch_size, prompt_format=cfg.data.prompt_format,
                                   max_source_length=cfg.data.max_source_length, max_target_length=cfg.data.max_target_length)
         session.merge_in_place()
@@ -78,18 +82,22 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
         model.to(_device())
         session, source = None, f"model {cfg.base_model.model}"
     PromptFormat(cfg.data.prompt_format).check(tokenizer)
-    log.info(f"evaluating {source} on {len(tasks)} tasks: {', '.join(t.name for t in tasks)} ({world} ranks)")
-    evaluation = evaluate_row(model, tokenizer, tasks, **settings, rank=rank, world=world)
-    names = [t.name for t in tasks]
-    log.info("[eval] " + ", ".join(f"{n} {v:.1f}" for n, v in zip(names, evaluation.row)))
+    log.info(f"evaluating {source} on {len(tasks)} tasks: {', '.join(t.name for t in tasks)}"
+             + (f"; eval tasks: {', '.join(t.name for t in unseen)}" if unseen else "") + f" ({world} ranks)")
+    # One row as a run's: the task list's columns, then the eval tasks' (runner.record_row, session.evaluate).
+    evaluation = evaluate_row(model, tokenizer, [*tasks, *unseen], **settings, rank=rank, world=world)
+    names, columns = [t.name for t in tasks], [t.name for t in [*tasks, *unseen]]
+    log.info("[eval] " + ", ".join(f"{n} {v:.1f}" for n, v in zip(columns, evaluation.row)))
+    row = evaluation.row[:len(tasks)]
     result = {
         "method": "eval",
         "eval_only": True,
         "model": cfg.base_model.model,
         "tasks": names,
         "task_metrics": [t.metric for t in tasks],
-        "R": [evaluation.row],
-        "metrics": {"AA": sum(evaluation.row) / len(evaluation.row), "BWT": None, "FWT": None, "forgetting": None},
+        "R": [row],
+        "metrics": {"AA": sum(row) / len(row), "BWT": None, "FWT": None, "forgetting": None},
+        **eval_tasks_section([evaluation.row], len(tasks), unseen, cfg.runner.predictions, row_names=["eval"]),
         "predictions": [[predictions_file("eval", j, n) for j, n in enumerate(names)]] if cfg.runner.predictions else None,
         "timings": {"wall_s": time.perf_counter() - started, "train_s": 0.0, "eval_s": time.perf_counter() - started,
                     "tokens_per_s": 0.0},
@@ -99,7 +107,7 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
 
     def write() -> None:
         if cfg.runner.predictions:
-            write_predictions(out_dir, "eval", names, evaluation.predictions or [])
+            write_predictions(out_dir, "eval", columns, evaluation.predictions or [])
         write_method_results(out_dir, result)
         log.info(f"wrote {os.path.join(out_dir, 'results.json')}")
 

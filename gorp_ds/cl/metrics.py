@@ -15,6 +15,8 @@ Eval tasks (``--eval-tasks``, never trained) have their own ``(T + 1) × E`` mat
 same rows: ``E_R[i][k]`` is eval task ``k``'s own metric after training tasks ``1..i``.
 - eval mean = mean_k E_R[T][k]
 - generalisation = mean_k (E_R[T][k] − E_R[0][k]): what training the sequence did to unseen tasks
+``--eval-only`` measures one row (the evaluated model, no row before training): its eval mean, no
+generalisation.
 """
 
 from __future__ import annotations
@@ -74,13 +76,14 @@ def all_metrics(r: Matrix) -> dict[str, float | None]:
 
 def eval_task_metrics(e: Matrix) -> dict[str, float | None]:
     """``eval_mean`` and ``generalisation`` of the eval tasks' matrix ``e`` (``T + 1`` rows, one
-    column per eval task; see the module docstring). ``generalisation`` is None without row 0."""
-    if len(e) < 2 or e[-1] is None or not e[-1]:
+    column per eval task; see the module docstring; ``--eval-only``: one row). ``generalisation`` is
+    None without row 0 (one row is only the last)."""
+    if not e or e[-1] is None or not e[-1]:
         raise ValueError("the eval tasks' matrix needs a last row (after the final task) with at least one task")
     columns = len(e[-1])
     for i, row in enumerate(e):
         if row is not None and len(row) != columns:
             raise ValueError(f"eval-task row {i} has {len(row)} entries, expected {columns}")
-    after, before = e[-1], e[0]
+    after, before = e[-1], e[0] if len(e) > 1 else None
     return {"eval_mean": sum(after) / columns,
             "generalisation": None if before is None else sum(a - b for a, b in zip(after, before)) / columns}

@@ -11,11 +11,13 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from ..data.tasks import Task
 from ..safe_write import WriteError, write_file, write_json
 from .agree import agree_on_errors
+from .metrics import eval_task_metrics
 
 T = TypeVar("T")
 
@@ -49,12 +51,17 @@ def _row_label(i: int, task_names: list[str], eval_only: bool) -> str:
     return "before training" if i == 0 else f"task {i} ({task_names[i - 1]})"
 
 
+def _column_names(task_names: list[str], task_metrics: list[str] | None) -> list[str]:
+    """A column's header names its metric (``task (rougeL)``) when a task is not scored by accuracy."""
+    if task_metrics and any(m != "accuracy" for m in task_metrics):
+        return [f"{n} ({m})" for n, m in zip(task_names, task_metrics)]
+    return task_names
+
+
 def markdown_table(method: str, task_names: list[str], r: list[list[float] | None], metrics: dict[str, Any],
                    eval_only: bool = False, task_metrics: list[str] | None = None) -> str:
     """R as a table; a column's header names its metric (``task (rougeL)``) when a task is not scored by accuracy."""
-    shown = task_names
-    if task_metrics and any(m != "accuracy" for m in task_metrics):
-        shown = [f"{n} ({m})" for n, m in zip(task_names, task_metrics)]
+    shown = _column_names(task_names, task_metrics)
     header = "| after \\ on | " + " | ".join(shown) + " |"
     lines = [f"## {method}", "", header, "|" + "---|" * (len(task_names) + 1)]
     for i, row in enumerate(r):
@@ -72,11 +79,12 @@ def eval_tasks_table(result: dict[str, Any]) -> str:
     if not section:
         return ""
     names, rows = section["tasks"], section["R"]
-    lines = ["", "Eval tasks (never trained):", "", "| after \\ on | " + " | ".join(names) + " |",
+    shown = _column_names(names, section.get("task_metrics"))
+    lines = ["", "Eval tasks (never trained):", "", "| after \\ on | " + " | ".join(shown) + " |",
              "|" + "---|" * (len(names) + 1)]
     for i, row in enumerate(rows):
         cells = " | ".join(_fmt(v) for v in row) if row is not None else " | ".join("–" for _ in names)
-        lines.append(f"| {_row_label(i, result['tasks'], False)} | {cells} |")
+        lines.append(f"| {_row_label(i, result['tasks'], bool(result.get('eval_only')))} | {cells} |")
     m = section["metrics"]
     lines += ["", "| eval mean | generalisation |", "|---|---|", f"| {_fmt(m['eval_mean'])} | {_fmt(m['generalisation'])} |"]
     return "\n".join(lines) + "\n"
@@ -124,6 +132,24 @@ def write_method_results(out_dir: str, result: dict[str, Any], note: str = "") -
     write_file(os.path.join(out_dir, "R.png"), heatmap(result["method"], result["tasks"], result["R"], eval_only,
                                                        task_metrics),
                what="the heatmap of R", site="results", note=note)
+
+
+def eval_tasks_section(full: Sequence[list[float] | None], trained: int, eval_tasks: list[Task], predictions: bool,
+                       row_names: Sequence[int | str] | None = None) -> dict[str, Any]:
+    """``{"eval_tasks": {"tasks", "task_metrics", "R", "metrics", "predictions"}}`` for --eval-tasks
+    (nothing without them): their matrix cut from the measured rows' columns after the ``trained``
+    tasks' (the runner: (T+1) × E; --eval-only: 1 × E), each column's metric, metrics.eval_task_metrics
+    of it (eval_mean, generalisation) and the JSONL of each cell, numbered after the trained tasks'
+    columns. ``row_names``: each row's name in the predictions files (default its index; --eval-only: "eval")."""
+    if not eval_tasks:
+        return {}
+    e = [None if row is None else row[trained:] for row in full]
+    names = [t.name for t in eval_tasks]
+    keys = list(range(len(e))) if row_names is None else list(row_names)
+    return {"eval_tasks": {
+        "tasks": names, "task_metrics": [t.metric for t in eval_tasks], "R": e, "metrics": eval_task_metrics(e),
+        "predictions": [[predictions_file(key, trained + k, n) for k, n in enumerate(names)]
+                        if row is not None and predictions else None for key, row in zip(keys, e)]}}
 
 
 def predictions_file(row: int | str, column: int, task: str) -> str:

@@ -29,7 +29,7 @@ from .agree import agree_on_errors, agreed, in_user_terms
 from .config import ConfigError, RunConfig, reconcile_ds_config
 from .evaluate import Evaluation
 from .lr_schedule import check_schedule
-from .metrics import all_metrics, eval_task_metrics
+from .metrics import all_metrics
 from .peak_memory import PeakMemory
 from .preemption import Preempted
 from .preemption import current as current_preemption
@@ -38,6 +38,7 @@ from .process_group import init_process_group
 from .progress import Progress, task_number
 from .prompt_record import write_prompt_record
 from .report import (
+    eval_tasks_section,
     on_rank0,
     predictions_file,
     r_matrix,
@@ -299,7 +300,7 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
         "task_metrics": [t.metric for t in tasks],  # what each column of R measures (gorp_ds/data/metrics.py)
         "R": r,
         "metrics": all_metrics(r),
-        **_eval_section(full, trained, eval_tasks or [], cfg.runner.predictions),
+        **eval_tasks_section(full, trained, eval_tasks or [], cfg.runner.predictions),
         # predictions[i][j]: the JSONL of R[i][j], relative to this directory (None: row not measured)
         "predictions": [[predictions_file(i, j, n) for j, n in enumerate(names)] if row is not None and cfg.runner.predictions
                         else None for i, row in enumerate(r)],
@@ -318,21 +319,6 @@ def assemble(method: str, tasks: list[Task], cfg: RunConfig, progress: Progress,
         "config_changes": progress.changes,
         "skipped_nonfinite_steps": progress.skipped_steps,
     }
-
-
-def _eval_section(full: list[list[float] | None], trained: int, eval_tasks: list[Task],
-                  predictions: bool) -> dict[str, Any]:
-    """``{"eval_tasks": {"tasks", "R", "metrics", "predictions"}}`` for --eval-tasks (nothing without
-    them): their (T+1) × E matrix, cut from the measured rows' columns after the trained tasks',
-    metrics.eval_task_metrics of it (eval_mean, generalisation) and the JSONL of each cell."""
-    if not eval_tasks:
-        return {}
-    e = [None if row is None else row[trained:] for row in full]
-    names = [t.name for t in eval_tasks]
-    return {"eval_tasks": {
-        "tasks": names, "R": e, "metrics": eval_task_metrics(e),
-        "predictions": [[predictions_file(i, trained + k, n) for k, n in enumerate(names)]
-                        if row is not None and predictions else None for i, row in enumerate(e)]}}
 
 
 def _read_json(path: str) -> Any:

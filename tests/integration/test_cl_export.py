@@ -5,7 +5,9 @@ checkpoints, an export after every task and at the end.
 - the export is a plain Hugging Face directory, loaded by transformers alone in a fresh process,
   and its weights equal an independent float64 merge of the saved fp32 masters;
 - ``--eval-only`` on the export (and on the checkpoint) reproduces the run's last row of R exactly
-  and its predictions line for line;
+  and its predictions line for line, the eval tasks' (``--eval-tasks``, never trained) included:
+  each eval-task score, under its named metric, equals that metric re-derived by hand from the
+  predictions file (float64: word LCS for ROUGE-L, label match for accuracy);
 - a checkpoint written on 2 ranks, mid-task (LoRA B ≠ 0), exports on 1 process to the float64
   merge of its masters (≤ 1e-6), and the final one bit-identically to the run's own export.
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +32,12 @@ from tests.support.launch import clean_env, launch
 pytestmark = pytest.mark.slow
 
 TASKS = ["emb_color", "emb_animal"]
+# Never trained, one per metric: an embedded classification task (accuracy) and a free-form task
+# folder written by the fixture (ROUGE-L; see _codes_task).
+EVAL_TASKS = ["emb_fruit", "codes"]
 ARGS = ["--method", "gorp", "--dtype", "fp32", "--tasks", ",".join(TASKS), "--max-steps-per-task", "12",
         "--save-every", "4", "--keep-checkpoints", "20", "--eval-samples", "16", "--lr-lora", "3e-2",
-        "--lr-full", "3e-2", "--update-gap", "2", "--export-every-task", "true"]
+        "--lr-full", "3e-2", "--update-gap", "2", "--export-every-task", "true", "--eval-tasks", ",".join(EVAL_TASKS)]
 MID_TASK_TAG = "task02_step000004"  # 4 steps into task 2: the adapter of task 2 is trained, not merged
 
 
@@ -43,18 +50,38 @@ def _fp32_ds_config(folder: Path) -> Path:
     return path
 
 
+def _codes_task(data_dir: Path) -> None:
+    """``<data_dir>/codes``: a free-form (instruction, ROUGE-L) task on emb_fruit's 16 test inputs whose
+    references hold two or three words, one of them "x": the tiny model often answers "x" or a code
+    word, so its ROUGE-L scores are a mix of 0, 50 and 66.7, not all zero."""
+    from gorp_ds.data.config import DataConfig
+    from gorp_ds.data.registry import load_task_sequence
+
+    fruit = load_task_sequence(DataConfig(tasks=["emb_fruit"], eval_samples=16))[0]
+    folder = data_dir / "codes"
+    folder.mkdir(parents=True)
+    (folder / "task.json").write_text(json.dumps({"kind": "instruction", "metric": "rougeL", "max_new_tokens": 4,
+                                                  "instruction": fruit.instruction}))
+    for split, examples in (("train", fruit.train[:2]), ("test", fruit.test[:16])):
+        records = [{"input": e.text, "output": f"x {e.label}" if i % 2 == 0 else f"{e.label} zig x"}
+                   for i, e in enumerate(examples)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir) -> dict:
     root = tmp_path_factory.mktemp("export_run")
     ds = _fp32_ds_config(root)
-    proc = launch(tiny_model_dir, root / "train", "--ds_config", str(ds), *ARGS)
+    _codes_task(root / "data")
+    args = [*ARGS, "--data-dir", str(root / "data")]
+    proc = launch(tiny_model_dir, root / "train", "--ds_config", str(ds), *args)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return {"root": root, "ds": ds, "out": root / "train" / "gorp", "log": proc.stdout + proc.stderr}
+    return {"root": root, "ds": ds, "args": args, "out": root / "train" / "gorp", "log": proc.stdout + proc.stderr}
 
 
 def _eval_only(run: dict, model: Path, name: str, tiny_model_dir) -> Path:
     out = run["root"] / name
-    proc = launch(tiny_model_dir, out, "--ds_config", str(run["ds"]), *ARGS, "--eval-only",
+    proc = launch(tiny_model_dir, out, "--ds_config", str(run["ds"]), *run["args"], "--eval-only",
                   "--model", str(model))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return out / "eval"
@@ -166,14 +193,70 @@ def test_export_loads_with_plain_transformers_in_a_fresh_process(run, tmp_path, 
         assert (fresh["state"][key].double() - value).abs().max() <= 1e-6, key
 
 
+def _words(text: str) -> list[str]:
+    """rouge-score's tokens: lower case, runs of [a-z0-9]."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _rouge_l_by_hand(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure × 100 in float64 from the word LCS (dynamic programme); 0 for an empty side."""
+    p, r = _words(prediction), _words(reference)
+    if not p or not r:
+        return 0.0
+    lcs = [[0] * (len(r) + 1) for _ in range(len(p) + 1)]
+    for i, a in enumerate(p):
+        for j, b in enumerate(r):
+            lcs[i + 1][j + 1] = lcs[i][j] + 1 if a == b else max(lcs[i][j + 1], lcs[i + 1][j])
+    common = lcs[-1][-1]
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 100.0 * 2 * precision * recall / (precision + recall)
+
+
+def _accuracy_by_hand(prediction: str, label: str) -> float:
+    """100 when the generation's first line, lower case, ASCII punctuation and surplus spaces removed,
+    is the label word (the embedded tasks' texts are ASCII)."""
+    def norm(text: str) -> str:
+        first = text.lstrip().split("\n", 1)[0].lower()
+        return " ".join("".join(c for c in first if c not in string.punctuation).split())
+
+    return 100.0 if norm(prediction) == norm(label) else 0.0
+
+
+BY_HAND = {"accuracy": _accuracy_by_hand, "rougeL": _rouge_l_by_hand}
+
+
 def test_eval_only_on_the_export_reproduces_the_last_row(run, tiny_model_dir) -> None:
     result = json.loads((run["out"] / "results.json").read_text())
+    ran = result["eval_tasks"]
+    assert ran["tasks"] == EVAL_TASKS and ran["task_metrics"] == ["accuracy", "rougeL"]
+    assert len(ran["R"]) == len(TASKS) + 1
+    rouge_scores = []
     for model in (run["out"] / "export", run["out"]):  # the exported directory, then the checkpoint
         evaluated = _eval_only(run, model, f"eval_{model.name}", tiny_model_dir)
         again = json.loads((evaluated / "results.json").read_text())
         assert again["tasks"] == TASKS
         assert again["R"] == [result["R"][-1]]
         assert (evaluated / "results.md").is_file()
+        # The eval tasks: the run's last row of their matrix, under each task's named metric, and
+        # each score the metric re-derived by hand from the eval-only predictions file.
+        section = again["eval_tasks"]
+        assert section["tasks"] == EVAL_TASKS and section["task_metrics"] == ran["task_metrics"]
+        assert section["R"] == [ran["R"][-1]], model
+        for k, (task, metric) in enumerate(zip(EVAL_TASKS, section["task_metrics"])):
+            assert section["predictions"][0][k] == f"predictions/eval_{len(TASKS) + k + 1:02d}_{task}.jsonl"
+            eval_lines = _lines(evaluated / section["predictions"][0][k])
+            assert len(eval_lines) == 16 and eval_lines == _lines(run["out"] / ran["predictions"][-1][k]), (model, task)
+            scores = [BY_HAND[metric](r["generation"], r["label"]) for r in eval_lines]
+            # rows are rounded to 4 decimals after a float32 all-reduce of the two ranks' sums
+            assert section["R"][0][k] == pytest.approx(sum(scores) / len(scores), abs=1e-3), (model, task)
+            if metric == "rougeL":
+                rouge_scores += scores
+        assert section["metrics"]["eval_mean"] == pytest.approx(sum(section["R"][0]) / len(EVAL_TASKS), abs=1e-12)
+        assert section["metrics"]["generalisation"] is None  # one row: nothing measured before training
+        table = (evaluated / "results.md").read_text()
+        assert "Eval tasks (never trained):" in table and "| emb_fruit (accuracy) | codes (rougeL) |" in table
         for j, task in enumerate(TASKS):
             run_lines = _lines(run["out"] / result["predictions"][-1][j])
             eval_lines = _lines(evaluated / again["predictions"][0][j])
@@ -184,6 +267,7 @@ def test_eval_only_on_the_export_reproduces_the_last_row(run, tiny_model_dir) ->
     # the generations are not trivially empty: there is something to compare line by line
     all_lines = [r for j in range(len(TASKS)) for r in _lines(run["out"] / result["predictions"][-1][j])]
     assert len({r["generation"] for r in all_lines}) > 1
+    assert sum(rouge_scores) > 0  # the by-hand ROUGE-L compared something other than zeros
 
 
 def test_predictions_for_every_entry_of_r(run) -> None:

@@ -267,6 +267,11 @@ LAUNCHER_CASES: dict[str, tuple[dict[str, str], tuple[str, ...] | None]] = {
                                ("--eval-tasks: 'topics' loads task 'topics', which is also in the trained sequence; an eval "
                                 "task is never trained: remove it from --eval-tasks or from the sequence",)),
     "eval_task_unseen": ({"--eval-tasks": "emb_fruit"}, None),
+    # --eval-only evaluates the eval tasks after the task list's columns: one task may not be both
+    "eval_only_eval_task_also_evaluated": ({"--eval-only": "true", "--eval-tasks": "emb_fruit,topics"},
+                                           ("--eval-tasks: 'topics' loads task 'topics', which is also in the trained "
+                                            "sequence; an eval task is never trained: remove it from --eval-tasks or "
+                                            "from the sequence",)),
     # bench/ holds TC/topics and NLI/CB: order 4 lacks 14 of its 15 tasks.
     "order_4_missing_tasks": ({"--tasks": "none", "--order": "4"},
                               ("order 4: task MNLI is missing from --data-dir: expected ",

@@ -172,6 +172,8 @@ def test_eval_task_metrics_match_hand_computed_values() -> None:
     assert eval_task_metrics([None, [10.0, 30.0]]) == {"eval_mean": 20.0, "generalisation": None}
     # One eval task, one trained task: the change is a plain difference (70 − 80).
     assert eval_task_metrics([[80.0], [70.0]]) == {"eval_mean": 70.0, "generalisation": -10.0}
+    # --eval-only: one row, the evaluated model; it is no row 0, so no change is computed from it.
+    assert eval_task_metrics([[10.0, 30.0]]) == {"eval_mean": 20.0, "generalisation": None}
 
 
 def test_eval_task_metrics_refuse_ragged_or_empty_matrices() -> None:
@@ -183,3 +185,5 @@ def test_eval_task_metrics_refuse_ragged_or_empty_matrices() -> None:
         eval_task_metrics([[1.0], None])
     with pytest.raises(ValueError, match="last row"):
         eval_task_metrics([[], []])
+    with pytest.raises(ValueError, match="last row"):
+        eval_task_metrics([])
