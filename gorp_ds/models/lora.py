@@ -30,6 +30,8 @@ class LoraSettings:
     alpha: float = setting(32.0, "LoRA alpha: the adapter's update is scaled by alpha / r", above=0.0, on_resume="fixed")
     targets: list[str] = setting(["q_proj", "v_proj"], "module-name patterns that get an adapter (a pattern "
                                  "matches at a dot boundary; re:<regex> for a regular expression)", on_resume="fixed")
+    dropout: float = setting(0.0, "dropout on the LoRA path's input while training (0: none; O-LoRA's scripts use 0.1 "
+                                  "for every LoRA method)", minimum=0.0, maximum=0.9)
     init_off_shared: bool = setting(True, "(ours) gorp: a new task's LoRA A starts orthogonal to the shared space", on_resume="fixed")
     olora_lambda: float = setting(0.5, "o-lora: λ1, weight of the orthogonality loss Σ|A_old A_newᵀ| between the "
                                        "new task's LoRA A and every earlier task's", minimum=0.0, flat="olora_lambda")
@@ -50,7 +52,7 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, target_modules=list(settings.targets),
-                        lora_dropout=0.0, bias="none")
+                        lora_dropout=settings.dropout, bias="none")
     return get_peft_model(model, config)
 
 

@@ -86,6 +86,34 @@ def _reinit_a(model_dir, *, init_seed: int, seed: int, task: int) -> dict[str, t
     return {n: a.detach().clone() for n, (a, _, _) in _factors(model).items()}
 
 
+def test_lora_dropout_drops_the_adapter_input_only_while_training(tiny_model_dir) -> None:
+    """--lora-dropout p: in training the adapter reads dropout(x) (the base path reads x), in
+    evaluation it reads x; checked against a float64 re-derivation with the same dropout mask."""
+    p = 0.5
+    model = add_lora(_base(tiny_model_dir), LoraSettings(r=R, alpha=ALPHA, targets=["q_proj", "v_proj"], dropout=p))
+    layer = model.get_submodule("base_model.model." + LORA_LAYERS[0])
+    a, b, w = _factors(model)[LORA_LAYERS[0]]
+    generator = torch.Generator().manual_seed(2)
+    b.data.copy_(torch.randn(b.shape, generator=generator))  # B = 0 would hide the adapter path
+    x = torch.randn(3, 5, w.shape[1], generator=generator)
+    a64, b64, w64, x64 = a.detach().double(), b.detach().double(), w.detach().double(), x.double()
+    scaling = ALPHA / R
+
+    layer.train()
+    torch.manual_seed(7)
+    trained = layer(x).double()
+    torch.manual_seed(7)  # the same draw: the mask nn.Dropout applied (kept entries scaled by 1/(1-p))
+    dropped = torch.nn.functional.dropout(torch.ones_like(x), p, training=True).double() * x64
+    assert 0 < int((dropped == 0).sum()) < x.numel(), "the mask drops some entries and keeps others"
+    torch.testing.assert_close(trained, x64 @ w64.T + scaling * dropped @ a64.T @ b64.T, rtol=1e-5, atol=1e-5)
+
+    layer.eval()
+    torch.testing.assert_close(layer(x).double(), x64 @ w64.T + scaling * x64 @ a64.T @ b64.T, rtol=1e-5, atol=1e-5)
+    # The default (0) leaves the adapter's input alone in training too.
+    plain = _peft(tiny_model_dir).get_submodule("base_model.model." + LORA_LAYERS[0])
+    assert isinstance(plain.lora_dropout["default"], torch.nn.Identity)
+
+
 def test_reinit_is_deterministic_per_seed_task_and_layer(tiny_model_dir) -> None:
     first = _reinit_a(tiny_model_dir, init_seed=0, seed=0, task=2)
     # A different starting adapter (another PEFT draw): the re-drawn A depends only on (seed, task, layer).
