@@ -31,7 +31,7 @@ def build_schedule(cfg: RunConfig, spans: list[int]) -> Schedule:
     spans = [span for span in spans if span > 0] or [1]
     return Schedule(kind=opt.lr_schedule, warmup_steps=opt.lr_warmup_steps, warmup_ratio=opt.lr_warmup_ratio,
                     min_ratio=opt.lr_min_ratio, scope=opt.lr_schedule_scope, spans=tuple(spans),
-                    roles=tuple(opt.lr_schedule_roles))
+                    roles=tuple(opt.lr_schedule_roles), later_ratio=opt.lr_later_ratio)
 
 
 def position(spans: list[int] | tuple[int, ...], progress: Progress) -> int:

@@ -63,6 +63,9 @@ class OptimizerConfig:
                                            "galore's LoRA factors), full (full-rank targets), plain (every other "
                                            "trained tensor: seq-ft, and the other methods' LoRA factors)",
                                            choices=SCHEDULE_ROLES)
+    lr_later_ratio: float = setting(1.0, "factor on the rate of every --lr-schedule-roles group from the second "
+                                         "task on (1: every task alike; O-LoRA's LLaMA recipe, 1e-3 then 1e-4: 0.1; "
+                                         "no effect on mtl's one mixed task)", minimum=0.0, maximum=1.0)
     beta1: float = setting(0.9, "Adam's first-moment decay", minimum=0.0)
     beta2: float = setting(0.999, "Adam's second-moment decay", minimum=0.0)
     eps: float = setting(1e-8, "Adam's denominator epsilon", minimum=0.0)

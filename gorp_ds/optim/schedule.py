@@ -13,6 +13,9 @@ A continual-learning run has one span per task (``scope="task"``: the schedule r
 task over that task's steps) or one span of all tasks' steps together (``scope="sequence"``).
 :class:`Schedule` maps the run's optimizer-step *position* (steps done so far, all tasks
 together) to the factor; :mod:`.role_scheduler` writes it into the optimizer's groups.
+``later_ratio`` multiplies the factor of every step after the first task's span (the first task
+at the full rate, the later ones at a fraction of it, as O-LoRA's LLaMA recipe trains: 1e-3, then
+1e-4); a schedule of one span (a method that mixes the tasks) has no later tasks.
 
 Plain Python: no torch, no distributed imports.
 """
@@ -69,6 +72,7 @@ class Schedule:
     scope: str = "task"
     spans: tuple[int, ...] = (1,)
     roles: tuple[str, ...] = SCHEDULE_ROLES  # the others keep their base rate
+    later_ratio: float = 1.0  # the factor's multiplier from the second task's first step on
 
 
     def __post_init__(self) -> None:
@@ -81,13 +85,16 @@ class Schedule:
         if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup must be >= 0 steps or a ratio in [0, 1], got {self.warmup_steps}, "
                              f"{self.warmup_ratio}")
+        if not 0.0 <= self.later_ratio <= 1.0:
+            raise ValueError(f"later_ratio must be in [0, 1], got {self.later_ratio}")
         if not set(self.roles) <= set(SCHEDULE_ROLES):
             raise ValueError(f"roles must be among {', '.join(SCHEDULE_ROLES)}, got {self.roles}")
 
     @property
     def trivial(self) -> bool:
         """Every factor is 1 (the constant schedule without warmup: today's fixed learning rates)."""
-        return self.kind == "constant" and not self.warmup_steps and not self.warmup_ratio
+        return (self.kind == "constant" and not self.warmup_steps and not self.warmup_ratio
+                and (self.later_ratio == 1.0 or len(self.spans) == 1))
 
     def span_totals(self) -> tuple[int, ...]:
         """The spans the schedule runs over: each task's, or one of every task's steps."""
@@ -115,7 +122,9 @@ class Schedule:
         if self.trivial:
             return 1.0
         step, total = self.locate(position)
-        return lr_factor(step, total, self.warmup_of(total), self.kind, self.min_ratio)
+        factor = lr_factor(step, total, self.warmup_of(total), self.kind, self.min_ratio)
+        # spans are the tasks' steps in both scopes: past the first one, a later task trains.
+        return factor * self.later_ratio if len(self.spans) > 1 and position >= self.spans[0] else factor
 
     def factor_of(self, role: str) -> Callable[[int], float]:
         """``factor`` for a group of ``role``; a role the schedule leaves alone always gets 1."""

@@ -95,6 +95,35 @@ def test_every_role_group_follows_the_table_as_the_run_steps(kind, scope) -> Non
     assert scheduler.position == 20
 
 
+@pytest.mark.parametrize("kind,scope", [("constant", "task"), ("cosine", "task"), ("linear", "sequence")])
+def test_later_ratio_scales_every_step_after_the_first_task(kind, scope) -> None:
+    """later_ratio 0.1 over two tasks of 10: the first task's factors as in the table, the second
+    task's times 0.1 (O-LoRA's LLaMA recipe: 1e-3 on task 1, 1e-4 after); every group of a role
+    the schedule applies to, and only those."""
+    table = TABLES[(kind, scope)]
+    expected = table[:10] + [0.1 * f for f in table[10:]]
+    schedule = Schedule(kind=kind, warmup_steps=3, min_ratio=0.1, scope=scope, spans=(10, 10), later_ratio=0.1,
+                        roles=("lora_a", "lora_b", "plain"))
+    assert [schedule.factor(k) for k in range(20)] == pytest.approx(expected, abs=1e-9)
+    params, opt = _model_and_optimizer()
+    scheduler = RoleScheduler(opt, schedule)
+    for step in range(20):
+        for group in opt.param_groups:
+            factor = expected[step] if group["role"] != "full" else 1.0
+            assert group["lr"] == pytest.approx(BASE_LRS[group["role"]] * factor, rel=1e-9), (step, group["role"])
+        _set_grads(params, step)
+        opt.step()
+        scheduler.step()
+    # Constant, no warmup: exactly the base rate for the first task, exactly 0.1 times it after.
+    plain = Schedule(spans=(3, 4, 2), later_ratio=0.1)
+    assert not plain.trivial and [plain.factor(k) for k in range(9)] == [1.0] * 3 + [0.1] * 6
+    # One span (mtl's mixed task) has no later task; ratio 1 is the schedule without it.
+    assert Schedule(spans=(9,), later_ratio=0.1).trivial
+    assert Schedule(spans=(3, 4), later_ratio=1.0).trivial
+    with pytest.raises(ValueError, match="later_ratio"):
+        Schedule(spans=(3, 4), later_ratio=1.5)
+
+
 def test_warmup_ratio_gives_the_same_schedule_as_its_steps() -> None:
     by_ratio = Schedule(kind="cosine", warmup_ratio=0.3, min_ratio=0.1, spans=(10, 10))
     assert [by_ratio.factor(k) for k in range(20)] == pytest.approx(COSINE_10 + COSINE_10, abs=1e-9)

@@ -151,7 +151,8 @@ CONSUMED = {"rank": ("full", "rank"), "update_gap": ("full", "update_gap"), "sca
 
 # The learning-rate schedule's settings: consumed by the run's Schedule (gorp_ds/cl/lr_schedule.py).
 SCHEDULE = {"lr_schedule": "kind", "lr_warmup_steps": "warmup_steps", "lr_warmup_ratio": "warmup_ratio",
-            "lr_min_ratio": "min_ratio", "lr_schedule_scope": "scope", "lr_schedule_roles": "roles"}
+            "lr_min_ratio": "min_ratio", "lr_schedule_scope": "scope", "lr_schedule_roles": "roles",
+            "lr_later_ratio": "later_ratio"}
 
 
 def test_every_optimizer_setting_has_a_consumer() -> None:
