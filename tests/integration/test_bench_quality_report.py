@@ -193,6 +193,9 @@ def test_every_built_in_run_resolves_to_its_settings(tmp_path) -> None:
     assert len(runs) == 18 + 15 + 4
     runs += load_sweeps(str(REPO / "bench" / "sweeps" / "quality_stage2.json"), ["A"])  # the committed stage 2
     assert len(runs) == 18 + 15 + 4 + 14
+    # The O-LoRA authors' recipes (docs/algorithm.md §6), o-lora and seq-lora alike; some at 64 per step.
+    runs += load_sweeps(str(REPO / "bench" / "sweeps" / "olora_authors.json"), ["A"])
+    assert len(runs) == 18 + 15 + 4 + 14 + 18
     # The long and mixed-kind sequences, seeded (MIXED compares gorp, seq-lora and o-lora).
     runs += [Run("main", order, method, method, seed=seed) for seed in (1, 3) for order in ("SHARED10", "MIXED")
              for method in ("gorp", "mtl", "seq-lora", "o-lora") if order == "SHARED10" or method != "mtl"]
@@ -202,7 +205,8 @@ def test_every_built_in_run_resolves_to_its_settings(tmp_path) -> None:
         argv = command(run, args, tmp_path, "embedded", tmp_path / "ds.json")[2:]  # after python launch/train.py
         cfg = build_run_config(parser.parse_args(argv))
         assert {k: cfg.value(k) for k in run.settings} == run.settings, run.key
-        assert (cfg.runner.max_steps_per_task, cfg.data.eval_samples, cfg.runner.global_batch_size) == (*BUDGETS[run.order], 16)
+        assert (cfg.runner.max_steps_per_task, cfg.data.eval_samples, cfg.runner.global_batch_size) == (
+            *BUDGETS[run.order], run.settings.get("global_batch_size", 16))
         assert cfg.runner.methods == [run.method] and not cfg.runner.checkpoints
         if run.order == "MIXED":  # the derived tasks' directory, the sequence as tasks
             assert cfg.data.order is None and cfg.data.tasks == list(MIXED_TASKS)
