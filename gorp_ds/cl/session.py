@@ -43,6 +43,7 @@ from ..models.lora import (
     merge_lora_,
     project_lora_a_off_,
     replay_lora_merges_,
+    seed_lora_dropout,
 )
 from ..optim import GORP
 from ..optim.role_scheduler import RoleScheduler
@@ -219,6 +220,8 @@ class MethodSession:
                 continue
             with phases("data"):
                 batches, step_tokens = self._micro_batches(task, order[progress.step])
+            if self.spec.adapters and self.cfg.lora.dropout > 0:  # the step's masks: the same after a resume
+                seed_lora_dropout(self.cfg.runner.seed, task_index, progress.step, self.rank)
             tokens += step_tokens
             poison = (poison_gradient(self.engine, self.optimizer, task_index, progress.step + 1)
                       if faults.poisons(task_index, progress.step + 1) else None)

@@ -31,7 +31,8 @@ class LoraSettings:
     targets: list[str] = setting(["q_proj", "v_proj"], "module-name patterns that get an adapter (a pattern "
                                  "matches at a dot boundary; re:<regex> for a regular expression)", on_resume="fixed")
     dropout: float = setting(0.0, "dropout on the LoRA path's input while training (0: none; O-LoRA's scripts use 0.1 "
-                                  "for every LoRA method)", minimum=0.0, maximum=0.9)
+                                  "for every LoRA method); masks drawn from (seed, task, step, rank)", minimum=0.0,
+                             maximum=0.9)
     init_off_shared: bool = setting(True, "(ours) gorp: a new task's LoRA A starts orthogonal to the shared space", on_resume="fixed")
     olora_lambda: float = setting(0.5, "o-lora: λ1, weight of the orthogonality loss Σ|A_old A_newᵀ| between the "
                                        "new task's LoRA A and every earlier task's", minimum=0.0, flat="olora_lambda")
@@ -79,6 +80,13 @@ def _seeded_kaiming_(weight: torch.Tensor, seed: int) -> None:
     bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a=√5 gives gain·√(3/fan_in) = 1/√fan_in
     values = torch.empty(weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
     weight.data.copy_(values.to(weight.dtype))
+
+
+def seed_lora_dropout(seed: int, task_index: int, step: int, rank: int) -> None:
+    """Seed torch's generators (PEFT's LoRA dropout draws from them) for one optimizer step from
+    (seed, task, step, rank): the masks are a function of the position, so a resumed run draws the
+    ones the uninterrupted run drew (no generator state is checkpointed), and each rank its own."""
+    torch.manual_seed(zlib.crc32(f"lora_dropout/{seed}/{task_index}/{step}/{rank}".encode()))
 
 
 @torch.no_grad()

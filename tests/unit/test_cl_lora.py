@@ -20,6 +20,7 @@ from gorp_ds.models import (
     lora_factor_names,
     merge_and_reinit_,
 )
+from gorp_ds.models.lora import seed_lora_dropout
 from gorp_ds.optim.config import OptimizerConfig
 
 R, ALPHA = 4, 8.0  # scaling α/r = 2
@@ -112,6 +113,27 @@ def test_lora_dropout_drops_the_adapter_input_only_while_training(tiny_model_dir
     # The default (0) leaves the adapter's input alone in training too.
     plain = _peft(tiny_model_dir).get_submodule("base_model.model." + LORA_LAYERS[0])
     assert isinstance(plain.lora_dropout["default"], torch.nn.Identity)
+
+
+def test_lora_dropout_masks_are_a_function_of_seed_task_step_and_rank(tiny_model_dir) -> None:
+    """The session seeds every step's masks with seed_lora_dropout: the same position draws the same
+    masks whatever was drawn before (a resume), another step, task, rank or seed other masks."""
+    model = add_lora(_base(tiny_model_dir), LoraSettings(r=R, alpha=ALPHA, targets=["q_proj", "v_proj"], dropout=0.5))
+    layer = model.get_submodule("base_model.model." + LORA_LAYERS[0])
+    generator = torch.Generator().manual_seed(4)
+    layer.lora_B["default"].weight.data.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=generator))
+    x = torch.randn(2, 6, layer.in_features, generator=generator)
+    layer.train()
+
+    def output(seed: int, task: int, step: int, rank: int) -> torch.Tensor:
+        seed_lora_dropout(seed, task, step, rank)
+        return layer(x).detach()
+
+    first = output(0, 1, 3, 0)
+    torch.rand(1000)  # whatever the generator drew in between (the steps a resumed run never ran)
+    assert torch.equal(output(0, 1, 3, 0), first)
+    for other in ((0, 1, 4, 0), (0, 2, 3, 0), (0, 1, 3, 1), (1, 1, 3, 0)):
+        assert not torch.equal(output(*other), first), other
 
 
 def test_reinit_is_deterministic_per_seed_task_and_layer(tiny_model_dir) -> None:
