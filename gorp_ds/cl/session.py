@@ -45,6 +45,7 @@ from ..models.lora import (
     replay_lora_merges_,
     seed_lora_dropout,
 )
+from ..models.olora import OLoraPenalty
 from ..optim import GORP
 from ..optim.role_scheduler import RoleScheduler
 from ..zero import CheckpointError, has_checkpoint, initialize, load_checkpoint, save_checkpoint
@@ -206,6 +207,7 @@ class MethodSession:
         bar = tqdm(total=steps, initial=first_step, desc=f"[{self.method}] task {number}/{total_tasks} {task.name}",
                    disable=not show_progress(), dynamic_ncols=True, mininterval=1.0)
         self.engine.module.train()
+        overlap = self.penalty.overlap() if isinstance(self.penalty, OLoraPenalty) else None  # o-lora, for the log
         start = time.perf_counter()
         tokens = 0
         phases = PhaseTimer(self.device, self.cfg.runner.profile)
@@ -281,6 +283,9 @@ class MethodSession:
         log.info(f"[{self.method}] task {number}: {ran} step{'' if ran == 1 else 's'} in {elapsed:.1f} s{resumed}, "
                  f"{tokens / elapsed:,.0f} tokens/s ({phases.summary()}; refreshes "
                  f"{1000 * stats['refresh_seconds']:.0f} ms so far); trained on {task.name}")
+        if overlap is not None:
+            log.info(f"[{self.method}] task {number}: orthogonality Σ|A_old A_newᵀ| {overlap:.4g} at step {first_step}, "
+                     f"{self.penalty.overlap():.4g} at the end (λ1 {self.cfg.lora.olora_lambda:g})")
         # Summed over the processes that trained this task (a resumed task's time is split).
         for key, value in ((f"train_s/{number}", elapsed), (f"tokens/{number}", tokens)):
             progress.timings[key] = progress.timings.get(key, 0.0) + value

@@ -62,6 +62,15 @@ class OLoraPenalty:
     def active(self) -> bool:
         return bool(self._orth) or bool(self._l2)
 
+    def overlap(self) -> float | None:
+        """The orthogonality term now, as a number for the log (None: no earlier A to compare with, or
+        λ1 = 0). Before a task's first step it is the chance level of a fresh A; the end of the task
+        shows how far λ1 drove it down (one device read)."""
+        if not self._orth:
+            return None
+        with torch.no_grad():
+            return float(self.orthogonality())
+
     def orthogonality(self) -> Tensor:
         """``Σ_layers Σ_old |A_old A_newᵀ|`` summed over entries (the λ1-free term), fp32."""
         terms = []

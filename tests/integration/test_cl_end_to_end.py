@@ -220,6 +220,40 @@ def test_olora_penalty_reaches_the_update(run_dir) -> None:
         assert overlap["o-lora"] < 0.75 * overlap["seq-lora"], (t, overlap)
 
 
+def test_olora_logs_the_overlap_at_each_tasks_start_and_end(run_dir, run_output) -> None:
+    """From task 2 on, o-lora logs its orthogonality term before the task's first step (a fresh A:
+    the draw seeded by (seed, task, layer), re-derived here) and at its end; both equal the float64
+    overlap with the earlier tasks' exported A's (the log's 4 digits, the run's bf16 A's), and the
+    end is below the start. No other method and no first task logs one."""
+    import math
+    import zlib
+
+    from safetensors.torch import load_file
+
+    pattern = re.compile(r"\[(?P<method>[\w-]+)\] task (?P<task>\d+): orthogonality Σ\|A_old A_newᵀ\| "
+                         r"(?P<start>[\d.e+-]+) at step 0, (?P<end>[\d.e+-]+) at the end \(λ1 0\.5\)")
+    logged = {(m["method"], int(m["task"])): (float(m["start"]), float(m["end"])) for m in pattern.finditer(run_output)}
+    assert sorted(logged) == [("o-lora", t) for t in range(2, len(TASKS) + 1)], sorted(logged)
+
+    def a_of(task: int) -> dict[str, torch.Tensor]:
+        factors = load_file(run_dir / "o-lora" / "export" / f"task_{task:02d}" / "adapter" / "adapter_model.safetensors")
+        return {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): v.double()
+                for k, v in factors.items() if ".lora_A." in k}
+
+    trained = {t: a_of(t) for t in range(1, len(TASKS) + 1)}
+    for t in range(2, len(TASKS) + 1):
+        start = end = 0.0
+        for name, a in trained[t].items():
+            bound = 1 / math.sqrt(a.shape[1])  # PEFT's kaiming-uniform A: U(−1/√n, 1/√n), seeded per (seed 0, task, layer)
+            generator = torch.Generator().manual_seed(zlib.crc32(f"0/{t - 1}/{name}".encode()))
+            fresh = torch.empty(a.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator).double()
+            old = torch.cat([trained[i][name] for i in range(1, t)])  # (t−1)·r × n
+            start += float((old @ fresh.T).abs().sum())
+            end += float((old @ a.T).abs().sum())
+        assert logged[("o-lora", t)] == pytest.approx((start, end), rel=1e-2), (t, logged[("o-lora", t)], start, end)
+        assert logged[("o-lora", t)][1] < logged[("o-lora", t)][0]
+
+
 def test_launch_prints_no_noise(run_output) -> None:
     assert noise_in(run_output) == []
 
