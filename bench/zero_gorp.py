@@ -30,6 +30,8 @@ schedule), and the longest timed step over the median of all timed steps (the st
 step). ``--refresh-schedule spread`` (docs/algorithm.md §2.1) spreads the layers' refreshes over the
 cycle; then nearly every step refreshes some layers, so the median step is of all timed steps and no
 refresh overhead is reported (compare the cycle throughput and max/median with a ``cycle`` run).
+The JSON lines also hold every step's seconds (``step_times_s``, warm-up steps first) and, for GORP,
+how the split-master update ran (``split_update``: compiled, eager or fell back; ``compiled_graphs``).
 
 Beside each measured peak the memory model's prediction (``gorp_ds/planning/memory_model.py``, the same
 shape, batch, stage and DeepSpeed settings; none for gorp-flat) and the ratio measured/predicted.
@@ -265,6 +267,10 @@ def run_config(name: str, args, device, stage: int = 2) -> dict:
         "refresh_share_T20": overhead / (20 * median) if overhead is not None else None,
         "refresh_seconds_total": getattr(optimizer, "stats", {}).get("refresh_seconds"),
         "refreshes": getattr(optimizer, "stats", {}).get("refreshes"),
+        # Where a stall is: every step's seconds (warm-up first, refresh steps at i % gap == 0 under
+        # cycle), and how the split-master update ran (compiled once, recompiled, or fell back to eager).
+        "step_times_s": [round(t, 4) for t in times],
+        **split_update_status(name),
         **predicted_memory(name, args, stage, dist.get_world_size(), engine.module.config),
     }
     engine.destroy()
@@ -273,6 +279,27 @@ def run_config(name: str, args, device, stage: int = 2) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def split_update_status(name: str) -> dict:
+    """How GORP's split-master update of the projected targets ran in this process: ``compiled``
+    (the fused kernel), ``eager`` (never compiled: CPU, or targets too small to repay compiling) or
+    ``fell back`` (compiling failed; the eager path ran, ~25 ms a step more at 7B), with the graphs
+    torch.compile captured (more than one means recompiles)."""
+    if not name.startswith("gorp"):
+        return {}
+    from gorp_ds.zero import split_master
+
+    fn = split_master._compiled.get("fn")
+    status = "eager" if fn is None else "fell back" if fn is False else "compiled"
+    graphs = None
+    try:
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"].get("unique_graphs")
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        pass
+    return {"split_update": status, "compiled_graphs": graphs}
 
 
 def table(results: list[dict]) -> str:
