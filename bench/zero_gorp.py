@@ -32,6 +32,7 @@ cycle; then nearly every step refreshes some layers, so the median step is of al
 refresh overhead is reported (compare the cycle throughput and max/median with a ``cycle`` run).
 The JSON lines also hold every step's seconds (``step_times_s``, warm-up steps first), the seconds
 Python's garbage collector ran in each step where it ran at all (``gc_s_by_step``), and, for GORP,
+the seconds of projector refreshes in each step (``refresh_s_by_step``) and
 how the split-master update ran (``split_update``: compiled, eager or fell back; ``compiled_graphs``).
 
 Beside each measured peak the memory model's prediction (``gorp_ds/planning/memory_model.py``, the same
@@ -217,6 +218,8 @@ def run_config(name: str, args, device, stage: int = 2) -> dict:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     times = []
     pauses = GcPauses()  # Python's garbage collector inside the timed steps (a full collection can take ~0.5 s)
+    refresher = getattr(optimizer, "refresher", None)  # GORP: its projector refreshes, timed between syncs
+    refresh_sums = [refresher.seconds()] if refresher is not None else []
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     total = args.warmup + args.steps
@@ -235,6 +238,8 @@ def run_config(name: str, args, device, stage: int = 2) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         pauses.end_step()
+        if refresher is not None:  # time_refreshes: host-side sums between device syncs, free to read
+            refresh_sums.append(refresher.seconds())
     pauses.close()
     if torch.cuda.is_available():
         step_peaks = step_peaks[1:] + [torch.cuda.max_memory_allocated()]  # entry i: the peak of step i
@@ -275,6 +280,7 @@ def run_config(name: str, args, device, stage: int = 2) -> dict:
         # cycle), and how the split-master update ran (compiled once, recompiled, or fell back to eager).
         "step_times_s": [round(t, 4) for t in times],
         "gc_s_by_step": pauses.by_step(),
+        "refresh_s_by_step": [round(b - a, 4) for a, b in zip(refresh_sums, refresh_sums[1:])] or None,
         **split_update_status(name),
         **predicted_memory(name, args, stage, dist.get_world_size(), engine.module.config),
     }
