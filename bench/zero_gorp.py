@@ -30,6 +30,10 @@ schedule), and the longest timed step over the median of all timed steps (the st
 step). ``--refresh-schedule spread`` (docs/algorithm.md §2.1) spreads the layers' refreshes over the
 cycle; then nearly every step refreshes some layers, so the median step is of all timed steps and no
 refresh overhead is reported (compare the cycle throughput and max/median with a ``cycle`` run).
+The JSON lines also hold every step's seconds (``step_times_s``, warm-up steps first), the seconds
+Python's garbage collector ran in each step where it ran at all (``gc_s_by_step``), and, for GORP,
+the seconds of projector refreshes in each step (``refresh_s_by_step``) and
+how the split-master update ran (``split_update``: compiled, eager or fell back; ``compiled_graphs``).
 
 Beside each measured peak the memory model's prediction (``gorp_ds/planning/memory_model.py``, the same
 shape, batch, stage and DeepSpeed settings; none for gorp-flat) and the ratio measured/predicted.
@@ -213,6 +217,9 @@ def run_config(name: str, args, device, stage: int = 2) -> dict:
     # ZeRO-3 releases partitioned parameters (numel 0 outside their module's forward): count ds_numel.
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     times = []
+    pauses = GcPauses()  # Python's garbage collector inside the timed steps (a full collection can take ~0.5 s)
+    refresher = getattr(optimizer, "refresher", None)  # GORP: its projector refreshes, timed between syncs
+    refresh_sums = [refresher.seconds()] if refresher is not None else []
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     total = args.warmup + args.steps
@@ -230,6 +237,10 @@ def run_config(name: str, args, device, stage: int = 2) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        pauses.end_step()
+        if refresher is not None:  # time_refreshes: host-side sums between device syncs, free to read
+            refresh_sums.append(refresher.seconds())
+    pauses.close()
     if torch.cuda.is_available():
         step_peaks = step_peaks[1:] + [torch.cuda.max_memory_allocated()]  # entry i: the peak of step i
     timed = times[args.warmup:]
@@ -265,6 +276,12 @@ def run_config(name: str, args, device, stage: int = 2) -> dict:
         "refresh_share_T20": overhead / (20 * median) if overhead is not None else None,
         "refresh_seconds_total": getattr(optimizer, "stats", {}).get("refresh_seconds"),
         "refreshes": getattr(optimizer, "stats", {}).get("refreshes"),
+        # Where a stall is: every step's seconds (warm-up first, refresh steps at i % gap == 0 under
+        # cycle), and how the split-master update ran (compiled once, recompiled, or fell back to eager).
+        "step_times_s": [round(t, 4) for t in times],
+        "gc_s_by_step": pauses.by_step(),
+        "refresh_s_by_step": [round(b - a, 4) for a, b in zip(refresh_sums, refresh_sums[1:])] or None,
+        **split_update_status(name),
         **predicted_memory(name, args, stage, dist.get_world_size(), engine.module.config),
     }
     engine.destroy()
@@ -273,6 +290,56 @@ def run_config(name: str, args, device, stage: int = 2) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+class GcPauses:
+    """Seconds Python's garbage collector ran in each step (``gc.callbacks``), by generation: a slow
+    step with a generation-2 collection in it is the collector's, not the GPU's."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[int, float]] = [{}]
+        self._began = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        generation = info["generation"]
+        current = self.steps[-1]
+        current[generation] = current.get(generation, 0.0) + time.perf_counter() - self._began
+
+    def end_step(self) -> None:
+        self.steps.append({})
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def by_step(self) -> dict[str, dict[str, float]]:
+        """``{step: {"gen<g>": seconds}}`` for the steps (warm-up included) where the collector ran ≥ 1 ms."""
+        return {str(i): {f"gen{g}": round(s, 4) for g, s in sorted(step.items())}
+                for i, step in enumerate(self.steps[:-1]) if sum(step.values()) >= 1e-3}
+
+
+def split_update_status(name: str) -> dict:
+    """How GORP's split-master update of the projected targets ran in this process: ``compiled``
+    (the fused kernel), ``eager`` (never compiled: CPU, or targets too small to repay compiling) or
+    ``fell back`` (compiling failed; the eager path ran, ~25 ms a step more at 7B), with the graphs
+    torch.compile captured (more than one means recompiles)."""
+    if not name.startswith("gorp"):
+        return {}
+    from gorp_ds.zero import split_master
+
+    fn = split_master._compiled.get("fn")
+    status = "eager" if fn is None else "fell back" if fn is False else "compiled"
+    graphs = None
+    try:
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"].get("unique_graphs")
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        pass
+    return {"split_update": status, "compiled_graphs": graphs}
 
 
 def table(results: list[dict]) -> str:
