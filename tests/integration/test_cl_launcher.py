@@ -15,6 +15,8 @@ six-method launch (made once per session, shared with test_cl_faults and test_cl
    DeepSpeed's per-node launcher stops its ranks and exits with 1; the ranks checkpoint step 1 and
    exit with 75; node.sh reports 75 (the requeue marker) and writes it for train.sbatch.
 3. ``latest`` deleted again; ``--resume auto``: finishes, bit-identical to the uninterrupted run.
+
+The user-error launches (below) are independent of the chain and run beside it.
 """
 
 from __future__ import annotations

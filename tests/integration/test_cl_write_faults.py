@@ -16,7 +16,8 @@ no traceback, with ``latest`` on a complete checkpoint:
    masters and the LoRA merges, bit for bit).
 
 Then ``--eval-only`` with its output under a regular file, and on a read-only file system: one line
-before any evaluation.
+before any evaluation (of gorp's export from the uninterrupted launch; these two launches run beside
+the chain).
 """
 
 from __future__ import annotations
