@@ -28,6 +28,7 @@ import torch
 
 from tests.support import REPO
 from tests.support.launch import clean_env, launch
+from tests.support.side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow
 
@@ -233,8 +234,10 @@ def test_eval_only_on_the_export_reproduces_the_last_row(run, tiny_model_dir) ->
     assert ran["tasks"] == EVAL_TASKS and ran["task_metrics"] == ["accuracy", "rougeL"]
     assert len(ran["R"]) == len(TASKS) + 1
     rouge_scores = []
-    for model in (run["out"] / "export", run["out"]):  # the exported directory, then the checkpoint
-        evaluated = _eval_only(run, model, f"eval_{model.name}", tiny_model_dir)
+    models = (run["out"] / "export", run["out"])  # the exported directory, then the checkpoint
+    evaluations = side_by_side(*(lambda model=model: _eval_only(run, model, f"eval_{model.name}", tiny_model_dir)
+                                 for model in models))
+    for model, evaluated in zip(models, evaluations):
         again = json.loads((evaluated / "results.json").read_text())
         assert again["tasks"] == TASKS
         assert again["R"] == [result["R"][-1]]
@@ -292,7 +295,9 @@ def test_two_rank_checkpoint_exports_on_one_process(run, tmp_path, tiny_model_di
     scaling = result["config"]["lora_alpha"] / result["config"]["lora_r"]
     # mid-task: the adapter is trained and unmerged, so the export's merge is what is tested
     tag_dir = run["out"] / "checkpoints" / MID_TASK_TAG
-    _export_on_one_process(tag_dir, tmp_path / "mid")
+    # the mid-task checkpoint and the final one (below), exported side by side
+    side_by_side(lambda: _export_on_one_process(tag_dir, tmp_path / "mid"),
+                 lambda: _export_on_one_process(run["out"], tmp_path / "final"))
     exported = _safetensors(tmp_path / "mid")
     reference = _reference_merge(tag_dir, scaling, tiny_model_dir)
     assert sorted(exported) == sorted(reference)
@@ -305,7 +310,6 @@ def test_two_rank_checkpoint_exports_on_one_process(run, tmp_path, tiny_model_di
         assert exported[key].dtype == torch.float32
         assert (exported[key].double() - value).abs().max() <= 1e-6, key
     # the final checkpoint (the method's output directory) exports to the run's own export, bit for bit
-    _export_on_one_process(run["out"], tmp_path / "final")
     final, own = _safetensors(tmp_path / "final"), _safetensors(run["out"] / "export")
     assert sorted(final) == sorted(own)
     assert all(torch.equal(final[k], own[k]) for k in own)
@@ -505,10 +509,14 @@ def bf16_run(tmp_path_factory, tiny_model_dir) -> dict:
              (root / "ties", root / "ties.pt", root / "ties_export")]
     command = [deepspeed(), "--num_gpus", "2", "--master_port", str(free_port()),
                str(REPO / "tests" / "support" / "engine_weights.py"), *[str(p) for case in cases for p in case]]
-    proc = subprocess.run(command, cwd=REPO, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                          timeout=600)
+    # beside it, the bf16 --eval-only of gorp's export (test_bf16_eval_only_...): independent launches
+    proc, eval_proc = side_by_side(
+        lambda: subprocess.run(command, cwd=REPO, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True,
+                               text=True, timeout=600),
+        lambda: launch(tiny_model_dir, root / "eval_bf16", "--method", "gorp", "--eval-only", "--model",
+                       str(run_dir / "gorp" / "export")))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return {"run": run_dir, "root": root, "ties": ties, "cases": cases}
+    return {"run": run_dir, "root": root, "ties": ties, "cases": cases, "eval_proc": eval_proc}
 
 
 def _equal_bits(export: dict[str, torch.Tensor], engine: dict[str, torch.Tensor]) -> None:
@@ -547,12 +555,12 @@ def test_bf16_export_equals_the_engine_weights_bit_for_bit_ties_included(bf16_ru
     assert any(not torch.equal(engine[f"{n}.weight"], engine_ties[f"{n}.weight"]) for n in gate)
 
 
-def test_bf16_eval_only_on_the_export_reproduces_the_last_row_and_predictions(bf16_run, tiny_model_dir) -> None:
+def test_bf16_eval_only_on_the_export_reproduces_the_last_row_and_predictions(bf16_run) -> None:
     """Two ranks, bf16: --eval-only on gorp's export gives the run's last row of R and every
     prediction line of it, bit for bit (the six-method launch's own settings)."""
     run_dir = bf16_run["run"]
     out = bf16_run["root"] / "eval_bf16"
-    proc = launch(tiny_model_dir, out, "--method", "gorp", "--eval-only", "--model", str(run_dir / "gorp" / "export"))
+    proc = bf16_run["eval_proc"]  # launched by the fixture, beside the engine rebuild
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     result = json.loads((run_dir / "gorp" / "results.json").read_text())
     again = json.loads((out / "eval" / "results.json").read_text())

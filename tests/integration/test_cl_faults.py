@@ -19,7 +19,6 @@ six-method launch (made once per session, shared with test_cl_end_to_end and tes
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -28,6 +27,8 @@ import pytest
 import torch
 
 from tests.support.launch import launch, six_method_run
+from tests.support.resume_checks import assert_resumed_equals_uninterrupted
+from tests.support.side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow
 GORP_ONLY = ("--method", "gorp")
@@ -39,16 +40,9 @@ def _latest(out: Path) -> str | None:
 
 
 def _launch(model_dir: Path, out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return launch(model_dir, out, *GORP_ONLY, *extra)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    """gorp alone, with the fault variables ``env`` in the launch's environment (not this process's:
+    launches run side by side)."""
+    return launch(model_dir, out, *GORP_ONLY, *extra, env_extra=env)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +51,20 @@ def reference(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, tiny_model_dir, reference) -> dict:
-    out = tmp_path_factory.mktemp("faults_chain")
+def launches(tmp_path_factory, tiny_model_dir, reference) -> dict:
+    """The chain, and beside it (independent launches, side by side) the full-disk launch."""
+    chain_dir, disk_dir = tmp_path_factory.mktemp("faults_chain"), tmp_path_factory.mktemp("disk_full")
+    chain, disk_full = side_by_side(lambda: _chain(chain_dir, tiny_model_dir),
+                                    lambda: _disk_full_launch(disk_dir, tiny_model_dir, reference))
+    return {"chain": chain, "disk_full": disk_full}
+
+
+@pytest.fixture(scope="module")
+def chain(launches) -> dict:
+    return launches["chain"]
+
+
+def _chain(out: Path, tiny_model_dir: Path) -> dict:
     steps = [((), {"GORP_DS_CKPT_FAULT": "manifest@2"}),
              (("--resume", "--keep-checkpoints", "3"), {"GORP_DS_CKPT_FAULT": "files@2"}),
              (("--resume",), {"GORP_DS_SIGNAL_AT": "1,3,0"}),  # task index 1 (task 2), after step 3
@@ -92,22 +98,9 @@ def test_sigterm_to_one_rank_checkpoints_that_step_and_asks_for_requeue(chain) -
 
 
 def test_resumed_chain_equals_uninterrupted(chain, reference) -> None:
-    from gorp_ds.zero import read_client_state, read_masters
-
     last = chain["launches"][3]
     assert last["rc"] == 0 and "resumed at task 2, step 3" in last["out"], last["out"][-3000:]
-    resumed = json.loads((chain["out"] / "gorp" / "results.json").read_text())
-    expected = json.loads((reference / "gorp" / "results.json").read_text())
-    assert resumed["R"] == expected["R"] and resumed["metrics"] == expected["metrics"]
-    folders = [str(run / "gorp" / "checkpoints") for run in (chain["out"], reference)]
-    assert _latest(chain["out"]) == _latest(reference)
-    masters = [read_masters(f) for f in folders]
-    assert sorted(masters[0]) == sorted(masters[1])
-    assert all(torch.equal(masters[0][n], masters[1][n]) for n in masters[0])
-    merges = [read_client_state(f)["lora_merges"] for f in folders]
-    assert len(merges[0]) == len(merges[1]) == 4
-    for a, b in zip(*merges):
-        assert all(torch.equal(a[layer][k], b[layer][k]) for layer in a for k in ("A", "B", "scaling"))
+    assert_resumed_equals_uninterrupted(chain["out"], reference, merges=4)
 
 
 def test_positions_users_see_number_tasks_from_1(chain) -> None:
@@ -172,27 +165,43 @@ def test_checkpoint_holds_trainable_state_only(reference, tiny_model_dir) -> Non
             assert merged < shapes[layer].numel(), layer
 
 
-def test_disk_full_is_one_clear_line_and_the_previous_checkpoint_loads(tmp_path, tiny_model_dir, reference) -> None:
-    from gorp_ds.zero import read_client_state, read_masters
-
+def _disk_full_launch(tmp: Path, tiny_model_dir: Path, reference: Path) -> dict:
+    """gorp saving every step into a tmpfs with room for a few checkpoints: the launch and its
+    checkpoint folder, or why it could not run (``skip``)."""
     tag = reference / "gorp" / "checkpoints" / _latest(reference)
     size = sum(p.stat().st_size for p in tag.rglob("*") if p.is_file())
-    mount = tmp_path / "small"
+    mount = tmp / "small"
     mount.mkdir()
     budget = 4 * size + 256 * 1024  # room for a few checkpoints (kept: all) and the TensorBoard events
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={budget}", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        return {"skip": f"cannot mount a tmpfs here: {done.stderr.decode().strip()}"}
     try:
         proc = _launch(tiny_model_dir, mount / "run", "--save-every", "1", "--keep-checkpoints", "100")
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("gorp_ds: error:")]
-        assert len(errors) == 1, proc.stderr[-3000:]
-        assert "Traceback" not in proc.stderr and "basic_ios" not in proc.stderr.replace(errors[0], "")
-        assert "not enough free space" in errors[0] or "no space left" in errors[0].lower(), errors[0]
-        assert str(mount / "run" / "gorp" / "checkpoints") in errors[0] and "is still usable" in errors[0]
+        # read while mounted: the test runs after the tmpfs is gone
+        from gorp_ds.zero import read_client_state, read_masters
+
         folder = str(mount / "run" / "gorp" / "checkpoints")
-        assert read_client_state(folder)["progress"]["global_step"] >= 1
-        assert read_masters(folder)
+        try:
+            state = {"global_step": read_client_state(folder)["progress"]["global_step"],
+                     "masters": bool(read_masters(folder))}
+        except Exception as failure:  # noqa: BLE001 (reported by the test, after the launch's own checks)
+            state = {"failure": repr(failure)}
+        return {"skip": None, "proc": proc, "folder": folder, "state": state}
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_disk_full_is_one_clear_line_and_the_previous_checkpoint_loads(launches) -> None:
+    got = launches["disk_full"]
+    if got["skip"] is not None:
+        pytest.skip(got["skip"])
+    proc = got["proc"]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gorp_ds: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "basic_ios" not in proc.stderr.replace(errors[0], "")
+    assert "not enough free space" in errors[0] or "no space left" in errors[0].lower(), errors[0]
+    assert got["folder"] in errors[0] and "is still usable" in errors[0]
+    assert "failure" not in got["state"], got["state"]  # the previous checkpoint loads
+    assert got["state"]["global_step"] >= 1 and got["state"]["masters"]

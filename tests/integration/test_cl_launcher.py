@@ -15,11 +15,12 @@ six-method launch (made once per session, shared with test_cl_faults and test_cl
    DeepSpeed's per-node launcher stops its ranks and exits with 1; the ranks checkpoint step 1 and
    exit with 75; node.sh reports 75 (the requeue marker) and writes it for train.sbatch.
 3. ``latest`` deleted again; ``--resume auto``: finishes, bit-identical to the uninterrupted run.
+
+The user-error launches (below) are independent of the chain and run beside it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -29,10 +30,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from tests.support import REPO
 from tests.support.launch import RUN_ARGS, TRAIN, clean_env, deepspeed, free_port, launch, six_method_run
+from tests.support.resume_checks import assert_resumed_equals_uninterrupted
+from tests.support.side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow
 GORP_ONLY = ("--method", "gorp")
@@ -109,8 +111,23 @@ def reference(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, tiny_model_dir, reference) -> dict:
-    tmp = tmp_path_factory.mktemp("launcher_chain")
+def launches(tmp_path_factory, tiny_model_dir, reference) -> dict:
+    """The chain, and beside it (independent launches, side by side) the user-error launches."""
+    tmp = tmp_path_factory.mktemp("launcher")
+    chain, errors = side_by_side(
+        lambda: _chain(tmp / "chain", tiny_model_dir),
+        lambda: {tuple(flags): _user_error_launch(tmp / f"error_{number}", tiny_model_dir, flags)
+                 for number, (flags, _) in enumerate(USER_ERRORS)})
+    return {"chain": chain, "errors": errors}
+
+
+@pytest.fixture(scope="module")
+def chain(launches) -> dict:
+    return launches["chain"]
+
+
+def _chain(tmp: Path, tiny_model_dir: Path) -> dict:
+    tmp.mkdir()
     out = tmp / "run"
     record: dict = {"out": out}
 
@@ -186,24 +203,11 @@ def test_terminated_job_step_checkpoints_and_reports_75(chain) -> None:
 
 
 def test_resume_auto_without_latest_equals_uninterrupted(chain, reference) -> None:
-    from gorp_ds.zero import read_client_state, read_masters
-
     last = chain["last"]
     assert last["status"] == 0, last["out"][-3000:]
     assert "falling back to the newest complete checkpoint 'task02_step000001'" in last["out"]
     assert "resumed at task 2, step 1" in last["out"], last["out"][-3000:]
-    resumed = json.loads((chain["out"] / "gorp" / "results.json").read_text())
-    expected = json.loads((reference / "gorp" / "results.json").read_text())
-    assert resumed["R"] == expected["R"] and resumed["metrics"] == expected["metrics"]
-    folders = [str(run / "gorp" / "checkpoints") for run in (chain["out"], reference)]
-    assert _latest(chain["out"]) == _latest(reference)
-    masters = [read_masters(f) for f in folders]
-    assert sorted(masters[0]) == sorted(masters[1])
-    assert all(torch.equal(masters[0][n], masters[1][n]) for n in masters[0])
-    merges = [read_client_state(f)["lora_merges"] for f in folders]
-    assert len(merges[0]) == len(merges[1]) == 4
-    for a, b in zip(*merges):
-        assert all(torch.equal(a[layer][k], b[layer][k]) for layer in a for k in ("A", "B", "scaling"))
+    assert_resumed_equals_uninterrupted(chain["out"], reference, merges=4)
 
 
 # ------------------------------------------------------------------------ user errors, printed once
@@ -213,19 +217,27 @@ def test_resume_auto_without_latest_equals_uninterrupted(chain, reference) -> No
 DELAY_RANK0 = f'#!/bin/sh\n[ "$LOCAL_RANK" = 0 ] && sleep 3\nexec {sys.executable} -u {TRAIN} "$@"\n'
 
 
-@pytest.mark.parametrize("flags, expected", [
+USER_ERRORS = [
     (["--max-length", "7"], "--max-length must be >= 8, got 7"),
     (["--update-gap", "0"], "--update-gap must be >= 1, got 0"),
     (["--lr-plain", "-1"], "--lr-plain must be >= 0, got -1.0"),
     (["--no-such-flag"], "launch/train.py: error: unrecognized arguments: --no-such-flag"),
-])
-def test_user_error_is_printed_once_before_the_ranks_exit(tmp_path, tiny_model_dir, flags, expected) -> None:
-    wrapper = tmp_path / "delayed_rank0"
+]
+
+
+def _user_error_launch(folder: Path, tiny_model_dir: Path, flags: list[str]) -> subprocess.CompletedProcess:
+    folder.mkdir()
+    wrapper = folder / "delayed_rank0"
     wrapper.write_text(DELAY_RANK0)
     wrapper.chmod(0o755)
     command = [deepspeed(), "--num_gpus", "2", "--master_port", str(free_port()), "--no_python", str(wrapper),
-               "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"), *flags]
-    proc = subprocess.run(command, env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
+               "--model", str(tiny_model_dir), "--output-dir", str(folder / "run"), *flags]
+    return subprocess.run(command, env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("flags, expected", USER_ERRORS)
+def test_user_error_is_printed_once_before_the_ranks_exit(launches, flags, expected) -> None:
+    proc = launches["errors"][tuple(flags)]
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-3000:]
     assert "Traceback" not in output

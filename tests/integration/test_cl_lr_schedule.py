@@ -17,9 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.support.launch import launch, read_final_state
+from tests.support.launch import launch
+from tests.support.resume_checks import assert_same_final_state
+from tests.support.side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow
 
@@ -47,12 +48,18 @@ def _lr_events(run: Path) -> dict[str, list[tuple[int, float]]]:
 def runs(tmp_path_factory, tiny_model_dir) -> dict:
     reference, resumed = tmp_path_factory.mktemp("lr_reference"), tmp_path_factory.mktemp("lr_resumed")
     record: dict = {"reference_dir": reference, "resumed_dir": resumed}
-    for name, out, extra, fault in (("reference", reference, (), None), ("killed", resumed, (), "1,3"),
-                                    ("resumed", resumed, ("--resume",), None)):
+
+    def run(name: str, out: Path, extra: tuple[str, ...], fault: str | None) -> None:
         proc = launch(tiny_model_dir, out, *ARGS, *extra, fault=fault)
         latest = out / "gorp" / "checkpoints" / "latest"
         record[name] = {"returncode": proc.returncode, "output": proc.stdout + proc.stderr,
                         "latest": latest.read_text().strip() if latest.is_file() else None}
+
+    def killed_and_resumed() -> None:
+        run("killed", resumed, (), "1,3")
+        run("resumed", resumed, ("--resume",), None)
+
+    side_by_side(lambda: run("reference", reference, (), None), killed_and_resumed)
     return record
 
 
@@ -85,15 +92,4 @@ def test_resumed_lr_per_step_equals_the_uninterrupted_runs(runs) -> None:
 
 
 def test_final_weights_are_bit_identical(runs) -> None:
-    tag, masters, merges, ranks = read_final_state(runs["resumed_dir"], "gorp")
-    ref_tag, ref_masters, ref_merges, ref_ranks = read_final_state(runs["reference_dir"], "gorp")
-    assert tag == ref_tag
-    assert sorted(masters) == sorted(ref_masters)
-    assert [k for k in masters if not torch.equal(masters[k], ref_masters[k])] == []
-    assert len(merges) == len(ref_merges) == 2
-    for record, ref_record in zip(merges, ref_merges):
-        for layer in record:
-            for key in ("A", "B"):
-                assert torch.equal(record[layer][key], ref_record[layer][key]), (layer, key)
-    for state, ref in zip(ranks, ref_ranks):
-        assert all(torch.equal(state["shared"][n], ref["shared"][n]) for n in ref["shared"])
+    assert_same_final_state(runs["resumed_dir"], runs["reference_dir"], merges=2)

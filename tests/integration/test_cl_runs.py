@@ -39,6 +39,8 @@ import torch
 from gorp_ds.cl.config import flatten_run
 from tests.support import REPO
 from tests.support.launch import clean_env, launch_train, read_final_state, read_scalars
+from tests.support.resume_checks import assert_same_final_state
+from tests.support.side_by_side import side_by_side
 
 ERROR_PREFIX = "gorp_ds: error:"
 B_ARGS = [
@@ -74,25 +76,29 @@ def _results(out: Path, method: str = "gorp") -> dict:
 def runs(tmp_path_factory, tiny_model_dir) -> dict:
     root = tmp_path_factory.mktemp("runs")
     d, ref = root / "D", root / "B_reference"
-    record: dict = {"root": root, "D": d, "ref": ref}
-    record["A"] = _launch(tiny_model_dir, d, "--lr-lora", "5e-3")
-    record["A_files"] = _listing(d)
-    record["no_flags"] = _launch(tiny_model_dir, d)
-    record["after_no_flags"] = _listing(d)
-    record["auto_over_A"] = _launch(tiny_model_dir, d, "--resume", "auto")
-    record["after_auto_over_A"] = _listing(d)
-    record["overwrite_killed"] = _launch(tiny_model_dir, d, "--overwrite", GORP_DS_FAULT_AT="1,3")
-    record["killed_latest"] = (d / "gorp" / "checkpoints" / "latest").read_text().strip()
-    record["killed_has_results"] = (d / "gorp" / "results.json").exists()
-    d2 = root / "D_new_lr"
-    shutil.copytree(d, d2)
-    record["D2"] = d2
-    record["requeue"] = _launch(tiny_model_dir, d, "--resume", "auto")
-    record["reference"] = _launch(tiny_model_dir, ref)
-    record["new_lr"] = _launch(tiny_model_dir, d2, "--resume", "--lr-lora", "2e-2")
-    record["nan"] = _launch(tiny_model_dir, root / "nan", GORP_DS_NAN_AT="0,3")
-    record["drop"] = _launch(tiny_model_dir, root / "drop", GORP_DS_DROP_AT="0,3")
-    record["diverge"] = _launch(tiny_model_dir, root / "diverge", "--method", "seq-ft", "--lr-plain", "1e30")
+    record: dict = {"root": root, "D": d, "ref": ref, "D2": root / "D_new_lr"}
+
+    def requeue_sequence() -> None:  # the launches into D, one after the other (each needs the last)
+        record["A"] = _launch(tiny_model_dir, d, "--lr-lora", "5e-3")
+        record["A_files"] = _listing(d)
+        record["no_flags"] = _launch(tiny_model_dir, d)
+        record["after_no_flags"] = _listing(d)
+        record["auto_over_A"] = _launch(tiny_model_dir, d, "--resume", "auto")
+        record["after_auto_over_A"] = _listing(d)
+        record["overwrite_killed"] = _launch(tiny_model_dir, d, "--overwrite", GORP_DS_FAULT_AT="1,3")
+        record["killed_latest"] = (d / "gorp" / "checkpoints" / "latest").read_text().strip()
+        record["killed_has_results"] = (d / "gorp" / "results.json").exists()
+        shutil.copytree(d, record["D2"])
+        record["requeue"] = _launch(tiny_model_dir, d, "--resume", "auto")
+        record["new_lr"] = _launch(tiny_model_dir, record["D2"], "--resume", "--lr-lora", "2e-2")
+
+    def independent() -> None:  # launches into directories of their own
+        record["reference"] = _launch(tiny_model_dir, ref)
+        record["nan"] = _launch(tiny_model_dir, root / "nan", GORP_DS_NAN_AT="0,3")
+        record["drop"] = _launch(tiny_model_dir, root / "drop", GORP_DS_DROP_AT="0,3")
+        record["diverge"] = _launch(tiny_model_dir, root / "diverge", "--method", "seq-ft", "--lr-plain", "1e30")
+
+    side_by_side(requeue_sequence, independent)
     return record
 
 
@@ -141,27 +147,6 @@ def test_overwrite_moves_the_old_run_aside(runs) -> None:
     assert runs["killed_latest"] == "task02_step000002" and not runs["killed_has_results"]
 
 
-def _assert_same_final_state(run: Path, reference: Path) -> dict:
-    """The last checkpoints of two gorp runs: the same tag, and bit-identical fp32 masters of every
-    trained tensor, recorded LoRA merges (what rebuilds the frozen weights) and shared spaces.
-    Returns the run's masters."""
-    tag, masters, merges, ranks = read_final_state(run, "gorp")
-    ref_tag, ref_masters, ref_merges, ref_ranks = read_final_state(reference, "gorp")
-    assert tag == ref_tag
-    assert sorted(masters) == sorted(ref_masters)
-    assert [k for k in masters if not torch.equal(masters[k], ref_masters[k])] == []
-    assert len(merges) == len(ref_merges)
-    for record, ref_record in zip(merges, ref_merges):
-        assert sorted(record) == sorted(ref_record)
-        for layer in record:
-            assert all(torch.equal(record[layer][k], ref_record[layer][k]) for k in ("A", "B", "scaling")), layer
-    for state, ref_state in zip(ranks, ref_ranks):
-        assert sorted(state["shared"]) == sorted(ref_state["shared"])
-        for name, basis in state["shared"].items():
-            assert torch.equal(basis, ref_state["shared"][name]), name
-    return masters
-
-
 def test_requeue_resumes_the_new_run_and_matches_uninterrupted(runs) -> None:
     got, ref = runs["requeue"], runs["reference"]
     assert ref["rc"] == 0, ref["output"][-4000:]
@@ -172,7 +157,7 @@ def test_requeue_resumes_the_new_run_and_matches_uninterrupted(runs) -> None:
     assert resumed["R"] == reference["R"] and resumed["metrics"] == reference["metrics"]
     assert resumed["eval_tasks"] == reference["eval_tasks"]
     assert resumed["config"]["lr_lora"] == 1e-2 and resumed["config_changes"] == []
-    _assert_same_final_state(runs["D"], runs["ref"])
+    assert_same_final_state(runs["D"], runs["ref"])
 
 
 def test_changed_learning_rate_is_applied_and_recorded(runs) -> None:
@@ -211,7 +196,7 @@ def test_nan_gradient_is_skipped_and_the_run_matches_one_without_that_batch(runs
     skipped = dict(read_scalars(nan_dir, "gorp")["train/skipped_nonfinite_steps"])
     assert [skipped[s] for s in range(1, 9)] == [0, 0, 1, 1, 1, 1, 1, 1]
     assert _results(nan_dir)["R"] == _results(drop_dir)["R"]
-    masters = _assert_same_final_state(nan_dir, drop_dir)
+    masters = assert_same_final_state(nan_dir, drop_dir)
     # Not vacuous: the batch left out matters (the uninterrupted run, which trained on it, differs).
     _, ref_masters, _, _ = read_final_state(runs["ref"], "gorp")
     assert any(not torch.equal(masters[k], ref_masters[k]) for k in masters)

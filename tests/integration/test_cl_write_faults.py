@@ -16,7 +16,8 @@ no traceback, with ``latest`` on a complete checkpoint:
    masters and the LoRA merges, bit for bit).
 
 Then ``--eval-only`` with its output under a regular file, and on a read-only file system: one line
-before any evaluation.
+before any evaluation (of gorp's export from the uninterrupted launch; these two launches run beside
+the chain).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.support.launch import launch, six_method_run
+from tests.support.resume_checks import assert_resumed_equals_uninterrupted
+from tests.support.side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow
 GORP_ONLY = ("--method", "gorp")
@@ -57,10 +59,22 @@ def reference(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, tiny_model_dir, reference) -> dict:
+def launches(tmp_path_factory, tiny_model_dir, reference) -> dict:
+    """The chain, and beside it (independent launches, side by side) the ``--eval-only`` refusals."""
+    chain_dir, eval_dir = tmp_path_factory.mktemp("write_faults"), tmp_path_factory.mktemp("eval_only_outputs")
+    chain, eval_only = side_by_side(lambda: _chain(chain_dir, tiny_model_dir),
+                                    lambda: _eval_only_launches(eval_dir, tiny_model_dir, reference / "gorp" / "export"))
+    return {"chain": chain, "eval_only": eval_only}
+
+
+@pytest.fixture(scope="module")
+def chain(launches) -> dict:
+    return launches["chain"]
+
+
+def _chain(out: Path, tiny_model_dir: Path) -> dict:
     from gorp_ds.zero.checkpoint_io import check_tag
 
-    out = tmp_path_factory.mktemp("write_faults")
     faults = ["predictions@5", "tensorboard_open", "tensorboard_flush@6", "export@2", "results@1", None]
     record = []
     for number, fault in enumerate(faults):
@@ -107,46 +121,50 @@ def test_what_was_written_before_stays(chain) -> None:
 
 
 def test_resumed_chain_equals_uninterrupted(chain, reference) -> None:
-    from gorp_ds.zero import read_client_state, read_masters
-
     last = chain["launches"][-1]
     assert last["proc"].returncode == 0, (last["proc"].stdout + last["proc"].stderr)[-4000:]
-    resumed = json.loads((chain["out"] / "gorp" / "results.json").read_text())
+    assert_resumed_equals_uninterrupted(chain["out"], reference, merges=4)
     expected = json.loads((reference / "gorp" / "results.json").read_text())
-    assert resumed["R"] == expected["R"] and resumed["metrics"] == expected["metrics"]
     for path in expected["predictions"][-1]:
         assert (chain["out"] / "gorp" / path).read_text() == (reference / "gorp" / path).read_text(), path
-    folders = [str(run / "gorp" / "checkpoints") for run in (chain["out"], reference)]
-    masters = [read_masters(f) for f in folders]
-    assert sorted(masters[0]) == sorted(masters[1])
-    assert all(torch.equal(masters[0][n], masters[1][n]) for n in masters[0])
-    merges = [read_client_state(f)["lora_merges"] for f in folders]
-    for a, b in zip(*merges):
-        assert all(torch.equal(a[layer][k], b[layer][k]) for layer in a for k in ("A", "B", "scaling"))
 
 
-def test_eval_only_output_path_is_checked_before_evaluation(chain, tiny_model_dir, tmp_path) -> None:
-    regular = tmp_path / "a_file"
+def _eval_only_launches(tmp: Path, tiny_model_dir: Path, model: Path) -> dict:
+    """``--eval-only`` of an export (gorp's, from the uninterrupted launch) with its output under a
+    regular file, and in a read-only directory (a read-only tmpfs when running as root, who writes
+    through permissions)."""
+    regular = tmp / "a_file"
     regular.write_text("")
-    model = chain["out"] / "gorp" / "export"
-    proc = launch(tiny_model_dir, regular / "eval_out", *GORP_ONLY, "--eval-only", "--model", str(model))
-    line = _one_error(proc)
-    assert f"{regular} is a file, so no directory can be made under it" in line, line
-    assert "evaluating" not in proc.stdout + proc.stderr  # stopped before the evaluation started
-
-    mount = tmp_path / "read_only"
+    record: dict = {"regular": regular, "mount": tmp / "read_only", "skip": None}
+    record["under_file"] = launch(tiny_model_dir, regular / "eval_out", *GORP_ONLY, "--eval-only", "--model", str(model))
+    mount = record["mount"]
     mount.mkdir()
     if os.geteuid() != 0:
         mount.chmod(0o555)
-    else:  # root writes through permissions: a read-only tmpfs instead, where one may be mounted
+    else:
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True)
         if done.returncode != 0:
-            pytest.skip(f"running as root and cannot mount a read-only tmpfs: {done.stderr.decode().strip()}")
+            record["skip"] = f"running as root and cannot mount a read-only tmpfs: {done.stderr.decode().strip()}"
+            return record
     try:
-        proc = launch(tiny_model_dir, mount / "eval_out", *GORP_ONLY, "--eval-only", "--model", str(model))
-        line = _one_error(proc)
-        assert f"{mount} is" in line and "not writable" in line, line
-        assert "evaluating" not in proc.stdout + proc.stderr
+        record["read_only"] = launch(tiny_model_dir, mount / "eval_out", *GORP_ONLY, "--eval-only", "--model",
+                                     str(model))
     finally:
         if os.geteuid() == 0:
             subprocess.run(["umount", str(mount)], check=False)
+    return record
+
+
+def test_eval_only_output_path_is_checked_before_evaluation(launches) -> None:
+    got = launches["eval_only"]
+    proc = got["under_file"]
+    line = _one_error(proc)
+    assert f"{got['regular']} is a file, so no directory can be made under it" in line, line
+    assert "evaluating" not in proc.stdout + proc.stderr  # stopped before the evaluation started
+
+    if got["skip"] is not None:
+        pytest.skip(got["skip"])
+    proc = got["read_only"]
+    line = _one_error(proc)
+    assert f"{got['mount']} is" in line and "not writable" in line, line
+    assert "evaluating" not in proc.stdout + proc.stderr

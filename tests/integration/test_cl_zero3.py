@@ -20,6 +20,7 @@ import torch
 
 from tests.support import REPO
 from tests.support.launch import launch, noise_in, read_results, read_scalars
+from tests.support.side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow
 
@@ -31,22 +32,28 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[int, Path]:
     config["bf16"] = {"enabled": False}
     (root / "zero3_fp32.json").write_text(json.dumps(config))
     result = {}
-    for stage, ds_config in ((2, REPO / "ds_configs" / "zero2_fp32.json"), (3, root / "zero3_fp32.json")):
-        out = root / f"stage{stage}"
-        proc = launch(tiny_model_dir, out, "--method", "gorp", "--dtype", "fp32", "--ds_config", str(ds_config))
+
+    def uninterrupted() -> None:
+        for stage, ds_config in ((2, REPO / "ds_configs" / "zero2_fp32.json"), (3, root / "zero3_fp32.json")):
+            out = root / f"stage{stage}"
+            proc = launch(tiny_model_dir, out, "--method", "gorp", "--dtype", "fp32", "--ds_config", str(ds_config))
+            assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+            assert f"GORP under ZeRO-{stage}" in proc.stdout + proc.stderr
+            # ZeRO-3 has deprecation warnings of its own (DeepSpeed's reduce-scatter), filtered at start-up
+            assert noise_in(proc.stdout + proc.stderr) == [], f"ZeRO-{stage}"
+            result[stage] = out
+
+    def killed_and_resumed() -> None:
+        killed = root / "stage3_killed"
+        proc = launch(tiny_model_dir, killed, "--method", "gorp", "--dtype", "fp32", "--ds_config",
+                      str(root / "zero3_fp32.json"), fault="1,2")
+        assert proc.returncode != 0, "the fault hook did not stop the run"
+        proc = launch(tiny_model_dir, killed, "--method", "gorp", "--dtype", "fp32", "--ds_config",
+                      str(root / "zero3_fp32.json"), "--resume")
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-        assert f"GORP under ZeRO-{stage}" in proc.stdout + proc.stderr
-        # ZeRO-3 has deprecation warnings of its own (DeepSpeed's reduce-scatter), filtered at start-up
-        assert noise_in(proc.stdout + proc.stderr) == [], f"ZeRO-{stage}"
-        result[stage] = out
-    killed = root / "stage3_killed"
-    proc = launch(tiny_model_dir, killed, "--method", "gorp", "--dtype", "fp32", "--ds_config",
-                  str(root / "zero3_fp32.json"), fault="1,2")
-    assert proc.returncode != 0, "the fault hook did not stop the run"
-    proc = launch(tiny_model_dir, killed, "--method", "gorp", "--dtype", "fp32", "--ds_config",
-                  str(root / "zero3_fp32.json"), "--resume")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    result["resumed"] = killed
+        result["resumed"] = killed
+
+    side_by_side(uninterrupted, killed_and_resumed)
     return result
 
 

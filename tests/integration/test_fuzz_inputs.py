@@ -36,6 +36,7 @@ from gorp_ds.data.tokenize import check_fits
 from gorp_ds.models.loading import ModelConfig, load_model_and_tokenizer
 from tests.support import REPO
 from tests.support.launch import clean_env, launch_train
+from tests.support.side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow
 
@@ -520,8 +521,10 @@ def test_two_rank_launches_refuse_in_one_line(tmp_path: Path, tiny_model_dir: Pa
                        "--tasks", "XX/odd", "--output-dir", str(tmp_path / "out_surrogate")],
                       (str(bench / "test.json"), "entry 5", '"sentence"', "surrogate")),
     }
-    for name, (argv, needles) in cases.items():
-        proc = launch_train(argv, env=clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)), timeout=240)
+    procs = side_by_side(*(lambda argv=argv: launch_train(argv, env=clean_env(OMP_NUM_THREADS="1",
+                                                                            PYTHONPATH=str(REPO)), timeout=240)
+                           for argv, _ in cases.values()))  # independent launches, side by side
+    for (name, (_, needles)), proc in zip(cases.items(), procs):
         output = proc.stdout + proc.stderr
         assert proc.returncode == 2, f"{name}: {output[-3000:]}"
         lines = [line for line in output.splitlines() if ERROR_PREFIX in line]

@@ -24,6 +24,7 @@ import torch
 
 from tests.support import REPO
 from tests.support.launch import clean_env, launch_train, read_scalars
+from tests.support.side_by_side import side_by_side
 
 GOLDEN = REPO / "tests" / "support" / "golden" / "gorp_tiny_zero2_2ranks.json"
 # Two paths, two goldens. The first golden was recorded before projected gradients existed, on the path that
@@ -93,10 +94,19 @@ def run_losses(tmp_path: Path, extra_args: list[str]) -> list[float]:
     return [value for _, value in events]
 
 
+@pytest.fixture(scope="module")
+def losses_by_path(tmp_path_factory) -> dict[str, list[float]]:
+    """Each path's per-step losses; the two launches are independent and run side by side."""
+    root = tmp_path_factory.mktemp("golden")
+    names = sorted(PATHS)
+    return dict(zip(names, side_by_side(*(lambda name=name: run_losses(root / name, PATHS[name][1])
+                                          for name in names))))
+
+
 @pytest.mark.parametrize("path", sorted(PATHS))
-def test_losses_match_the_golden_trajectory(tmp_path, path) -> None:
-    golden_file, extra_args = PATHS[path]
-    losses = run_losses(tmp_path, extra_args)
+def test_losses_match_the_golden_trajectory(losses_by_path, path) -> None:
+    golden_file, _ = PATHS[path]
+    losses = losses_by_path[path]
     assert all(math.isfinite(v) for v in losses)
     if os.environ.get("GORP_DS_REGENERATE_GOLDEN"):
         import transformers

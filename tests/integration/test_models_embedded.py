@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.support.dist_utils import run_ranks
+from tests.support.side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow
 PROMPT = "Code the color.\nInput: the red big one\nAnswer:"
@@ -36,11 +37,17 @@ def test_two_ranks_convert_once_and_match_the_gguf(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf()
-    results = run_ranks(2, _load_on_rank, str(tmp_path / "cache"), out_dir=str(tmp_path / "ranks"))
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    with torch.no_grad():
-        expected = reference(tok(PROMPT, return_tensors="pt")["input_ids"]).logits[0, -1]
+
+    def expected_logits() -> torch.Tensor:  # transformers' own GGUF loading, in this process
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with torch.no_grad():
+            return reference(tok(PROMPT, return_tensors="pt")["input_ids"]).logits[0, -1]
+
+    # One rank converts while the other waits for it: the reference is loaded beside them.
+    results, expected = side_by_side(
+        lambda: run_ranks(2, _load_on_rank, str(tmp_path / "cache"), out_dir=str(tmp_path / "ranks")),
+        expected_logits)
     for result in results:
         assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(result["files"])
         assert torch.equal(result["logits"], expected)

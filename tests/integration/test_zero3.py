@@ -21,6 +21,7 @@ from tests.support import REPO
 from tests.support import zero3_scenarios as z3
 from tests.support import zero_scenarios as zs
 from tests.support.dist_utils import run_ranks
+from tests.support.side_by_side import side_by_side
 
 RTOL = 1e-5
 
@@ -29,9 +30,12 @@ RTOL = 1e-5
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3")
     checkpoint = str(root / "ckpt")
-    return {1: run_ranks(1, z3.scenarios, checkpoint, "one", out_dir=str(root / "w1")),
-            2: run_ranks(2, z3.scenarios, checkpoint, "save", out_dir=str(root / "w2")),
-            3: run_ranks(3, z3.scenarios, checkpoint, "load", out_dir=str(root / "w3"))}
+    # world 3 loads what world 2 saved; world 1 is independent and runs beside them
+    one, (two, three) = side_by_side(
+        lambda: run_ranks(1, z3.scenarios, checkpoint, "one", out_dir=str(root / "w1")),
+        lambda: (run_ranks(2, z3.scenarios, checkpoint, "save", out_dir=str(root / "w2")),
+                 run_ranks(3, z3.scenarios, checkpoint, "load", out_dir=str(root / "w3"))))
+    return {1: one, 2: two, 3: three}
 
 
 def _max_rel_err(trajectory: dict[int, torch.Tensor], reference: list[torch.Tensor]) -> float:

@@ -20,6 +20,7 @@ import torch
 from tests.support import lowrank_scenarios as ls
 from tests.support import zero_scenarios as zs
 from tests.support.dist_utils import run_ranks
+from tests.support.side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow
 RTOL = 1e-5
@@ -31,12 +32,13 @@ RANK_K = 2
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero_lowrank")
     checkpoint = str(root / "ckpt")
-    return {
-        1: run_ranks(1, ls.scenarios, checkpoint, "plain", out_dir=str(root / "w1")),
-        2: run_ranks(2, ls.scenarios, checkpoint, "save", out_dir=str(root / "w2")),
-        3: run_ranks(3, ls.scenarios, checkpoint, "load", out_dir=str(root / "w3")),
-        4: run_ranks(4, ls.scenarios, checkpoint, "bytes", out_dir=str(root / "w4")),
-    }
+    # world 3 loads what world 2 saved; worlds 1 and 4 are independent and run beside them
+    (one, four), (two, three) = side_by_side(
+        lambda: (run_ranks(1, ls.scenarios, checkpoint, "plain", out_dir=str(root / "w1")),
+                 run_ranks(4, ls.scenarios, checkpoint, "bytes", out_dir=str(root / "w4"))),
+        lambda: (run_ranks(2, ls.scenarios, checkpoint, "save", out_dir=str(root / "w2")),
+                 run_ranks(3, ls.scenarios, checkpoint, "load", out_dir=str(root / "w3"))))
+    return {1: one, 2: two, 3: three, 4: four}
 
 
 def _errors(trajectory: dict[int, torch.Tensor], reference: list[torch.Tensor]) -> dict[int, float]:
