@@ -10,9 +10,11 @@ no traceback, with ``latest`` on a complete checkpoint:
 2. --resume: creating the TensorBoard event file (before any step);
 3. --resume: the 6th batch of TensorBoard events, inside task 2: kept by rank 0 and raised on every
    rank at the next checkpoint;
-4. --resume: the final export's weight file (after task 4, whose checkpoint is committed);
-5. --resume: results.json;
-6. --resume: finishes, and equals gorp in the uninterrupted six-method launch (R, metrics, the fp32
+4. --resume: task 2's PEFT adapter tensors (its per-task export, written by rank 0 and agreed by
+   every rank; ``latest`` stays at task 2, step 2);
+5. --resume: the final export's weight file (after task 4, whose checkpoint is committed);
+6. --resume: results.json;
+7. --resume: finishes, and equals gorp in the uninterrupted six-method launch (R, metrics, the fp32
    masters and the LoRA merges, bit for bit).
 
 Then ``--eval-only`` with its output under a regular file, and on a read-only file system: one line
@@ -75,7 +77,7 @@ def chain(launches) -> dict:
 def _chain(out: Path, tiny_model_dir: Path) -> dict:
     from gorp_ds.zero.checkpoint_io import check_tag
 
-    faults = ["predictions@5", "tensorboard_open", "tensorboard_flush@6", "export@2", "results@1", None]
+    faults = ["predictions@5", "tensorboard_open", "tensorboard_flush@6", "adapters@3", "export@2", "results@1", None]
     record = []
     for number, fault in enumerate(faults):
         extra = ("--resume",) if number else ()
@@ -94,6 +96,9 @@ def test_each_full_disk_is_one_line_and_keeps_the_last_checkpoint(chain) -> None
         "predictions@5": (out / "predictions" / "R01_01_emb_color.jsonl", "task01_step000002"),
         "tensorboard_open": (chain["out"] / "tensorboard" / "gorp" / "events.out.tfevents.", "task01_step000002"),
         "tensorboard_flush@6": (chain["out"] / "tensorboard" / "gorp" / "events.out.tfevents.", None),
+        # resumed at task 2 step 2: its end writes the full delta, the adapter's config, then its tensors;
+        # the task's end checkpoint comes after its per-task export, so latest stays at step 2
+        "adapters@3": (out / "export" / "task_02" / "adapter" / "adapter_model.safetensors", "task02_step000002"),
         "export@2": (out / "export.tmp", "task05_step000000"),
         "results@1": (out / "results.json", "task05_step000000"),
     }
@@ -116,7 +121,7 @@ def test_what_was_written_before_stays(chain) -> None:
     first = chain["launches"][0]
     assert sorted(first["progress"]["rows"]) == ["0"], "row 0 recorded; row 1's files failed"
     assert "resumed at task 1, step 2" in chain["launches"][2]["proc"].stdout + chain["launches"][2]["proc"].stderr
-    export_failed = chain["launches"][3]
+    export_failed = chain["launches"][4]
     assert sorted(export_failed["progress"]["rows"]) == ["0", "1", "2", "3", "4"]
 
 
@@ -124,6 +129,10 @@ def test_resumed_chain_equals_uninterrupted(chain, reference) -> None:
     last = chain["launches"][-1]
     assert last["proc"].returncode == 0, (last["proc"].stdout + last["proc"].stderr)[-4000:]
     assert_resumed_equals_uninterrupted(chain["out"], reference, merges=4)
+    # every task's adapter, the one whose write failed included, was written by a later launch
+    for task in range(1, 5):
+        adapter = chain["out"] / "gorp" / "export" / f"task_{task:02d}" / "adapter"
+        assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file(), task
     expected = json.loads((reference / "gorp" / "results.json").read_text())
     for path in expected["predictions"][-1]:
         assert (chain["out"] / "gorp" / path).read_text() == (reference / "gorp" / path).read_text(), path
