@@ -23,9 +23,11 @@ def suite(default_suite):
 
 
 def test_default_sequence(default_suite, suite) -> None:
-    assert [t.name for t in default_suite] == list(EMBEDDED_DEFAULT) == [f"emb_{c}" for c in CATEGORIES]
-    assert [t.name for t in suite] == list(EMBEDDED_DEFAULT)  # make run's order: the classification tasks
-    assert EMBEDDED_TASKS == (*EMBEDDED_DEFAULT, REVERSE_TASK)
+    assert [t.name for t in default_suite] == list(EMBEDDED_DEFAULT) == [f"emb_{c}" for c in CATEGORIES] + [REVERSE_TASK]
+    # make run's order: the classification tasks, then the free-form one
+    assert list(EMBEDDED_DEFAULT) == list(EMBEDDED_TASKS)
+    assert [t.kind for t in default_suite] == ["classification"] * len(CATEGORIES) + ["instruction"]
+    assert [t.name for t in suite] == [f"emb_{c}" for c in CATEGORIES]
     assert load_task_sequence(DataConfig(tasks=[REVERSE_TASK]))[0].kind == "instruction"
     assert all(len(t.train) == 2000 and len(t.test) == 200 for t in default_suite)
     assert len({t.instruction for t in suite}) == len(suite)  # tasks are distinguishable
