@@ -29,6 +29,7 @@ from ..safe_write import path_problem
 from .agree import agree_on_errors, in_user_terms
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate_row
+from .process_group import init_process_group
 from .report import eval_tasks_section, on_rank0, predictions_file, write_method_results, write_predictions
 from .restore import find_checkpoint, rebuild_session
 from .session import evaluation_settings
@@ -46,10 +47,7 @@ def _device() -> torch.device:
 
 
 def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
-    import deepspeed
-
-    if not dist.is_initialized():
-        deepspeed.init_distributed()
+    init_process_group()  # a launcher's group, or (a plain process) a one-rank group of its own
     rank, world = dist.get_rank(), dist.get_world_size()
     if not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
