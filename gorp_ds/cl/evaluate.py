@@ -105,7 +105,20 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 # --eval-decoder: both give the same tokens; bench/eval_throughput.py measures which is faster.
 DECODERS: dict[str, Callable[..., torch.Tensor]] = {"generate": hf_generate, "loop": greedy_generate}
-DEFAULT_DECODER = "generate"
+#: The setting's values: a decoder, or ``auto`` (:func:`resolve_decoder`).
+DECODER_CHOICES: tuple[str, ...] = ("auto", *DECODERS)
+DEFAULT_DECODER = "auto"
+
+
+def resolve_decoder(name: str, device: torch.device) -> str:
+    """The decoder ``name`` runs as. ``auto``: generate() on a GPU, where the two decoders ran within
+    ±5 % of each other (bench/results/eval_throughput_h200.md); our loop on a CPU, where generate()
+    hands the LM head a strided ``B × 1 × hidden`` slice that takes a slow bf16 path: a 2-rank CPU
+    run of the embedded model (100 examples, 2 rows of R) evaluated in 8.7 s with generate() and
+    1.3 s with the loop, at 3.65 GiB and 1.26 GiB peak memory."""
+    if name != "auto":
+        return name
+    return "generate" if device.type == "cuda" else "loop"
 
 
 def _label_budget(tokenizer, task: Task, fmt: PromptFormat) -> int:
@@ -148,10 +161,10 @@ def evaluate_row(
     test examples: one number per task. ``max_length`` is the prompt budget; the generation budget is
     the task's declared ``max_new_tokens``, else ``max_new_tokens``, else the longest label + 1. With
     ``predictions`` every rank's generations are gathered to rank 0 and put in test-set order.
-    ``decoder`` names the decoding (:data:`DECODERS`)."""
-    generate = DECODERS[decoder]
-    fmt = prompt_format or PromptFormat()
+    ``decoder`` names the decoding (:data:`DECODER_CHOICES`, :func:`resolve_decoder`)."""
     device = next(model.parameters()).device
+    generate = DECODERS[resolve_decoder(decoder, device)]
+    fmt = prompt_format or PromptFormat()
     was_training = model.training
     model.eval()
     counts = torch.zeros(len(tasks), 2, dtype=torch.float64)  # sum of score/100 (correct answers), total

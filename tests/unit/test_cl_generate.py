@@ -10,7 +10,14 @@ import warnings
 import pytest
 import torch
 
-from gorp_ds.cl.evaluate import DECODERS, DEFAULT_DECODER, evaluate_row, greedy_generate, hf_generate
+from gorp_ds.cl.evaluate import (
+    DECODERS,
+    DEFAULT_DECODER,
+    evaluate_row,
+    greedy_generate,
+    hf_generate,
+    resolve_decoder,
+)
 from gorp_ds.data.tasks import Example, Task
 from gorp_ds.data.tokenize import encode_prompts
 from gorp_ds.models import LoraSettings, ModelConfig, add_lora, load_model_and_tokenizer
@@ -34,8 +41,14 @@ def _load(tiny_model_dir):
 
 
 def test_the_registry_and_its_default():
-    assert set(DECODERS) == {"generate", "loop"} and DEFAULT_DECODER in DECODERS
+    assert set(DECODERS) == {"generate", "loop"} and DEFAULT_DECODER == "auto"
     assert DECODERS["generate"] is hf_generate and DECODERS["loop"] is greedy_generate
+    # auto: generate() on a GPU, our loop on a CPU (generate's bf16 LM head path is slow there);
+    # a named decoder is used as named on either
+    assert resolve_decoder("auto", torch.device("cuda", 0)) == "generate"
+    assert resolve_decoder("auto", torch.device("cpu")) == "loop"
+    for name in DECODERS:
+        assert resolve_decoder(name, torch.device("cpu")) == resolve_decoder(name, torch.device("cuda")) == name
 
 
 def test_both_decoders_match_hf_generate(tiny_model_dir):
