@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from tests.support import REPO
+from tests.support.torch_only import run_torch_only
 
 sys.path.insert(0, str(REPO))
 
@@ -20,22 +20,12 @@ from bench.eval_throughput import SHAPES, build_random, make_batch, measure, tab
 
 pytestmark = pytest.mark.slow
 
-# The benchmark must run where only torch and transformers are installed: these imports fail.
-_BLOCKED = ("deepspeed", "datasets", "gguf")
-_CHILD = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in _BLOCKED) +
-          f"sys.path.insert(0, {str(REPO)!r})\n"
-          "from bench.eval_throughput import main\n"
-          "code = main(sys.argv[1:])\n"
-          f"assert not any(sys.modules.get(m) for m in {_BLOCKED!r})\n"
-          "sys.exit(code)\n")
 
 
 def test_smoke_run_reports_both_decoders(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     args = ["--smoke", "--shapes", "smoke,model", "--model", str(tiny_model_dir), "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-                                              "TOKENIZERS_PARALLELISM": "false", "HOME": str(tmp_path)})
+    proc = run_torch_only("eval_throughput", args, tmp_path)  # the benchmark needs only torch and transformers
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     noise = [line for line in proc.stderr.splitlines() if "warn" in line.lower() or "[transformers]" in line]
     assert noise == []

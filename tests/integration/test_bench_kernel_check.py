@@ -6,13 +6,13 @@ labels keep only the answer tokens."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from tests.support import REPO
+from tests.support.torch_only import run_torch_only
 
 sys.path.insert(0, str(REPO))
 
@@ -20,20 +20,11 @@ from bench.kernel_check import base_model, build, make_batch, session_loss  # no
 
 pytestmark = pytest.mark.slow
 
-_BLOCKED = ("deepspeed", "datasets", "gguf")
-_CHILD = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in _BLOCKED) +
-          f"sys.path.insert(0, {str(REPO)!r})\n"
-          "from bench.kernel_check import main\n"
-          "code = main(sys.argv[1:])\n"
-          f"assert not any(sys.modules.get(m) for m in {_BLOCKED!r})\n"
-          "sys.exit(code)\n")
 
 
 def test_smoke_run_passes_with_identical_gradients(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", _CHILD, "--smoke", "--out", str(out)], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-                                                          "HOME": str(tmp_path)})
+    proc = run_torch_only("kernel_check", ["--smoke", "--out", str(out)], tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads((out / "kernel_check.json").read_text())
     assert data["passed"] is True and data["kernels"] == "eager" and data["shape"] == "smoke"
