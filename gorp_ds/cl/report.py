@@ -120,6 +120,13 @@ def heatmap(method: str, task_names: list[str], r: list[list[float] | None], eva
     return image_bytes.getvalue()
 
 
+def is_finished(result: dict[str, Any]) -> bool:
+    """Whether a method's ``results.json`` is its last write (a --resume skips the method). The
+    runner writes it before the final export with ``finished`` false, so that a failed export
+    keeps R; results from before the field existed were only written last."""
+    return result.get("finished", True) is not False
+
+
 def write_method_results(out_dir: str, result: dict[str, Any], note: str = "") -> None:
     """``results.json``, ``results.md``, ``R.png`` in ``out_dir``, each written whole. ``note``: what a
     failed write leaves intact (the checkpoint to resume from), for its message."""

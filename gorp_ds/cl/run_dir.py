@@ -33,6 +33,7 @@ from ..log import get_logger
 from ..zero import has_checkpoint
 from .command_line import format_config
 from .config import SETTINGS, ConfigError, RunConfig, flatten_run, show
+from .report import is_finished
 
 log = get_logger(__name__)
 
@@ -173,8 +174,15 @@ def _has_checkpoint(out: Path, method: str) -> bool:
 
 
 def _finished(out: Path, method: str) -> Path | None:
+    """The method's results, where they are its last write (not those written before a final
+    export that did not finish: that method resumes from its checkpoint)."""
     path = out / method / "results.json"
-    return path if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return path if is_finished(json.loads(path.read_text(encoding="utf-8"))) else None
+    except (ValueError, OSError, AttributeError):
+        return path  # unreadable: the caller says so
 
 
 # ---------------------------------------------------------------------------------- decision

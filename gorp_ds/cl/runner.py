@@ -39,6 +39,7 @@ from .progress import Progress, task_number
 from .prompt_record import write_prompt_record
 from .report import (
     eval_tasks_section,
+    is_finished,
     on_rank0,
     predictions_file,
     r_matrix,
@@ -73,7 +74,7 @@ def run(cfg: RunConfig, ds_config_path: str) -> list[dict[str, Any]]:
         # these results were produced with this run's settings.
         done = _from_rank0(_read_json(finished) if decision.resume and _rank() == 0 and os.path.isfile(finished)
                            else None)
-        if done is not None:
+        if done is not None and is_finished(done):
             log.info(f"[{method}] already finished with this run's settings ({finished}); skipping")
             results.append(done)
             continue
@@ -204,17 +205,28 @@ def run_method(method: str, tasks: list[Task], cfg: RunConfig, ds_config: dict[s
             raise Preempted(tag)
         log_eta(method, progress, len(schedule))
     if cfg.runner.export:
+        # R is complete: its results are written before the export, marked unfinished (a --resume
+        # still writes the export), so that a disk that fills during the export keeps them.
+        write_results(session, assemble(method, tasks, cfg, progress, time.perf_counter() - started, peak,
+                                        session.eval_tasks), finished=False)
         export(session, progress, "final")
     exports.close()
     result = assemble(method, tasks, cfg, progress, time.perf_counter() - started, peak, session.eval_tasks)
     session.monitor.metrics(result["metrics"], progress.global_step)
     if "eval_tasks" in result:
         session.monitor.metrics(result["eval_tasks"]["metrics"], progress.global_step)
-    note = kept_note(session.checkpoint_dir, session.rank)
-    session.monitor.raise_failure(note)
-    on_rank0(session.rank, lambda: write_method_results(out_dir, result, note))
+    write_results(session, result, finished=True)
     session.close()
     return result
+
+
+def write_results(session: MethodSession, result: dict[str, Any], *, finished: bool) -> None:
+    """The method's ``results.json`` (with ``finished``: whether everything it writes is written,
+    so a --resume skips it), table and heatmap, from rank 0; a failed write stops every rank."""
+    result["finished"] = finished
+    note = kept_note(session.checkpoint_dir, session.rank)
+    session.monitor.raise_failure(note)
+    on_rank0(session.rank, lambda: write_method_results(session.out_dir, result, note))
 
 
 @contextlib.contextmanager

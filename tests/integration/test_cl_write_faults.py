@@ -12,8 +12,9 @@ no traceback, with ``latest`` on a complete checkpoint:
    rank at the next checkpoint;
 4. --resume: task 2's PEFT adapter tensors (its per-task export, written by rank 0 and agreed by
    every rank; ``latest`` stays at task 2, step 2);
-5. --resume: the final export's weight file (after task 4, whose checkpoint is committed);
-6. --resume: results.json;
+5. --resume: the final export's weight file (after task 4, whose checkpoint is committed); the
+   results.json written before the export (R complete, ``finished`` false) stays;
+6. --resume (the unfinished results do not make it skip gorp): results.json, which stays as it was;
 7. --resume: finishes, and equals gorp in the uninterrupted six-method launch (R, metrics, the fp32
    masters and the LoRA merges, bit for bit).
 
@@ -84,7 +85,9 @@ def _chain(out: Path, tiny_model_dir: Path) -> dict:
         env = {"GORP_DS_WRITE_FAULT": fault} if fault else {}
         proc = launch(tiny_model_dir, out, *GORP_ONLY, *extra, env_extra=env)
         tag = _latest(out)
+        results = out / "gorp" / "results.json"
         record.append({"fault": fault, "proc": proc, "latest": tag,
+                       "results": results.read_bytes() if results.is_file() else None,
                        "complete": tag is not None and check_tag(str(out / "gorp" / "checkpoints"), tag) is None,
                        "progress": json.loads((out / "gorp" / "progress.json").read_text())})
     return {"out": out, "launches": record}
@@ -123,6 +126,23 @@ def test_what_was_written_before_stays(chain) -> None:
     assert "resumed at task 1, step 2" in chain["launches"][2]["proc"].stdout + chain["launches"][2]["proc"].stderr
     export_failed = chain["launches"][4]
     assert sorted(export_failed["progress"]["rows"]) == ["0", "1", "2", "3", "4"]
+    assert all(launch_record["results"] is None for launch_record in chain["launches"][:4])
+
+
+def test_a_full_disk_during_the_export_keeps_the_results(chain, reference) -> None:
+    """The results are written before the final export: the export's failure leaves results.json
+    with R and the metrics complete, marked unfinished; the next launch's failure to rewrite it
+    leaves it byte for byte; the finishing launch marks it finished."""
+    export_failed, results_failed, last = chain["launches"][4], chain["launches"][5], chain["launches"][6]
+    kept = json.loads(export_failed["results"])
+    expected = json.loads((reference / "gorp" / "results.json").read_text())
+    assert kept["finished"] is False and expected["finished"] is True
+    assert kept["R"] == expected["R"] and kept["metrics"] == expected["metrics"], (kept["R"], expected["R"])
+    assert "final" not in kept["exports"], kept["exports"]
+    assert results_failed["results"] == export_failed["results"]
+    assert "[gorp] already finished" not in results_failed["proc"].stdout + results_failed["proc"].stderr
+    final = json.loads(last["results"])
+    assert final["finished"] is True and final["exports"]["final"]["bytes"] > 0
 
 
 def test_resumed_chain_equals_uninterrupted(chain, reference) -> None:
