@@ -3,7 +3,7 @@
 The accuracy matrix R is measured by greedy generation (gorp_ds/cl/evaluate.py); ``--eval-decoder``
 picks the decoder: ``generate`` (transformers' ``generate()``) or ``loop`` (our own greedy loop).
 This script times both in one process on the same model and the same batches, so the faster one
-can be the default on that device (``resolve_decoder`` in gorp_ds/cl/evaluate.py).
+can be the default (``DEFAULT_DECODER`` in gorp_ds/cl/evaluate.py).
 
 Models (``--shapes``), built directly on the device in the measured dtype from a seeded
 ``normal_(0, 0.02)`` (norm weights 1), no checkpoint read, transformers' own weight init skipped:
@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gorp_ds.cl.evaluate import DECODERS, DEFAULT_DECODER, resolve_decoder  # noqa: E402
+from gorp_ds.cl.evaluate import DECODERS, DEFAULT_DECODER  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "135m": {"hidden": 576, "layers": 30, "heads": 9, "kv_heads": 3, "intermediate": 1536, "vocab": 49152,
@@ -171,14 +171,18 @@ def build_random(shape: dict[str, Any], dtype: torch.dtype, device: torch.device
 
 
 def build_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """(model, description of its weights)."""
+    """(model, description of its weights), its weights frozen as a run's base model is (only the
+    LoRA factors train): on a CPU, a linear layer with a frozen weight takes another path for a
+    strided input than one whose weight requires grad (gorp_ds/cl/evaluate.py, _contiguous_input)."""
     if name == "model":
         from gorp_ds.models import ModelConfig, load_model_and_tokenizer
 
         model, _ = load_model_and_tokenizer(ModelConfig(model=args.model, dtype=args.dtype,
                                                         gradient_checkpointing=False))
-        return model.to(device).eval(), f"{args.model} (its weights)"
-    return build_random(SHAPES[name], dtype, device, args.seed), f"random init (seed {args.seed})"
+        model, weights = model.to(device).eval(), f"{args.model} (its weights)"
+    else:
+        model, weights = build_random(SHAPES[name], dtype, device, args.seed), f"random init (seed {args.seed})"
+    return model.requires_grad_(False), weights
 
 
 def make_batch(batch: int, prompt_range: tuple[int, int], vocab: int, pad: int, seed: int,
@@ -249,13 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     env = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__, "dtype": args.dtype,
-           "threads": torch.get_num_threads(), "default_decoder": resolve_decoder(DEFAULT_DECODER, device)}
+           "threads": torch.get_num_threads(), "default_decoder": DEFAULT_DECODER}
     header = ["# Evaluation throughput: `generate` vs `loop`", "",
               f"`python bench/eval_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
               f"{env['device']}, {args.dtype}, torch {env['torch']}, transformers {env['transformers']}; "
               f"{args.new_tokens} new tokens per row, every row generates all of them (end-of-sequence id = "
               f"vocabulary size); median of {args.repeats} after {args.warmup} warm-up calls each. "
-              f"Default decoder on this device: `{env['default_decoder']}` (`--eval-decoder {DEFAULT_DECODER}`).",
+              f"Current default decoder: `{DEFAULT_DECODER}`.",
               "× loop: generations/s over the loop's on the same batch (> 1: faster than the loop)."]
     records: list[dict[str, Any]] = []
     failed = False

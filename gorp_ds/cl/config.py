@@ -73,10 +73,8 @@ class RunnerConfig:
                                        "no accumulation)", minimum=0, on_resume="fixed")
     eval_batch_size: int = setting(64, "examples per generation batch in evaluation", minimum=1, on_resume="ignored")
     # choices: the decoder registry (gorp_ds/cl/evaluate.py); both give the same tokens.
-    eval_decoder: str = setting(DEFAULT_DECODER, "how evaluation decodes: generate (transformers' generate()), "
-                                "loop (our own greedy loop; bench/eval_throughput.py compares them) or auto "
-                                "(generate on a GPU, the loop on a CPU, where generate's bf16 LM head is "
-                                "several times slower)",
+    eval_decoder: str = setting(DEFAULT_DECODER, "how evaluation decodes: generate (transformers' generate()) "
+                                "or loop (our own greedy loop, kept for bench/eval_throughput.py's comparison)",
                                 choices=DECODER_CHOICES, on_resume="ignored")
     # 0 .. 2**32-1: the data order reads the seed's low 32 bits (a larger one would alias a smaller
     # one's order) and torch.manual_seed / numpy refuse what does not fit 64 bits with a traceback.

@@ -56,12 +56,25 @@ def hf_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     core = _core(model)
     saved = core.generation_config
     core.generation_config = config
+    head = core.get_output_embeddings()
+    hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
     try:
         out = core.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                             synced_gpus=False)  # B × (L + n)
     finally:
         core.generation_config = saved
+        if hook is not None:
+            hook.remove()
     return out[:, input_ids.shape[1]:]
+
+
+def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The LM head's input made contiguous. generate()'s first step hands the head the prompt's last
+    positions as a strided ``B × 1 × hidden`` slice of ``B × L × hidden``; on a CPU, a linear layer
+    whose weight is frozen (the base model's, under LoRA) runs such a bf16 input as a batched matmul
+    over a ``B``-fold copy of the ``vocab × hidden`` weight: 2.7 s and 3.6 GB for the embedded model
+    at B = 64, against 8 ms for the contiguous ``B × 1 × hidden`` copy made here (a few KB)."""
+    return (args[0].contiguous(), *args[1:])
 
 
 @functools.cache
@@ -104,21 +117,11 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 # --eval-decoder: both give the same tokens; bench/eval_throughput.py measures which is faster.
+# generate() is the default: the two ran within ±5 % of each other on an H200 and on a CPU
+# (bench/results/eval_throughput_*.md), and it is the library's maintained decoder.
 DECODERS: dict[str, Callable[..., torch.Tensor]] = {"generate": hf_generate, "loop": greedy_generate}
-#: The setting's values: a decoder, or ``auto`` (:func:`resolve_decoder`).
-DECODER_CHOICES: tuple[str, ...] = ("auto", *DECODERS)
-DEFAULT_DECODER = "auto"
-
-
-def resolve_decoder(name: str, device: torch.device) -> str:
-    """The decoder ``name`` runs as. ``auto``: generate() on a GPU, where the two decoders ran within
-    ±5 % of each other (bench/results/eval_throughput_h200.md); our loop on a CPU, where generate()
-    hands the LM head a strided ``B × 1 × hidden`` slice that takes a slow bf16 path: a 2-rank CPU
-    run of the embedded model (100 examples, 2 rows of R) evaluated in 8.7 s with generate() and
-    1.3 s with the loop, at 3.65 GiB and 1.26 GiB peak memory."""
-    if name != "auto":
-        return name
-    return "generate" if device.type == "cuda" else "loop"
+DECODER_CHOICES: tuple[str, ...] = tuple(DECODERS)
+DEFAULT_DECODER = "generate"
 
 
 def _label_budget(tokenizer, task: Task, fmt: PromptFormat) -> int:
@@ -161,9 +164,9 @@ def evaluate_row(
     test examples: one number per task. ``max_length`` is the prompt budget; the generation budget is
     the task's declared ``max_new_tokens``, else ``max_new_tokens``, else the longest label + 1. With
     ``predictions`` every rank's generations are gathered to rank 0 and put in test-set order.
-    ``decoder`` names the decoding (:data:`DECODER_CHOICES`, :func:`resolve_decoder`)."""
+    ``decoder`` names the decoding (:data:`DECODERS`)."""
     device = next(model.parameters()).device
-    generate = DECODERS[resolve_decoder(decoder, device)]
+    generate = DECODERS[decoder]
     fmt = prompt_format or PromptFormat()
     was_training = model.training
     model.eval()

@@ -16,7 +16,6 @@ from gorp_ds.cl.evaluate import (
     evaluate_row,
     greedy_generate,
     hf_generate,
-    resolve_decoder,
 )
 from gorp_ds.data.tasks import Example, Task
 from gorp_ds.data.tokenize import encode_prompts
@@ -41,14 +40,36 @@ def _load(tiny_model_dir):
 
 
 def test_the_registry_and_its_default():
-    assert set(DECODERS) == {"generate", "loop"} and DEFAULT_DECODER == "auto"
+    assert set(DECODERS) == {"generate", "loop"} and DEFAULT_DECODER == "generate"
     assert DECODERS["generate"] is hf_generate and DECODERS["loop"] is greedy_generate
-    # auto: generate() on a GPU, our loop on a CPU (generate's bf16 LM head path is slow there);
-    # a named decoder is used as named on either
-    assert resolve_decoder("auto", torch.device("cuda", 0)) == "generate"
-    assert resolve_decoder("auto", torch.device("cpu")) == "loop"
-    for name in DECODERS:
-        assert resolve_decoder(name, torch.device("cpu")) == resolve_decoder(name, torch.device("cuda")) == name
+
+
+def test_the_lm_head_sees_only_contiguous_inputs_and_is_left_unhooked(tiny_model_dir):
+    """generate()'s first step slices the prompt's last positions out of ``B × L × hidden``: a
+    strided input, which a CPU linear layer with a frozen bf16 weight (the base model's, under
+    LoRA) runs as a batched matmul over a ``B``-fold copy of the weight. hf_generate hands the head
+    a contiguous copy instead, during the call only; the tokens are unchanged."""
+    model, tok = _load(tiny_model_dir)
+    model = add_lora(model, LoraSettings(r=4, alpha=8)).eval()
+    head = model.get_base_model().get_output_embeddings()
+    assert not head.weight.requires_grad  # frozen, as in a run
+    batch = encode_prompts(tok, _prompts(), 64)
+    assert (batch["attention_mask"] == 0).any() and batch["input_ids"].shape[1] > 1
+    seen: list[tuple[tuple[int, ...], bool]] = []
+    spy = head.register_forward_hook(lambda module, args, out: seen.append((tuple(args[0].shape), args[0].is_contiguous())))
+    try:
+        hf_generate(model, batch["input_ids"], batch["attention_mask"], 3, tok.eos_token_id)
+        reference = _reference(model, batch, 3, tok.eos_token_id, tok.eos_token_id)  # generate() as documented
+    finally:
+        spy.remove()
+    ours, documented = seen[:3], seen[3:]
+    assert [shape for shape, _ in ours] == [(4, 1, head.in_features)] * 3
+    assert all(contiguous for _, contiguous in ours), ours
+    # without the hook the first step's slice is strided: what the hook is there for
+    assert documented[0] == ((4, 1, head.in_features), False), documented
+    assert not head._forward_pre_hooks  # removed after the call
+    ours_tokens = hf_generate(model, batch["input_ids"], batch["attention_mask"], 3, tok.eos_token_id)
+    assert torch.equal(ours_tokens, reference)
 
 
 def test_both_decoders_match_hf_generate(tiny_model_dir):
