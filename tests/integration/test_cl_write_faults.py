@@ -14,7 +14,9 @@ no traceback, with ``latest`` on a complete checkpoint:
    every rank; ``latest`` stays at task 2, step 2);
 5. --resume: the final export's weight file (after task 4, whose checkpoint is committed); the
    results.json written before the export (R complete, ``finished`` false) stays;
-6. --resume (the unfinished results do not make it skip gorp): results.json, which stays as it was;
+6. --resume (the unfinished results do not make it skip gorp): the finished results.json, after
+   the export was written whole (the 4th write of the results site: results.json, its table and
+   heatmap come before the export, unfinished);
 7. --resume: finishes, and equals gorp in the uninterrupted six-method launch (R, metrics, the fp32
    masters and the LoRA merges, bit for bit).
 
@@ -78,7 +80,7 @@ def chain(launches) -> dict:
 def _chain(out: Path, tiny_model_dir: Path) -> dict:
     from gorp_ds.zero.checkpoint_io import check_tag
 
-    faults = ["predictions@5", "tensorboard_open", "tensorboard_flush@6", "adapters@3", "export@2", "results@1", None]
+    faults = ["predictions@5", "tensorboard_open", "tensorboard_flush@6", "adapters@3", "export@2", "results@4", None]
     record = []
     for number, fault in enumerate(faults):
         extra = ("--resume",) if number else ()
@@ -88,6 +90,7 @@ def _chain(out: Path, tiny_model_dir: Path) -> dict:
         results = out / "gorp" / "results.json"
         record.append({"fault": fault, "proc": proc, "latest": tag,
                        "results": results.read_bytes() if results.is_file() else None,
+                       "exported": (out / "gorp" / "export" / "model.safetensors").is_file(),
                        "complete": tag is not None and check_tag(str(out / "gorp" / "checkpoints"), tag) is None,
                        "progress": json.loads((out / "gorp" / "progress.json").read_text())})
     return {"out": out, "launches": record}
@@ -103,7 +106,7 @@ def test_each_full_disk_is_one_line_and_keeps_the_last_checkpoint(chain) -> None
         # the task's end checkpoint comes after its per-task export, so latest stays at step 2
         "adapters@3": (out / "export" / "task_02" / "adapter" / "adapter_model.safetensors", "task02_step000002"),
         "export@2": (out / "export.tmp", "task05_step000000"),
-        "results@1": (out / "results.json", "task05_step000000"),
+        "results@4": (out / "results.json", "task05_step000000"),
     }
     for launch_record in chain["launches"][:-1]:
         line = _one_error(launch_record["proc"])
@@ -131,18 +134,22 @@ def test_what_was_written_before_stays(chain) -> None:
 
 def test_a_full_disk_during_the_export_keeps_the_results(chain, reference) -> None:
     """The results are written before the final export: the export's failure leaves results.json
-    with R and the metrics complete, marked unfinished; the next launch's failure to rewrite it
-    leaves it byte for byte; the finishing launch marks it finished."""
+    with R and the metrics complete, marked unfinished, and no export. The next launch is not
+    skipped: it writes the export whole, then fails on the finished results, leaving the unfinished
+    ones; the last launch writes the export again over it and marks the results finished."""
     export_failed, results_failed, last = chain["launches"][4], chain["launches"][5], chain["launches"][6]
-    kept = json.loads(export_failed["results"])
     expected = json.loads((reference / "gorp" / "results.json").read_text())
-    assert kept["finished"] is False and expected["finished"] is True
-    assert kept["R"] == expected["R"] and kept["metrics"] == expected["metrics"], (kept["R"], expected["R"])
-    assert "final" not in kept["exports"], kept["exports"]
-    assert results_failed["results"] == export_failed["results"]
+    assert expected["finished"] is True
+    for launch_record in (export_failed, results_failed):
+        kept = json.loads(launch_record["results"])
+        assert kept["finished"] is False, launch_record["fault"]
+        assert kept["R"] == expected["R"] and kept["metrics"] == expected["metrics"], (kept["R"], expected["R"])
+        assert "final" not in kept["exports"], kept["exports"]
+    assert not export_failed["exported"] and results_failed["exported"]
     assert "[gorp] already finished" not in results_failed["proc"].stdout + results_failed["proc"].stderr
+    assert "[gorp] already finished" not in last["proc"].stdout + last["proc"].stderr
     final = json.loads(last["results"])
-    assert final["finished"] is True and final["exports"]["final"]["bytes"] > 0
+    assert final["finished"] is True and final["exports"]["final"]["bytes"] > 0 and last["exported"]
 
 
 def test_resumed_chain_equals_uninterrupted(chain, reference) -> None:
