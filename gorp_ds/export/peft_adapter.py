@@ -18,8 +18,10 @@ exactly the exported bf16 value of each full target.
 
 The "before" values of the full targets are kept on disk from the task's start
 (``write_task_start``: a resume mid-task still finds them). Every rank calls the functions that
-read masters (collectives, one tensor at a time, as the export does); rank 0 writes. All file
-writes go through :func:`save_tensors` and :func:`write_json`: each is atomic (a temporary file,
+read masters (collectives, one tensor at a time, as the export does); rank 0 writes, the full
+targets' files as they are gathered (gorp_ds/export/tensor_stream.py: rank 0 holds one tensor of
+them at a time). All file writes go through :class:`TensorStream`, :func:`save_tensors` and
+:func:`write_json`: each is atomic (a temporary file,
 then renamed), and a failed write (a full disk, an I/O error) is one :class:`~gorp_ds.safe_write.WriteError`
 naming the file and the bytes needed and free, at the write site :data:`SITE`
 (gorp_ds/faults.py can inject one there). The caller makes every rank stop with it
@@ -42,6 +44,7 @@ from ..naming import canonical_name
 from ..safe_write import WriteError, guarded
 from ..safe_write import write_json as write_json_file
 from .hf_dir import _core, _export_keys, exported_master, split_master_names
+from .tensor_stream import Layout, TensorStream
 
 log = get_logger(__name__)
 
@@ -86,17 +89,26 @@ def full_target_names(handle: Any) -> list[str]:
     return sorted({n for n in handle.params_by_name if ".lora_" not in n} | projected)
 
 
+def _full_entries(module: nn.Module, handle: Any, names: list[str]) -> list[tuple[str, torch.Tensor]]:
+    """``(HF key, model tensor)`` of each full target of ``names``, in their order."""
+    entries = {canonical_name(key): (key, tensor) for key, tensor in _export_keys(_core(module), handle)}
+    return [entries[name] for name in names]
+
+
+def _layout(module: nn.Module, handle: Any, names: list[str], dtype: torch.dtype) -> Layout:
+    """The full targets' file layout: ``(HF key, whole shape, dtype)`` in the order they are gathered."""
+    return [(key, handle.shape(tensor), dtype) for key, tensor in _full_entries(module, handle, names)]
+
+
 @torch.no_grad()
 def _exported_values(module: nn.Module, handle: Any, dtype: torch.dtype, names: list[str]):
     """``(HF key, value as the export writes it)`` of the full targets ``names``, one at a time, as
     :func:`~gorp_ds.export.hf_dir.export_hf_dir` computes them: a DeepSpeed-held tensor from its
     fp32 master reduced to rank 0, a projected one from the model's weight (the engine keeps it as
     its master rounded). Every rank iterates (collectives); the values are ``None`` off rank 0."""
-    entries = {canonical_name(key): (key, tensor) for key, tensor in _export_keys(_core(module), handle)}
     trained = set(handle.params_by_name)
     split = split_master_names(handle)
-    for name in names:
-        key, tensor = entries[name]
+    for name, (key, tensor) in zip(names, _full_entries(module, handle, names), strict=True):
         master = handle.gather_masters([name], to_rank=0).get(name) if name in trained else None
         value = None
         with handle.gathered([] if name in trained else [tensor]):  # ZeRO-3: the weight whole
@@ -113,10 +125,11 @@ def write_task_start(module: nn.Module, handle: Any, dtype: torch.dtype, path: s
     names = full_target_names(handle)
     if not names:
         return None
-    values = dict(_exported_values(module, handle, dtype, names))
-    if handle.rank != 0:
-        return None
-    return save_tensors(values, path, what="the full targets' values at the task's start")
+    stream = TensorStream(path, _layout(module, handle, names, dtype), {"format": "pt"},
+                          what="the full targets' values at the task's start", site=SITE, active=handle.rank == 0)
+    for key, value in _exported_values(module, handle, dtype, names):
+        stream.write(key, value)
+    return stream.finish()
 
 
 def write_full_delta(module: nn.Module, handle: Any, dtype: torch.dtype, start_path: str, out_path: str) -> int | None:
@@ -133,19 +146,17 @@ def write_full_delta(module: nn.Module, handle: Any, dtype: torch.dtype, start_p
     if handle.rank == 0 and not found:
         log.warning(f"{start_path} is missing (the full targets' values at the task's start): no "
                     f"{os.path.basename(out_path)} and no adapter for this task")
-    delta: dict[str, torch.Tensor] = {}
+    stream = TensorStream(out_path, _layout(module, handle, names, torch.float32),
+                          {"format": "pt", "what": "full-rank targets: merged after the task minus before it, fp32"},
+                          what="the task's full-target delta", site=SITE, active=found)
     with contextlib.ExitStack() as stack:
         start = stack.enter_context(safe_open(start_path, framework="pt")) if found else None
         # Every rank takes part in the gathers even when rank 0 cannot use them: one decision per
         # rank would need a collective of its own.
         for key, after in _exported_values(module, handle, dtype, names):
-            if start is not None and after is not None:
-                # m × n, fp32: exact for two bf16 values (their difference has at most 8 + gap bits)
-                delta[key] = after.float() - start.get_tensor(key).float()
-    if not found:
-        return None
-    return save_tensors(delta, out_path, {"what": "full-rank targets: merged after the task minus before it, fp32"},
-                        what="the task's full-target delta")
+            # m × n, fp32: exact for two bf16 values (their difference has at most 8 + gap bits)
+            stream.write(key, after.float() - start.get_tensor(key).float() if start is not None else None)
+    return stream.finish()
 
 
 def write_adapter(module: nn.Module, record: dict[str, dict[str, torch.Tensor]], directory: str,

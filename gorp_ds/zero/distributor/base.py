@@ -89,6 +89,10 @@ class Distributor(ABC):
         """Elements of the whole tensor."""
         return tensor.numel()
 
+    def shape(self, tensor: Tensor) -> tuple[int, ...]:
+        """Shape of the whole tensor."""
+        return tuple(tensor.shape)
+
     # ------------------------------------------------------------------ the step
     @abstractmethod
     def _step_gradients(self) -> list[Tensor]:

@@ -127,6 +127,9 @@ class Stage3Distributor(ShardedDistributor):
     def numel(self, tensor: Tensor) -> int:
         return int(tensor.ds_numel) if is_partitioned(tensor) else tensor.numel()
 
+    def shape(self, tensor: Tensor) -> tuple[int, ...]:
+        return tuple(tensor.ds_shape) if is_partitioned(tensor) else tuple(tensor.shape)
+
     @contextmanager
     def gathered(self, params: Iterable[Tensor], modify: bool = False) -> Iterator[None]:
         """With ``modify``, rank 0's values are written back into every rank's partition on exit.
