@@ -100,12 +100,27 @@ def _without_launcher_rank(argv: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ train
+class FlagParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as every other user error: one ``gorp_ds: error:`` line
+    (not the whole usage), naming the closest known flags of a misspelled one."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        import difflib
+
+        known = [flag for flag in self._option_string_actions if flag.startswith("--")]
+        unknown = [word.split("=", 1)[0] for word in message.split(": ", 1)[-1].split()
+                   if message.startswith("unrecognized arguments") and word.startswith("-")]
+        close = [match for word in unknown for match in difflib.get_close_matches(word, known, n=1, cutoff=0.75)]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        self.exit(2, f"gorp_ds: error: {socket.gethostname()}: {self.prog}: {message}{hint} "
+                     f"('{self.prog} --help' lists the flags)\n")
+
+
 def train_parser(prog: str) -> argparse.ArgumentParser:
     """The run's command line: generated from the settings' dataclasses (``gorp_ds.cl.config``)."""
     from .cl import add_arguments
 
-    parser = argparse.ArgumentParser(prog=prog, description=TRAIN_DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog=prog, description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return parser
 
@@ -183,7 +198,7 @@ def user_error(text: str, status: int = 2) -> int:
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
     """The parsed flags, or the status to exit with (``--help``: 0 after printing it; a bad flag:
-    argparse's usage and error, 2) — printed by the printing rank only."""
+    one ``gorp_ds: error:`` line, 2) — printed by the printing rank only."""
     if prints_errors():
         return parser.parse_args(argv)
     captured = io.StringIO()
@@ -270,8 +285,7 @@ def export(argv: list[str], prog: str = "gorp-ds export") -> int:
 
     Here rather than in ``gorp_ds.export``: it rebuilds the run layer's session, and the run layer
     imports the export layer, not the other way round."""
-    parser = argparse.ArgumentParser(prog=prog, description=EXPORT_DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog=prog, description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a method's output directory, its checkpoints/ folder, or one tag folder")
     parser.add_argument("out_dir", help="the Hugging Face directory to write (replaced if it exists)")
     args = parser.parse_args(argv)

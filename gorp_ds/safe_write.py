@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -62,11 +61,13 @@ def _existing_ancestor(path: str) -> str:
 
 
 def free_bytes(path: str) -> int | None:
-    """Bytes free on the file system that holds (or will hold) ``path``; None when unknown."""
+    """Bytes free on the file system that holds (or will hold) ``path``; None when unknown (also on
+    a file system without storage, such as /proc, which reports 0 of 0 blocks free)."""
     try:
-        return shutil.disk_usage(_existing_ancestor(path)).free
+        stat = os.statvfs(_existing_ancestor(path))
     except OSError:
         return None
+    return stat.f_bavail * stat.f_frsize if stat.f_blocks else None
 
 
 def is_io_failure(err: BaseException) -> bool:
@@ -143,6 +144,14 @@ def write_json(path: str, obj: Any, *, what: str, site: str, note: str = "", ind
     write_file(path, json.dumps(obj, indent=indent), what=what, site=site, note=note)
 
 
+def readable_as_usual(path: str) -> None:
+    """Give ``path`` the mode a new file gets here (``0o666`` less the umask). safetensors creates its
+    files ``0o600``, so a model exported on a shared cluster would be readable by its writer only."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _remove_quietly(path: str) -> None:
     try:
         os.remove(path)
@@ -162,7 +171,17 @@ def path_problem(path: str, label: str) -> str | None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         problem = "is on a read-only file system (not writable)" if _read_only(ancestor) else "is not writable by this user"
         return f"{label}: {ancestor} {problem}; choose a writable path or fix its permissions"
+    if _without_storage(ancestor):
+        return (f"{label}: {ancestor} is on a file system without storage (such as /proc or /sys), where no "
+                "file can be made; choose a path on a disk")
     return None
+
+
+def _without_storage(path: str) -> bool:
+    try:
+        return os.statvfs(path).f_blocks == 0
+    except OSError:
+        return False
 
 
 def _read_only(path: str) -> bool:

@@ -13,6 +13,7 @@ evaluation settings give the same row and the same predictions.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -30,6 +31,7 @@ from .agree import agree_on_errors, in_user_terms
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate_row
 from .process_group import init_process_group
+from .prompt_record import PROMPT_RECORD_NAME, record_differences
 from .report import eval_tasks_section, on_rank0, predictions_file, write_method_results, write_predictions
 from .restore import find_checkpoint, rebuild_session
 from .session import evaluation_settings
@@ -44,6 +46,22 @@ def _device() -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def warn_if_not_the_runs_settings(cfg: RunConfig, tasks: list) -> None:
+    """An export's prompt record names the settings its run evaluated with; an evaluation with
+    others measures something else than the run's last row of R, which is said before it starts."""
+    path = os.path.join(cfg.base_model.model, PROMPT_RECORD_NAME)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return  # not a gorp_ds export (any Hugging Face directory may be evaluated)
+    differences = record_differences(record, tasks, cfg) if isinstance(record, dict) else []
+    if differences:
+        log.warning(f"this evaluation differs from the run that exported {cfg.base_model.model} in "
+                    f"{'; '.join(differences)}: its row will not be the run's last row of R. To reproduce that "
+                    "row, pass the run's settings: --config <run's output dir>/config.yaml")
 
 
 def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
@@ -80,6 +98,8 @@ def run_eval_only(cfg: RunConfig) -> dict[str, Any]:
         model.to(_device())
         session, source = None, f"model {cfg.base_model.model}"
     PromptFormat(cfg.data.prompt_format).check(tokenizer)
+    if rank == 0 and found is None:
+        warn_if_not_the_runs_settings(cfg, tasks)
     log.info(f"evaluating {source} on {len(tasks)} tasks: {', '.join(t.name for t in tasks)}"
              + (f"; eval tasks: {', '.join(t.name for t in unseen)}" if unseen else "") + f" ({world} ranks)")
     # One row as a run's: the task list's columns, then the eval tasks' (runner.record_row, session.evaluate).

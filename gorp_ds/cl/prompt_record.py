@@ -84,6 +84,8 @@ def prompt_record(tasks: list[Task], tokenizer: Any, cfg: Any, method: str) -> d
         "add_special_tokens": False if chat else getattr(tokenizer, "bos_token", None) is not None,
         "drop_trailing_eos": "a prompt whose tokens end with EOS (EOS != BOS) loses that EOS",
         "max_prompt_tokens": settings["max_length"],
+        # test examples per task the run evaluated (the first n of the seeded sample; null: all)
+        "eval_samples": cfg.data.eval_samples,
         "truncation": (f"a prompt over max_prompt_tokens loses tokens from the left of the example's text (between "
                        f"{INPUT_MARK!r} and the last {ANSWER_MARK!r}); the instruction and the answer cue stay"),
         "padding": "left (batched greedy generation); the pad id is the tokenizer's pad token, else EOS",
@@ -95,6 +97,24 @@ def prompt_record(tasks: list[Task], tokenizer: Any, cfg: Any, method: str) -> d
         "correct": "normalised generation == normalised label",
         "tasks": entries,
     }
+
+
+def record_differences(record: dict[str, Any], tasks: list[Task], cfg: Any) -> list[str]:
+    """Where an evaluation with ``cfg`` of ``tasks`` differs from the run that wrote ``record``
+    (its task list, prompt format, prompt budget, test sample): each would change R's row, so an
+    ``--eval-only`` of the export would not give the run's last row back. Empty when none does."""
+    settings = evaluation_settings(cfg)
+    ours = {"tasks": [t.name for t in tasks], "format": settings["prompt_format"].kind,
+            "max_prompt_tokens": settings["max_length"], "eval_samples": cfg.data.eval_samples}
+    flags = {"tasks": "--tasks", "format": "--prompt-format", "max_prompt_tokens": "--max-length",
+             "eval_samples": "--eval-samples"}
+    recorded = {**record, "tasks": [t.get("name") for t in record.get("tasks") or []]}
+    return [f"{flags[key]} {_shown(value)} (the run: {_shown(recorded[key])})" for key, value in ours.items()
+            if key in recorded and recorded[key] != value]
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def write_prompt_record(tasks: list[Task], tokenizer: Any, cfg: Any, method: str, directory: str) -> str:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ..log import get_logger, show_progress
 from ..models.lora import canonical_name, lora_factor_names, lora_layers, merged_base_weight
 from ..optim.bf16_split import round_to_bf16
-from ..safe_write import WriteError, guarded
+from ..safe_write import WriteError, guarded, readable_as_usual
 
 log = get_logger(__name__)
 
@@ -227,6 +227,7 @@ def export_hf_dir(module: nn.Module, handle: Any, tokenizer: Any, dtype: torch.d
                     with guarded(tmp, what, need=need - total_bytes + sum(
                             v.numel() * v.element_size() for v in pending.values()), site="export"):
                         save_file(pending, os.path.join(tmp, names[index]), metadata={"format": "pt"})
+                        readable_as_usual(os.path.join(tmp, names[index]))
                 except WriteError as err:
                     error = err
             weight_map.update({k: names[index] for k in pending})

@@ -41,7 +41,7 @@ from torch import nn
 from ..log import get_logger
 from ..models.lora import lora_layers
 from ..naming import canonical_name
-from ..safe_write import WriteError, guarded
+from ..safe_write import WriteError, guarded, readable_as_usual
 from ..safe_write import write_json as write_json_file
 from .hf_dir import _core, _export_keys, exported_master, split_master_names
 from .tensor_stream import Layout, TensorStream
@@ -67,6 +67,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
                       metadata={"format": "pt", **(metadata or {})})
+            readable_as_usual(tmp)
             os.replace(tmp, path)
     except WriteError:
         with contextlib.suppress(OSError):

@@ -85,6 +85,7 @@ def _eval_only(run: dict, model: Path, name: str, tiny_model_dir) -> Path:
     proc = launch(tiny_model_dir, out, "--ds_config", str(run["ds"]), *run["args"], "--eval-only",
                   "--model", str(model))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "differs from the run that exported" not in proc.stdout + proc.stderr  # the run's own settings
     return out / "eval"
 
 

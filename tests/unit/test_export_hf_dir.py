@@ -5,6 +5,7 @@ trained (B ≠ 0) PEFT adapter, written in small shards, loads with ``from_pretr
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
@@ -58,6 +59,10 @@ def test_sharded_tied_bf16_export_loads_and_holds_the_merge(tmp_path) -> None:
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
     assert "lm_head.weight" not in index["weight_map"]  # tied: written once, as save_pretrained does
+    # every file as readable as any other new file here (safetensors makes its own 0o600)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == {oct(0o666 & ~mask)}
 
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.dtype == torch.bfloat16 and loaded.config.tie_word_embeddings

@@ -210,3 +210,24 @@ def test_a_task_with_another_prompt_gets_no_template(tokenizer) -> None:
              Reversed("odd", ("a", "b"), "Pick.", test=[Example("x", "a")])]
     record = prompt_record(tasks, tokenizer, RunConfig(), "seq-lora")
     assert [e["template"] for e in record["tasks"]] == ["Pick.\nInput: {input}\nAnswer:", None]
+
+
+def test_the_record_names_every_setting_an_eval_only_must_repeat(tokenizer) -> None:
+    """``record_differences``: nothing for the run's own settings; otherwise each differing setting
+    by its flag, with this evaluation's value and the run's (what --eval-only warns with)."""
+    from gorp_ds.cl.config import RunConfig
+    from gorp_ds.cl.prompt_record import prompt_record, record_differences
+    from gorp_ds.data.tasks import Example, Task
+
+    tasks = [Task("colors", ("red", "blue"), "Which color?", test=[Example("the sky", "blue")]),
+             Task("fruit", ("pear", "plum"), "Which fruit?", test=[Example("green", "pear")])]
+    run = RunConfig.from_flat(eval_samples=100, max_length=64)
+    record = prompt_record(tasks, tokenizer, run, "gorp")
+    assert record["eval_samples"] == 100 and record["max_prompt_tokens"] == 64
+    assert record_differences(record, tasks, run) == []
+    other = RunConfig.from_flat(eval_samples=500, max_length=256, prompt_format="chat")
+    assert record_differences(record, tasks[:1], other) == [
+        "--tasks colors (the run: colors,fruit)", "--prompt-format chat (the run: plain)",
+        "--max-length 256 (the run: 64)", "--eval-samples 500 (the run: 100)"]
+    older = {k: v for k, v in record.items() if k != "eval_samples"}  # a record written before the field
+    assert record_differences(older, tasks, other)[-1] == "--max-length 256 (the run: 64)"

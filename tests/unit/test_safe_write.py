@@ -81,6 +81,23 @@ def test_output_paths_checked_before_work(tmp_path) -> None:
         assert "not writable" in path_problem(str(locked / "out"), "--output-dir l")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_file_system_without_storage_is_named_not_taken_for_a_full_disk(tmp_path) -> None:
+    """/proc reports 0 of 0 blocks free: that is not a full disk (free space unknown), and an output
+    path there is refused before any work, by what it is."""
+    from gorp_ds.safe_write import free_bytes
+
+    assert os.statvfs("/proc").f_blocks == 0  # the premise
+    assert free_bytes("/proc/x/run") is None
+    assert free_bytes(str(tmp_path)) == os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize > 0
+    problem = path_problem("/proc/x/run", "--output-dir /proc/x/run")
+    assert problem == ("--output-dir /proc/x/run: /proc is on a file system without storage (such as /proc or /sys), "
+                       "where no file can be made; choose a path on a disk")
+    with pytest.raises(WriteError) as caught:  # a write there fails by its own cause, not "not enough free space"
+        write_file("/proc/x/results.json", "{}", what="the results", site="results")
+    assert "not enough free space" not in str(caught.value) and "the free space is unknown" in str(caught.value)
+
+
 def test_report_files_stop_at_the_failed_one(tmp_path, plan) -> None:
     from gorp_ds.cl.report import on_rank0, write_method_results, write_predictions, write_summary
 
