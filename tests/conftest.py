@@ -74,3 +74,21 @@ def _mapped_files() -> set[str]:
         except (OSError, IndexError):
             pass
     return mapped
+
+
+@pytest.fixture
+def fault_plan():
+    """Install a fault plan (gorp_ds/faults.py: ``install(write_fault=("results", 3))``) for one test,
+    with fresh write counters; the plan from before and empty counters afterwards."""
+    from gorp_ds import faults
+
+    before = faults.current()
+
+    def install(**fields) -> None:
+        faults._WRITES.clear()
+        faults.install(faults.FaultPlan(**fields))
+
+    yield install
+    faults._WRITES.clear()
+    faults.install(before)
+

@@ -19,9 +19,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gorp_ds import faults
 from gorp_ds.export.tensor_stream import DTYPE_NAMES, TensorStream, header_bytes
-from gorp_ds.faults import FaultPlan
 from gorp_ds.safe_write import WriteError
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.uint8, torch.bool]
@@ -110,21 +108,8 @@ def test_an_inactive_stream_writes_nothing(tmp_path) -> None:
     assert stream.finish() is None and not list(tmp_path.iterdir())
 
 
-@pytest.fixture
-def plan():
-    before = faults.current()
-
-    def install(**fields) -> None:
-        faults._WRITES.clear()
-        faults.install(FaultPlan(**fields))
-
-    yield install
-    faults._WRITES.clear()
-    faults.install(before)
-
-
-def test_a_full_disk_at_the_start_is_raised_after_the_whole_sequence(tmp_path, plan) -> None:
-    plan(write_fault=("adapters", 1))
+def test_a_full_disk_at_the_start_is_raised_after_the_whole_sequence(tmp_path, fault_plan) -> None:
+    fault_plan(write_fault=("adapters", 1))
     path = tmp_path / "t.safetensors"
     layout = [("a", (8,), torch.float32), ("b", (8,), torch.float32)]
     stream = TensorStream(str(path), layout, what="the task's full-target delta", site="adapters")

@@ -16,25 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gorp_ds import faults
-from gorp_ds.faults import FaultPlan
 from gorp_ds.safe_write import WriteError, guarded, path_problem, write_file, write_json
 
 NUMBERS = re.compile(r"it needs [\d.]+ \w*B \((\d+) bytes\), [\d.]+ \w*B \((\d+) bytes\) are free")
-
-
-@pytest.fixture
-def plan():
-    """Install a fault plan for one test; the empty plan (and fresh write counters) afterwards."""
-    before = faults.current()
-
-    def install(**fields) -> None:
-        faults._WRITES.clear()
-        faults.install(FaultPlan(**fields))
-
-    yield install
-    faults._WRITES.clear()
-    faults.install(before)
 
 
 def _one_line(err: WriteError, path: Path) -> tuple[int, int]:
@@ -45,11 +29,11 @@ def _one_line(err: WriteError, path: Path) -> tuple[int, int]:
     return int(numbers[1]), int(numbers[2])
 
 
-def test_a_write_is_whole_and_an_injected_enospc_leaves_the_previous_file(tmp_path, plan) -> None:
+def test_a_write_is_whole_and_an_injected_enospc_leaves_the_previous_file(tmp_path, fault_plan) -> None:
     path = tmp_path / "deep" / "results.json"
     write_json(str(path), {"R": [[1.0]]}, what="the results", site="results")
     assert json.loads(path.read_text()) == {"R": [[1.0]]}
-    plan(write_fault=("results", 2))  # the second write at this site fails as on a full disk
+    fault_plan(write_fault=("results", 2))  # the second write at this site fails as on a full disk
     write_file(str(path), "first", what="the results", site="results")
     with pytest.raises(WriteError) as caught:
         write_file(str(path), "second, longer", what="the results", site="results", note="checkpoint t is intact")
@@ -98,26 +82,26 @@ def test_a_file_system_without_storage_is_named_not_taken_for_a_full_disk(tmp_pa
     assert "not enough free space" not in str(caught.value) and "the free space is unknown" in str(caught.value)
 
 
-def test_report_files_stop_at_the_failed_one(tmp_path, plan) -> None:
+def test_report_files_stop_at_the_failed_one(tmp_path, fault_plan) -> None:
     from gorp_ds.cl.report import on_rank0, write_method_results, write_predictions, write_summary
 
     records = [[{"index": 0, "prediction": "red"}], [{"index": 0, "prediction": "cat"}]]
-    plan(write_fault=("predictions", 2))
+    fault_plan(write_fault=("predictions", 2))
     with pytest.raises(WriteError, match="predictions on emb_animal"):
         on_rank0(0, lambda: write_predictions(str(tmp_path), 1, ["emb_color", "emb_animal"], records))
     assert json.loads((tmp_path / "predictions" / "R01_01_emb_color.jsonl").read_text()) == records[0][0]
     assert not (tmp_path / "predictions" / "R01_02_emb_animal.jsonl").exists()
     result = {"method": "gorp", "tasks": ["a"], "R": [[50.0], [75.0]], "metrics": {"AA": 75.0, "BWT": None, "FWT": None,
                                                                                  "forgetting": None}}
-    plan(write_fault=("results", 3))  # results.json and results.md written, the heatmap fails
+    fault_plan(write_fault=("results", 3))  # results.json and results.md written, the heatmap fails
     with pytest.raises(WriteError, match="heatmap of R"):
         write_method_results(str(tmp_path), result)
     assert json.loads((tmp_path / "results.json").read_text()) == result
     assert "| 75.0 |" in (tmp_path / "results.md").read_text() and not (tmp_path / "R.png").exists()
-    plan()
+    fault_plan()
     write_method_results(str(tmp_path), result)
     assert (tmp_path / "R.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    plan(write_fault=("summary", 1))
+    fault_plan(write_fault=("summary", 1))
     result["timings"] = {"train_s": 1.0}
     with pytest.raises(WriteError, match=f"^{tmp_path / 'summary.md'}: cannot write the methods summary: No space") \
             as caught:
@@ -134,7 +118,7 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
-def test_tensorboard_events_are_written_in_the_calling_thread(tmp_path, plan) -> None:
+def test_tensorboard_events_are_written_in_the_calling_thread(tmp_path, fault_plan) -> None:
     from gorp_ds.cl.monitor import Monitor
 
     board = {"enabled": True, "output_path": str(tmp_path / "tb"), "job_name": "gorp"}
@@ -143,7 +127,7 @@ def test_tensorboard_events_are_written_in_the_calling_thread(tmp_path, plan) ->
     monitor.write([("train/loss", 2.25, 2)])
     assert _scalars(tmp_path / "tb" / "gorp") == {"train/loss": [(1, 2.5), (2, 2.25)], "train/lr/full": [(1, 0.015625)]}
     monitor.raise_failure("nothing failed")  # a no-op
-    plan(write_fault=("tensorboard_flush", 2))
+    fault_plan(write_fault=("tensorboard_flush", 2))
     monitor.write([("train/loss", 2.0, 3)])
     monitor.write([("train/loss", 1.5, 4)])  # fails: kept, not raised here
     monitor.write([("train/loss", 1.25, 5)])  # dropped after the failure
@@ -155,7 +139,7 @@ def test_tensorboard_events_are_written_in_the_calling_thread(tmp_path, plan) ->
     monitor.close()
     assert [step for step, _ in _scalars(tmp_path / "tb" / "gorp")["train/loss"]] == [1, 2, 3]
 
-    plan(write_fault=("tensorboard_open", 1))
+    fault_plan(write_fault=("tensorboard_open", 1))
     with pytest.raises(WriteError, match="cannot write the TensorBoard events: No space left on device"):
         Monitor(None, {**board, "job_name": "other"}, rank=0)
     assert Monitor(None, {**board, "enabled": False}, rank=0).enabled is False
