@@ -31,7 +31,10 @@ from typing import Any
 from .faults import current as fault_plan
 
 # What the user can do about it, after the numbers.
-FIX = "free space or point --output-dir at a larger, writable file system, then run again with --resume"
+# --resume auto: it continues from the last checkpoint, or starts afresh where none was written yet
+# (plain --resume refuses a directory without one).
+FIX = ("free space or point --output-dir at a larger, writable file system, then run again with --resume auto "
+       "(it continues from the last checkpoint, or starts afresh where there is none)")
 
 
 class WriteError(RuntimeError):

@@ -112,7 +112,7 @@ def test_each_full_disk_is_one_line_and_keeps_the_last_checkpoint(chain) -> None
         line = _one_error(launch_record["proc"])
         path, tag = expected[launch_record["fault"]]
         assert f": {path}" in line and "No space left on device" in line and NUMBERS.search(line), line
-        assert "Fix: free space or point --output-dir at a larger" in line, line
+        assert "Fix: free space or point --output-dir at a larger, writable file system, then run again with --resume auto" in line, line
         assert launch_record["complete"], launch_record["latest"]
         if tag is not None:
             assert launch_record["latest"] == tag, (launch_record["fault"], launch_record["latest"])
