@@ -139,7 +139,7 @@ def write_file(path: str, content: str | bytes, *, what: str, site: str, note: s
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
     except WriteError:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 
@@ -147,15 +147,22 @@ def write_json(path: str, obj: Any, *, what: str, site: str, note: str = "", ind
     write_file(path, json.dumps(obj, indent=indent), what=what, site=site, note=note)
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)  # the only way to read it: set, then put back (at import, before any thread)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 def readable_as_usual(path: str) -> None:
     """Give ``path`` the mode a new file gets here (``0o666`` less the umask). safetensors creates its
     files ``0o600``, so a model exported on a shared cluster would be readable by its writer only."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
     try:
         os.remove(path)
     except OSError:

@@ -20,13 +20,14 @@ so rank 0 must not stop in the middle of the sequence.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import BinaryIO
 
 import torch
 
-from ..safe_write import WriteError, error_for, guarded, is_io_failure
+from ..safe_write import WriteError, error_for, guarded, is_io_failure, remove_quietly
 
 # torch dtype -> the format's name (the ones a model's weights or their deltas use)
 DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -37,10 +38,7 @@ Layout = list[tuple[str, tuple[int, ...], torch.dtype]]
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def header_bytes(layout: Layout, metadata: dict[str, str] | None = None) -> bytes:
@@ -129,7 +127,4 @@ class TensorStream:
                 self.handle.close()
             except OSError:
                 pass
-        try:
-            os.remove(self.tmp)
-        except OSError:
-            pass
+        remove_quietly(self.tmp)

@@ -1,6 +1,6 @@
-"""The streamed safetensors writer (gorp_ds/export/tensor_stream.py) against safetensors' own reader
-and writer: generated layouts read back equal (values, dtypes, shapes, metadata), the file holds
-no tensor after it is written, and a full disk at the start or in the middle of the sequence is one
+"""The streamed safetensors writer (gorp_ds/export/tensor_stream.py) read back by
+safetensors' own reader: generated layouts give the written values, dtypes, shapes and metadata;
+the writer keeps no tensor after writing it; and a full disk at the start or in the middle of the sequence is one
 WriteError raised at the end, with nothing left behind."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from gorp_ds.export.tensor_stream import DTYPE_NAMES, TensorStream, header_bytes
 from gorp_ds.safe_write import WriteError
@@ -59,11 +58,6 @@ def test_generated_layouts_read_back_equal(tmp_path_factory, layout, seed) -> No
     for key, value in tensors.items():
         assert read[key].dtype == value.dtype and read[key].shape == value.shape, key
         assert torch.equal(read[key], value), key
-    # the same tensors through safetensors' own writer read back the same
-    reference = path.with_name("reference.safetensors")
-    save_file(tensors, str(reference), metadata={"format": "pt"})
-    again, _ = _read(reference)
-    assert all(torch.equal(again[k], read[k]) for k in tensors)
     # the data starts 8-byte aligned, as safetensors writes it
     length = struct.unpack("<Q", path.read_bytes()[:8])[0]
     assert (8 + length) % 8 == 0 and json.loads(path.read_bytes()[8:8 + length])["__metadata__"] == {"format": "pt"}
